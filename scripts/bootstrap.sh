@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Create/refresh the project virtualenv (.venv) with the right torch build, then install the package.
+# Without an NVIDIA GPU this pins the local CPU wheel torch==2.13.0 (a looser spec would pull several GB of
+# CUDA wheels).  With one, it installs the default (CUDA) torch build from PyPI; override with TORCH_SPEC.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+stamp="$VENV/.dainr-installed"
+want="$(cat setup.py scripts/bootstrap.sh | sha1sum | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
+  exit 0
+fi
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip -q "$@"; }
+if [ -z "${TORCH_SPEC:-}" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    TORCH_SPEC="torch"
+  else
+    TORCH_SPEC="torch==2.13.0"
+  fi
+fi
+"$VENV/bin/python" -c "import torch" 2>/dev/null || pip install "$TORCH_SPEC"
+pip install -e ".[test,fast]"
+echo "$want" > "$stamp"

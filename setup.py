@@ -1,0 +1,32 @@
+"""DA-INR dynamic MRI reconstruction as a Gadgetron-style streaming plug-in."""
+from setuptools import find_packages, setup
+
+setup(
+    name="dainr",
+    version="0.1.0",
+    description="DA-INR (MICCAI 2025) dynamic radial MRI reconstruction: library, CLI and Gadgetron gadget",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dainr", "dainr.*", "dainr_app", "dainr_app.*", "gadgets", "gadgets.*"]),
+    install_requires=[
+        # torch is installed first by scripts/bootstrap.sh (CPU wheel 2.13.0 without a GPU, CUDA build with one);
+        # the floor here then installs nothing more.
+        "torch>=2.1",
+        "torchkbnufft>=1.4",
+        "numpy>=1.22",
+        "scipy>=1.8",
+        "scikit-image>=0.19",
+        "h5py>=3.0",
+        "ismrmrd>=1.15",
+        "pillow>=9.0",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "fast": ["finufft>=2.2"],  # measured ~4x faster NUFFT on CPU than torchkbnufft (README, performance)
+        "test": ["pytest>=7", "finufft>=2.2"],
+        # tinycudann is not on PyPI: pip install git+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch
+    },
+    entry_points={"console_scripts": ["dainr=dainr_app.cli:main"]},
+)

@@ -1,0 +1,104 @@
+import math
+
+import pytest
+import torch
+
+from dainr.config import GridConfig
+from dainr.encodings import FrequencyEncoding, TorchGridEncoding, _level_geometry, make_grid_encoding, tcnn_available
+
+
+def test_frequency_encoding_layout_and_values():
+    enc = FrequencyEncoding(2, 3)
+    x = torch.tensor([[0.3, -0.7]])
+    out = enc(x)[0]
+    assert enc.out_dim == 14 and out.shape == (14,)
+    expected = [0.3, -0.7]
+    for k in range(3):  # torch-ngp order: per frequency, the D sines then the D cosines; no pi factor
+        expected += [math.sin(2 ** k * 0.3), math.sin(2 ** k * -0.7), math.cos(2 ** k * 0.3), math.cos(2 ** k * -0.7)]
+    assert torch.allclose(out, torch.tensor(expected), atol=1e-6)
+
+
+def test_reference_encoding_sizes():
+    assert FrequencyEncoding(2, 10).out_dim == 42 and FrequencyEncoding(1, 6).out_dim == 13
+
+
+def test_frequency_gradient():
+    x = torch.tensor([[0.2, 0.1]], requires_grad=True)
+    FrequencyEncoding(2, 2)(x)[0, 2].backward()  # sin(x0)
+    assert x.grad[0, 0] == pytest.approx(math.cos(0.2), abs=1e-6) and x.grad[0, 1] == 0
+
+
+def test_reference_grid_geometry():
+    cfg = GridConfig()
+    geo = _level_geometry(cfg, "ngp")
+    res = [g["res"] for g in geo]
+    assert res == [16, 23, 31, 43, 59, 81, 112, 154, 213, 295, 407, 562, 777, 1073, 1483, 2048]
+    assert cfg.per_level_scale == pytest.approx(1.3819, abs=1e-4)
+    assert [g["size"] == 2 ** 19 for g in geo] == [False] * 12 + [True] * 4  # four wrapped (tiled) levels
+    assert sum(g["size"] for g in geo) == 2_764_976  # the digest's hand count of grid entries
+
+
+def test_grid_interpolates_a_linear_table_exactly():
+    cfg = GridConfig(num_levels=1, base_resolution=16, finest_resolution=16)
+    enc = TorchGridEncoding(cfg)
+    stride = enc.strides[0].item()
+    j, i = torch.meshgrid(torch.arange(stride), torch.arange(stride), indexing="ij")
+    with torch.no_grad():
+        enc.table[: stride * stride].copy_(torch.stack((i.flatten(), j.flatten()), dim=1).float())
+    x = torch.rand(500, 2) * 2 - 1
+    u = (x + 1) / 2
+    expected = u * enc.scales[0] + 0.5  # bilinear interpolation of a linear function is exact
+    assert torch.allclose(enc(x), expected, atol=1e-4)
+
+
+def test_grid_output_range_zero_outside_and_gradients():
+    enc = TorchGridEncoding(GridConfig(num_levels=4, finest_resolution=64))
+    x = torch.tensor([[0.1, -0.2], [1.5, 0.0], [0.0, -1.01]], requires_grad=True)
+    out = enc(x)
+    assert out.shape == (3, 8)
+    assert float(out[0].abs().max()) <= 1e-4 + 1e-7  # |features| <= init range
+    assert torch.all(out[1:] == 0)  # torch-ngp: inputs outside [-1, 1] give zero features ...
+    out.sum().backward()
+    assert torch.all(x.grad[1:] == 0) and torch.isfinite(x.grad).all()  # ... and zero gradient
+    assert enc.table.grad is not None and float(enc.table.grad.abs().sum()) > 0
+
+
+def test_grid_input_gradient_matches_finite_difference():
+    torch.manual_seed(0)
+    enc = TorchGridEncoding(GridConfig(num_levels=3, finest_resolution=40, init_std=1.0)).double()
+    x = torch.tensor([[0.123, -0.456]], dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, dtype=torch.float64)
+    (enc(x).double() @ w).backward()
+    eps = 1e-6
+    for d in range(2):
+        xp, xm = x.detach().clone(), x.detach().clone()
+        xp[0, d] += eps
+        xm[0, d] -= eps
+        fd = ((enc(xp).double() @ w) - (enc(xm).double() @ w)) / (2 * eps)
+        assert x.grad[0, d].item() == pytest.approx(fd.item(), rel=1e-3)
+
+
+def test_auto_backend_is_torch_on_cpu():
+    assert isinstance(make_grid_encoding(GridConfig(), torch.device("cpu")), TorchGridEncoding)
+    with pytest.raises(RuntimeError, match="tcnn"):
+        make_grid_encoding(GridConfig(backend="tcnn"), torch.device("cpu"))
+
+
+@pytest.mark.skipif(not tcnn_available(), reason="tinycudann with CUDA not available")
+def test_tcnn_and_torch_backends_agree():
+    from dainr.encodings import TcnnGridEncoding
+
+    cfg = GridConfig(backend="tcnn")
+    tc = TcnnGridEncoding(cfg).cuda()
+    ref = TorchGridEncoding(cfg, layout="tcnn").cuda()
+    params = tc.encoding.params.detach().float()
+    assert params.numel() == ref.table.numel(), "tcnn parameter count differs from the torch tcnn layout"
+    with torch.no_grad():
+        ref.table.copy_(params.reshape(ref.table.shape))
+    x = (torch.rand(4096, 2, device="cuda") * 2 - 1).requires_grad_(True)
+    a, b = tc(x), ref(x)
+    assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    g = torch.randn_like(a)
+    ga = torch.autograd.grad((a * g).sum(), tc.encoding.params)[0].reshape(ref.table.shape)
+    gb = torch.autograd.grad((b * g).sum(), ref.table)[0]
+    assert torch.allclose(ga.float(), gb, atol=1e-4, rtol=1e-3)

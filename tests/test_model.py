@@ -1,0 +1,53 @@
+import torch
+
+from dainr.config import DAINRConfig
+from dainr.features import FrozenFeatureExtractor, neighbour_frames, normalise_for_extractor
+from dainr.model import DAINR, pixel_grid
+
+
+def test_model_shapes_and_parameter_count():
+    cfg = DAINRConfig()
+    m = DAINR(cfg)
+    xy = pixel_grid(8, 8).expand(3, -1, -1)
+    out = m(xy, torch.tensor([0.0, 0.5, 1.0]), torch.randn(3, 64, 128))
+    assert out.shape == (3, 64) and out.is_complex()
+    mlp = sum(p.numel() for n, p in m.named_parameters() if not n.startswith("grid"))
+    assert mlp == 82_624  # the digest's count of MLP weights (bias-free)
+    assert all(l.bias is None for l in m.modules() if isinstance(l, torch.nn.Linear))
+    assert m.sigma_net[0].in_features == 32 + 42 + 13 + 128
+
+
+def test_ablation_variants():
+    plain = DAINR(DAINRConfig(use_features=False, use_deformation=False))
+    xy = pixel_grid(4, 4)[None]
+    assert plain.deform is None and torch.all(plain.deformation(xy, torch.zeros(1)) == 0)
+    assert plain(xy, torch.zeros(1)).shape == (1, 16)
+    assert plain.sigma_net[0].in_features == 32 + 42 + 13
+
+
+def test_feature_extractor_frozen_and_seeded():
+    a, b = FrozenFeatureExtractor(seed=0), FrozenFeatureExtractor(seed=0)
+    assert not any(p.requires_grad for p in a.parameters())
+    x = torch.rand(2, 16, 16) * 2 - 1
+    fa = a(x)
+    assert fa.shape == (2, 64, 16, 16) and torch.equal(fa, b(x))
+    assert not torch.equal(fa, FrozenFeatureExtractor(seed=1)(x))
+    before = torch.rand(1).item(), torch.initial_seed()
+    torch.manual_seed(123)
+    r1 = torch.rand(1)
+    torch.manual_seed(123)
+    FrozenFeatureExtractor(seed=0)
+    assert torch.equal(r1, torch.rand(1))  # building it does not disturb the global RNG stream
+
+
+def test_neighbour_rule():
+    nb = neighbour_frames(range(5), range(5))  # t-1 / t+1, single neighbour duplicated at the ends
+    assert nb.tolist() == [[1, 1], [0, 2], [1, 3], [2, 4], [3, 3]]
+    nb2 = neighbour_frames([0, 2, 4], range(5))  # temporal x2: nearest acquired before/after
+    assert nb2.tolist() == [[1, 1], [0, 1], [0, 2], [1, 2], [1, 1]]
+
+
+def test_extractor_input_normalisation():
+    z = torch.randn(3, 8, 8, dtype=torch.complex64)
+    n = normalise_for_extractor(z)
+    assert float(n.min()) == -1.0 and float(n.max()) == 1.0

@@ -1,0 +1,61 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dainr.trajectory import angle_step, golden_angle_trajectory, omega_from_traj, ramp_dcf, readout_positions, spoke_angles
+
+
+def _gaps_deg(n, mode):
+    a = np.sort(np.mod(spoke_angles(torch.arange(n), mode).numpy(), math.pi))
+    gaps = np.diff(np.concatenate([a, [a[0] + math.pi]]))
+    return np.degrees(gaps.min()), np.degrees(gaps.max())
+
+
+def test_true_golden_angle_step_is_180_over_phi():
+    assert math.degrees(angle_step("true")) == pytest.approx(180 / ((1 + 5 ** 0.5) / 2), abs=1e-9)
+    assert math.degrees(angle_step("true")) == pytest.approx(111.246, abs=1e-3)
+
+
+def test_reference_step_is_111_246_radians():
+    # the reference passes 111.246 to cos/sin as radians: 73.93 degrees mod 180
+    assert math.degrees(angle_step("reference")) % 180 == pytest.approx(73.93, abs=0.01)
+
+
+@pytest.mark.parametrize("mode,n,lo,hi", [("true", 13, 10.03, 16.23), ("true", 21, 6.20, 10.03),
+                                          ("reference", 13, 9.63, 22.52), ("reference", 21, 3.25, 12.88)])
+def test_angular_gaps_match_the_digest(mode, n, lo, hi):
+    gmin, gmax = _gaps_deg(n, mode)
+    assert gmin == pytest.approx(lo, abs=0.01) and gmax == pytest.approx(hi, abs=0.01)
+
+
+def test_consecutive_frames_continue_one_sequence():
+    t = golden_angle_trajectory(3, 5, 64)
+    assert t.shape == (3, 5, 64, 2)
+    ang = torch.atan2(t[..., -1, 1], t[..., -1, 0]).flatten()  # last sample points along +angle
+    step = torch.remainder(ang[1:] - ang[:-1], 2 * math.pi)
+    assert torch.allclose(step, torch.full_like(step, angle_step("true") % (2 * math.pi)), atol=1e-5)
+
+
+def test_readout_in_cycles_per_pixel_and_centre_sample():
+    r = readout_positions(128)
+    assert r.min() == -0.5 and r.max() < 0.5 and r[64] == 0
+    t = golden_angle_trajectory(2, 3, 128)
+    assert float(torch.linalg.vector_norm(t, dim=-1).max()) <= 0.5 + 1e-6
+
+
+def test_ramp_dcf_is_proportional_to_radius_with_nonzero_centre():
+    t = golden_angle_trajectory(1, 2, 64)[0]
+    w = ramp_dcf(t)
+    k = torch.linalg.vector_norm(t, dim=-1)
+    assert float(w.min()) > 0
+    outer = k > 0.05
+    assert torch.allclose(w[outer], k[outer] / 0.5, rtol=1e-5)
+
+
+def test_omega_orders_rows_then_columns():
+    traj = torch.tensor([[[0.25, -0.125]]])  # kx, ky
+    om = omega_from_traj(traj)
+    assert om.shape == (1, 2, 1)
+    assert om[0, 0, 0] == pytest.approx(2 * math.pi * -0.125) and om[0, 1, 0] == pytest.approx(2 * math.pi * 0.25)

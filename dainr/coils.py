@@ -52,10 +52,11 @@ def noise_prewhitener(noise: torch.Tensor) -> torch.Tensor:
         raise ValueError("noise samples contain NaN or Inf")
     x = noise.to(torch.complex128)
     psi = (x @ x.conj().T) / (n - 1)
-    try:
-        L = torch.linalg.cholesky(psi)
-    except RuntimeError as exc:  # singular covariance (dead channel, duplicated coil)
-        raise ValueError(f"noise covariance is not positive definite: {exc}") from exc
+    eig = torch.linalg.eigvalsh(psi)
+    if not bool(eig[0] > 1e-8 * eig[-1]):  # dead or duplicated channel
+        raise ValueError(f"noise covariance is not positive definite (eigenvalues {float(eig[0]):.3g} .. {float(eig[-1]):.3g}); "
+                         "check for dead or duplicated channels")
+    L = torch.linalg.cholesky(psi)
     eye = torch.eye(C, dtype=torch.complex128, device=noise.device)
     return torch.linalg.solve_triangular(L, eye, upper=False).to(noise.dtype)
 

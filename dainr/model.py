@@ -48,11 +48,19 @@ class DAINR(nn.Module):
 
     def forward(self, xy: torch.Tensor, t: torch.Tensor, features: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``xy`` (B, P, 2) in [-1, 1], ``t`` (B,) in [0, 1], ``features`` (B, P, 2C) → complex (B, P)."""
+        coords, warped = self.encode(xy, t)
+        return self.canonical(warped, coords, features)
+
+    def encode(self, xy: torch.Tensor, t: torch.Tensor):
+        """The coordinate part: ([γ(x), γ(t)] (B, P, 55), deformed coordinate x' (B, P, 2))."""
         B, P, _ = xy.shape
-        gx = self.enc_x(xy)
         gt = self.enc_t(t.reshape(B, 1, 1).to(xy.dtype)).expand(B, P, -1)
-        coords = torch.cat((gx, gt), dim=-1)
+        coords = torch.cat((self.enc_x(xy), gt), dim=-1)
         warped = xy + self.deform(coords) if self.deform is not None else xy
+        return coords, warped
+
+    def canonical(self, warped: torch.Tensor, coords: torch.Tensor, features: Optional[torch.Tensor]) -> torch.Tensor:
+        """Canonical network on [grid(x'), γ(x), γ(t), features] → complex (B, P)."""
         parts = [self.grid(warped), coords] if self.cfg.canonical_coords else [self.grid(warped)]
         if self.cfg.use_features:
             if features is None:
@@ -63,11 +71,8 @@ class DAINR(nn.Module):
 
     def deformation(self, xy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Δ (B, P, 2) for inspection (zeros without a deformation network)."""
-        if self.deform is None:
-            return torch.zeros_like(xy)
-        B, P, _ = xy.shape
-        gt = self.enc_t(t.reshape(B, 1, 1).to(xy.dtype)).expand(B, P, -1)
-        return self.deform(torch.cat((self.enc_x(xy), gt), dim=-1))
+        coords, warped = self.encode(xy, t)
+        return warped - xy
 
 
 def pixel_grid(h: int, w: int, device=None) -> torch.Tensor:
@@ -76,3 +81,9 @@ def pixel_grid(h: int, w: int, device=None) -> torch.Tensor:
     xs = torch.linspace(-1, 1, w, device=device)
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack((xx, yy), dim=-1).reshape(-1, 2)
+
+
+def nearest_index(n_out: int, n_in: int, device=None) -> torch.Tensor:
+    """For an ``n_out``² pixel grid, the row-major index of the nearest pixel of an ``n_in``² grid (same FOV)."""
+    pos = torch.linspace(0, n_in - 1, n_out, device=device).round().long()
+    return (pos[:, None] * n_in + pos[None, :]).reshape(-1)

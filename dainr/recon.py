@@ -23,7 +23,7 @@ from .coils import apply_prewhitener, noise_prewhitener, walsh_coil_maps
 from .config import DAINRConfig
 from .data import RadialData
 from .features import FrozenFeatureExtractor, neighbour_frames, normalise_for_extractor, sample_features
-from .model import DAINR, pixel_grid
+from .model import DAINR, nearest_index, pixel_grid
 from .nufft import MulticoilNUFFT
 from .trajectory import omega_from_traj, ramp_dcf
 from .utils import resolve_device, seed_everything
@@ -136,10 +136,7 @@ class Problem:
         """Walsh maps from the DCF-weighted adjoint of all spokes of all frames together."""
         Fa, C, M = self.kdata.shape
         omega_all = self.omega.permute(1, 0, 2).reshape(1, 2, Fa * M)
-        valid = (self.train_w + self.hold_w).reshape(1, Fa * M)
-        k = torch.linalg.vector_norm(omega_all[0].T, dim=-1) / (2 * math.pi)
-        dcf = torch.clamp(k, min=0.25 / M) * valid
-        kd = self.kdata.permute(1, 0, 2).reshape(1, C, Fa * M) * dcf[:, None]
+        kd = (self.kdata * self.dcf[:, None]).permute(1, 0, 2).reshape(1, C, Fa * M)
         ident = MulticoilNUFFT(torch.ones(1, self.matrix, self.matrix, dtype=torch.complex64, device=self.device),
                                backend=self.cfg.nufft_backend)
         coil_images = ident.coil_adjoint(kd, omega_all)[0]
@@ -245,13 +242,23 @@ class Fitter:
 
     @torch.no_grad()
     def render(self, matrix: Optional[int] = None, batch: int = 4) -> torch.Tensor:
-        """All output frames (default: at the output matrix), in data units, (F_out, N, N) complex on CPU."""
-        p, N = self.p, matrix or self.p.out_matrix
-        xy = pixel_grid(N, N, p.device)
+        """All output frames (default: at the output matrix), in data units, (F_out, N, N) complex on CPU.
+
+        Above the fitting matrix (spatial interpolation) the coordinate-derived inputs (x' and
+        γ(x)) come from the nearest fitted pixel and the features are sampled bilinearly, as
+        the reference does: γ(x)'s finest frequencies alias on the fitting grid, so evaluating
+        them between its pixels would inject patterns the fit never constrained.
+        """
+        p, N, n = self.p, matrix or self.p.out_matrix, self.p.matrix
         t_all = torch.arange(p.n_out, device=p.device, dtype=torch.float32) / max(p.n_out - 1, 1)
+        xy = pixel_grid(min(N, n), min(N, n), p.device)
+        near = nearest_index(N, n, p.device) if N > n else None
         frames = []
         for sl in torch.arange(p.n_out, device=p.device).split(batch):
-            img = self.model(xy.expand(len(sl), -1, -1), t_all[sl], p.features_for(sl, (N, N)))
+            coords, warped = self.model.encode(xy.expand(len(sl), -1, -1), t_all[sl])
+            if near is not None:
+                coords, warped = coords[:, near], warped[:, near]
+            img = self.model.canonical(warped, coords, p.features_for(sl, (N, N)))
             frames.append(img.reshape(len(sl), N, N).cpu())
         return torch.cat(frames) * p.scale
 
@@ -344,7 +351,7 @@ def _progress_bar(cfg: DAINRConfig):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.max_steps, desc="DA-INR fit", unit="step", leave=False)
+    return tqdm(total=cfg.max_steps, desc="DA-INR fit", unit="step", leave=False, disable=None, mininterval=0.5)
 
 
 def zero_filled(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: Optional[torch.Tensor] = None) -> torch.Tensor:

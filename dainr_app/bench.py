@@ -150,10 +150,51 @@ def case_gpu32() -> dict:
     return ours
 
 
+def case_profile() -> dict:
+    """Where a CPU step goes: 128², 8 coils, 13 spokes, one frame per step (ms, median of 10)."""
+    from dainr.recon import Fitter, Problem
+
+    scan = simulate(128, 23, 13, 8, noise_level=0.02)
+    cfg = DAINRConfig(device="cpu")
+    prob = Problem(scan.data, cfg, None, torch.device("cpu"))
+    fit = Fitter(prob, cfg)
+    model, P = fit.model, 128 * 128
+
+    def timed(fn, n=10):
+        fn()
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return 1000 * float(np.median(ts))
+
+    coords = torch.randn(1, P, 55)
+    warped = (torch.rand(1, P, 2) * 2 - 1).requires_grad_(True)
+    canon_in = torch.randn(1, P, model.sigma_net[0].in_features)
+    acq = torch.tensor([0])
+    img = fit.predict_acquired(acq).detach().requires_grad_(True)
+
+    def nufft():
+        pred = prob.op.preconditioned_forward(img, prob.omega[acq], prob.dcf_grad[acq])
+        (pred.real.sum() + pred.imag.sum()).backward()
+
+    out = dict(
+        step_total=timed(fit.step),
+        grid_fwd_bwd=timed(lambda: model.grid(warped).sum().backward()),
+        deformation_mlp_fwd_bwd=timed(lambda: model.deform(coords).sum().backward()),
+        canonical_mlp_fwd_bwd=timed(lambda: model.color_net(model.sigma_net(canon_in)).sum().backward()),
+        nufft_fwd_bwd_8coils=timed(nufft),
+        features_sampling=timed(lambda: prob.features_for(torch.tensor([3]), (128, 128))),
+        adamw_step=timed(fit.opt.step),
+    )
+    return out
+
+
 CASES: Dict[str, Callable[[], dict]] = {
     "demo": case_demo, "spokes13": case_spokes13, "spokes5": case_spokes5, "spokes21": case_spokes21,
     "ablation": case_ablation, "temporal2": case_temporal2, "spatial2": case_spatial2, "real": case_real,
-    "gpu32": case_gpu32,
+    "gpu32": case_gpu32, "profile": case_profile,
 }
 
 

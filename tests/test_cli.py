@@ -117,7 +117,7 @@ def test_inconsistent_channels_are_reported(tmp_path):
 
 def test_demo_command(tmp_path, capsys):
     out = str(tmp_path / "demo")
-    assert cli.main(["demo", "-o", out, "--max-steps", "30", "--quiet"]) == 0
+    assert cli.main(["demo", "-o", out, "--max-steps", "150", "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "DA-INR" in text and "zero-filled" in text
     m = json.load(open(os.path.join(out, "metrics.json")))

@@ -72,9 +72,15 @@ class DAINRConfig:
       have arbitrary units; without this the fixed learning rate would not transfer.
     * ``pixel_centred_features``: features are sampled at pixel centres (``align_corners=True``),
       removing the reference's half-pixel shift and zero-padded last row/column (§1.2).
+
+    Options whose default is the reference behaviour (measured alternatives in the README):
+
     * ``dcf_power``: the reference's custom backward (ramp-DCF weighted adjoint, SENSE
       normalised) is the gradient of an L1 loss weighted by the DCF ``w``.  The gradient uses
       ``w ** dcf_power``: 1 reproduces the reference, 0 is the plain autograd adjoint.
+    * ``canonical_coords``: the reference also feeds γ(x), γ(t) to the canonical MLP.
+    * ``use_deformation`` / ``use_features``: the ablations (plain grid INR, no features).
+    * ``ema_decay``: render with an exponential moving average of the weights (0 = off).
     """
 
     # --- encodings -------------------------------------------------------------------
@@ -148,6 +154,8 @@ class DAINRConfig:
         need(self.nufft_backend in ("auto", "torchkbnufft", "finufft"), f"unknown nufft_backend {self.nufft_backend!r}")
         need(self.grid.backend in ("auto", "torch", "tcnn"), f"unknown grid backend {self.grid.backend!r}")
         need(self.max_seconds is None or self.max_seconds > 0, "max_seconds must be > 0")
+        need(self.data_scale in ("p99", "none"), f"unknown data_scale {self.data_scale!r}")
+        need(self.coil_map_kernel >= 1 and self.coil_map_kernel % 2 == 1, "coil_map_kernel must be odd and >= 1")
 
     def replace(self, **changes) -> "DAINRConfig":
         """A copy with ``changes`` applied; nested grid fields as ``grid_<name>=...``."""

@@ -7,7 +7,6 @@ cycles/pixel, ``idx.kspace_encode_step_1`` = global spoke counter, ``idx.phase``
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
@@ -333,6 +332,3 @@ def read_images(path: str, group: str = "dataset") -> Dict[int, List["ismrmrd.Im
         ds.close()
     return out
 
-
-def default_fov(header_fov: Sequence[float]) -> tuple:
-    return tuple(float(v) if v and math.isfinite(float(v)) else 1.0 for v in header_fov)

@@ -124,3 +124,16 @@ def test_demo_command(tmp_path, capsys):
     assert m["psnr"] > m["zero_filled_psnr"]
     for name in ("raw.h5", "images.h5", "preview.gif"):
         assert os.path.getsize(os.path.join(out, name)) > 0
+
+
+def test_header_without_phase_range_uses_spokes_per_frame():
+    from dainr_app.mrd import ReconParameters, build_header, parse_header
+
+    import ismrmrd.xsd
+
+    hdr = parse_header(ismrmrd.xsd.ToXML(build_header(32, 64, 2, 1, 40, 1, spokes_per_frame=8)))
+    p = ReconParameters.from_header(hdr)
+    assert not p.frames_from_phase and p.spokes_per_frame == 8 and p.matrix == 32
+    assert ReconParameters.from_header(hdr, spokes_per_frame=5).spokes_per_frame == 5  # the caller's value wins
+    with pytest.raises(MRDFormatError, match="does not parse"):
+        parse_header("<ismrmrdHeader><bogus/></ismrmrdHeader>")

@@ -32,7 +32,6 @@ def test_feature_extractor_frozen_and_seeded():
     fa = a(x)
     assert fa.shape == (2, 64, 16, 16) and torch.equal(fa, b(x))
     assert not torch.equal(fa, FrozenFeatureExtractor(seed=1)(x))
-    before = torch.rand(1).item(), torch.initial_seed()
     torch.manual_seed(123)
     r1 = torch.rand(1)
     torch.manual_seed(123)

@@ -1,5 +1,3 @@
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -143,3 +141,14 @@ def test_gpu_fit_beats_zero_filled(small_scan):
     ours = psnr_ssim(res.images, small_scan.ground_truth)["psnr"]
     zf = psnr_ssim(res.zero_filled, small_scan.ground_truth)["psnr"]
     assert ours > zf + 4
+
+
+def test_fit_with_unequal_spokes_per_frame(small_scan):
+    d = small_scan.data
+    spokes = d.kdata.permute(0, 2, 1, 3).reshape(-1, d.n_coils, d.kdata.shape[-1])[:-4]  # last frame is partial
+    traj = d.traj.reshape(-1, *d.traj.shape[-2:])[:-4]
+    data = frames_from_spokes(spokes, traj, None, 32, spokes_per_frame=9, noise=d.noise)
+    assert data.spoke_mask.sum(1).tolist() == [9] * 7 + [5]
+    res = reconstruct(data, DAINRConfig(max_steps=60, device="cpu"))
+    assert res.images.shape == (8, 32, 32) and torch.isfinite(torch.view_as_real(res.images)).all()
+    assert psnr_ssim(res.images, small_scan.ground_truth)["psnr"] > psnr_ssim(res.zero_filled, small_scan.ground_truth)["psnr"]

@@ -79,6 +79,7 @@ class Problem:
         r = int(cfg.temporal_ratio)
         self.n_out = (Fa - 1) * r + 1
         self.acquired = [i * r for i in range(Fa)]
+        self.acquired_t = torch.tensor(self.acquired, device=device)
         self.t_acq = torch.tensor(self.acquired, dtype=torch.float32, device=device) / max(self.n_out - 1, 1)
 
         self.omega = omega_from_traj(traj.reshape(Fa, S * R, 2))  # (Fa, 2, M)
@@ -210,16 +211,16 @@ class Fitter:
     def predict_acquired(self, acq: torch.Tensor) -> torch.Tensor:
         """Images (B, n, n) of acquired frames ``acq`` at the fitting resolution."""
         p, n = self.p, self.p.matrix
-        out_idx = torch.tensor([p.acquired[i] for i in acq.tolist()], device=p.device)
-        feats = p.features_for(out_idx, (n, n))
+        feats = p.features_for(p.acquired_t[acq], (n, n))
         img = self.model(self.xy.expand(len(acq), -1, -1), p.t_acq[acq], feats)
         return img.reshape(len(acq), n, n)
 
-    def step(self) -> Tuple[float, float, float]:
+    def step(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One optimisation step on the next batch of frames.
 
-        Returns (training loss, held-out L1 sum, held-out sample count): the prediction at the
-        held-out spokes comes from the same forward pass, so the stopping rule costs nothing.
+        Returns 0-d device tensors (training loss, held-out L1 sum, held-out sample count): the
+        prediction at the held-out spokes comes from the same forward pass, so the stopping
+        rule costs nothing, and nothing here waits for the device.
         """
         p = self.p
         acq = self._next_batch()
@@ -237,8 +238,9 @@ class Fitter:
             if self.ema is not None:
                 torch._foreach_lerp_(self.ema, self.params, 1.0 - self.cfg.ema_decay)
             w = p.hold_w[acq]
-            held = float(_loss(pred.detach(), target, w) * w.sum()) if p.has_holdout else 0.0
-        return float(loss.detach()), held, float(w.sum())
+            count = w.sum()
+            held = _loss(pred.detach(), target, w) * count
+        return loss.detach(), held, count
 
     @torch.no_grad()
     def render(self, matrix: Optional[int] = None, batch: int = 4) -> torch.Tensor:
@@ -284,18 +286,19 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
     # one "epoch" ≈ every acquired frame visited once; the held-out residual is averaged over it
     epoch = math.ceil(problem.n_acq / fitter.batch)
     best_res, best_step, best_state, bad_epochs, decays = math.inf, 0, None, 0, 0
-    history, reason, step, loss = [], "max_steps", 0, math.nan
+    history, reason, step, loss_t = [], "max_steps", 0, torch.tensor(math.nan)
     held_sum = held_count = 0.0
     bar = _progress_bar(cfg)
     t_fit0 = time.perf_counter()
     for step in range(1, cfg.max_steps + 1):
-        loss, held, count = fitter.step()
+        loss_t, held, count = fitter.step()
         held_sum, held_count = held_sum + held, held_count + count
         elapsed = time.perf_counter() - t_fit0
         res = None
-        if problem.has_holdout and step % epoch == 0:
-            res, held_sum, held_count = held_sum / max(held_count, 1.0), 0.0, 0.0
-            history.append((step, loss, res))
+        if problem.has_holdout and step % epoch == 0:  # the only per-epoch device sync
+            res = float(held_sum) / max(float(held_count), 1.0)
+            held_sum = held_count = 0.0
+            history.append((step, float(loss_t), res))
             if res < best_res * (1 - cfg.min_improvement):
                 best_res, best_step, bad_epochs = res, step, 0
                 best_state = fitter.weights()
@@ -306,7 +309,7 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
                     decays, bad_epochs = decays + 1, 0
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4g}", holdout=f"{best_res:.4g}")
+            bar.set_postfix(loss=f"{float(loss_t):.4g}", holdout=f"{best_res:.4g}")
         stop = False
         if callback is not None:
             want_preview = cfg.preview_every > 0 and step % cfg.preview_every == 0
@@ -315,7 +318,7 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
                 if want_preview:
                     with fitter.swapped_ema():
                         images = fitter.render()
-                stop = bool(callback(FitProgress(step, elapsed, loss, res, images)))
+                stop = bool(callback(FitProgress(step, elapsed, float(loss_t), res, images)))
         if stop:
             reason = "callback"
             break
@@ -336,7 +339,7 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
         steps=step, best_step=best_step if best_state is not None else step, stop_reason=reason,
         frame_visits=step * fitter.batch, lr_decays=decays, seconds_total=total, seconds_prepare=t_prep,
         seconds_fit=t_fit, seconds_per_step=t_fit / max(step, 1), holdout_residual=best_res if best_state else None,
-        history=history, final_loss=loss, device=str(device), nufft_backend=problem.op.backend,
+        history=history, final_loss=float(loss_t), device=str(device), nufft_backend=problem.op.backend,
         grid_backend=type(fitter.model.grid).__name__, fit_matrix=problem.matrix, n_params=sum(p.numel() for p in fitter.model.parameters()),
     )
     if device.type == "cuda":

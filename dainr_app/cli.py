@@ -27,6 +27,12 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _preview_path(text: str) -> str:
+    if not text.lower().endswith((".gif", ".png")):
+        raise argparse.ArgumentTypeError(f"preview must end in .gif or .png, got {text!r}")
+    return text
+
+
 def _ratio(text: str) -> float:
     v = float(text)
     if not v >= 1.0:
@@ -177,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--golden-angle", choices=("true", "reference"))
     r.add_argument("--no-features", action="store_true")
     r.add_argument("--no-deformation", action="store_true")
-    r.add_argument("--preview", help="write a .gif/.png preview")
+    r.add_argument("--preview", type=_preview_path, help="write a .gif/.png preview")
     r.add_argument("--series", type=int, default=1, help="output image_series_index")
     r.add_argument("--output-type", choices=("magnitude", "complex"), default="magnitude")
     r.add_argument("--truth", help="ground truth .npz (default: <raw>_truth.npz when present)")

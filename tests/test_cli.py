@@ -102,6 +102,8 @@ def test_bad_files_and_arguments(tmp_path, capsys):
         cli.main(["recon", missing, "-o", "x.h5", "--sr-ratio", "0.5"])
     with pytest.raises(SystemExit):
         cli.main(["recon", missing, "-o", "x.h5", "--steps", "0"])
+    with pytest.raises(SystemExit):  # rejected before any reconstruction work
+        cli.main(["recon", missing, "-o", "x.h5", "--preview", "out.jpg"])
 
 
 def test_inconsistent_channels_are_reported(tmp_path):

@@ -242,11 +242,12 @@ def read_raw(path: str, group: str = "dataset", spokes_per_frame: Optional[int] 
         if len({x.shape[0] for x in noise}) != 1:
             raise MRDFormatError("noise scans have different channel counts")
         noise_t = torch.from_numpy(np.concatenate(noise, axis=1))
-    slices = {s: _slice_data(acqs, params, noise_t, s) for s, acqs in sorted(per_slice.items())}
+    slices = {s: slice_from_acquisitions(acqs, params, noise_t, s) for s, acqs in sorted(per_slice.items())}
     return RawScan(params.matrix, params.fov_mm, slices, noise_t, header)
 
 
-def _slice_data(acqs: List, params: ReconParameters, noise: Optional[torch.Tensor], s: int) -> RawSlice:
+def slice_from_acquisitions(acqs: List, params: ReconParameters, noise: Optional[torch.Tensor], s: int) -> RawSlice:
+    """One slice's imaging readouts (in order) → :class:`RawSlice`; a clear :class:`MRDFormatError` otherwise."""
     shapes = {a.data.shape for a in acqs}
     if len(shapes) != 1:
         raise MRDFormatError(f"slice {s}: readouts have different (channels, samples): {sorted(shapes)}")

@@ -1,0 +1,89 @@
+"""Plays Gadgetron's side of the external-Python-gadget protocol, exactly as Gadgetron launches one.
+
+Opens a port, spawns ``python -m gadgetron PORT MODULE TARGET``, sends CONFIG (the ``<configuration>``
+block), HEADER and the acquisitions with ismrmrd's ``ProtocolSerializer`` on a sender thread, and reads
+images / pass-through items / ERROR messages back until CLOSE.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import List
+
+import ismrmrd
+from ismrmrd.serialization import ConfigText, ProtocolSerializer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class GadgetRun:
+    images: List = field(default_factory=list)
+    passthrough: List = field(default_factory=list)
+    errors: List[str] = field(default_factory=list)
+    returncode: int = None
+    log: str = ""
+
+
+def _read_exact(f, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise ConnectionError(f"stream ended after {len(data)} of {n} bytes")
+    return data
+
+
+def run_gadget(config_xml: str, header, items, module: str = "gadgets.dainr_gadget", target: str = "dainr_recon",
+               timeout: float = 300.0) -> GadgetRun:
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.settimeout(60)
+    port = server.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               GADGETRON_EXTERNAL_LOG_LEVEL="INFO")
+    proc = subprocess.Popen([sys.executable, "-m", "gadgetron", str(port), module, target], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = GadgetRun()
+    try:
+        conn, _ = server.accept()
+        conn.settimeout(timeout)
+
+        def send():
+            with conn.makefile("wb") as wf:
+                ser = ProtocolSerializer(wf)
+                ser.serialize(ConfigText(config_xml))
+                ser.serialize(header)
+                for item in items:
+                    ser.serialize(item)
+                ser.close()
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        with conn.makefile("rb") as rf:
+            while True:
+                (mid,) = struct.unpack("<H", _read_exact(rf, 2))
+                if mid == 4:  # CLOSE
+                    break
+                if mid == 8:  # ERROR: uint64 length + text
+                    (n,) = struct.unpack("<Q", _read_exact(rf, 8))
+                    run.errors.append(_read_exact(rf, n).decode())
+                elif mid == 1022:
+                    run.images.append(ismrmrd.Image.deserialize_from(lambda k: _read_exact(rf, k)))
+                elif mid == 1008:
+                    run.passthrough.append(ismrmrd.Acquisition.deserialize_from(lambda k: _read_exact(rf, k)))
+                else:
+                    raise AssertionError(f"unexpected message id {mid}")
+        sender.join(timeout)
+        conn.close()
+        run.returncode = proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        run.log = proc.stdout.read() if proc.stdout else ""
+        server.close()
+    return run

@@ -1,0 +1,93 @@
+import ismrmrd
+import numpy as np
+import pytest
+
+from dainr.metrics import psnr_ssim
+from dainr.sim import simulate
+from dainr_app.mrd import write_raw
+from gadgets.dainr_gadget import options_from_properties
+
+from .gadget_harness import run_gadget
+
+CONFIG = ('<configuration><property name="steps" value="{steps}"/><property name="image_series_index" value="7"/>'
+          '{extra}</configuration>')
+
+
+@pytest.fixture(scope="module")
+def two_slices(tmp_path_factory):
+    scans = [simulate(matrix=32, frames=6, spokes=9, coils=3, noise_level=0.02, seed=s) for s in range(2)]
+    path = str(tmp_path_factory.mktemp("g") / "raw.h5")
+    write_raw(path, [s.data for s in scans], noise=scans[0].data.noise.numpy())
+    ds = ismrmrd.Dataset(path, "dataset", create_if_needed=False, mode="r")
+    try:
+        header = ismrmrd.xsd.CreateFromDocument(ds.read_xml_header())
+        acqs = [ds.read_acquisition(i) for i in range(ds.number_of_acquisitions())]
+    finally:
+        ds.close()
+    return scans, header, acqs
+
+
+def test_execute_mode_two_slices_with_noise_scan(two_slices):
+    scans, header, acqs = two_slices
+    run = run_gadget(CONFIG.format(steps=120, extra=""), header, acqs)
+    assert run.errors == [] and run.returncode == 0, run.log[-2000:]
+    assert len(run.images) == 12
+    for s, scan in enumerate(scans):
+        imgs = sorted((im for im in run.images if im.slice == s), key=lambda im: im.image_index)
+        assert [im.image_index for im in imgs] == list(range(1, 7)) and [im.phase for im in imgs] == list(range(6))
+        assert all(im.image_series_index == 7 for im in imgs)
+        frames = np.stack([im.data[0, 0] for im in imgs])
+        ours = psnr_ssim(frames, scan.ground_truth)["psnr"]
+        zf = psnr_ssim(simple_zero_filled(scan), scan.ground_truth)["psnr"]
+        assert ours > zf + 3, (ours, zf)
+    meta = ismrmrd.Meta.deserialize(run.images[0].attribute_string)
+    assert meta["GADGETRON_DataRole"] == "Image" and "steps" in meta["ImageProcessingHistory"]
+
+
+def simple_zero_filled(scan):
+    from dainr import zero_filled
+
+    return zero_filled(scan.data).numpy()
+
+
+def test_close_without_last_in_slice_still_reconstructs(two_slices):
+    _, header, acqs = two_slices
+    trimmed = [a for a in acqs if not (a.idx.slice == 1 and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT))]
+    for a in trimmed:
+        a.clear_flag(ismrmrd.ACQ_LAST_IN_SLICE)
+        a.clear_flag(ismrmrd.ACQ_LAST_IN_MEASUREMENT)
+    run = run_gadget(CONFIG.format(steps=5, extra=""), header, trimmed)
+    assert run.errors == [] and len(run.images) == 6
+
+
+def test_failures_become_error_messages_and_other_slices_survive(two_slices):
+    _, header, acqs = two_slices
+    bad = []
+    for a in acqs:
+        if a.idx.slice == 0 and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT) and a.idx.kspace_encode_step_1 == 3:
+            a = ismrmrd.Acquisition.from_array(np.full_like(a.data, np.nan), a.traj)
+            a.idx.slice, a.idx.phase = 0, 0
+        bad.append(a)
+    run = run_gadget(CONFIG.format(steps=5, extra=""), header, bad)
+    assert len(run.errors) == 1 and "slice 0" in run.errors[0] and "NaN" in run.errors[0]
+    assert len(run.images) == 6 and {im.slice for im in run.images} == {1}
+
+
+def test_bad_property_is_an_error_message(two_slices):
+    _, header, acqs = two_slices
+    run = run_gadget(CONFIG.format(steps="many", extra=""), header, acqs[:3])
+    assert len(run.errors) == 1 and "steps" in run.errors[0] and run.images == []
+
+
+def test_preview_series_comes_before_the_final_one(two_slices):
+    opts = options_from_properties({"preview": "true", "preview_steps": "3", "image_series_index": "2"})
+    assert opts.preview and opts.cfg.preview_every == 3 and opts.preview_series == 102
+    _, header, acqs = two_slices
+    extra = '<property name="preview" value="true"/><property name="preview_steps" value="4"/>'
+    run = run_gadget(CONFIG.format(steps=10, extra=extra), header, acqs)
+    assert run.errors == []
+    for s in (0, 1):
+        series = [im.image_series_index for im in run.images if im.slice == s]
+        assert series == [107] * 6 + [7] * 6  # the quick preview cine first, then the final one
+    preview_meta = ismrmrd.Meta.deserialize(run.images[0].attribute_string)
+    assert preview_meta["ImageComment"] == "DA-INR preview"

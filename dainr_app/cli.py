@@ -1,4 +1,4 @@
-"""``dainr`` command line: simulate, recon, demo, bench."""
+"""``dainr`` command line: simulate, recon, demo, bench, gadget-server."""
 from __future__ import annotations
 
 import argparse
@@ -147,6 +147,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_gadget_server(args) -> int:
+    import logging
+
+    from gadgets.resident import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(args.port, args.connections)
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .bench import main as bench_main
 
@@ -200,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
+
+    g = sub.add_parser("gadget-server", help="resident DA-INR gadget for <connect port=.../> pipelines")
+    g.add_argument("-p", "--port", type=int, default=18000)
+    g.add_argument("--connections", type=_positive_int, help="exit after this many scans (default: serve forever)")
+    g.set_defaults(func=cmd_gadget_server)
 
     b = sub.add_parser("bench", help="quality/speed benchmarks (prints a table, writes JSON)")
     from .bench import add_arguments

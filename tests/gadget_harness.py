@@ -39,51 +39,78 @@ def _read_exact(f, n: int) -> bytes:
 
 def run_gadget(config_xml: str, header, items, module: str = "gadgets.dainr_gadget", target: str = "dainr_recon",
                timeout: float = 300.0) -> GadgetRun:
+    """Execute mode: open a port, spawn ``python -m gadgetron PORT MODULE TARGET``, exchange, wait for exit."""
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     server.bind(("127.0.0.1", 0))
     server.listen(1)
     server.settimeout(60)
     port = server.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               GADGETRON_EXTERNAL_LOG_LEVEL="INFO")
-    proc = subprocess.Popen([sys.executable, "-m", "gadgetron", str(port), module, target], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "gadgetron", str(port), module, target], env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    run = GadgetRun()
     try:
         conn, _ = server.accept()
-        conn.settimeout(timeout)
-
-        def send():
-            with conn.makefile("wb") as wf:
-                ser = ProtocolSerializer(wf)
-                ser.serialize(ConfigText(config_xml))
-                ser.serialize(header)
-                for item in items:
-                    ser.serialize(item)
-                ser.close()
-
-        sender = threading.Thread(target=send, daemon=True)
-        sender.start()
-        with conn.makefile("rb") as rf:
-            while True:
-                (mid,) = struct.unpack("<H", _read_exact(rf, 2))
-                if mid == 4:  # CLOSE
-                    break
-                if mid == 8:  # ERROR: uint64 length + text
-                    (n,) = struct.unpack("<Q", _read_exact(rf, 8))
-                    run.errors.append(_read_exact(rf, n).decode())
-                elif mid == 1022:
-                    run.images.append(ismrmrd.Image.deserialize_from(lambda k: _read_exact(rf, k)))
-                elif mid == 1008:
-                    run.passthrough.append(ismrmrd.Acquisition.deserialize_from(lambda k: _read_exact(rf, k)))
-                else:
-                    raise AssertionError(f"unexpected message id {mid}")
-        sender.join(timeout)
-        conn.close()
+        run = exchange(conn, config_xml, header, items, timeout)
         run.returncode = proc.wait(timeout)
     finally:
         if proc.poll() is None:
             proc.kill()
-        run.log = proc.stdout.read() if proc.stdout else ""
+        log = proc.stdout.read() if proc.stdout else ""
         server.close()
+    run.log = log
+    return run
+
+
+def connect_gadget(port: int, config_xml: str, header, items, timeout: float = 300.0) -> GadgetRun:
+    """Connect mode: Gadgetron connects to a resident gadget process on ``port`` (retrying while it starts)."""
+    import time
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            conn = socket.create_connection(("localhost", port), timeout=5)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    return exchange(conn, config_xml, header, items, timeout)
+
+
+def child_env() -> dict:
+    return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                GADGETRON_EXTERNAL_LOG_LEVEL="INFO")
+
+
+def exchange(conn: socket.socket, config_xml: str, header, items, timeout: float) -> GadgetRun:
+    """Send CONFIG, HEADER, items and CLOSE on a thread while reading replies until CLOSE."""
+    conn.settimeout(timeout)
+    run = GadgetRun()
+
+    def send():
+        with conn.makefile("wb") as wf:
+            ser = ProtocolSerializer(wf)
+            ser.serialize(ConfigText(config_xml))
+            ser.serialize(header)
+            for item in items:
+                ser.serialize(item)
+            ser.close()
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    with conn.makefile("rb") as rf:
+        while True:
+            (mid,) = struct.unpack("<H", _read_exact(rf, 2))
+            if mid == 4:  # CLOSE
+                break
+            if mid == 8:  # ERROR: uint64 length + text
+                (n,) = struct.unpack("<Q", _read_exact(rf, 8))
+                run.errors.append(_read_exact(rf, n).decode())
+            elif mid == 1022:
+                run.images.append(ismrmrd.Image.deserialize_from(lambda k: _read_exact(rf, k)))
+            elif mid == 1008:
+                run.passthrough.append(ismrmrd.Acquisition.deserialize_from(lambda k: _read_exact(rf, k)))
+            else:
+                raise AssertionError(f"unexpected message id {mid}")
+    sender.join(timeout)
+    conn.close()
     return run

@@ -91,3 +91,27 @@ def test_preview_series_comes_before_the_final_one(two_slices):
         assert series == [107] * 6 + [7] * 6  # the quick preview cine first, then the final one
     preview_meta = ismrmrd.Meta.deserialize(run.images[0].attribute_string)
     assert preview_meta["ImageComment"] == "DA-INR preview"
+
+
+def test_connect_mode_resident_process_serves_two_scans(two_slices):
+    import socket
+    import subprocess
+    import sys
+
+    from .gadget_harness import child_env, connect_gadget
+
+    _, header, acqs = two_slices
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "dainr_app.cli", "gadget-server", "--port", str(port),
+                             "--connections", "2"], env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        for _ in range(2):  # the same process handles consecutive scans
+            run = connect_gadget(port, CONFIG.format(steps=5, extra=""), header, acqs)
+            assert run.errors == [] and len(run.images) == 12
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -22,6 +22,7 @@ setup(
         "ismrmrd>=1.15",
         "gadgetron>=1.4",  # the external-gadget runtime (python -m gadgetron PORT MODULE TARGET)
         "pillow>=9.0",
+        "pydicom>=2.4",
         "tqdm>=4.60",
     ],
     extras_require={

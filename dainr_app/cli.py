@@ -1,4 +1,4 @@
-"""``dainr`` command line: simulate, recon, demo, bench, gadget-server."""
+"""``dainr`` command line: simulate, recon, demo, bench, dicom, gadget-server."""
 from __future__ import annotations
 
 import argparse
@@ -147,6 +147,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_dicom(args) -> int:
+    from .dicom import mrd_to_dicom
+    from .mrd import read_images
+
+    written = mrd_to_dicom(read_images(args.images, args.group), args.outdir)
+    for series, paths in written.items():
+        print(f"series {series}: {len(paths)} files in {os.path.dirname(paths[0]) if paths else args.outdir}")
+    return 0
+
+
 def cmd_gadget_server(args) -> int:
     import logging
 
@@ -210,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
+
+    dc = sub.add_parser("dicom", help="convert an MRD image file to DICOM (one folder per series)")
+    dc.add_argument("images")
+    dc.add_argument("-o", "--outdir", required=True)
+    dc.add_argument("--group", default="dataset")
+    dc.set_defaults(func=cmd_dicom)
 
     g = sub.add_parser("gadget-server", help="resident DA-INR gadget for <connect port=.../> pipelines")
     g.add_argument("-p", "--port", type=int, default=18000)

@@ -1,0 +1,50 @@
+import os
+
+import numpy as np
+import pydicom
+import pytest
+
+from dainr_app import cli
+from dainr_app.dicom import mrd_to_dicom
+from dainr_app.mrd import Geometry, make_images, read_images, write_images
+
+
+def _images(series, n=3, shape=(24, 32)):
+    rng = np.random.default_rng(series)
+    frames = rng.uniform(0, 5, size=(n,) + shape).astype(np.float32)
+    geo = Geometry(position=(10.0, -20.0, 30.0), read_dir=(0.0, 1.0, 0.0), phase_dir=(1.0, 0.0, 0.0),
+                   slice_dir=(0.0, 0.0, -1.0))
+    return frames, make_images(frames, series, 2, (320.0, 240.0, 8.0), geo)
+
+
+def test_dicom_geometry_pixels_and_series(tmp_path):
+    f1, im1 = _images(1)
+    f2, im2 = _images(101)
+    written = mrd_to_dicom({1: im1, 101: im2}, str(tmp_path))
+    assert sorted(written) == [1, 101] and all(len(v) == 3 for v in written.values())
+    dss = [pydicom.dcmread(p) for p in written[1]]
+    ds = dss[0]
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.4" and ds.Modality == "MR"
+    assert [d.InstanceNumber for d in dss] == [1, 2, 3] and ds.SeriesNumber == 1
+    assert (ds.Rows, ds.Columns) == (24, 32)
+    assert [float(v) for v in ds.PixelSpacing] == pytest.approx([240 / 24, 320 / 32])  # row, column spacing
+    assert [float(v) for v in ds.ImageOrientationPatient] == [0, 1, 0, 1, 0, 0]
+    # IPP = centre - (nx/2 - 1/2) dx read - (ny/2 - 1/2) dy phase
+    expected = np.array([10.0, -20.0, 30.0]) - 15.5 * 10.0 * np.array([0, 1, 0]) - 11.5 * 10.0 * np.array([1, 0, 0])
+    assert [float(v) for v in ds.ImagePositionPatient] == pytest.approx(expected.tolist())
+    pixels = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    assert np.allclose(pixels, f1[0], atol=float(ds.RescaleSlope))
+    assert float(ds.WindowWidth) > 0
+    other = pydicom.dcmread(written[101][0])
+    assert other.SeriesInstanceUID != ds.SeriesInstanceUID and other.StudyInstanceUID == ds.StudyInstanceUID
+
+
+def test_dicom_command_converts_an_mrd_file(tmp_path, capsys):
+    _, im = _images(4)
+    path = str(tmp_path / "img.h5")
+    write_images(path, im)
+    assert list(read_images(path)) == [4]
+    out = str(tmp_path / "dcm")
+    assert cli.main(["dicom", path, "-o", out]) == 0
+    assert sorted(os.listdir(os.path.join(out, "series_004"))) == [f"IM_0000{i}_s002.dcm" for i in (1, 2, 3)]
+    assert cli.main(["dicom", str(tmp_path / "missing.h5"), "-o", out]) == 2

@@ -163,6 +163,7 @@ class ReconParameters:
     matrix: int
     fov_mm: tuple
     frames_from_phase: bool
+    n_frames: Optional[int]
     spokes_per_frame: Optional[int]
     angle_step_rad: float
     trajectory: str
@@ -192,7 +193,8 @@ class ReconParameters:
             for p in desc.userParameterLong or []:
                 if p.name == SPOKES_PARAM and spokes_per_frame is None:
                     spokes_per_frame = int(p.value)
-        return cls(matrix, fov_mm, from_phase, spokes_per_frame, step, traj)
+        n_frames = int(phase.maximum) - int(phase.minimum or 0) + 1 if from_phase else None
+        return cls(matrix, fov_mm, from_phase, n_frames, spokes_per_frame, step, traj)
 
 
 def spoke_trajectory(acq, params: ReconParameters, n_samples: int) -> np.ndarray:
@@ -259,6 +261,13 @@ def slice_from_acquisitions(acqs: List, params: ReconParameters, noise: Optional
     kdata = torch.from_numpy(np.stack([a.data for a in acqs]).astype(np.complex64))
     traj = torch.from_numpy(np.stack([spoke_trajectory(a, params, R) for a in acqs]))
     frame_index = torch.tensor([a.idx.phase for a in acqs]) if params.frames_from_phase else None
+    if frame_index is not None and params.n_frames:
+        if len(acqs) < params.n_frames:
+            raise MRDFormatError(f"slice {s}: {len(acqs)} spokes for {params.n_frames} frames (header phase range)")
+        missing = sorted(set(range(int(frame_index.min()), int(frame_index.min()) + params.n_frames))
+                         - set(frame_index.tolist()))
+        if missing:
+            raise MRDFormatError(f"slice {s}: frames {missing} have no spokes")
     if frame_index is None and params.spokes_per_frame is None:
         raise MRDFormatError("header has no phase range and no spokes_per_frame was given")
     try:

@@ -18,17 +18,22 @@ def two_slices(tmp_path_factory):
     scans = [simulate(matrix=32, frames=6, spokes=9, coils=3, noise_level=0.02, seed=s) for s in range(2)]
     path = str(tmp_path_factory.mktemp("g") / "raw.h5")
     write_raw(path, [s.data for s in scans], noise=scans[0].data.noise.numpy())
+    return scans, path
+
+
+def _load(path):
+    """Fresh header and acquisitions for every test (tests modify flags and data in place)."""
     ds = ismrmrd.Dataset(path, "dataset", create_if_needed=False, mode="r")
     try:
-        header = ismrmrd.xsd.CreateFromDocument(ds.read_xml_header())
-        acqs = [ds.read_acquisition(i) for i in range(ds.number_of_acquisitions())]
+        return (ismrmrd.xsd.CreateFromDocument(ds.read_xml_header()),
+                [ds.read_acquisition(i) for i in range(ds.number_of_acquisitions())])
     finally:
         ds.close()
-    return scans, header, acqs
 
 
 def test_execute_mode_two_slices_with_noise_scan(two_slices):
-    scans, header, acqs = two_slices
+    scans, path = two_slices
+    header, acqs = _load(path)
     run = run_gadget(CONFIG.format(steps=120, extra=""), header, acqs)
     assert run.errors == [] and run.returncode == 0, run.log[-2000:]
     assert len(run.images) == 12
@@ -51,7 +56,7 @@ def simple_zero_filled(scan):
 
 
 def test_close_without_last_in_slice_still_reconstructs(two_slices):
-    _, header, acqs = two_slices
+    header, acqs = _load(two_slices[1])
     trimmed = [a for a in acqs if not (a.idx.slice == 1 and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT))]
     for a in trimmed:
         a.clear_flag(ismrmrd.ACQ_LAST_IN_SLICE)
@@ -61,7 +66,7 @@ def test_close_without_last_in_slice_still_reconstructs(two_slices):
 
 
 def test_failures_become_error_messages_and_other_slices_survive(two_slices):
-    _, header, acqs = two_slices
+    header, acqs = _load(two_slices[1])
     bad = []
     for a in acqs:
         if a.idx.slice == 0 and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT) and a.idx.kspace_encode_step_1 == 3:
@@ -74,7 +79,7 @@ def test_failures_become_error_messages_and_other_slices_survive(two_slices):
 
 
 def test_bad_property_is_an_error_message(two_slices):
-    _, header, acqs = two_slices
+    header, acqs = _load(two_slices[1])
     run = run_gadget(CONFIG.format(steps="many", extra=""), header, acqs[:3])
     assert len(run.errors) == 1 and "steps" in run.errors[0] and run.images == []
 
@@ -82,7 +87,7 @@ def test_bad_property_is_an_error_message(two_slices):
 def test_preview_series_comes_before_the_final_one(two_slices):
     opts = options_from_properties({"preview": "true", "preview_steps": "3", "image_series_index": "2"})
     assert opts.preview and opts.cfg.preview_every == 3 and opts.preview_series == 102
-    _, header, acqs = two_slices
+    header, acqs = _load(two_slices[1])
     extra = '<property name="preview" value="true"/><property name="preview_steps" value="4"/>'
     run = run_gadget(CONFIG.format(steps=10, extra=extra), header, acqs)
     assert run.errors == []
@@ -100,7 +105,7 @@ def test_connect_mode_resident_process_serves_two_scans(two_slices):
 
     from .gadget_harness import child_env, connect_gadget
 
-    _, header, acqs = two_slices
+    header, acqs = _load(two_slices[1])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -115,3 +120,49 @@ def test_connect_mode_resident_process_serves_two_scans(two_slices):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _imaging(acqs, s):
+    return [a for a in acqs if a.idx.slice == s and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
+
+
+def test_slice_with_fewer_spokes_than_frames_is_an_error(two_slices):
+    header, acqs = _load(two_slices[1])
+    noise = [a for a in acqs if a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
+    short = _imaging(acqs, 0)[:4]
+    short[-1].set_flag(ismrmrd.ACQ_LAST_IN_SLICE)
+    run = run_gadget(CONFIG.format(steps=5, extra=""), header, noise + short + _imaging(acqs, 1))
+    assert len(run.errors) == 1 and "4 spokes for 6 frames" in run.errors[0]
+    assert {im.slice for im in run.images} == {1} and len(run.images) == 6
+
+
+def test_missing_trajectory_with_unknown_trajectory_type_is_an_error(two_slices):
+    import copy
+
+    header, acqs = _load(two_slices[1])
+    hdr = copy.deepcopy(header)
+    hdr.encoding[0].trajectory = ismrmrd.xsd.trajectoryType.OTHER
+    items = []
+    for a in acqs:
+        if a.idx.slice == 0 and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            b = ismrmrd.Acquisition.from_array(a.data)  # no acq.traj
+            b.idx, b.flags = a.idx, a.flags
+            a = b
+        items.append(a)
+    run = run_gadget(CONFIG.format(steps=5, extra=""), hdr, items)
+    assert len(run.errors) == 1 and "no trajectory" in run.errors[0] and "'other'" in run.errors[0]
+    assert {im.slice for im in run.images} == {1}
+
+
+def test_mismatched_channel_counts_are_an_error(two_slices):
+    header, acqs = _load(two_slices[1])
+    items = []
+    for a in acqs:
+        if a.idx.slice == 0 and a.idx.kspace_encode_step_1 == 7 and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            b = ismrmrd.Acquisition.from_array(a.data[:2], a.traj)  # 2 channels instead of 3
+            b.idx, b.flags = a.idx, a.flags
+            a = b
+        items.append(a)
+    run = run_gadget(CONFIG.format(steps=5, extra=""), header, items)
+    assert len(run.errors) == 1 and "different (channels, samples)" in run.errors[0]
+    assert {im.slice for im in run.images} == {1}

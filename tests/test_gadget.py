@@ -166,3 +166,27 @@ def test_mismatched_channel_counts_are_an_error(two_slices):
     run = run_gadget(CONFIG.format(steps=5, extra=""), header, items)
     assert len(run.errors) == 1 and "different (channels, samples)" in run.errors[0]
     assert {im.slice for im in run.images} == {1}
+
+
+def test_unconsumed_items_pass_through_unchanged(two_slices):
+    header, acqs = _load(two_slices[1])
+    nav = ismrmrd.Acquisition.from_array(acqs[-1].data * 2, acqs[-1].traj)
+    nav.set_flag(ismrmrd.ACQ_IS_NAVIGATION_DATA)
+    nav.idx.slice, nav.scan_counter = 1, 9999
+    run = run_gadget(CONFIG.format(steps=5, extra=""), header, acqs[:-1] + [nav, acqs[-1]])
+    assert run.errors == [] and len(run.images) == 12
+    [back] = run.passthrough
+    assert back.scan_counter == 9999 and back.is_flag_set(ismrmrd.ACQ_IS_NAVIGATION_DATA)
+    assert np.array_equal(back.data, nav.data)
+
+
+def test_failing_reconstruction_is_reported_per_slice(two_slices):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA to make the reconstruction fail")
+    header, acqs = _load(two_slices[1])
+    run = run_gadget(CONFIG.format(steps=5, extra='<property name="device" value="cuda"/>'), header, acqs)
+    assert len(run.errors) == 2 and all("CUDA is not available" in e for e in run.errors)
+    assert {e.split(" (")[0] for e in run.errors} == {"DA-INR slice 0", "DA-INR slice 1"}
+    assert run.images == [] and run.returncode == 0

@@ -60,6 +60,11 @@ class RadialData:
             if self.noise.ndim != 2 or self.noise.shape[0] != C:
                 raise ValueError(f"noise must be (coils={C}, samples), got {tuple(self.noise.shape)}")
 
+    def select_frames(self, frames: Sequence[int]) -> "RadialData":
+        """The given frames only, e.g. ``range(0, n, r)`` to fit every r-th frame (temporal interpolation)."""
+        idx = list(frames)
+        return RadialData(self.kdata[idx], self.traj[idx], self.matrix, self.spoke_mask[idx], self.noise)
+
     @property
     def n_frames(self) -> int:
         return self.kdata.shape[0]

@@ -22,7 +22,7 @@ from typing import Callable, Dict
 import numpy as np
 import torch
 
-from dainr import DAINRConfig, RadialData, reconstruct, upsample_bilinear
+from dainr import DAINRConfig, reconstruct, upsample_bilinear
 from dainr.baselines import temporal_tv, temporal_tv_holdout_lambda
 from dainr.metrics import psnr_ssim
 from dainr.sim import simulate
@@ -97,8 +97,7 @@ def case_temporal2() -> dict:
     """Fit frames 0, 2, …, 22 (21 spokes each, the paper's AF 6.1 setting), query all 23."""
     scan = simulate(128, 23, 21, 8, noise_level=0.02)
     keep = list(range(0, 23, 2))
-    d = scan.data
-    scan.data = RadialData(d.kdata[keep], d.traj[keep], d.matrix, d.spoke_mask[keep], d.noise)
+    scan.data = scan.data.select_frames(keep)
     ours, res = _dainr(scan, DAINRConfig(temporal_ratio=2))
     per = psnr_ssim(res.images, scan.ground_truth)
     trained = [per["psnr_frames"][i] for i in keep]

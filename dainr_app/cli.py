@@ -11,7 +11,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from dainr import DAINRConfig, RadialData, reconstruct
+from dainr import DAINRConfig, reconstruct
 from dainr.metrics import psnr_ssim
 
 
@@ -83,8 +83,7 @@ def run_recon(raw: str, output: str, cfg: DAINRConfig, series: int = 1, preview:
     for s, raw_slice in scan.slices.items():
         data = raw_slice.data
         if r > 1:  # paper protocol: fit every r-th frame of the file, query all frames
-            keep = list(range(0, data.n_frames, r))
-            data = RadialData(data.kdata[keep], data.traj[keep], data.matrix, data.spoke_mask[keep], data.noise)
+            data = data.select_frames(range(0, data.n_frames, r))
         t0 = time.perf_counter()
         result = reconstruct(data, cfg)
         seconds = time.perf_counter() - t0

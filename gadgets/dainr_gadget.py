@@ -116,10 +116,7 @@ def reconstruct_slice(connection, key: Key, acqs: list, params: ReconParameters,
     raw = slice_from_acquisitions(acqs, params, noise, s)
     data = raw.data
     if opts.cfg.temporal_ratio > 1:  # fit every r-th frame, query all
-        from dainr import RadialData
-
-        keep = list(range(0, data.n_frames, opts.cfg.temporal_ratio))
-        data = RadialData(data.kdata[keep], data.traj[keep], data.matrix, data.spoke_mask[keep], data.noise)
+        data = data.select_frames(range(0, data.n_frames, opts.cfg.temporal_ratio))
     first_phase = int(min(a.idx.phase for a in acqs)) if params.frames_from_phase else 0
     sent_preview = []
 

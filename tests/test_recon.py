@@ -59,9 +59,7 @@ def test_callback_previews_and_stop(small_scan):
 
 
 def test_temporal_interpolation_queries_all_frames(small_scan):
-    d = small_scan.data
-    keep = [0, 2, 4, 6]
-    data = RadialData(d.kdata[keep], d.traj[keep], d.matrix, d.spoke_mask[keep], d.noise)
+    data = small_scan.data.select_frames([0, 2, 4, 6])
     res = reconstruct(data, DAINRConfig(max_steps=60, temporal_ratio=2, device="cpu"))
     assert res.images.shape == (7, 32, 32) and res.acquired_frames == [0, 2, 4, 6]
     per = psnr_ssim(res.images, small_scan.ground_truth[:7])["psnr_frames"]
@@ -127,8 +125,7 @@ def test_bad_config_is_rejected():
 
 
 def test_single_frame_with_features_is_a_clear_error(small_scan):
-    d = small_scan.data
-    one = RadialData(d.kdata[:1], d.traj[:1], d.matrix, noise=d.noise)
+    one = small_scan.data.select_frames([0])
     with pytest.raises(ValueError, match="at least 2 acquired frames"):
         reconstruct(one, DAINRConfig(max_steps=1))
     assert reconstruct(one, DAINRConfig(max_steps=2, use_features=False)).images.shape == (1, 32, 32)

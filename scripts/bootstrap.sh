@@ -20,6 +20,7 @@ if [ -z "${TORCH_SPEC:-}" ]; then
     TORCH_SPEC="torch==2.13.0"
   fi
 fi
-"$VENV/bin/python" -c "import torch" 2>/dev/null || pip install "$TORCH_SPEC"
+# shellcheck disable=SC2086  # TORCH_SPEC may carry pip options, e.g. --index-url
+"$VENV/bin/python" -c "import torch" 2>/dev/null || pip install $TORCH_SPEC
 pip install -e ".[test,fast]"
 echo "$want" > "$stamp"

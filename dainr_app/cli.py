@@ -80,7 +80,7 @@ def run_recon(raw: str, output: str, cfg: DAINRConfig, series: int = 1, preview:
         os.remove(output)
     summaries, panels = [], []
     r = cfg.temporal_ratio
-    for s, raw_slice in scan.slices.items():
+    for (s, contrast, repetition, set_index), raw_slice in scan.slices.items():
         data = raw_slice.data
         if r > 1:  # paper protocol: fit every r-th frame of the file, query all frames
             data = data.select_frames(range(0, data.n_frames, r))
@@ -90,9 +90,9 @@ def run_recon(raw: str, output: str, cfg: DAINRConfig, series: int = 1, preview:
         info = result.info
         history = [f"DA-INR {info['steps']} steps ({info['stop_reason']}), {seconds:.1f} s on {info['device']}"]
         images = make_images(result.images.numpy(), series, s, scan.fov_mm, raw_slice.geometry, output_type,
-                             history=history)
+                             history=history, repetition=repetition, contrast=contrast, set_index=set_index)
         write_images(output, images)
-        summary = dict(slice=s, frames=len(images), seconds=round(seconds, 2), steps=info["steps"],
+        summary = dict(slice=s, contrast=contrast, repetition=repetition, set=set_index, frames=len(images), seconds=round(seconds, 2), steps=info["steps"],
                        stop_reason=info["stop_reason"], seconds_per_step=round(info["seconds_per_step"], 4),
                        device=info["device"], nufft=info["nufft_backend"])
         if truth_images is not None and s < len(truth_images):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from dainr.data import RadialData, frames_from_spokes
 from dainr.trajectory import angle_step, radial_trajectory
 
 ANGLE_PARAM = "angle_increment_rad"
+Key = Tuple[int, int, int, int]  # (slice, contrast, repetition, set): readouts reconstructed together
 SPOKES_PARAM = "spokes_per_frame"
 
 
@@ -53,11 +54,16 @@ class RawSlice:
     n_spokes: int
 
 
+def acquisition_key(acq) -> Key:
+    """The buffer an imaging readout belongs to (the file reader and the gadget group by the same key)."""
+    return (acq.idx.slice, acq.idx.contrast, acq.idx.repetition, acq.idx.set)
+
+
 @dataclass
 class RawScan:
     matrix: int
     fov_mm: tuple
-    slices: Dict[int, RawSlice]
+    slices: Dict[Key, RawSlice]
     noise: Optional[torch.Tensor]
     header: object = field(repr=False, default=None)
 
@@ -225,7 +231,7 @@ def read_raw(path: str, group: str = "dataset", spokes_per_frame: Optional[int] 
             raise MRDFormatError(f"{path}: no MRD header: {exc}") from exc
         params = ReconParameters.from_header(header, spokes_per_frame)
         n = ds.number_of_acquisitions()
-        noise, per_slice = [], {}
+        noise, per_key = [], {}
         for i in range(n):
             acq = ds.read_acquisition(i)
             if acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
@@ -234,17 +240,17 @@ def read_raw(path: str, group: str = "dataset", spokes_per_frame: Optional[int] 
             if any(acq.is_flag_set(f) for f in (ismrmrd.ACQ_IS_NAVIGATION_DATA, ismrmrd.ACQ_IS_PHASECORR_DATA,
                                                  ismrmrd.ACQ_IS_DUMMYSCAN_DATA)):
                 continue
-            per_slice.setdefault(acq.idx.slice, []).append(acq)
+            per_key.setdefault(acquisition_key(acq), []).append(acq)
     finally:
         ds.close()
-    if not per_slice:
+    if not per_key:
         raise MRDFormatError(f"{path}: no imaging acquisitions")
     noise_t = None
     if noise:
         if len({x.shape[0] for x in noise}) != 1:
             raise MRDFormatError("noise scans have different channel counts")
         noise_t = torch.from_numpy(np.concatenate(noise, axis=1))
-    slices = {s: slice_from_acquisitions(acqs, params, noise_t, s) for s, acqs in sorted(per_slice.items())}
+    slices = {key: slice_from_acquisitions(acqs, params, noise_t, key[0]) for key, acqs in sorted(per_key.items())}
     return RawScan(params.matrix, params.fov_mm, slices, noise_t, header)
 
 

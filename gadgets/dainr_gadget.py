@@ -12,7 +12,7 @@ import logging
 import struct
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -20,12 +20,11 @@ import torch
 import ismrmrd
 
 from dainr import DAINRConfig, reconstruct
-from dainr_app.mrd import MRDFormatError, ReconParameters, make_images, slice_from_acquisitions
+from dainr_app.mrd import Key, MRDFormatError, ReconParameters, acquisition_key, make_images, slice_from_acquisitions
 
 log = logging.getLogger("dainr.gadget")
 ERROR_MESSAGE_ID = 8
 SKIP_FLAGS = (ismrmrd.ACQ_IS_NAVIGATION_DATA, ismrmrd.ACQ_IS_PHASECORR_DATA, ismrmrd.ACQ_IS_DUMMYSCAN_DATA)
-Key = Tuple[int, int, int, int]  # (slice, contrast, repetition, set)
 
 
 @dataclass
@@ -90,7 +89,7 @@ class SliceBuffers:
         if acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
             self.noise.append(acq.data.copy())
             return None
-        key = (acq.idx.slice, acq.idx.contrast, acq.idx.repetition, acq.idx.set)
+        key = acquisition_key(acq)
         self.buffers.setdefault(key, []).append(acq)
         return key if acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE) else None
 

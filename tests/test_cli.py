@@ -64,7 +64,7 @@ def test_recon_round_trip_two_slices(raw2, tmp_path, capsys):
 
 
 def test_trajectory_from_golden_angle_index_matches_stored_traj(raw2, tmp_path):
-    a = read_raw(raw2).slices[0].data
+    a = read_raw(raw2).slices[(0, 0, 0, 0)].data
     # rewrite slice 0 without acq.traj: the reader must derive the same angles from kspace_encode_step_1
     src = ismrmrd.Dataset(raw2, "dataset", create_if_needed=False, mode="r")
     dst_path = str(tmp_path / "notraj.h5")
@@ -82,7 +82,7 @@ def test_trajectory_from_golden_angle_index_matches_stored_traj(raw2, tmp_path):
     finally:
         src.close()
         dst.close()
-    b = read_raw(dst_path).slices[0].data
+    b = read_raw(dst_path).slices[(0, 0, 0, 0)].data
     assert torch.allclose(a.traj, b.traj, atol=1e-5) and torch.equal(a.kdata, b.kdata)
 
 
@@ -104,6 +104,23 @@ def test_bad_files_and_arguments(tmp_path, capsys):
         cli.main(["recon", missing, "-o", "x.h5", "--steps", "0"])
     with pytest.raises(SystemExit):  # rejected before any reconstruction work
         cli.main(["recon", missing, "-o", "x.h5", "--preview", "out.jpg"])
+
+
+def test_repetitions_of_a_slice_are_reconstructed_separately(raw2, tmp_path):
+    src = ismrmrd.Dataset(raw2, "dataset", create_if_needed=False, mode="r")
+    path = str(tmp_path / "reps.h5")
+    dst = ismrmrd.Dataset(path, "dataset", create_if_needed=True)
+    try:
+        dst.write_xml_header(src.read_xml_header())
+        for i in range(src.number_of_acquisitions()):
+            acq = src.read_acquisition(i)
+            if acq.idx.slice == 1:  # slice 1 of the file becomes repetition 1 of slice 0
+                acq.idx.slice, acq.idx.repetition = 0, 1
+            dst.append_acquisition(acq)
+    finally:
+        src.close()
+        dst.close()
+    assert sorted(read_raw(path).slices) == [(0, 0, 0, 0), (0, 0, 1, 0)]  # not merged into one cine
 
 
 def test_inconsistent_channels_are_reported(tmp_path):

@@ -13,8 +13,17 @@ log = logging.getLogger("dainr.gadget")
 
 def serve(port: int, connections: Optional[int] = None) -> None:
     """Accept Gadgetron connections on ``port`` one after another (``connections``: stop after that many)."""
+    import socket
+
     import torch
     from gadgetron.external import listen
+
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:  # the address listen() binds
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+        except OSError as exc:
+            raise ValueError(f"cannot listen on port {port}: {exc}") from exc
 
     from .dainr_gadget import dainr_recon
 

@@ -190,3 +190,16 @@ def test_failing_reconstruction_is_reported_per_slice(two_slices):
     assert len(run.errors) == 2 and all("CUDA is not available" in e for e in run.errors)
     assert {e.split(" (")[0] for e in run.errors} == {"DA-INR slice 0", "DA-INR slice 1"}
     assert run.images == [] and run.returncode == 0
+
+
+def test_gadget_server_on_a_busy_port_fails_clearly(capsys):
+    import socket
+
+    from dainr_app import cli
+
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as busy:
+        busy.bind(("", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        assert cli.main(["gadget-server", "--port", str(port), "--connections", "1"]) == 2
+    assert f"cannot listen on port {port}" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""``dainr`` command line: simulate, recon, demo, bench, dicom, gadget-server."""
+"""``dainr`` command line: simulate, recon, demo, serve, replay, dicom, gadget-server, bench."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +13,8 @@ import torch
 
 from dainr import DAINRConfig, reconstruct
 from dainr.metrics import psnr_ssim
+
+from .pipeline import PIPELINES_DIR
 
 
 def truth_path(raw_path: str) -> str:
@@ -166,6 +168,102 @@ def cmd_gadget_server(args) -> int:
     return 0
 
 
+def server_options(args):
+    from .pipeline import Policy
+    from .protocol import Limits
+    from .server import ServerOptions
+
+    policy = Policy(modules=("gadgets", *args.allow_module), connect_hosts=Policy().connect_hosts + tuple(args.allow_connect))
+    if not os.path.isdir(args.pipelines):
+        raise ValueError(f"pipelines folder {args.pipelines} does not exist")
+    return ServerOptions(host=args.host, port=args.port, pipelines=os.path.abspath(args.pipelines), policy=policy,
+                         limits=Limits(max_message=args.max_message_mb << 20), max_connections=args.max_connections,
+                         buffer_bytes=args.buffer_mb << 20, idle_timeout=args.idle_timeout, launcher=args.launcher)
+
+
+def cmd_serve(args) -> int:
+    import logging
+    import signal
+
+    from .pipeline import PipelineError, load_named, parse_pipeline
+    from .server import Server, run_stream
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    opts = server_options(args)
+    if args.from_stream:
+        if not args.config:
+            raise ValueError("--from_stream needs -c PIPELINE (a name in the pipelines folder or an XML file)")
+        try:
+            if os.path.isfile(args.config):
+                with open(args.config, encoding="utf-8") as fh:
+                    pipeline = parse_pipeline(fh.read(), opts.policy, args.config)
+            else:
+                pipeline = load_named(args.config, opts.policy, opts.pipelines)
+        except PipelineError as exc:
+            raise ValueError(str(exc)) from exc
+        inp = open(args.input, "rb") if args.input else sys.stdin.buffer
+        outp = open(args.output, "wb") if args.output else sys.stdout.buffer
+        try:
+            return run_stream(pipeline, inp, outp, opts)
+        finally:
+            for f, std in ((inp, sys.stdin.buffer), (outp, sys.stdout.buffer)):
+                f.flush() if f is outp else None
+                if f is not std:
+                    f.close()
+    server = Server(opts)
+    print(f"dainr serve: listening on {opts.host}:{server.port}", file=sys.stderr, flush=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: server.stopping.set())
+    server.serve_forever()
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from .replay import file_items, replay, timing_table
+
+    header, items = file_items(args.raw, args.in_group)
+    config_xml = None
+    if args.config_local:
+        with open(args.config_local, encoding="utf-8") as fh:
+            config_xml = fh.read()
+    res = replay(items, header, (args.address, args.port), None if config_xml else args.config, config_xml,
+                 timeout=args.timeout)
+    save_images(res.images, args.output, args.out_group)
+    print(f"sent {res.sent} messages ({res.readouts} readouts) in {res.send_seconds:.2f} s; received "
+          f"{res.n_images} images in {len(res.images)} series"
+          + (f" and {res.returned} other messages" if res.returned else "") + f" in {res.total_seconds:.2f} s")
+    if res.images:
+        print(f"wrote {args.output} (group {args.out_group}: "
+              + ", ".join(f"image_{s} x{len(v)}" for s, v in sorted(res.images.items())) + ")")
+    if not args.quiet:
+        print(timing_table(res))
+    if args.dicom and res.images:
+        from .dicom import mrd_to_dicom
+
+        written = mrd_to_dicom(res.images, args.dicom)
+        print(f"wrote DICOM: " + ", ".join(f"series {s}: {len(p)} files" for s, p in sorted(written.items()))
+              + f" under {args.dicom}")
+    for text in res.errors:
+        print(f"dainr replay: server error: {text}", file=sys.stderr)
+    return 1 if res.errors else 0
+
+
+def save_images(images: dict, path: str, group: str) -> None:
+    """Write received images to ``path``/``group``/image_<series>, replacing that group if it exists."""
+    import h5py
+
+    from .mrd import write_images
+
+    if not images:
+        return
+    if os.path.exists(path):
+        with h5py.File(path, "a") as h5:
+            if group in h5:
+                del h5[group]
+    write_images(path, [im for series in sorted(images) for im in images[series]], group)
+
+
 def cmd_bench(args) -> int:
     from .bench import main as bench_main
 
@@ -230,6 +328,41 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-p", "--port", type=int, default=18000)
     g.add_argument("--connections", type=_positive_int, help="exit after this many scans (default: serve forever)")
     g.set_defaults(func=cmd_gadget_server)
+
+    sv = sub.add_parser("serve", help="Gadgetron-protocol server running the XML pipelines (or --from_stream)")
+    sv.add_argument("-p", "--port", type=int, default=9002)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    sv.add_argument("--pipelines", default=PIPELINES_DIR, help="folder CONFIG_FILE names resolve in")
+    sv.add_argument("--allow-module", action="append", default=[], metavar="MODULE",
+                    help="also allow <execute> of this Python package (default: gadgets only)")
+    sv.add_argument("--allow-connect", action="append", default=[], metavar="HOST",
+                    help="also allow <connect> to this host (default: localhost)")
+    sv.add_argument("--max-connections", type=_positive_int, default=8)
+    sv.add_argument("--buffer-mb", type=_positive_int, default=512, help="per session, data queued ahead of a gadget")
+    sv.add_argument("--max-message-mb", type=_positive_int, default=256, help="largest accepted data message")
+    sv.add_argument("--idle-timeout", type=float, default=600.0, help="seconds without a message before a session ends")
+    sv.add_argument("--launcher", choices=("fork", "spawn"), default="fork",
+                    help="fork: gadgets forked from a warm forkserver; spawn: `python -m gadgetron` per gadget")
+    sv.add_argument("--from_stream", "--from-stream", action="store_true",
+                    help="MRD stream on stdin (or -i), images on stdout (or -o), like gadgetron --from_stream")
+    sv.add_argument("-c", "--config", help="--from_stream: pipeline name or XML file")
+    sv.add_argument("-i", "--input", help="--from_stream: input stream file (default stdin)")
+    sv.add_argument("-o", "--output", help="--from_stream: output stream file (default stdout)")
+    sv.set_defaults(func=cmd_serve)
+
+    rp = sub.add_parser("replay", help="stream an MRD raw file through a Gadgetron-protocol server, save the images")
+    rp.add_argument("raw")
+    rp.add_argument("-a", "--address", default="localhost")
+    rp.add_argument("-p", "--port", type=int, default=9002)
+    rp.add_argument("-c", "--config", default="dainr", help="pipeline name on the server (CONFIG_FILE)")
+    rp.add_argument("-C", "--config-local", help="local pipeline XML sent as CONFIG_TEXT")
+    rp.add_argument("-o", "--output", default="out.h5")
+    rp.add_argument("-g", "--in-group", default="dataset")
+    rp.add_argument("-G", "--out-group", default="dataset")
+    rp.add_argument("--dicom", metavar="DIR", help="also write the images as DICOM series under DIR")
+    rp.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server")
+    rp.add_argument("--quiet", action="store_true", help="no per-slice timing table")
+    rp.set_defaults(func=cmd_replay)
 
     b = sub.add_parser("bench", help="quality/speed benchmarks (prints a table, writes JSON)")
     from .bench import add_arguments

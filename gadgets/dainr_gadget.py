@@ -20,11 +20,11 @@ import torch
 import ismrmrd
 
 from dainr import DAINRConfig, reconstruct
-from dainr_app.mrd import Key, MRDFormatError, ReconParameters, acquisition_key, make_images, slice_from_acquisitions
+from dainr_app.mrd import SKIP_FLAGS, Key, MRDFormatError, ReconParameters, acquisition_key, make_images, \
+    slice_from_acquisitions
 
 log = logging.getLogger("dainr.gadget")
 ERROR_MESSAGE_ID = 8
-SKIP_FLAGS = (ismrmrd.ACQ_IS_NAVIGATION_DATA, ismrmrd.ACQ_IS_PHASECORR_DATA, ismrmrd.ACQ_IS_DUMMYSCAN_DATA)
 
 
 @dataclass
@@ -98,6 +98,8 @@ class SliceBuffers:
             return None
         if len({n.shape[0] for n in self.noise}) != 1:
             raise MRDFormatError("noise scans have different channel counts")
+        if not all(np.isfinite(n).all() for n in self.noise):
+            raise MRDFormatError("the noise scan contains NaN/Inf samples")
         return torch.from_numpy(np.concatenate(self.noise, axis=1))
 
     def pop(self, key: Key) -> list:
@@ -162,7 +164,13 @@ def dainr_recon(connection) -> None:
 
     connection.filter(lambda item: isinstance(item, ismrmrd.Acquisition) and not any(item.is_flag_set(f) for f in SKIP_FLAGS))
     for acq in connection:
-        key = buffers.add(acq)
+        if acq.number_of_samples == 0:  # nothing to reconstruct, but its flags still count
+            s, contrast, rep, set_index = acquisition_key(acq)
+            send_error(connection, f"readout {acq.scan_counter} (slice {s}, contrast {contrast}, repetition {rep}, "
+                                   f"set {set_index}) has 0 samples; ignored")
+            key = acquisition_key(acq) if acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE) else None
+        else:
+            key = buffers.add(acq)
         if key is not None:
             flush(key)
         if acq.is_flag_set(ismrmrd.ACQ_LAST_IN_REPETITION) or acq.is_flag_set(ismrmrd.ACQ_LAST_IN_MEASUREMENT):

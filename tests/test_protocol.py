@@ -1,0 +1,122 @@
+"""Wire framing (limits, truncation, text conventions) and pipeline XML parsing / name resolution."""
+import io
+import struct
+
+import ismrmrd
+import numpy as np
+import pytest
+
+from dainr_app.pipeline import Distributed, External, PipelineError, Policy, load_named, parse_pipeline, resolve_name
+from dainr_app.protocol import ACQUISITION, CONFIG_FILE, CONFIG_TEXT, ERROR, IMAGE, Frame, Limits, ProtocolError, \
+    StreamEnded, encode, error_frame, read_frame, text_frame
+from ismrmrd.serialization import ConfigFile
+
+
+def _acq(samples=16, channels=2):
+    data = (np.arange(channels * samples).reshape(channels, samples) * (1 + 1j)).astype(np.complex64)
+    return ismrmrd.Acquisition.from_array(data, np.zeros((samples, 2), np.float32))
+
+
+def frames_of(data: bytes, limits=Limits()):
+    stream, out = io.BytesIO(data), []
+    while True:
+        try:
+            out.append(read_frame(stream.read, limits))
+        except StreamEnded:
+            return out
+
+
+def test_frames_round_trip_through_ismrmrd_objects():
+    acq = _acq()
+    img = ismrmrd.Image.from_array(np.ones((4, 5), np.float32), transpose=False)
+    img.meta = ismrmrd.Meta({"DataRole": "Image"})
+    data = encode(ConfigFile("dainr")) + encode(acq) + encode(img) + encode(ismrmrd.Waveform.from_array(
+        np.arange(6, dtype=np.uint32).reshape(2, 3))) + error_frame("boom").to_bytes()
+    frames = frames_of(data)
+    assert [f.mid for f in frames] == [CONFIG_FILE, ACQUISITION, IMAGE, 1026, ERROR]
+    assert b"".join(f.to_bytes() for f in frames) == data  # relayed byte for byte
+    assert frames[0].text() == "dainr" and frames[4].text() == "boom"
+    assert np.array_equal(frames[1].decode().data, acq.data) and frames[1].acquisition_header().number_of_samples == 16
+    assert np.array_equal(frames[2].decode().data, img.data)
+
+
+def test_nul_terminated_text_is_accepted():
+    frame = read_frame(io.BytesIO(text_frame(CONFIG_TEXT, "<configuration/>\x00").to_bytes()).read)
+    assert frame.text() == "<configuration/>"
+
+
+@pytest.mark.parametrize("data, reason", [
+    (struct.pack("<H", 999), "unknown message id 999"),
+    (struct.pack("<HI", CONFIG_TEXT, 0xFFFFFFF0), "over the limit"),
+    (struct.pack("<HI", CONFIG_TEXT, 10) + b"abc", "truncated CONFIG_TEXT"),
+    (struct.pack("<H", ACQUISITION) + b"\0" * 10, "truncated ACQUISITION"),
+    (b"\x08", "truncated"),
+])
+def test_bad_frames_raise_protocol_error(data, reason):
+    with pytest.raises(ProtocolError, match=reason):
+        read_frame(io.BytesIO(data).read)
+
+
+def test_gigabyte_acquisition_is_refused_before_reading_it():
+    head = ismrmrd.AcquisitionHeader()
+    head.number_of_samples, head.active_channels = 65535, 65535  # claims 34 GB
+    stream, requested = io.BytesIO(struct.pack("<H", ACQUISITION) + bytes(head)), []
+
+    def read(n):
+        requested.append(n)
+        return stream.read(n)
+    with pytest.raises(ProtocolError, match="over the limit"):
+        read_frame(read, Limits(max_message=1 << 20))
+    assert max(requested) == 340  # only the header was read
+
+
+XML = ('<configuration><version>2</version><stream>{}</stream></configuration>')
+EXT = ('<external><execute name="gadgets.dainr_gadget" target="dainr_recon" type="python"/>'
+       '<configuration><property name="steps" value="3"/></configuration></external>')
+
+
+def test_parse_pipeline_external_and_distributed():
+    p = parse_pipeline(XML.format(EXT))
+    assert isinstance(p.nodes[0], External) and p.nodes[0].module == "gadgets.dainr_gadget"
+    assert 'name="steps"' in p.nodes[0].configuration
+    dist = ('<distributed><distributor><classname>AcquisitionDistributor</classname>'
+            '<property name="parallel_dimension" value="repetition"/></distributor><stream>' + EXT + '</stream></distributed>')
+    d = parse_pipeline(XML.format(dist)).nodes[0]
+    assert isinstance(d, Distributed) and d.dimension == "repetition" and isinstance(d.nodes[0], External)
+    assert isinstance(parse_pipeline(d.worker_config).nodes[0], External)  # what a worker receives parses
+
+
+@pytest.mark.parametrize("xml, reason", [
+    (XML.format("<gadget><name>N</name><dll>gadgetron_mricore</dll><classname>NoiseAdjustGadget</classname></gadget>"),
+     "C\\+\\+ Gadgetron gadget"),
+    (XML.format('<external><execute name="os" target="system" type="python"/></external>'), "allowlist"),
+    (XML.format('<external><execute name="gadgets.x" target="y" type="matlab"/></external>'), "python only"),
+    (XML.format('<external><connect address="evil.example" port="80"/></external>'), "not an allowed host"),
+    (XML.format("<parallel/>"), "not supported"),
+    (XML.format(""), "empty"),
+    ("<gadgetronStreamConfiguration/>", "legacy v1"),
+    ("<configuration><version>2</version><stream>", "malformed XML"),
+    ('<?xml version="1.0"?><!DOCTYPE lol [<!ENTITY a "aaaa"><!ENTITY b "&a;&a;&a;">]>'
+     '<configuration>&b;</configuration>', "DTDs and entities"),
+])
+def test_unrunnable_pipelines_are_refused(xml, reason):
+    with pytest.raises(PipelineError, match=reason):
+        parse_pipeline(xml)
+
+
+def test_allowlist_is_extendable_by_the_operator():
+    xml = XML.format('<external><execute name="mysite.recon" target="f" type="python"/></external>')
+    assert parse_pipeline(xml, Policy(modules=("gadgets", "mysite"))).nodes[0].module == "mysite.recon"
+
+
+@pytest.mark.parametrize("name", ["../pipelines/dainr", "/etc/passwd", "sub/dainr", "..", "dainr\\x", ""])
+def test_pipeline_names_cannot_escape_the_folder(name):
+    with pytest.raises(PipelineError, match="invalid pipeline name"):
+        resolve_name(name)
+
+
+def test_named_pipelines_resolve_and_unknown_names_list_the_available_ones():
+    assert load_named("dainr").nodes[0].module == "gadgets.dainr_gadget"
+    assert load_named("dainr.xml").source == "dainr.xml"
+    with pytest.raises(PipelineError, match="unknown pipeline 'nope'.*dainr.xml"):
+        load_named("nope")

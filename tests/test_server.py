@@ -1,0 +1,318 @@
+"""The embedded server: sessions, pipelines, bad input, concurrency, shutdown, stream mode, fuzzing."""
+import os
+import random
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import ismrmrd
+import numpy as np
+import pytest
+from ismrmrd.serialization import ConfigFile, ConfigText
+
+from dainr.sim import simulate
+from dainr_app.mrd import iter_acquisitions, open_raw, write_raw
+from dainr_app.protocol import ACQUISITION, CLOSE, CONFIG_TEXT, HEADER, IMAGE, encode, read_frame, text_frame
+from dainr_app.replay import replay
+
+from .server_harness import errors, raw_session, running_server, small_pipeline, wait_until
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    scans = [simulate(matrix=32, frames=6, spokes=8, coils=3, noise_level=0.02, seed=s) for s in range(2)]
+    path = str(tmp_path_factory.mktemp("srv") / "raw.h5")
+    write_raw(path, [s.data for s in scans], noise=scans[0].data.noise.numpy())
+    return path
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running_server() as srv:
+        yield srv
+
+
+def load(path):
+    """Header text and fresh acquisitions (tests modify them)."""
+    return open_raw(path)[0], list(iter_acquisitions(path))
+
+
+def stream(config, header, items, close=True) -> bytes:
+    parts = [encode(config), text_frame(HEADER, header).to_bytes()] + [encode(i) for i in items]
+    return b"".join(parts) + (struct.pack("<H", CLOSE) if close else b"")
+
+
+def images(frames):
+    return [f.decode() for f in frames if f.mid == IMAGE]
+
+
+def test_passthrough_returns_every_message_in_order(server, raw):
+    header, acqs = load(raw)
+    frames = raw_session(server.port, stream(ConfigFile("passthrough"), header, acqs))
+    back = [f for f in frames if f.mid == ACQUISITION]
+    assert errors(frames) == [] and frames[-1].mid == CLOSE
+    assert [f.payload for f in back] == [a.to_bytes() for a in acqs]
+
+
+def test_replay_client_reconstructs_two_slices_and_times_them(server, raw):
+    header, acqs = load(raw)
+    res = replay(iter(acqs), header, ("127.0.0.1", server.port), config_xml=small_pipeline(steps=5, preview="true",
+                                                                                             preview_steps=2))
+    assert res.errors == []
+    assert sorted(res.images) == [1, 101] and len(res.images[1]) == 12 and len(res.images[101]) == 12
+    assert {(im.slice, im.image_index) for im in res.images[1]} == {(s, i) for s in (0, 1) for i in range(1, 7)}
+    assert res.readouts == 96 and res.sent == len(acqs)
+    for key in ((0, 0, 0, 0), (1, 0, 0, 0)):
+        t = res.slices[key]
+        assert t.readouts == 48 and t.last_sent <= t.first_image <= t.last_image
+
+
+def test_next_slice_is_accepted_while_the_previous_one_reconstructs(server, raw):
+    """The whole scan (both slices and CLOSE) is sent before the first slice's images come back."""
+    header, acqs = load(raw)
+    res = replay(iter(acqs), header, ("127.0.0.1", server.port), config_xml=small_pipeline(steps=40))
+    assert res.errors == [] and len(res.images[1]) == 12
+    first_image = min(t.first_image for t in res.slices.values())
+    assert res.send_seconds < first_image, (res.send_seconds, first_image)
+
+
+def test_python_ismrmrd_server_client_conventions(server, raw):
+    """client.py sends CONFIG_FILE and NUL-terminated config/header text, plus an optional JSON TEXT."""
+    header, acqs = load(raw)
+    data = (encode(ConfigFile("passthrough")) + text_frame(HEADER, header + "\x00").to_bytes()
+            + encode('{"parameters": {}}') + b"".join(encode(a) for a in acqs[:5]) + struct.pack("<H", CLOSE))
+    frames = raw_session(server.port, data)
+    assert errors(frames) == [] and sum(f.mid == ACQUISITION for f in frames) == 5
+    text = small_pipeline().replace("dainr_gadget", "passthrough").replace("dainr_recon", "passthrough") + "\x00"
+    frames = raw_session(server.port, text_frame(CONFIG_TEXT, text).to_bytes() + stream(ConfigText(""), header, acqs[:3])[
+        len(encode(ConfigText(""))):])
+    assert errors(frames) == [] and sum(f.mid == ACQUISITION for f in frames) == 3
+
+
+# ----------------------------------------------------------------- bad input, one test each
+
+def _expect_error(server, data, pattern, **kw):
+    frames = raw_session(server.port, data, **kw)
+    errs = errors(frames)
+    assert any(pattern in e for e in errs), errs
+    assert frames[-1].mid == CLOSE
+    return frames
+
+
+def test_unknown_pipeline_name(server, raw):
+    _expect_error(server, stream(ConfigFile("nope"), load(raw)[0], []), "unknown pipeline 'nope'")
+
+
+def test_path_escape_in_pipeline_name(server, raw):
+    _expect_error(server, stream(ConfigFile("../pipelines/dainr"), load(raw)[0], []), "invalid pipeline name")
+
+
+def test_malformed_pipeline_xml(server, raw):
+    _expect_error(server, stream(ConfigText("<configuration><version>2"), load(raw)[0], []), "malformed XML")
+
+
+def test_cpp_gadget_is_refused(server, raw):
+    xml = ("<configuration><version>2</version><stream><gadget><name>Noise</name><dll>gadgetron_mricore</dll>"
+           "<classname>NoiseAdjustGadget</classname></gadget></stream></configuration>")
+    _expect_error(server, stream(ConfigText(xml), load(raw)[0], []), "C++ Gadgetron gadget")
+
+
+def test_header_that_does_not_parse(server):
+    _expect_error(server, stream(ConfigFile("passthrough"), "<ismrmrdHeader><bogus/>", []), "MRD header")
+
+
+def test_unknown_message_id_after_data_keeps_what_was_received(server, raw):
+    header, acqs = load(raw)
+    data = stream(ConfigFile("passthrough"), header, acqs[:4], close=False) + struct.pack("<H", 999)
+    frames = _expect_error(server, data, "unknown message id 999")
+    assert sum(f.mid == ACQUISITION for f in frames) == 4  # nothing received is silently dropped
+
+
+def test_truncated_message(server, raw):
+    header, acqs = load(raw)
+    data = stream(ConfigFile("passthrough"), header, acqs[:3], close=False) + encode(acqs[3])[:100]
+    frames = _expect_error(server, data, "truncated ACQUISITION")
+    assert sum(f.mid == ACQUISITION for f in frames) == 3
+
+
+def test_length_fields_claiming_gigabytes(server, raw):
+    header = load(raw)[0]
+    t0 = time.monotonic()
+    _expect_error(server, struct.pack("<HI", CONFIG_TEXT, 0xFFFFFFF0), "over the limit")
+    head = ismrmrd.AcquisitionHeader()
+    head.number_of_samples, head.active_channels = 65535, 65535
+    data = stream(ConfigFile("passthrough"), header, [], close=False) + struct.pack("<H", ACQUISITION) + bytes(head)
+    _expect_error(server, data, "over the limit")
+    assert time.monotonic() - t0 < 10
+
+
+def test_zero_sample_acquisition_is_reported_and_the_slice_still_reconstructs(server, raw):
+    header, acqs = load(raw)
+    empty = ismrmrd.Acquisition.from_array(np.zeros((3, 0), np.complex64))
+    empty.scan_counter = 4242
+    items = acqs[:60] + [empty] + acqs[60:]
+    frames = _expect_error(server, stream(ConfigText(small_pipeline()), header, items), "readout 4242")
+    assert len(images(frames)) == 12
+
+
+def test_nan_data_is_reported_per_slice_and_other_slices_survive(server, raw):
+    header, acqs = load(raw)
+    bad = next(a for a in acqs if a.idx.slice == 1 and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT))
+    bad.data[0, 3] = np.nan
+    frames = _expect_error(server, stream(ConfigText(small_pipeline()), header, acqs), "NaN/Inf")
+    assert {im.slice for im in images(frames)} == {0} and len(images(frames)) == 6
+
+
+def test_stream_without_last_in_slice_flag_is_still_reconstructed(server, raw):
+    header, acqs = load(raw)
+    for a in acqs:
+        a.clear_flag(ismrmrd.ACQ_LAST_IN_SLICE)
+    frames = raw_session(server.port, stream(ConfigText(small_pipeline()), header, acqs))
+    assert errors(frames) == [] and len(images(frames)) == 12
+
+
+def test_client_disconnect_mid_stream_does_not_affect_the_next_client(server, raw):
+    header, acqs = load(raw)
+    raw_session(server.port, stream(ConfigText(small_pipeline(steps=200)), header, acqs, close=False)[:-5000],
+                close="full")
+    assert wait_until(lambda: not server.sessions, 30)  # the abandoned session (and its gadget) is gone
+    frames = raw_session(server.port, stream(ConfigFile("passthrough"), header, acqs[:3]))
+    assert errors(frames) == [] and sum(f.mid == ACQUISITION for f in frames) == 3
+
+
+def test_concurrent_clients_one_crashing(server, raw):
+    header, acqs = load(raw)
+    crash = ('<configuration><version>2</version><stream><external><execute name="gadgets.passthrough" '
+             'target="does_not_exist" type="python"/></external></stream></configuration>')
+    results = {}
+
+    def run(name, data):
+        results[name] = raw_session(server.port, data)
+    jobs = [threading.Thread(target=run, args=(f"ok{i}", stream(ConfigFile("passthrough"), header, acqs)))
+            for i in range(3)]
+    jobs.append(threading.Thread(target=run, args=("crash", stream(ConfigText(crash), header, acqs))))
+    for j in jobs:
+        j.start()
+    for j in jobs:
+        j.join(120)
+    for i in range(3):
+        assert errors(results[f"ok{i}"]) == [] and sum(f.mid == ACQUISITION for f in results[f"ok{i}"]) == len(acqs)
+    assert errors(results["crash"]) and results["crash"][-1].mid == CLOSE
+
+
+def test_busy_server_refuses_extra_sessions_clearly(raw):
+    header, acqs = load(raw)
+    with running_server(max_connections=1) as srv:
+        sock = socket.create_connection(("127.0.0.1", srv.port))
+        sock.sendall(stream(ConfigFile("passthrough"), header, [], close=False))
+        assert wait_until(lambda: len(srv.sessions) == 1)
+        assert any("server busy" in e for e in errors(raw_session(srv.port, b"")))
+        sock.close()
+
+
+def test_fuzzed_streams_never_kill_the_server_and_always_get_an_answer(server, raw):
+    header, acqs = load(raw)
+    good = stream(ConfigFile("passthrough"), header, acqs[:4])
+    rng = random.Random(1234)
+    cases = []
+    for i in range(240):
+        data = bytearray(good)
+        kind = i % 4
+        if kind == 0:  # flip bytes
+            for _ in range(rng.randint(1, 8)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        elif kind == 1:  # truncate
+            data = data[: rng.randrange(len(data))]
+        elif kind == 2:  # splice random bytes in
+            pos = rng.randrange(len(data))
+            data[pos:pos] = rng.randbytes(rng.randint(1, 64))
+        else:  # random message ids / lengths at a message boundary
+            data = data[: 2 + 1024] + struct.pack("<HI", rng.choice([3, 5, 7, 999, 1022, 65535]), rng.getrandbits(32))
+        cases.append(bytes(data))
+    answered = []
+
+    def worker(chunk):
+        for data in chunk:
+            frames = raw_session(server.port, data, timeout=60)
+            answered.append(bool(frames) and frames[-1].mid == CLOSE)
+    threads = [threading.Thread(target=worker, args=(cases[k::4],)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert len(answered) == len(cases) and all(answered)
+    frames = raw_session(server.port, good)  # still serving
+    assert errors(frames) == [] and sum(f.mid == ACQUISITION for f in frames) == 4
+
+
+# ----------------------------------------------------------------- process-level behaviour
+
+def _cli(*args, **kw):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.Popen([sys.executable, "-m", "dainr_app.cli", *args], cwd=ROOT, env=env, **kw)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_ends_sessions_with_an_error_and_exits_cleanly(raw):
+    header, acqs = load(raw)
+    port = _free_port()
+    proc = _cli("serve", "-p", str(port), stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: _connectable(port), 60)
+        frames = []
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(stream(ConfigText(small_pipeline(steps=500)), header, acqs))
+
+        def read():
+            with sock.makefile("rb") as rf:
+                while True:
+                    frames.append(read_frame(rf.read))
+                    if frames[-1].mid == CLOSE:
+                        return
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        time.sleep(4)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        reader.join(10)
+        assert any("shutting down" in e for e in errors(frames)) and frames[-1].mid == CLOSE
+    finally:
+        proc.kill()
+        log = proc.stderr.read()
+    assert "stopped" in log, log[-2000:]
+
+
+def _connectable(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_from_stream_mode_in_a_shell_pipe(raw, tmp_path):
+    header, acqs = load(raw)
+    data = text_frame(HEADER, header).to_bytes() + b"".join(encode(a) for a in acqs) + struct.pack("<H", CLOSE)
+    pipeline = tmp_path / "small.xml"
+    pipeline.write_text(small_pipeline())
+    proc = _cli("serve", "--from_stream", "-c", str(pipeline), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE)
+    out, err = proc.communicate(data, timeout=300)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    import io
+    rf, frames = io.BytesIO(out), []
+    while not frames or frames[-1].mid != CLOSE:
+        frames.append(read_frame(rf.read))
+    assert frames[0].mid == HEADER and frames[0].text() == header  # the header is echoed, as Gadgetron does
+    assert len(images(frames)) == 12 and rf.read() == b""

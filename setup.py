@@ -20,6 +20,7 @@ setup(
         "scikit-image>=0.19",
         "h5py>=3.0",
         "ismrmrd>=1.15",
+        "defusedxml>=0.7",
         "gadgetron>=1.4",  # the external-gadget runtime (python -m gadgetron PORT MODULE TARGET)
         "pillow>=9.0",
         "pydicom>=2.4",

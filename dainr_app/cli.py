@@ -51,7 +51,9 @@ def cmd_simulate(args) -> int:
         raise SystemExit("simulate: need --matrix >= 16, --frames >= 2, --spokes/--coils/--slices >= 1")
     scans = [simulate(args.matrix, args.frames, args.spokes, args.coils, args.noise, args.golden_angle, args.seed + s)
              for s in range(args.slices)]
-    write_raw(args.output, [s.data for s in scans], noise=scans[0].data.noise.numpy(), golden_angle=args.golden_angle)
+    noise = scans[0].data.noise  # None without noise: no noise scan
+    write_raw(args.output, [s.data for s in scans], noise=None if noise is None else noise.numpy(),
+              golden_angle=args.golden_angle)
     np.savez_compressed(truth_path(args.output), images=np.stack([s.ground_truth for s in scans]),
                         coil_maps=np.stack([s.coil_maps for s in scans]), noise_covariance=scans[0].noise_covariance)
     print(f"wrote {args.output} ({args.slices} slice(s) x {args.frames} frames x {args.spokes} spokes x {args.coils} coils, "

@@ -175,10 +175,10 @@ def _unpack(fmt: str, data: bytes, what: str) -> int:
 class FrameWriter:
     """Thread-safe writer of frames to a socket or file; remembers whether the peer went away."""
 
-    def __init__(self, stream, on_broken: Optional[Callable[[], None]] = None):
+    def __init__(self, stream):
         self._stream = stream
         self._lock = threading.Lock()
-        self._on_broken = on_broken
+        self.on_broken: Optional[Callable[[], None]] = None
         self.broken = False
         self.closed = False
 
@@ -192,8 +192,8 @@ class FrameWriter:
                 return True
             except (OSError, ValueError):
                 self.broken = True
-        if self._on_broken is not None:
-            self._on_broken()
+        if self.on_broken is not None:
+            self.on_broken()
         return False
 
     def frame(self, frame: Frame) -> bool:

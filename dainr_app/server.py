@@ -182,6 +182,7 @@ class Session:
 
     def __init__(self, opts: ServerOptions, out: FrameWriter, label: str, launcher):
         self.opts, self.out, self.label, self.launcher = opts, out, label, launcher
+        out.on_broken = self.abort  # the client went away: stop its gadgets
         self.aborted = threading.Event()
         self.errors: List[str] = []
         self.sent = 0
@@ -202,6 +203,8 @@ class Session:
             stage.abort()
 
     def abort(self) -> None:
+        if self.aborted.is_set():
+            return
         self.aborted.set()
         for stage in list(self._stages):
             stage.abort()
@@ -520,6 +523,7 @@ class Server:
         self.launcher = make_launcher(opts.launcher, opts.policy)
         self.stopping = threading.Event()
         self.sessions: dict = {}
+        self.history = collections.deque(maxlen=1000)  # summaries of finished sessions
         self.lock = threading.Lock()
 
     def serve_forever(self) -> None:
@@ -592,27 +596,25 @@ class Server:
                     f.close()
                 except OSError:
                     pass
+            summary = dict(client=label, pipeline=pipeline_name, received=stats.received, readouts=stats.readouts,
+                           sent=session.sent, errors=list(session.errors), aborted=session.aborted.is_set(),
+                           seconds=round(time.monotonic() - stats.t_start, 3))
             with self.lock:
                 self.sessions.pop(session, None)
+                self.history.append(summary)
             log.info("%s pipeline=%s: %d messages in (%d readouts), %d out, %d error(s), %.2f s%s", label,
                      pipeline_name, stats.received, stats.readouts, session.sent, len(session.errors),
-                     time.monotonic() - stats.t_start, " [aborted]" if session.aborted.is_set() else "")
+                     summary["seconds"], " [aborted]" if summary["aborted"] else "")
 
 
 def _client_gone(conn: socket.socket) -> bool:
     """After an end of stream without CLOSE: has the client closed completely (vs. only its sending side)?
-    Our ERROR was just sent; a fully closed peer answers it with a reset."""
+    Our ERROR was just sent; a fully closed peer answers it with a reset, which sets the socket error."""
     time.sleep(0.1)
     try:
-        conn.setblocking(False)
-        conn.recv(1, socket.MSG_PEEK)
-        return False
-    except BlockingIOError:
-        return False
+        return conn.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
     except OSError:
         return True
-    finally:
-        conn.settimeout(None)
 
 
 def run_stream(pipeline: Pipeline, inp, outp, opts: ServerOptions = ServerOptions()) -> int:

@@ -182,6 +182,7 @@ def test_client_disconnect_mid_stream_does_not_affect_the_next_client(server, ra
     raw_session(server.port, stream(ConfigText(small_pipeline(steps=200)), header, acqs, close=False)[:-5000],
                 close="full")
     assert wait_until(lambda: not server.sessions, 30)  # the abandoned session (and its gadget) is gone
+    assert server.history[-1]["aborted"] and server.history[-1]["sent"] == 0
     frames = raw_session(server.port, stream(ConfigFile("passthrough"), header, acqs[:3]))
     assert errors(frames) == [] and sum(f.mid == ACQUISITION for f in frames) == 3
 

@@ -27,6 +27,8 @@ from dainr.baselines import temporal_tv, temporal_tv_holdout_lambda
 from dainr.metrics import psnr_ssim
 from dainr.sim import simulate
 
+from .bench_server import case_ingest, case_overhead
+
 REAL_DATA = os.environ.get("DAINR_REAL_DATA", os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "cine_real_complex_110x110x10.npy"))
 TV_LAMBDAS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.04)
@@ -193,7 +195,7 @@ def case_profile() -> dict:
 CASES: Dict[str, Callable[[], dict]] = {
     "demo": case_demo, "spokes13": case_spokes13, "spokes5": case_spokes5, "spokes21": case_spokes21,
     "ablation": case_ablation, "temporal2": case_temporal2, "spatial2": case_spatial2, "real": case_real,
-    "gpu32": case_gpu32, "profile": case_profile,
+    "gpu32": case_gpu32, "profile": case_profile, "ingest": case_ingest, "overhead": case_overhead,
 }
 
 

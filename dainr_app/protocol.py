@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import io
+import select
 import struct
 import threading
 from dataclasses import dataclass
@@ -35,6 +36,9 @@ NAMES = {CONFIG_FILE: "CONFIG_FILE", CONFIG_TEXT: "CONFIG_TEXT", HEADER: "HEADER
 CONFIG_FILE_SIZE = 1024
 
 _ACQ_HEADER = ctypes.sizeof(ismrmrd.AcquisitionHeader)
+_NS, _CH, _TD = (getattr(ismrmrd.AcquisitionHeader, f).offset
+                 for f in ("number_of_samples", "active_channels", "trajectory_dimensions"))
+_U16 = struct.Struct("<H")
 _IMAGE_HEADER = ctypes.sizeof(ismrmrd.ImageHeader)
 _WAVEFORM_HEADER = ctypes.sizeof(ismrmrd.WaveformHeader)
 _IMAGE_ITEMSIZE = {ismrmrd.DATATYPE_USHORT: 2, ismrmrd.DATATYPE_SHORT: 2, ismrmrd.DATATYPE_UINT: 4,
@@ -59,15 +63,24 @@ class Limits:
     max_message: int = 256 << 20   # one acquisition / image / waveform
 
 
-@dataclass(frozen=True)
 class Frame:
-    """One message: its id and everything after the id, exactly as on the wire."""
+    """One message exactly as on the wire (``raw`` includes the 2-byte id), so a relay forwards it as is."""
 
-    mid: int
-    payload: bytes = b""
+    __slots__ = ("mid", "raw")
+
+    def __init__(self, mid: int, raw: bytes):
+        self.mid, self.raw = mid, raw
+
+    @classmethod
+    def of(cls, mid: int, payload: bytes = b"") -> "Frame":
+        return cls(mid, _U16.pack(mid) + payload)
+
+    @property
+    def payload(self) -> bytes:
+        return self.raw[2:]
 
     def to_bytes(self) -> bytes:
-        return struct.pack("<H", self.mid) + self.payload
+        return self.raw
 
     @property
     def name(self) -> str:
@@ -75,7 +88,7 @@ class Frame:
 
     def text(self) -> str:
         """CONFIG_FILE / CONFIG_TEXT / HEADER / TEXT / ERROR as text; trailing NULs (python-ismrmrd-server) removed."""
-        body = self.payload[{ERROR: 8, CONFIG_FILE: 0}.get(self.mid, 4):]
+        body = self.raw[2 + {ERROR: 8, CONFIG_FILE: 0}.get(self.mid, 4):]
         try:
             return body.split(b"\x00", 1)[0].decode("utf-8") if self.mid == CONFIG_FILE else \
                 body.rstrip(b"\x00").decode("utf-8")
@@ -83,16 +96,16 @@ class Frame:
             raise ProtocolError(f"{self.name} message is not UTF-8 text: {exc}") from exc
 
     def acquisition_header(self) -> ismrmrd.AcquisitionHeader:
-        return ismrmrd.AcquisitionHeader.from_buffer_copy(self.payload[:_ACQ_HEADER])
+        return ismrmrd.AcquisitionHeader.from_buffer_copy(self.raw[2:2 + _ACQ_HEADER])
 
     def decode(self):
         """The ismrmrd object (Acquisition, Image, Waveform, header, text), via ismrmrd's deserializer."""
-        return next(ProtocolDeserializer(io.BytesIO(self.to_bytes())).deserialize())
+        return next(ProtocolDeserializer(io.BytesIO(self.raw)).deserialize())
 
 
 def text_frame(mid: int, text: str) -> Frame:
     data = text.encode("utf-8")
-    return Frame(mid, struct.pack("<Q" if mid == ERROR else "<I", len(data)) + data)
+    return Frame.of(mid, struct.pack("<Q" if mid == ERROR else "<I", len(data)) + data)
 
 
 def error_frame(text: str) -> Frame:
@@ -117,11 +130,24 @@ def read_frame(read: Callable[[int], bytes], limits: Limits = Limits()) -> Frame
     an unknown id or a length over ``limits``.
     """
     head = read(2)
-    if not head:
-        raise StreamEnded("stream ended without CLOSE")
-    mid = _unpack("<H", head, "message id")
+    if len(head) != 2:
+        if not head:
+            raise StreamEnded("stream ended without CLOSE")
+        raise ProtocolError("truncated message: message id ended after 1 byte")
+    mid = _U16.unpack(head)[0]
+    if mid == ACQUISITION:  # the hot path of a scanner stream: sizes read at the header's field offsets
+        h = read(_ACQ_HEADER)
+        if len(h) == _ACQ_HEADER:
+            n = _U16.unpack_from(h, _NS)[0] * (_U16.unpack_from(h, _TD)[0] * 4 + _U16.unpack_from(h, _CH)[0] * 8)
+            if n > limits.max_message:
+                raise ProtocolError(f"ACQUISITION message data is {n} bytes, over the limit of {limits.max_message} bytes")
+            data = read(n) if n else b""
+            if len(data) == n:
+                return Frame(mid, head + h + data)
+            raise ProtocolError(f"truncated ACQUISITION message: data ended after {len(data)} of {n} bytes")
+        raise ProtocolError(f"truncated ACQUISITION message: header ended after {len(h)} of {_ACQ_HEADER} bytes")
     name = NAMES.get(mid, str(mid))
-    parts = []
+    parts = [head]
 
     def exact(n: int, what: str) -> bytes:
         data = read(n) if n else b""
@@ -136,7 +162,7 @@ def read_frame(read: Callable[[int], bytes], limits: Limits = Limits()) -> Frame
         return n
 
     if mid == CLOSE:
-        return Frame(mid)
+        return Frame(mid, head)
     if mid == CONFIG_FILE:
         exact(CONFIG_FILE_SIZE, "config name")
     elif mid in (CONFIG_TEXT, HEADER, TEXT):
@@ -145,10 +171,6 @@ def read_frame(read: Callable[[int], bytes], limits: Limits = Limits()) -> Frame
     elif mid == ERROR:
         n = _unpack("<Q", exact(8, "length"), "length")
         exact(check(n, limits.max_text, "text"), "text")
-    elif mid == ACQUISITION:
-        h = ismrmrd.AcquisitionHeader.from_buffer_copy(exact(_ACQ_HEADER, "header"))
-        n = h.number_of_samples * (h.trajectory_dimensions * 4 + h.active_channels * 8)
-        exact(check(n, limits.max_message, "data"), "data")
     elif mid == IMAGE:
         h = ismrmrd.ImageHeader.from_buffer_copy(exact(_IMAGE_HEADER, "header"))
         itemsize = _IMAGE_ITEMSIZE.get(h.data_type)
@@ -164,6 +186,11 @@ def read_frame(read: Callable[[int], bytes], limits: Limits = Limits()) -> Frame
     else:
         raise ProtocolError(f"unknown message id {mid}")
     return Frame(mid, b"".join(parts))
+
+
+def readable(sock) -> bool:
+    """Whether more bytes are already waiting on ``sock`` (then a relay can defer its flush)."""
+    return bool(select.select([sock], [], [], 0)[0])
 
 
 def _unpack(fmt: str, data: bytes, what: str) -> int:
@@ -182,13 +209,15 @@ class FrameWriter:
         self.broken = False
         self.closed = False
 
-    def write(self, data: bytes) -> bool:
+    def write(self, data: bytes, flush: bool = True) -> bool:
+        """Write (and by default flush); ``flush=False`` lets a relay batch messages into fewer syscalls."""
         with self._lock:
             if self.broken or self.closed:
                 return False
             try:
                 self._stream.write(data)
-                self._stream.flush()
+                if flush:
+                    self._stream.flush()
                 return True
             except (OSError, ValueError):
                 self.broken = True
@@ -196,8 +225,11 @@ class FrameWriter:
             self.on_broken()
         return False
 
-    def frame(self, frame: Frame) -> bool:
-        return self.write(frame.to_bytes())
+    def frame(self, frame: Frame, flush: bool = True) -> bool:
+        return self.write(frame.raw, flush)
+
+    def flush(self) -> bool:
+        return self.write(b"")
 
     def error(self, text: str) -> bool:
         return self.frame(error_frame(text))
@@ -205,5 +237,5 @@ class FrameWriter:
     def close(self) -> None:
         """Send CLOSE once."""
         if not self.closed:
-            self.frame(Frame(CLOSE))
+            self.frame(Frame.of(CLOSE))
             self.closed = True

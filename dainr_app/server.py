@@ -29,7 +29,7 @@ from .mrd import MRDFormatError, parse_header
 from .pipeline import PIPELINES_DIR, Distributed, External, Pipeline, PipelineError, Policy, load_named, \
     parse_pipeline, parse_xml
 from .protocol import ACQUISITION, CLOSE, CONFIG_FILE, CONFIG_TEXT, DATA_IDS, ERROR, HEADER, TEXT, Frame, \
-    FrameWriter, Limits, ProtocolError, StreamEnded, config_text, read_frame, text_frame
+    FrameWriter, Limits, ProtocolError, StreamEnded, config_text, read_frame, readable, text_frame
 
 log = logging.getLogger("dainr.server")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,6 +125,9 @@ class ForkLauncher:
             sys.path.insert(0, ROOT)
         self.ctx = multiprocessing.get_context("forkserver")
         self.ctx.set_forkserver_preload(["gadgetron.external", "gadgetron.__main__", "torch", *preload])
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()  # imports start now, in the background, not at the first gadget
 
     def launch(self, port: int, module: str, target: str) -> Child:
         proc = self.ctx.Process(target=run_external, args=(port, module, target), daemon=True)
@@ -151,7 +154,7 @@ class ByteQueue:
         self.closed = False
 
     def put(self, item: Optional[Frame]) -> None:
-        size = len(item.payload) if item is not None else 0
+        size = len(item.raw) if item is not None else 0
         with self.cond:
             while self.items and self.used + size > self.budget and not self.closed:
                 self.cond.wait()
@@ -159,14 +162,21 @@ class ByteQueue:
             self.used += size
             self.cond.notify_all()
 
-    def get(self) -> Optional[Frame]:
+    def get_batch(self, max_bytes: int = 1 << 20) -> List[Optional[Frame]]:
+        """Everything queued (up to ``max_bytes``; at least one item), waiting for one if empty."""
         with self.cond:
             while not self.items:
                 self.cond.wait()
-            item = self.items.popleft()
-            self.used -= len(item.payload) if item is not None else 0
+            batch, size = [], 0
+            while self.items and (not batch or size < max_bytes):
+                item = self.items.popleft()
+                batch.append(item)
+                size += len(item.raw) if item is not None else 0
+                if item is None:
+                    break
+            self.used -= size
             self.cond.notify_all()
-            return item
+            return batch
 
     def drop_all(self) -> None:
         with self.cond:
@@ -194,8 +204,9 @@ class Session:
         self.out.error(text)
 
     def emit(self, frame: Frame) -> None:
+        """Output to the client; relays flush when their input runs dry (:class:`Peer`), so batches form."""
         self.sent += 1
-        self.out.frame(frame)
+        self.out.frame(frame, flush=False)
 
     def register(self, stage) -> None:
         self._stages.append(stage)
@@ -237,12 +248,13 @@ class Peer:
     def _send(self) -> None:
         try:
             self.sock.sendall(self._preamble)
-            while True:
-                frame = self.queue.get()
-                if frame is None:
+            while True:  # batches: one sendall for everything queued meanwhile
+                batch = self.queue.get_batch()
+                done = batch[-1] is None
+                self.sock.sendall(b"".join(f.raw for f in batch if f is not None)
+                                  + (Frame.of(CLOSE).raw if done else b""))
+                if done:
                     break
-                self.sock.sendall(frame.to_bytes())
-            self.sock.sendall(Frame(CLOSE).to_bytes())
         except OSError:  # the receiver reports the peer's end; drain so producers never block
             self.queue.drop_all()
 
@@ -262,6 +274,8 @@ class Peer:
                     log.info("%s: %s: %s", self.session.label, self.label, frame.text())
                 elif frame.mid in DATA_IDS:
                     self.emit(frame)
+                    if not readable(self.sock):  # nothing more waiting: push what was relayed to the client
+                        self.session.out.flush()
                 else:
                     raise ProtocolError(f"unexpected {frame.name} message")
         except (ProtocolError, StreamEnded, OSError) as exc:
@@ -389,8 +403,9 @@ class DistributedStage:
         return channel
 
     def put(self, frame: Frame) -> None:
-        if frame.mid != ACQUISITION:
+        if frame.mid != ACQUISITION:  # not distributed: passes by (as in Gadgetron)
             self.emit(frame)
+            self.session.out.flush()
             return
         head = frame.acquisition_header()
         if head.flags & _NOISE_BIT:

@@ -136,7 +136,7 @@ def reconstruct_slice(connection, key: Key, acqs: list, params: ReconParameters,
     result = reconstruct(data, opts.cfg, callback=on_progress if opts.preview else None)
     info = result.info
     emit(result.images, opts.series,
-         [f"DA-INR {info['steps']} steps ({info['stop_reason']}), {time.perf_counter() - t0:.1f} s on {info['device']}"])
+         [f"DA-INR {info['steps']} steps ({info['stop_reason']}), {time.perf_counter() - t0:.2f} s on {info['device']}"])
     log.info("slice %s: %d frames sent %.2f s after the last readout", key, len(result.images), time.perf_counter() - t0)
 
 

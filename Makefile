@@ -1,7 +1,7 @@
 # The two commands the README opens with; each sets up .venv itself (scripts/bootstrap.sh).
 PY := .venv/bin/python
 
-.PHONY: demo test bench setup clean
+.PHONY: demo test bench setup clean references
 setup:
 	@bash scripts/bootstrap.sh
 
@@ -16,3 +16,6 @@ bench: setup
 
 clean:
 	rm -rf dainr-demo .pytest_cache
+
+references: setup
+	$(PY) -m tests.integration --regenerate

@@ -1,9 +1,10 @@
 """Protocol benchmarks (``dainr bench --case ingest|overhead``): the embedded server in its own process,
 the replay client in this one, as a scanner integration would run them.
 
-* ``ingest``: a pass-through pipeline replaying 40,000 readouts of 8 coils × 256 samples (HDF5 file read,
-  serialize, server relay, gadget process, and back), also from memory, and the pass-through gadget alone
-  (gadgetron-python's ``Connection`` with a parent that does no parsing).  Target ≥ 25k readouts/s.
+* ``ingest``: pass-through pipelines replaying 40,000 readouts of 8 coils × 256 samples (HDF5 file read,
+  serialize, server, gadget process, and back): ``relay`` (gadget frames and returns bytes) and ``passthrough``
+  (gadget decodes/encodes via gadgetron-python's ``Connection``), each from the file and from memory; the
+  ``passthrough`` gadget alone (a parent that does no parsing); and one bare loopback TCP hop.  Target ≥ 25k/s.
 * ``overhead``: the DA-INR pipeline on the README demo data: replay wall time vs the reconstruction time the
   gadget reports in each image's processing history.  Target: overhead ≤ 5 % of the reconstruction time;
   also whether the second slice was fully sent before the first slice's images came back.
@@ -71,26 +72,56 @@ def _large_raw(path: str, slices: int = 2, frames: int = 200, spokes: int = 100,
 
 
 def case_ingest() -> dict:
-    """Pass-through pipeline: 40k readouts (8 coils x 256 samples) replayed end to end through dainr serve."""
+    """Pass-through pipelines: 40k readouts (8 coils x 256 samples) replayed end to end through dainr serve."""
     reps = 10
     with tempfile.TemporaryDirectory() as work:
         path = os.path.join(work, "large.h5")
         _large_raw(path, frames=20)  # 4,000 readouts, replayed 10 times in one session
         header, _ = file_items(path)
-        n = reps * sum(1 for _ in iter_acquisitions(path))
         in_memory = list(iter_acquisitions(path)) * reps
+        n = len(in_memory)
+        rates = {}
         with server_process() as address:
-            replay(in_memory[:10], header, address, config="passthrough")  # start the gadget forkserver
-            from_file = replay(itertools.chain.from_iterable(iter_acquisitions(path) for _ in range(reps)), header,
-                               address, config="passthrough")
-            from_memory = replay(iter(in_memory), header, address, config="passthrough")
-        ceiling = _gadget_alone(header, in_memory)
-    for res in (from_file, from_memory):
-        assert not res.errors and res.returned == n, (res.errors, res.returned, n)
-    return dict(readouts=n, replay_from_file_readouts_per_s=n / from_file.total_seconds,
-                replay_from_memory_readouts_per_s=n / from_memory.total_seconds,
-                passthrough_gadget_alone_readouts_per_s=ceiling,
-                mb_per_s_each_way=n * (340 + 256 * 2 * 4 + 8 * 256 * 8) / 2**20 / from_memory.total_seconds)
+            for pipeline in ("relay", "passthrough"):
+                replay(in_memory[:10], header, address, config=pipeline)  # warm: gadget forkserver started
+                runs = dict(from_file=lambda: itertools.chain.from_iterable(iter_acquisitions(path) for _ in range(reps)),
+                            from_memory=lambda: iter(in_memory))
+                for source, items in runs.items():
+                    res = replay(items(), header, address, config=pipeline)
+                    assert not res.errors and res.returned == n, (res.errors, res.returned, n)
+                    rates[f"{pipeline}_{source}_readouts_per_s"] = n / res.total_seconds
+        rates["passthrough_gadget_alone_readouts_per_s"] = _gadget_alone(header, in_memory)
+    rates["loopback_one_hop_readouts_per_s"] = _loopback(n * _READOUT_BYTES)
+    return dict(readouts=n, readout_bytes=_READOUT_BYTES, **rates)
+
+
+_READOUT_BYTES = 2 + 340 + 256 * 2 * 4 + 8 * 256 * 8
+
+
+def _loopback(nbytes: int) -> float:
+    """One TCP hop on this machine with no protocol work at all (readouts/s): the physical ceiling. The
+    pipeline's path has four such hops (client -> server -> gadget -> server -> client)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        a = socket.create_connection(listener.getsockname())
+        b, _ = listener.accept()
+    chunk = b"x" * (1 << 20)
+
+    def send():
+        for _ in range(nbytes >> 20):
+            a.sendall(chunk)
+        a.shutdown(socket.SHUT_WR)
+    t0 = time.perf_counter()
+    threading.Thread(target=send, daemon=True).start()
+    buf, total = bytearray(1 << 20), 0
+    while True:
+        k = b.recv_into(buf)
+        if not k:
+            break
+        total += k
+    seconds = time.perf_counter() - t0
+    a.close()
+    b.close()
+    return total / _READOUT_BYTES / seconds
 
 
 def _gadget_alone(header: str, acqs) -> float:

@@ -287,7 +287,7 @@ def cmd_replay(args) -> int:
         from .dicom import mrd_to_dicom
 
         written = mrd_to_dicom(res.images, args.dicom)
-        print(f"wrote DICOM: " + ", ".join(f"series {s}: {len(p)} files" for s, p in sorted(written.items()))
+        print("wrote DICOM: " + ", ".join(f"series {s}: {len(p)} files" for s, p in sorted(written.items()))
               + f" under {args.dicom}")
     for text in res.errors:
         print(f"dainr replay: server error: {text}", file=sys.stderr)

@@ -19,7 +19,7 @@ import ismrmrd
 from ismrmrd.serialization import ConfigFile, ConfigText, ProtocolSerializer
 
 from .mrd import Key, iter_acquisitions, open_raw
-from .protocol import ACQUISITION, CLOSE, ERROR, HEADER, IMAGE, TEXT, WAVEFORM, Frame, Limits, ProtocolError, \
+from .protocol import ACQUISITION, CLOSE, ERROR, HEADER, IMAGE, TEXT, WAVEFORM, Limits, ProtocolError, \
     StreamEnded, read_frame, text_frame
 
 

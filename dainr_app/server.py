@@ -152,12 +152,16 @@ class ByteQueue:
         self.budget, self.used, self.items = budget, 0, collections.deque()
         self.cond = threading.Condition()
         self.closed = False
+        self.dropped = 0  # frames put after the consumer went away (reported, never buffered)
 
     def put(self, item: Optional[Frame]) -> None:
         size = len(item.raw) if item is not None else 0
         with self.cond:
             while self.items and self.used + size > self.budget and not self.closed:
                 self.cond.wait()
+            if self.closed:
+                self.dropped += item is not None
+                return
             self.items.append(item)
             self.used += size
             self.cond.notify_all()
@@ -341,10 +345,14 @@ class ExternalStage:
         if self.session.aborted.is_set():
             return
         if not self.peer.closed_cleanly:
-            self.session.error(f"gadget {self.node.label} ended without CLOSE ({self.peer.problem}; exit code {rc}"
+            self.session.error(f"gadget {self.node.label} ended without CLOSE ({self.peer.problem}; exit code {rc}; "
+                               f"{self.peer.queue.dropped} message(s) not delivered"
                                + (f": {self.child.last_lines()}" if self.child and self.child.last_lines() else "") + ")")
         elif rc not in (0, None) and not self.peer.remote_error:
             self.session.error(f"gadget {self.node.label} exited with code {rc}")
+        elif self.peer.queue.dropped:
+            self.session.error(f"gadget {self.node.label} closed before reading all input: "
+                               f"{self.peer.queue.dropped} message(s) not delivered")
         if self.child and rc is None:
             self.child.kill()
 

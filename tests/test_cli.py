@@ -143,6 +143,8 @@ def test_demo_command(tmp_path, capsys):
     assert m["psnr"] > m["zero_filled_psnr"]
     for name in ("raw.h5", "images.h5", "preview.gif"):
         assert os.path.getsize(os.path.join(out, name)) > 0
+    assert m["images"] == 24 and m["dicom_files"] == 24  # final + preview series, via the embedded server
+    assert sorted(os.listdir(os.path.join(out, "dicom"))) == ["series_001", "series_101"]
 
 
 def test_header_without_phase_range_uses_spokes_per_frame():

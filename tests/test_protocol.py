@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dainr_app.pipeline import Distributed, External, PipelineError, Policy, load_named, parse_pipeline, resolve_name
-from dainr_app.protocol import ACQUISITION, CONFIG_FILE, CONFIG_TEXT, ERROR, IMAGE, Frame, Limits, ProtocolError, \
+from dainr_app.protocol import ACQUISITION, CONFIG_FILE, CONFIG_TEXT, ERROR, IMAGE, Limits, ProtocolError, \
     StreamEnded, encode, error_frame, read_frame, text_frame
 from ismrmrd.serialization import ConfigFile
 

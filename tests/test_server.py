@@ -101,6 +101,24 @@ def test_python_ismrmrd_server_client_conventions(server, raw):
     assert errors(frames) == [] and sum(f.mid == ACQUISITION for f in frames) == 3
 
 
+def test_replay_command_writes_images_dicom_and_reports_server_errors(server, raw, tmp_path, capsys):
+    from dainr_app import cli
+    from dainr_app.mrd import read_images
+
+    pipeline = tmp_path / "small.xml"
+    pipeline.write_text(small_pipeline())
+    out, dicom = str(tmp_path / "out.h5"), str(tmp_path / "dicom")
+    port = str(server.port)
+    assert cli.main(["replay", raw, "-p", port, "-C", str(pipeline), "-o", out, "--dicom", dicom]) == 0
+    text = capsys.readouterr().out
+    assert "received 12 images" in text and "latency" in text
+    assert len(read_images(out)[1]) == 12 and len(os.listdir(os.path.join(dicom, "series_001"))) == 12
+    assert cli.main(["replay", raw, "-p", port, "-c", "nope", "-o", out]) == 1
+    assert "server error: unknown pipeline 'nope'" in capsys.readouterr().err
+    assert cli.main(["replay", raw, "-p", str(_free_port()), "-o", out]) == 2
+    assert "cannot connect" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------- bad input, one test each
 
 def _expect_error(server, data, pattern, **kw):

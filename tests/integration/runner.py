@@ -12,7 +12,7 @@ import numpy as np
 from dainr_app.cli import main as cli
 from dainr_app.replay import file_items, replay
 
-from ..server_harness import running_server
+from ..server_harness import running_server, wait_until
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CASES, PIPELINES, REFERENCES = (os.path.join(HERE, d) for d in ("cases", "pipelines", "references"))
@@ -60,8 +60,9 @@ def run_case(name: str, workdir: str) -> Dict[str, np.ndarray]:
         res = replay(items, header, ("127.0.0.1", server.port), config=cfg["reconstruction"]["configuration"])
         if res.errors:
             raise AssertionError(f"case {name}: server errors {res.errors}")
-        for w in workers:  # each worker really ran a share of the stream
-            assert len(w.history) == 1 and w.history[0]["readouts"] > 0 and not w.history[0]["errors"], w.history
+        for w in workers:  # each worker really ran a share of the stream (its log line follows its CLOSE)
+            assert wait_until(lambda: len(w.history) == 1, 10), w.history
+            assert w.history[0]["readouts"] > 0 and not w.history[0]["errors"], w.history
     key = lambda im: (im.slice, im.contrast, im.repetition, im.set, im.image_index)
     return {f"series_{s}": np.stack([np.abs(im.data[0, 0]) for im in sorted(v, key=key)]).astype(np.float32)
             for s, v in res.images.items()}

@@ -342,3 +342,57 @@ def test_from_stream_mode_in_a_shell_pipe(raw, tmp_path):
         frames.append(read_frame(rf.read))
     assert frames[0].mid == HEADER and frames[0].text() == header  # the header is echoed, as Gadgetron does
     assert len(images(frames)) == 12 and rf.read() == b""
+
+
+def _fire_style_server(reply: bytes):
+    """A python-ismrmrd-server stand-in: reads a whole session, answers with ``reply`` (no ERROR message type)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    received = []
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn, conn.makefile("rb") as rf:
+            while True:
+                frame = read_frame(rf.read)
+                received.append(frame.mid)
+                if frame.mid == CLOSE:
+                    break
+            conn.sendall(reply)
+        listener.close()
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1], received
+
+
+def test_replay_against_python_ismrmrd_server_conventions(raw):
+    header, acqs = load(raw)
+    image = ismrmrd.Image.from_array(np.ones((8, 8), np.float32), transpose=False, image_series_index=3)
+    reply = (text_frame(5, "INFO: processing\x00").to_bytes() + encode(image)
+             + text_frame(5, "ERROR: something failed\x00").to_bytes() + struct.pack("<H", CLOSE))
+    port, received = _fire_style_server(reply)
+    res = replay(iter(acqs), header, ("127.0.0.1", port), config="invertcontrast")
+    assert received[:2] == [1, HEADER] and received.count(ACQUISITION) == len(acqs) and received[-1] == CLOSE
+    assert len(res.images[3]) == 1 and res.texts == ["INFO: processing", "ERROR: something failed"]
+    assert res.errors == ["ERROR: something failed"]  # its log channel is how that server reports failures
+
+
+def test_waveforms_are_replayed_in_time_order_and_pass_through(server, raw, tmp_path):
+    from dainr_app.replay import file_items
+
+    path = str(tmp_path / "wav.h5")
+    header, acqs = load(raw)
+    ds = ismrmrd.Dataset(path, "dataset", create_if_needed=True)
+    ds.write_xml_header(header)
+    for a in acqs[:20]:
+        ds.append_acquisition(a)
+    stamps = [acqs[17].acquisition_time_stamp, acqs[19].acquisition_time_stamp]  # imaging readouts 17 and 19
+    for t in stamps:
+        w = ismrmrd.Waveform.from_array(np.arange(8, dtype=np.uint32).reshape(2, 4))
+        w.time_stamp = t
+        ds.append_waveform(w)
+    ds.close()
+    header, items = file_items(path)
+    items = list(items)
+    kinds = [type(i).__name__ for i in items]
+    assert [i for i, k in enumerate(kinds) if k == "Waveform"] == [18, 21] and len(items) == 22  # after 17 and 19
+    res = replay(iter(items), header, ("127.0.0.1", server.port), config="passthrough")
+    assert res.errors == [] and res.returned == 22

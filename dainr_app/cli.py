@@ -132,6 +132,7 @@ def cmd_recon(args) -> int:
 def cmd_demo(args) -> int:
     """The built-in default job: simulate a small cine, replay it through the embedded server running the
     ``dainr`` pipeline, and leave MRD images, DICOM series, a preview GIF and the quality reached."""
+    import importlib
     import re
     import threading
 
@@ -155,6 +156,8 @@ def cmd_demo(args) -> int:
         xml = re.sub(r'(name="steps" value=")[^"]*', rf"\g<1>{args.max_steps}", xml)
         xml = re.sub(r'(name="device" value=")[^"]*', rf"\g<1>{args.device}", xml)
         header, items = file_items(raw)
+        # the metrics' scipy/skimage imports (~3 s) happen while this process only waits for images
+        threading.Thread(target=importlib.import_module, args=("skimage.metrics",), daemon=True).start()
         res = replay(items, header, ("127.0.0.1", server.port), config_xml=xml)
     finally:
         server.stopping.set()

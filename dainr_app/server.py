@@ -130,6 +130,11 @@ class ForkLauncher:
         forkserver.ensure_running()  # imports start now, in the background, not at the first gadget
 
     def launch(self, port: int, module: str, target: str) -> Child:
+        main = sys.modules.get("__main__")
+        path = getattr(main, "__file__", None)
+        if getattr(getattr(main, "__spec__", None), "name", None) is None and path and not os.path.isfile(path):
+            # multiprocessing re-imports __main__ in the child from its file; code read from stdin has none
+            return SpawnLauncher().launch(port, module, target)
         proc = self.ctx.Process(target=run_external, args=(port, module, target), daemon=True)
         proc.start()
         return Child(proc)

@@ -396,3 +396,16 @@ def test_waveforms_are_replayed_in_time_order_and_pass_through(server, raw, tmp_
     assert [i for i, k in enumerate(kinds) if k == "Waveform"] == [18, 21] and len(items) == 22  # after 17 and 19
     res = replay(iter(items), header, ("127.0.0.1", server.port), config="passthrough")
     assert res.errors == [] and res.returned == 22
+
+
+def test_server_embedded_in_code_read_from_stdin_still_launches_gadgets(raw):
+    """multiprocessing cannot re-import a __main__ read from stdin; the launcher falls back to spawning."""
+    code = ("from tests.server_harness import running_server\n"
+            "from dainr_app.replay import file_items, replay\n"
+            f"header, items = file_items({raw!r})\n"
+            "with running_server() as srv:\n"
+            "    res = replay(items, header, ('127.0.0.1', srv.port), config='passthrough')\n"
+            "print(res.errors, res.returned)\n")
+    proc = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.stdout.strip().splitlines()[-1] == "[] 112", proc.stderr[-2000:]

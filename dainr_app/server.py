@@ -302,9 +302,10 @@ class Peer:
     def abort(self) -> None:
         self.queue.drop_all()
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes both threads; the fd closes when they let go
         except OSError:
             pass
+        self.sock.close()
 
 
 class ExternalStage:

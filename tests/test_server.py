@@ -409,3 +409,15 @@ def test_server_embedded_in_code_read_from_stdin_still_launches_gadgets(raw):
     proc = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True, cwd=ROOT, timeout=120,
                           env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.stdout.strip().splitlines()[-1] == "[] 112", proc.stderr[-2000:]
+
+
+def test_distributed_without_workers_runs_the_inner_stream_locally(server, raw, monkeypatch):
+    monkeypatch.delenv("GADGETRON_REMOTE_WORKER_COMMAND", raising=False)
+    inner = small_pipeline()[len("<configuration><version>2</version><stream>"):-len("</stream></configuration>")]
+    xml = ("<configuration><version>2</version><stream><distributed><distributor>"
+           "<classname>AcquisitionDistributor</classname><property name='parallel_dimension' value='slice'/>"
+           f"</distributor><stream>{inner}</stream></distributed></stream></configuration>")
+    header, acqs = load(raw)
+    res = replay(iter(acqs), header, ("127.0.0.1", server.port), config_xml=xml)
+    assert res.errors == [] and sorted((im.slice, im.image_index) for im in res.images[1]) == \
+        [(s, i) for s in (0, 1) for i in range(1, 7)]

@@ -230,6 +230,7 @@ def server_options(args):
 
 
 def cmd_serve(args) -> int:
+    import contextlib
     import logging
     import signal
 
@@ -250,15 +251,10 @@ def cmd_serve(args) -> int:
                 pipeline = load_named(args.config, opts.policy, opts.pipelines)
         except PipelineError as exc:
             raise ValueError(str(exc)) from exc
-        inp = open(args.input, "rb") if args.input else sys.stdin.buffer
-        outp = open(args.output, "wb") if args.output else sys.stdout.buffer
-        try:
+        with contextlib.ExitStack() as files:
+            inp = files.enter_context(open(args.input, "rb")) if args.input else sys.stdin.buffer
+            outp = files.enter_context(open(args.output, "wb")) if args.output else sys.stdout.buffer
             return run_stream(pipeline, inp, outp, opts)
-        finally:
-            for f, std in ((inp, sys.stdin.buffer), (outp, sys.stdout.buffer)):
-                f.flush() if f is outp else None
-                if f is not std:
-                    f.close()
     server = Server(opts)
     print(f"dainr serve: listening on {opts.host}:{server.port}", file=sys.stderr, flush=True)
     for sig in (signal.SIGINT, signal.SIGTERM):

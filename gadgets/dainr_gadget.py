@@ -9,7 +9,6 @@ Gadgetron starts it as ``python -m gadgetron PORT gadgets.dainr_gadget dainr_rec
 from __future__ import annotations
 
 import logging
-import struct
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -22,9 +21,9 @@ import ismrmrd
 from dainr import DAINRConfig, reconstruct
 from dainr_app.mrd import SKIP_FLAGS, Key, MRDFormatError, ReconParameters, acquisition_key, make_images, \
     slice_from_acquisitions
+from dainr_app.protocol import error_frame
 
 log = logging.getLogger("dainr.gadget")
-ERROR_MESSAGE_ID = 8
 
 
 @dataclass
@@ -72,9 +71,9 @@ def options_from_properties(props: Dict[str, str]) -> GadgetOptions:
 
 
 def send_error(connection, text: str) -> None:
-    """ERROR message (id 8: uint64 length + text), which Gadgetron turns into a RemoteError."""
-    payload = text.encode("utf-8")
-    connection.socket.write(struct.pack("<HQ", ERROR_MESSAGE_ID, len(payload)) + payload)
+    """ERROR message (id 8: uint64 length + text), which Gadgetron turns into a RemoteError; gadgetron-python
+    has no writer for it."""
+    connection.socket.write(error_frame(text).raw)
 
 
 class SliceBuffers:

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 import subprocess
 import sys
 import threading
 from dataclasses import dataclass, field
 from typing import List
 
-import ismrmrd
 from ismrmrd.serialization import ConfigText, ProtocolSerializer
+
+from dainr_app.protocol import ACQUISITION, CLOSE, ERROR, IMAGE, read_frame
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,13 +28,6 @@ class GadgetRun:
     errors: List[str] = field(default_factory=list)
     returncode: int = None
     log: str = ""
-
-
-def _read_exact(f, n: int) -> bytes:
-    data = f.read(n)
-    if len(data) != n:
-        raise ConnectionError(f"stream ended after {len(data)} of {n} bytes")
-    return data
 
 
 def run_gadget(config_xml: str, header, items, module: str = "gadgets.dainr_gadget", target: str = "dainr_recon",
@@ -99,18 +92,17 @@ def exchange(conn: socket.socket, config_xml: str, header, items, timeout: float
     sender.start()
     with conn.makefile("rb") as rf:
         while True:
-            (mid,) = struct.unpack("<H", _read_exact(rf, 2))
-            if mid == 4:  # CLOSE
+            frame = read_frame(rf.read)
+            if frame.mid == CLOSE:
                 break
-            if mid == 8:  # ERROR: uint64 length + text
-                (n,) = struct.unpack("<Q", _read_exact(rf, 8))
-                run.errors.append(_read_exact(rf, n).decode())
-            elif mid == 1022:
-                run.images.append(ismrmrd.Image.deserialize_from(lambda k: _read_exact(rf, k)))
-            elif mid == 1008:
-                run.passthrough.append(ismrmrd.Acquisition.deserialize_from(lambda k: _read_exact(rf, k)))
+            if frame.mid == ERROR:
+                run.errors.append(frame.text())
+            elif frame.mid == IMAGE:
+                run.images.append(frame.decode())
+            elif frame.mid == ACQUISITION:
+                run.passthrough.append(frame.decode())
             else:
-                raise AssertionError(f"unexpected message id {mid}")
+                raise AssertionError(f"unexpected message {frame.name}")
     sender.join(timeout)
     conn.close()
     return run

@@ -63,25 +63,33 @@ def test_recon_round_trip_two_slices(raw2, tmp_path, capsys):
     assert os.path.getsize(gif) > 0
 
 
-def test_trajectory_from_golden_angle_index_matches_stored_traj(raw2, tmp_path):
-    a = read_raw(raw2).slices[(0, 0, 0, 0)].data
-    # rewrite slice 0 without acq.traj: the reader must derive the same angles from kspace_encode_step_1
-    src = ismrmrd.Dataset(raw2, "dataset", create_if_needed=False, mode="r")
-    dst_path = str(tmp_path / "notraj.h5")
+def _rewrite(src_path: str, dst_path: str, transform) -> str:
+    """Copy an MRD raw file, passing each acquisition through ``transform`` (None drops it)."""
+    src = ismrmrd.Dataset(src_path, "dataset", create_if_needed=False, mode="r")
     dst = ismrmrd.Dataset(dst_path, "dataset", create_if_needed=True)
     try:
         dst.write_xml_header(src.read_xml_header())
         for i in range(src.number_of_acquisitions()):
-            acq = src.read_acquisition(i)
-            if acq.idx.slice != 0:
-                continue
-            new = ismrmrd.Acquisition.from_array(acq.data)
-            new.idx = acq.idx
-            new.flags = acq.flags
-            dst.append_acquisition(new)
+            acq = transform(src.read_acquisition(i))
+            if acq is not None:
+                dst.append_acquisition(acq)
     finally:
         src.close()
         dst.close()
+    return dst_path
+
+
+def test_trajectory_from_golden_angle_index_matches_stored_traj(raw2, tmp_path):
+    a = read_raw(raw2).slices[(0, 0, 0, 0)].data
+    # rewrite slice 0 without acq.traj: the reader must derive the same angles from kspace_encode_step_1
+    def drop_traj(acq):
+        if acq.idx.slice != 0:
+            return None
+        new = ismrmrd.Acquisition.from_array(acq.data)
+        new.idx = acq.idx
+        new.flags = acq.flags
+        return new
+    dst_path = _rewrite(raw2, str(tmp_path / "notraj.h5"), drop_traj)
     b = read_raw(dst_path).slices[(0, 0, 0, 0)].data
     assert torch.allclose(a.traj, b.traj, atol=1e-5) and torch.equal(a.kdata, b.kdata)
 
@@ -107,19 +115,11 @@ def test_bad_files_and_arguments(tmp_path, capsys):
 
 
 def test_repetitions_of_a_slice_are_reconstructed_separately(raw2, tmp_path):
-    src = ismrmrd.Dataset(raw2, "dataset", create_if_needed=False, mode="r")
-    path = str(tmp_path / "reps.h5")
-    dst = ismrmrd.Dataset(path, "dataset", create_if_needed=True)
-    try:
-        dst.write_xml_header(src.read_xml_header())
-        for i in range(src.number_of_acquisitions()):
-            acq = src.read_acquisition(i)
-            if acq.idx.slice == 1:  # slice 1 of the file becomes repetition 1 of slice 0
-                acq.idx.slice, acq.idx.repetition = 0, 1
-            dst.append_acquisition(acq)
-    finally:
-        src.close()
-        dst.close()
+    def to_repetition(acq):
+        if acq.idx.slice == 1:  # slice 1 of the file becomes repetition 1 of slice 0
+            acq.idx.slice, acq.idx.repetition = 0, 1
+        return acq
+    path = _rewrite(raw2, str(tmp_path / "reps.h5"), to_repetition)
     assert sorted(read_raw(path).slices) == [(0, 0, 0, 0), (0, 0, 1, 0)]  # not merged into one cine
 
 

@@ -26,12 +26,10 @@ import time
 import numpy as np
 import torch
 
-import ismrmrd
-
 from dainr.data import RadialData
 from dainr.sim import simulate
 
-from .mrd import iter_acquisitions, write_raw
+from .mrd import iter_acquisitions, processing_history, write_raw
 from .protocol import CLOSE, HEADER, Frame, config_text, encode, text_frame
 from .replay import file_items, replay
 
@@ -194,6 +192,4 @@ def case_overhead() -> dict:
 
 def _recon_seconds(image) -> float:
     """The reconstruction time the gadget wrote into the image's processing history."""
-    history = ismrmrd.Meta.deserialize(image.attribute_string)["ImageProcessingHistory"]
-    history = history if isinstance(history, list) else [history]
-    return float(re.search(r"([0-9.]+) s on", history[-1]).group(1))
+    return float(re.search(r"([0-9.]+) s on", processing_history(image)).group(1))

@@ -139,7 +139,7 @@ def cmd_demo(args) -> int:
     from dainr import zero_filled
 
     from .dicom import mrd_to_dicom
-    from .mrd import read_raw
+    from .mrd import processing_history, read_raw
     from .preview import write_preview
     from .replay import file_items, replay, timing_table
     from .server import Server, ServerOptions
@@ -171,7 +171,7 @@ def cmd_demo(args) -> int:
     zf = zero_filled(next(iter(read_raw(raw).slices.values())).data).numpy()
     write_preview(gif, [truth, zf, frames])
     ours, base = psnr_ssim(frames, truth), psnr_ssim(zf, truth)
-    history = ismrmrd_history(res.images[1][0])
+    history = processing_history(res.images[1][0])
     summary = dict(psnr=round(ours["psnr"], 2), ssim=round(ours["ssim"], 4), zero_filled_psnr=round(base["psnr"], 2),
                    zero_filled_ssim=round(base["ssim"], 4), reconstruction=history,
                    replay_seconds=round(res.total_seconds, 2), images=res.n_images,
@@ -187,13 +187,6 @@ def cmd_demo(args) -> int:
           f"({summary['dicom_files']} DICOM files), {gif} (truth | zero-filled | DA-INR), "
           f"{os.path.join(args.outdir, 'metrics.json')}")
     return 0
-
-
-def ismrmrd_history(image) -> str:
-    import ismrmrd
-
-    history = ismrmrd.Meta.deserialize(image.attribute_string).get("ImageProcessingHistory", "")
-    return history[-1] if isinstance(history, list) else history
 
 
 def cmd_dicom(args) -> int:

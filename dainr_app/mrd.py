@@ -346,6 +346,13 @@ def make_images(frames: np.ndarray, series: int, slice_index: int, fov_mm: Seque
     return images
 
 
+def processing_history(image: "ismrmrd.Image") -> str:
+    """The last ``ImageProcessingHistory`` entry of an image's meta ('' when absent)."""
+    history = ismrmrd.Meta.deserialize(image.attribute_string).get("ImageProcessingHistory", "") \
+        if image.attribute_string else ""
+    return history[-1] if isinstance(history, list) else history
+
+
 def write_images(path: str, images: Sequence["ismrmrd.Image"], group: str = "dataset") -> None:
     """Append images to ``path`` under ``<group>/image_<series>``."""
     ds = ismrmrd.Dataset(path, group, create_if_needed=True)

@@ -166,17 +166,17 @@ def read_frame(read: Callable[[int], bytes], limits: Limits = Limits()) -> Frame
     if mid == CONFIG_FILE:
         exact(CONFIG_FILE_SIZE, "config name")
     elif mid in (CONFIG_TEXT, HEADER, TEXT):
-        n = _unpack("<I", exact(4, "length"), "length")
+        n = struct.unpack("<I", exact(4, "length"))[0]
         exact(check(n, limits.max_header if mid == HEADER else limits.max_text, "text"), "text")
     elif mid == ERROR:
-        n = _unpack("<Q", exact(8, "length"), "length")
+        n = struct.unpack("<Q", exact(8, "length"))[0]
         exact(check(n, limits.max_text, "text"), "text")
     elif mid == IMAGE:
         h = ismrmrd.ImageHeader.from_buffer_copy(exact(_IMAGE_HEADER, "header"))
         itemsize = _IMAGE_ITEMSIZE.get(h.data_type)
         if itemsize is None:
             raise ProtocolError(f"IMAGE message has unknown data_type {h.data_type}")
-        n_attr = check(_unpack("<Q", exact(8, "attribute length"), "length"), limits.max_text, "attribute string")
+        n_attr = check(struct.unpack("<Q", exact(8, "attribute length"))[0], limits.max_text, "attribute string")
         n = h.channels * h.matrix_size[0] * h.matrix_size[1] * h.matrix_size[2] * itemsize
         exact(n_attr, "attributes")
         exact(check(n, limits.max_message, "data"), "data")
@@ -191,12 +191,6 @@ def read_frame(read: Callable[[int], bytes], limits: Limits = Limits()) -> Frame
 def readable(sock) -> bool:
     """Whether more bytes are already waiting on ``sock`` (then a relay can defer its flush)."""
     return bool(select.select([sock], [], [], 0)[0])
-
-
-def _unpack(fmt: str, data: bytes, what: str) -> int:
-    if len(data) != struct.calcsize(fmt):
-        raise ProtocolError(f"truncated message: {what} ended after {len(data)} bytes")
-    return struct.unpack(fmt, data)[0]
 
 
 class FrameWriter:

@@ -1,4 +1,6 @@
 """DA-INR dynamic MRI reconstruction as a Gadgetron-style streaming plug-in."""
+import glob
+
 from setuptools import find_packages, setup
 
 setup(
@@ -32,4 +34,6 @@ setup(
         # tinycudann is not on PyPI: pip install git+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch
     },
     entry_points={"console_scripts": ["dainr=dainr_app.cli:main"]},
+    # the pipelines `dainr serve` resolves CONFIG_FILE names in (dainr_app.pipeline.PIPELINES_DIR)
+    data_files=[("share/dainr/pipelines", sorted(glob.glob("pipelines/*.xml")))],
 )

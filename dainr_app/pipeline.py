@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union
@@ -16,7 +17,14 @@ from typing import List, Optional, Sequence, Tuple, Union
 import defusedxml
 import defusedxml.ElementTree as SafeET
 
-PIPELINES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pipelines")
+def _pipelines_dir() -> str:
+    """The repository's ``pipelines/`` (source or editable install), else ``<prefix>/share/dainr/pipelines``
+    where ``pip install`` puts them (setup.py data_files)."""
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pipelines")
+    return here if os.path.isdir(here) else os.path.join(sys.prefix, "share", "dainr", "pipelines")
+
+
+PIPELINES_DIR = _pipelines_dir()
 DIMENSIONS = ("slice", "contrast", "phase", "repetition", "set", "average", "segment")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 

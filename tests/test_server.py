@@ -421,3 +421,35 @@ def test_distributed_without_workers_runs_the_inner_stream_locally(server, raw, 
     res = replay(iter(acqs), header, ("127.0.0.1", server.port), config_xml=xml)
     assert res.errors == [] and sorted((im.slice, im.image_index) for im in res.images[1]) == \
         [(s, i) for s in (0, 1) for i in range(1, 7)]
+
+
+def test_session_queue_is_bounded_in_bytes():
+    """A busy gadget back-pressures the client once --buffer-mb is queued, instead of growing memory."""
+    from dainr_app.protocol import Frame
+    from dainr_app.server import ByteQueue
+
+    q = ByteQueue(budget=1000)
+    q.put(Frame(ACQUISITION, b"x" * 600))
+    blocked = threading.Thread(target=q.put, args=(Frame(ACQUISITION, b"y" * 600),), daemon=True)
+    blocked.start()
+    blocked.join(0.3)
+    assert blocked.is_alive() and q.used == 600  # the second frame waits
+    assert [f.raw[:1] for f in q.get_batch()] == [b"x"]
+    blocked.join(2)
+    assert not blocked.is_alive() and q.used == 600
+    q.drop_all()
+    q.put(Frame(ACQUISITION, b"z"))  # after the consumer is gone: counted, not queued
+    assert q.dropped == 1 and q.get_batch() == [None]
+
+
+def test_idle_client_gets_a_clear_error(raw):
+    header, _ = load(raw)
+    with running_server(idle_timeout=1.0) as srv:
+        sock = socket.create_connection(("127.0.0.1", srv.port))
+        sock.sendall(stream(ConfigFile("passthrough"), header, [], close=False))  # then nothing
+        with sock.makefile("rb") as rf:
+            frames = [read_frame(rf.read)]
+            while frames[-1].mid != CLOSE:
+                frames.append(read_frame(rf.read))
+        sock.close()
+    assert any("no message for 1 s" in e for e in errors(frames))

@@ -1,0 +1,120 @@
+"""The radial multi-coil input container, validated once at the library boundary."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+
+@dataclass
+class RadialData:
+    """Golden-angle radial multi-coil k-space of one slice, grouped into frames.
+
+    * ``kdata`` — (F, C, S, R) complex: frames × coils × spokes × readout samples.
+    * ``traj`` — (F, S, R, 2) float: (kx, ky) in cycles/pixel of the ``matrix`` grid, in [-0.5, 0.5).
+    * ``matrix`` — reconstruction matrix N (images are N × N).
+    * ``spoke_mask`` — (F, S) bool, False for padding when frames have different spoke counts.
+    * ``noise`` — optional (C, n) complex noise-only samples for prewhitening.
+    """
+
+    kdata: torch.Tensor
+    traj: torch.Tensor
+    matrix: int
+    spoke_mask: Optional[torch.Tensor] = None
+    noise: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        self.kdata = torch.as_tensor(self.kdata)
+        self.traj = torch.as_tensor(self.traj)
+        if not self.kdata.is_complex():
+            raise ValueError(f"kdata must be complex, got {self.kdata.dtype}")
+        if self.kdata.ndim != 4:
+            raise ValueError(f"kdata must be (frames, coils, spokes, samples), got shape {tuple(self.kdata.shape)}")
+        F_, C, S, R = self.kdata.shape
+        if self.traj.shape != (F_, S, R, 2):
+            raise ValueError(f"traj must be {(F_, S, R, 2)} to match kdata {tuple(self.kdata.shape)}, got {tuple(self.traj.shape)}")
+        if self.spoke_mask is None:
+            self.spoke_mask = torch.ones(F_, S, dtype=torch.bool)
+        self.spoke_mask = torch.as_tensor(self.spoke_mask, dtype=torch.bool)
+        if self.spoke_mask.shape != (F_, S):
+            raise ValueError(f"spoke_mask must be {(F_, S)}, got {tuple(self.spoke_mask.shape)}")
+        if int(self.matrix) < 8:
+            raise ValueError(f"matrix must be >= 8, got {self.matrix}")
+        self.matrix = int(self.matrix)
+        if F_ < 1 or C < 1 or S < 1 or R < 2:
+            raise ValueError(f"empty data: shape {tuple(self.kdata.shape)}")
+        counts = self.spoke_mask.sum(1)
+        if bool((counts == 0).any()):
+            raise ValueError(f"frames {torch.nonzero(counts == 0).flatten().tolist()} have no spokes")
+        valid = self.spoke_mask[:, None, :, None].expand_as(self.kdata)
+        if not torch.isfinite(torch.view_as_real(self.kdata[valid])).all():
+            raise ValueError("kdata contains NaN or Inf")
+        t = self.traj[self.spoke_mask]
+        if not torch.isfinite(t).all():
+            raise ValueError("trajectory contains NaN or Inf")
+        if float(t.abs().max()) > 0.5 + 1e-3:
+            raise ValueError(f"trajectory must be in cycles/pixel within [-0.5, 0.5]; max |k| = {float(t.abs().max()):.3f}")
+        if self.noise is not None:
+            self.noise = torch.as_tensor(self.noise)
+            if self.noise.ndim != 2 or self.noise.shape[0] != C:
+                raise ValueError(f"noise must be (coils={C}, samples), got {tuple(self.noise.shape)}")
+
+    def select_frames(self, frames: Sequence[int]) -> "RadialData":
+        """The given frames only, e.g. ``range(0, n, r)`` to fit every r-th frame (temporal interpolation)."""
+        idx = list(frames)
+        return RadialData(self.kdata[idx], self.traj[idx], self.matrix, self.spoke_mask[idx], self.noise)
+
+    @property
+    def n_frames(self) -> int:
+        return self.kdata.shape[0]
+
+    @property
+    def n_coils(self) -> int:
+        return self.kdata.shape[1]
+
+    @classmethod
+    def from_frames(cls, kdata: Sequence[torch.Tensor], traj: Sequence[torch.Tensor], matrix: int,
+                    noise: Optional[torch.Tensor] = None) -> "RadialData":
+        """Build from per-frame (C, S_f, R) k-space and (S_f, R, 2) trajectories, padding unequal S_f."""
+        if len(kdata) != len(traj) or not kdata:
+            raise ValueError("need the same, non-zero number of k-space and trajectory frames")
+        C, _, R = kdata[0].shape
+        S = max(k.shape[1] for k in kdata)
+        F_ = len(kdata)
+        k_out = torch.zeros(F_, C, S, R, dtype=torch.complex64)
+        t_out = torch.zeros(F_, S, R, 2, dtype=torch.float32)
+        mask = torch.zeros(F_, S, dtype=torch.bool)
+        for f, (k, t) in enumerate(zip(kdata, traj)):
+            if k.shape[0] != C or k.shape[2] != R:
+                raise ValueError(f"frame {f}: k-space shape {tuple(k.shape)} does not match (coils={C}, *, samples={R})")
+            if t.shape != (k.shape[1], R, 2):
+                raise ValueError(f"frame {f}: trajectory shape {tuple(t.shape)} does not match {(k.shape[1], R, 2)}")
+            n = k.shape[1]
+            k_out[f, :, :n] = torch.as_tensor(k)
+            t_out[f, :n] = torch.as_tensor(t)
+            mask[f, :n] = True
+        return cls(k_out, t_out, matrix, mask, noise)
+
+
+def frames_from_spokes(kdata: torch.Tensor, traj: torch.Tensor, frame_index: Optional[torch.Tensor], matrix: int,
+                       spokes_per_frame: Optional[int] = None, noise: Optional[torch.Tensor] = None) -> RadialData:
+    """Group a slice's spokes, in acquisition order, into frames.
+
+    ``kdata`` (S, C, R), ``traj`` (S, R, 2).  Frames come from ``frame_index`` (S,) (e.g. MRD
+    ``idx.phase``) when given, otherwise consecutive runs of ``spokes_per_frame`` spokes; a
+    final partial run becomes a shorter frame, so no received spoke is dropped.
+    """
+    S = kdata.shape[0]
+    if S == 0:
+        raise ValueError("no spokes to reconstruct")
+    if frame_index is None:
+        if not spokes_per_frame or spokes_per_frame < 1:
+            raise ValueError("without frame indices, spokes_per_frame must be given (>= 1)")
+        frame_index = torch.arange(S) // spokes_per_frame
+    frame_index = torch.as_tensor(frame_index, dtype=torch.int64)
+    if frame_index.shape != (S,):
+        raise ValueError(f"frame_index must have one entry per spoke ({S}), got {tuple(frame_index.shape)}")
+    frames = torch.unique(frame_index, sorted=True)
+    groups = [torch.nonzero(frame_index == f).flatten() for f in frames]
+    return RadialData.from_frames([kdata[g].transpose(0, 1) for g in groups], [traj[g] for g in groups], matrix, noise)

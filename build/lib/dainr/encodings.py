@@ -1,0 +1,192 @@
+"""Coordinate encodings: frequency (torch-ngp ``FreqEncoder``) and 2D multiresolution grid.
+
+The grid encoding has two backends behind one interface:
+
+* ``torch`` — pure PyTorch (CPU and GPU); the reference and CI path.  Two table layouts:
+  ``"ngp"`` reproduces torch-ngp's ``GridEncoder(gridtype='tiled', align_corners=False)`` that
+  DA-INR uses (row stride ``res+1``, levels larger than the table wrap modulo its size, inputs
+  outside [0, 1] get zero features), and ``"tcnn"`` reproduces tiny-cuda-nn's ``HashGrid``
+  index math so the two backends can be compared parameter for parameter.
+* ``tcnn`` — tiny-cuda-nn's ``HashGrid`` (CUDA only, used when importable), fp32 parameters,
+  inputs mapped to [0, 1].
+"""
+from __future__ import annotations
+
+import math
+from typing import List
+
+import torch
+from torch import nn
+
+from .config import GridConfig
+
+_TCNN_PRIME = 2654435761  # tiny-cuda-nn fast_hash prime for dimension 1 (dimension 0 uses 1)
+
+
+class FrequencyEncoding(nn.Module):
+    """``[x, sin(2^0 x), cos(2^0 x), …, sin(2^(L-1) x), cos(2^(L-1) x)]`` with torch-ngp's layout.
+
+    Output channel order (torch-ngp ``freqencoder``): the ``D`` raw inputs, then for each
+    frequency ``k`` the ``D`` sines followed by the ``D`` cosines.  No π factor.
+    """
+
+    def __init__(self, input_dim: int, degree: int):
+        super().__init__()
+        self.input_dim = input_dim
+        self.degree = degree
+        self.register_buffer("freqs", 2.0 ** torch.arange(degree, dtype=torch.float32), persistent=False)
+
+    @property
+    def out_dim(self) -> int:
+        return self.input_dim * (1 + 2 * self.degree)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.input_dim:
+            raise ValueError(f"FrequencyEncoding expects last dim {self.input_dim}, got {tuple(x.shape)}")
+        scaled = x.unsqueeze(-2) * self.freqs.to(x.dtype)[:, None]  # (..., L, D)
+        sc = torch.stack((torch.sin(scaled), torch.cos(scaled)), dim=-2)  # (..., L, 2, D)
+        return torch.cat((x, sc.flatten(-3)), dim=-1)
+
+
+def _level_geometry(cfg: GridConfig, layout: str) -> List[dict]:
+    """Per-level scale, resolution, row stride, table size and offset for a layout."""
+    levels, offset = [], 0
+    log2_scale = math.log2(cfg.per_level_scale)
+    max_entries = 2 ** cfg.log2_table_size
+    for level in range(cfg.num_levels):
+        scale = 2.0 ** (level * log2_scale) * cfg.base_resolution - 1.0
+        res = int(math.ceil(scale)) + 1
+        if layout == "ngp":
+            stride = res + 1
+            size = min(max_entries, stride * stride)
+            size = int(math.ceil(size / 8) * 8)
+            hashed = False
+        elif layout == "tcnn":
+            stride = res
+            size = min(int(math.ceil(res * res / 8) * 8), max_entries)
+            hashed = res * res > size
+        else:
+            raise ValueError(f"unknown grid layout {layout!r}")
+        levels.append(dict(scale=scale, res=res, stride=stride, size=size, offset=offset, hashed=hashed))
+        offset += size
+    return levels
+
+
+class TorchGridEncoding(nn.Module):
+    """Pure-PyTorch 2D multiresolution grid encoding (bilinear interpolation, gather-based).
+
+    Input: coordinates in [-1, 1] (``(..., 2)``).  Output: ``(..., num_levels * F)``, level-major.
+    """
+
+    def __init__(self, cfg: GridConfig, layout: str = "ngp"):
+        super().__init__()
+        self.cfg = cfg
+        self.layout = layout
+        geo = _level_geometry(cfg, layout)
+        self.n_entries = geo[-1]["offset"] + geo[-1]["size"]
+        self.table = nn.Parameter(torch.empty(self.n_entries, cfg.features_per_level).uniform_(-cfg.init_std, cfg.init_std))
+        as_t = lambda key, dt: torch.tensor([g[key] for g in geo], dtype=dt)
+        self.register_buffer("scales", as_t("scale", torch.float32), persistent=False)
+        self.register_buffer("strides", as_t("stride", torch.int64), persistent=False)
+        self.register_buffer("sizes", as_t("size", torch.int64), persistent=False)
+        self.register_buffer("offsets", as_t("offset", torch.int64), persistent=False)
+        self.register_buffer("hashed", as_t("hashed", torch.bool), persistent=False)
+        wrapped = [i for i, g in enumerate(geo) if g["stride"] ** 2 > g["size"]]
+        self.first_wrapped = wrapped[0] if wrapped else len(geo)  # levels grow, so wrapped ones are a suffix
+        # corner offsets (dx, dy) in the order torch-ngp / tcnn enumerate them
+        self.register_buffer("corners", torch.tensor([[0, 0], [1, 0], [0, 1], [1, 1]], dtype=torch.int64), persistent=False)
+
+    @property
+    def out_dim(self) -> int:
+        return self.cfg.out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        u = (x.reshape(-1, 2).to(self.table.dtype) + 1.0) * 0.5  # [-1, 1] -> [0, 1]
+        if self.layout == "ngp":  # torch-ngp: inputs outside [0, 1] get zero features and gradient
+            inside = ((u >= 0) & (u <= 1)).all(dim=-1)
+            u = torch.where(inside[:, None], u, u.detach().clamp(0, 1))
+        pos = u[:, None, :] * self.scales[None, :, None] + 0.5  # (N, L, 2)
+        base = torch.floor(pos.detach())
+        frac = pos - base
+        fx, fy = frac[..., 0], frac[..., 1]
+        gx, fx1 = 1 - fx, fx
+        w = torch.stack((gx * (1 - fy), fx1 * (1 - fy), gx * fy, fx1 * fy), dim=-1)  # (N, L, 4)
+        if self.layout == "ngp":
+            w = w * inside[:, None, None]
+        idx = self._corner_index(base.long())
+        vals = self.table.index_select(0, idx.reshape(-1)).reshape(*idx.shape, -1)  # (N, L, 4, F)
+        out = (vals * w.unsqueeze(-1)).sum(dim=2)
+        return out.reshape(*lead, self.out_dim)
+
+    def _corner_index(self, base: torch.Tensor) -> torch.Tensor:
+        """Table rows (N, L, 4) of the four corners (x, y), (x+1, y), (x, y+1), (x+1, y+1)."""
+        bx, by = base[..., 0], base[..., 1]
+        if self.layout == "ngp":
+            i00 = bx + by * self.strides
+            idx = torch.stack((i00, i00 + 1, i00 + self.strides, i00 + self.strides + 1), dim=-1)
+            if self.first_wrapped < len(self.sizes):  # only the levels larger than the table wrap
+                k = self.first_wrapped
+                idx[:, k:] = idx[:, k:] % self.sizes[k:, None]
+            return idx + self.offsets[:, None]
+        cx = bx[..., None] + self.corners[:, 0]
+        cy = by[..., None] + self.corners[:, 1]
+        dense = cx + cy * self.strides[:, None]
+        hashed = torch.bitwise_xor(cx, (cy * _TCNN_PRIME) & 0xFFFFFFFF)
+        idx = torch.where(self.hashed[:, None], hashed, dense)
+        return idx % self.sizes[:, None] + self.offsets[:, None]
+
+
+class TcnnGridEncoding(nn.Module):
+    """tiny-cuda-nn ``HashGrid`` in fp32 (CUDA only).  Same interface as :class:`TorchGridEncoding`."""
+
+    def __init__(self, cfg: GridConfig):
+        super().__init__()
+        import tinycudann as tcnn  # noqa: WPS433 (optional dependency)
+
+        self.cfg = cfg
+        self.encoding = tcnn.Encoding(
+            n_input_dims=2,
+            encoding_config={
+                "otype": "HashGrid",
+                "n_levels": cfg.num_levels,
+                "n_features_per_level": cfg.features_per_level,
+                "log2_hashmap_size": cfg.log2_table_size,
+                "base_resolution": cfg.base_resolution,
+                "per_level_scale": cfg.per_level_scale,
+                "interpolation": "Linear",
+            },
+            dtype=torch.float32,
+        )
+
+    @property
+    def out_dim(self) -> int:
+        return self.cfg.out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        u = ((x.reshape(-1, 2).float() + 1.0) * 0.5).contiguous()
+        return self.encoding(u).float().reshape(*lead, self.out_dim)
+
+
+def tcnn_available() -> bool:
+    """True when tinycudann imports and CUDA is usable (it has no CPU path)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import tinycudann  # noqa: F401
+    except Exception:  # ImportError, or EnvironmentError raised at import without CUDA
+        return False
+    return True
+
+
+def make_grid_encoding(cfg: GridConfig, device: torch.device) -> nn.Module:
+    """Build the grid encoding for ``cfg.backend`` (``auto`` → tcnn on CUDA when importable)."""
+    backend = cfg.backend
+    if backend == "auto":
+        backend = "tcnn" if device.type == "cuda" and tcnn_available() else "torch"
+    if backend == "tcnn":
+        if device.type != "cuda" or not tcnn_available():
+            raise RuntimeError("grid backend 'tcnn' needs tinycudann and a CUDA device; use backend='torch'")
+        return TcnnGridEncoding(cfg)
+    return TorchGridEncoding(cfg, layout="ngp")

@@ -1,0 +1,87 @@
+"""Frozen CNN features of the neighbouring frames' zero-filled images.
+
+The reference builds EDSR-repo MDSR but only the head conv (3→64, 3×3) and the scale-2
+``pre_process`` (two residual blocks of 5×5 convs) reach its output, with PyTorch's default
+random initialisation under ``torch.manual_seed(0)`` and no weights loaded (``dainr-paper.md``
+§1.3).  :class:`FrozenFeatureExtractor` is exactly that encoder: frozen random features.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, ch: int, k: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(ch, ch, k, padding=k // 2), nn.ReLU(inplace=True), nn.Conv2d(ch, ch, k, padding=k // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class FrozenFeatureExtractor(nn.Module):
+    """Head conv 3×3 (3→C) + two 5×5 residual blocks, frozen random weights from ``seed``."""
+
+    def __init__(self, channels: int = 64, seed: int = 0):
+        super().__init__()
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            self.head = nn.Conv2d(3, channels, 3, padding=1)
+            self.blocks = nn.Sequential(_ResBlock(channels, 5), _ResBlock(channels, 5))
+        finally:
+            torch.random.set_rng_state(gen_state)
+        self.channels = channels
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+
+    @torch.no_grad()
+    def forward(self, magnitude: torch.Tensor) -> torch.Tensor:
+        """``magnitude`` (B, H, W) in [-1, 1] → features (B, C, H, W)."""
+        x = magnitude[:, None].expand(-1, 3, -1, -1)
+        return self.blocks(self.head(x))
+
+
+def neighbour_frames(acquired: Sequence[int], query: Sequence[int]) -> torch.Tensor:
+    """For each query frame, the nearest acquired frame strictly before and strictly after it.
+
+    Returns (len(query), 2) positions into ``acquired``.  At the sequence ends both slots hold
+    the single existing neighbour (as the reference does for frames 0 and N−1).  With
+    ``acquired == query == range(F)`` this is the reference's t−1 / t+1 rule; with temporal
+    interpolation it is the reference's t ± r rule, restricted to frames that were acquired.
+    """
+    acq = torch.as_tensor(list(acquired), dtype=torch.int64)
+    if acq.numel() < 2:
+        raise ValueError("feature extraction needs at least two acquired frames")
+    q = torch.as_tensor(list(query), dtype=torch.int64)
+    before = torch.searchsorted(acq, q, right=False) - 1  # last acquired < q
+    after = torch.searchsorted(acq, q, right=True)  # first acquired > q
+    before = torch.where(before < 0, after, before)
+    after = torch.where(after >= acq.numel(), before, after)
+    return torch.stack((before, after), dim=1)
+
+
+def normalise_for_extractor(images: torch.Tensor) -> torch.Tensor:
+    """Complex zero-filled images (F, H, W) → magnitude min-max normalised over the sequence, in [-1, 1]."""
+    mag = images.abs()
+    lo, hi = mag.min(), mag.max()
+    return (mag - lo) / (hi - lo).clamp_min(1e-12) * 2.0 - 1.0
+
+
+def sample_features(features: torch.Tensor, out_hw: Sequence[int], pixel_centred: bool = True) -> torch.Tensor:
+    """Bilinearly resample feature maps (B, C, h, w) onto an ``out_hw`` pixel grid → (B, H, W, C)."""
+    H, W = out_hw
+    if features.shape[-2:] != (H, W):
+        features = F.interpolate(features, size=(H, W), mode="bilinear", align_corners=pixel_centred)
+    elif not pixel_centred:
+        # the reference samples at linspace(-1, 1, N) with align_corners=False: a sub-pixel shift
+        ys = torch.linspace(-1, 1, H, device=features.device)
+        xs = torch.linspace(-1, 1, W, device=features.device)
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None].expand(features.shape[0], -1, -1, -1)
+        features = F.grid_sample(features, grid, mode="bilinear", align_corners=False)
+    return features.permute(0, 2, 3, 1)

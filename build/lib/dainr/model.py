@@ -1,0 +1,89 @@
+"""The DA-INR network: deformation MLP + grid-encoded canonical MLP (reference ``NeRFNetwork``)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import DAINRConfig
+from .encodings import FrequencyEncoding, make_grid_encoding
+
+
+def _mlp(widths, final_relu: bool = False) -> nn.Sequential:
+    layers = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b, bias=False))
+        if i < len(widths) - 2 or final_relu:
+            layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class DAINR(nn.Module):
+    """(x, y, t) → complex image value.
+
+    * deformation Ψ_t: [γ(x) 42, γ(t) 13] → 128 ×3 → Δ (2), bias-free, ReLU; x' = x + Δ.
+    * canonical Ψ_x: [grid(x') 32, γ(x) 42, γ(t) 13, features 128] → 64 ReLU → 64 → 64 ReLU
+      → 64 ReLU → (Re, Im), bias-free (the reference's "sigma_net" + "color_net").
+
+    ``use_deformation=False`` gives the plain grid INR baseline (x' = x); ``use_features=False``
+    drops the CNN features.
+    """
+
+    def __init__(self, cfg: DAINRConfig, device: torch.device = torch.device("cpu")):
+        super().__init__()
+        self.cfg = cfg
+        self.enc_x = FrequencyEncoding(2, cfg.freq_degree_xy)
+        self.enc_t = FrequencyEncoding(1, cfg.freq_degree_t)
+        self.grid = make_grid_encoding(cfg.grid, device)
+        coord_dim = self.enc_x.out_dim + self.enc_t.out_dim
+        w = cfg.deform_width
+        self.deform = _mlp([coord_dim] + [w] * (cfg.deform_layers - 1) + [2]) if cfg.use_deformation else None
+        feat_dim = 2 * cfg.feature_channels if cfg.use_features else 0
+        c = cfg.canonical_width
+        in_dim = self.grid.out_dim + (coord_dim if cfg.canonical_coords else 0) + feat_dim
+        self.sigma_net = nn.Sequential(nn.Linear(in_dim, c, bias=False), nn.ReLU(inplace=True), nn.Linear(c, c, bias=False))
+        self.color_net = _mlp([c, c, c, 2])
+        self.to(device)
+
+    def forward(self, xy: torch.Tensor, t: torch.Tensor, features: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``xy`` (B, P, 2) in [-1, 1], ``t`` (B,) in [0, 1], ``features`` (B, P, 2C) → complex (B, P)."""
+        coords, warped = self.encode(xy, t)
+        return self.canonical(warped, coords, features)
+
+    def encode(self, xy: torch.Tensor, t: torch.Tensor):
+        """The coordinate part: ([γ(x), γ(t)] (B, P, 55), deformed coordinate x' (B, P, 2))."""
+        B, P, _ = xy.shape
+        gt = self.enc_t(t.reshape(B, 1, 1).to(xy.dtype)).expand(B, P, -1)
+        coords = torch.cat((self.enc_x(xy), gt), dim=-1)
+        warped = xy + self.deform(coords) if self.deform is not None else xy
+        return coords, warped
+
+    def canonical(self, warped: torch.Tensor, coords: torch.Tensor, features: Optional[torch.Tensor]) -> torch.Tensor:
+        """Canonical network on [grid(x'), γ(x), γ(t), features] → complex (B, P)."""
+        parts = [self.grid(warped), coords] if self.cfg.canonical_coords else [self.grid(warped)]
+        if self.cfg.use_features:
+            if features is None:
+                raise ValueError("model was built with use_features=True but no features were given")
+            parts.append(features)
+        out = self.color_net(self.sigma_net(torch.cat(parts, dim=-1)))
+        return torch.complex(out[..., 0], out[..., 1])
+
+    def deformation(self, xy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Δ (B, P, 2) for inspection (zeros without a deformation network)."""
+        coords, warped = self.encode(xy, t)
+        return warped - xy
+
+
+def pixel_grid(h: int, w: int, device=None) -> torch.Tensor:
+    """Coordinates (h*w, 2) as (x, y) in [-1, 1] (``linspace(-1, 1, N)``, row-major y then x)."""
+    ys = torch.linspace(-1, 1, h, device=device)
+    xs = torch.linspace(-1, 1, w, device=device)
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack((xx, yy), dim=-1).reshape(-1, 2)
+
+
+def nearest_index(n_out: int, n_in: int, device=None) -> torch.Tensor:
+    """For an ``n_out``² pixel grid, the row-major index of the nearest pixel of an ``n_in``² grid (same FOV)."""
+    pos = torch.linspace(0, n_in - 1, n_out, device=device).round().long()
+    return (pos[:, None] * n_in + pos[None, :]).reshape(-1)

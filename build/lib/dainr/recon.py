@@ -1,0 +1,371 @@
+"""DA-INR reconstruction: prepare the data, fit the network, render frames.
+
+>>> result = reconstruct(RadialData(kdata, traj, matrix=128), DAINRConfig())
+>>> result.images  # (frames, 128, 128) complex, in the units of the (prewhitened) data
+
+Pipeline: prewhiten → (spatial ×s: keep the k-space centre, fit at N/s) → coil maps from all
+spokes → zero-filled images → frozen features → batched fit with a held-out-spoke stopping
+rule → render every output frame (temporal ×r: frames between the acquired ones too).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .coils import apply_prewhitener, noise_prewhitener, walsh_coil_maps
+from .config import DAINRConfig
+from .data import RadialData
+from .features import FrozenFeatureExtractor, neighbour_frames, normalise_for_extractor, sample_features
+from .model import DAINR, nearest_index, pixel_grid
+from .nufft import MulticoilNUFFT
+from .trajectory import omega_from_traj, ramp_dcf
+from .utils import resolve_device, seed_everything
+
+
+@dataclass
+class FitProgress:
+    """What a progress callback receives.  ``images`` is None unless a preview was rendered."""
+
+    step: int
+    elapsed: float
+    loss: float
+    holdout_residual: Optional[float]
+    images: Optional[torch.Tensor] = None
+
+
+@dataclass
+class ReconResult:
+    images: torch.Tensor  # (F_out, N, N) complex64, CPU
+    zero_filled: torch.Tensor  # (F_acq, n, n) complex64 at the fitting resolution
+    coil_maps: torch.Tensor  # (C, n, n)
+    acquired_frames: List[int]  # positions of the acquired frames among the output frames
+    info: dict = field(default_factory=dict)
+    lowres_images: Optional[torch.Tensor] = None  # spatial interpolation: the frames at the fitting matrix
+
+
+def lowres_matrix(n: int, ratio: float) -> int:
+    """Fitting matrix for spatial ×ratio: ``int(n / ratio)`` rounded up to even (the reference's rule)."""
+    m = int(n / ratio)
+    return m + (m % 2)
+
+
+class Problem:
+    """Everything the fit needs, on one device, built once from :class:`RadialData`."""
+
+    def __init__(self, data: RadialData, cfg: DAINRConfig, coil_maps: Optional[torch.Tensor], device: torch.device):
+        self.cfg = cfg
+        self.device = device
+        self.out_matrix = data.matrix
+        kdata, traj = data.kdata.to(device, torch.complex64), data.traj.to(device, torch.float32)
+        spoke_mask = data.spoke_mask.to(device)
+        if data.noise is not None:
+            kdata = apply_prewhitener(kdata, noise_prewhitener(data.noise.to(device, torch.complex64)))
+        self.matrix = data.matrix
+        if cfg.spatial_ratio > 1:
+            self.matrix = lowres_matrix(data.matrix, cfg.spatial_ratio)
+            keep = torch.linalg.vector_norm(traj, dim=-1).amax(dim=(0, 1)) < 0.5 * self.matrix / data.matrix
+            kdata, traj = kdata[..., keep], traj[:, :, keep] * (data.matrix / self.matrix)
+            if int(keep.sum()) < 2:
+                raise ValueError(f"spatial_ratio {cfg.spatial_ratio} leaves fewer than 2 samples per spoke")
+        Fa, C, S, R = kdata.shape
+        self.n_acq, self.n_coils = Fa, C
+        r = int(cfg.temporal_ratio)
+        self.n_out = (Fa - 1) * r + 1
+        self.acquired = [i * r for i in range(Fa)]
+        self.acquired_t = torch.tensor(self.acquired, device=device)
+        self.t_acq = torch.tensor(self.acquired, dtype=torch.float32, device=device) / max(self.n_out - 1, 1)
+
+        self.omega = omega_from_traj(traj.reshape(Fa, S * R, 2))  # (Fa, 2, M)
+        self.kdata = kdata.reshape(Fa, C, S * R)
+        sample_valid = spoke_mask[:, :, None].expand(Fa, S, R)
+        self.dcf = ramp_dcf(traj) * sample_valid / spoke_mask.sum(1).clamp_min(1)[:, None, None].float()
+        self.dcf = self.dcf.reshape(Fa, S * R)
+        # held-out spokes: never in the loss, only in the stopping rule
+        holdout = torch.zeros(Fa, S, dtype=torch.bool, device=device)
+        if cfg.holdout_spokes > 0:
+            gen = torch.Generator().manual_seed(cfg.seed + 1)
+            for f in range(Fa):
+                valid = torch.nonzero(spoke_mask[f].cpu()).flatten()
+                if valid.numel() > cfg.holdout_spokes:
+                    pick = valid[torch.randperm(valid.numel(), generator=gen)[: cfg.holdout_spokes]]
+                    holdout[f, pick.to(device)] = True
+        self.has_holdout = bool(holdout.any())
+        self.train_w = (spoke_mask & ~holdout)[:, :, None].expand(Fa, S, R).reshape(Fa, S * R).float()
+        self.hold_w = holdout[:, :, None].expand(Fa, S, R).reshape(Fa, S * R).float()
+        # gradient weighting (reference: the ramp DCF, normalised to a mean of 1 over the samples)
+        grad_w = self.dcf.clamp_min(0) ** cfg.dcf_power * self.train_w
+        self.dcf_grad = grad_w / (grad_w.sum() / self.train_w.sum().clamp_min(1)).clamp_min(1e-30)
+
+        if coil_maps is None:
+            coil_maps = self._estimate_coil_maps()
+        elif coil_maps.shape != (C, self.matrix, self.matrix):
+            raise ValueError(f"coil_maps must be {(C, self.matrix, self.matrix)}, got {tuple(coil_maps.shape)}")
+        self.op = MulticoilNUFFT(coil_maps.to(device, torch.complex64), backend=cfg.nufft_backend)
+
+        # zero-filled images, calibrated so that A(zf) best matches the data, then the data scale
+        zf = self._batched(lambda sl: self.op.adjoint(self.kdata[sl], self.omega[sl], self.dcf[sl]))
+        pred = self._batched(lambda sl: self.op.forward(zf[sl], self.omega[sl]))
+        w = self.train_w[:, None, :] + self.hold_w[:, None, :]
+        num = (pred.conj() * self.kdata * w).sum().real
+        den = (pred.abs() ** 2 * w).sum().clamp_min(1e-30)
+        zf = zf * (num / den)
+        self.scale = 1.0
+        if cfg.data_scale == "p99":
+            self.scale = float(torch.quantile(zf.abs().flatten()[:: max(1, zf.numel() // 200000)], 0.99).clamp_min(1e-30))
+        self.kdata = self.kdata / self.scale
+        self.zero_filled = zf / self.scale
+
+        self.feature_maps = None
+        if cfg.use_features:
+            if Fa < 2:
+                raise ValueError("use_features=True needs at least 2 acquired frames (features come from neighbours)")
+            extractor = FrozenFeatureExtractor(cfg.feature_channels, cfg.feature_seed).to(device)
+            self.feature_maps = torch.cat([extractor(x) for x in normalise_for_extractor(self.zero_filled).split(8)])
+            self.neighbours = neighbour_frames(self.acquired, range(self.n_out)).to(device)
+
+    def _batched(self, fn: Callable, batch: int = 8) -> torch.Tensor:
+        return torch.cat([fn(slice(i, i + batch)) for i in range(0, self.n_acq, batch)])
+
+    def _estimate_coil_maps(self) -> torch.Tensor:
+        """Walsh maps from the DCF-weighted adjoint of all spokes of all frames together."""
+        Fa, C, M = self.kdata.shape
+        omega_all = self.omega.permute(1, 0, 2).reshape(1, 2, Fa * M)
+        kd = (self.kdata * self.dcf[:, None]).permute(1, 0, 2).reshape(1, C, Fa * M)
+        ident = MulticoilNUFFT(torch.ones(1, self.matrix, self.matrix, dtype=torch.complex64, device=self.device),
+                               backend=self.cfg.nufft_backend)
+        coil_images = ident.coil_adjoint(kd, omega_all)[0]
+        return walsh_coil_maps(coil_images, self.cfg.coil_map_kernel)
+
+    def features_for(self, frames: torch.Tensor, hw) -> Optional[torch.Tensor]:
+        """(B, H*W, 2C) features of output frames ``frames`` sampled on an ``hw`` grid."""
+        if self.feature_maps is None:
+            return None
+        nb = self.neighbours[frames]  # (B, 2)
+        maps = self.feature_maps[nb.flatten()].reshape(len(frames), -1, *self.feature_maps.shape[-2:])
+        return sample_features(maps, hw, self.cfg.pixel_centred_features).reshape(len(frames), hw[0] * hw[1], -1)
+
+
+def _loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """L1(Re) + L1(Im) over the weighted samples (the reference's loss), mean over coils × samples."""
+    diff = (pred - target) * weight[:, None, :]
+    denom = weight.sum().clamp_min(1) * target.shape[1]
+    return (diff.real.abs().sum() + diff.imag.abs().sum()) / denom
+
+
+class Fitter:
+    """Owns the model and optimiser for one :class:`Problem`."""
+
+    def __init__(self, problem: Problem, cfg: DAINRConfig):
+        self.p, self.cfg = problem, cfg
+        self.model = DAINR(cfg, problem.device)
+        fused = problem.device.type in ("cpu", "cuda")
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+        n = problem.matrix
+        self.xy = pixel_grid(n, n, problem.device)
+        self.train_frames = torch.arange(problem.n_acq)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self._queue: List[int] = []
+        self.batch = min(cfg.batch_frames(problem.device.type), problem.n_acq)
+        self.params = [q for q in self.model.parameters() if q.requires_grad]
+        self.ema = [q.detach().clone() for q in self.params] if cfg.ema_decay > 0 else None
+
+    def weights(self) -> dict:
+        """The weights to render with: the EMA when enabled, else the live ones (a copy)."""
+        if self.ema is None:
+            return copy.deepcopy(self.model.state_dict())
+        with self.swapped_ema():
+            return copy.deepcopy(self.model.state_dict())
+
+    @contextlib.contextmanager
+    def swapped_ema(self):
+        if self.ema is None:
+            yield
+            return
+        live = [q.detach().clone() for q in self.params]
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self.ema)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, live)
+
+    def decay_lr(self, factor: float) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] *= factor
+
+    def _next_batch(self) -> torch.Tensor:
+        B = self.batch
+        while len(self._queue) < B:
+            self._queue.extend(self.train_frames[torch.randperm(self.p.n_acq, generator=self.gen)].tolist())
+        batch, self._queue = self._queue[:B], self._queue[B:]
+        return torch.tensor(batch, device=self.p.device)
+
+    def predict_acquired(self, acq: torch.Tensor) -> torch.Tensor:
+        """Images (B, n, n) of acquired frames ``acq`` at the fitting resolution."""
+        p, n = self.p, self.p.matrix
+        feats = p.features_for(p.acquired_t[acq], (n, n))
+        img = self.model(self.xy.expand(len(acq), -1, -1), p.t_acq[acq], feats)
+        return img.reshape(len(acq), n, n)
+
+    def step(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimisation step on the next batch of frames.
+
+        Returns 0-d device tensors (training loss, held-out L1 sum, held-out sample count): the
+        prediction at the held-out spokes comes from the same forward pass, so the stopping
+        rule costs nothing, and nothing here waits for the device.
+        """
+        p = self.p
+        acq = self._next_batch()
+        img = self.predict_acquired(acq)
+        if self.cfg.dcf_power > 0:
+            pred = p.op.preconditioned_forward(img, p.omega[acq], p.dcf_grad[acq])
+        else:
+            pred = p.op.forward(img, p.omega[acq])
+        target = p.kdata[acq]
+        loss = _loss(pred, target, p.train_w[acq])
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        with torch.no_grad():
+            if self.ema is not None:
+                torch._foreach_lerp_(self.ema, self.params, 1.0 - self.cfg.ema_decay)
+            w = p.hold_w[acq]
+            count = w.sum()
+            held = _loss(pred.detach(), target, w) * count
+        return loss.detach(), held, count
+
+    @torch.no_grad()
+    def render(self, matrix: Optional[int] = None, batch: int = 4) -> torch.Tensor:
+        """All output frames (default: at the output matrix), in data units, (F_out, N, N) complex on CPU.
+
+        Above the fitting matrix (spatial interpolation) the coordinate-derived inputs (x' and
+        γ(x)) come from the nearest fitted pixel and the features are sampled bilinearly, as
+        the reference does: γ(x)'s finest frequencies alias on the fitting grid, so evaluating
+        them between its pixels would inject patterns the fit never constrained.
+        """
+        p, N, n = self.p, matrix or self.p.out_matrix, self.p.matrix
+        t_all = torch.arange(p.n_out, device=p.device, dtype=torch.float32) / max(p.n_out - 1, 1)
+        xy = pixel_grid(min(N, n), min(N, n), p.device)
+        near = nearest_index(N, n, p.device) if N > n else None
+        frames = []
+        for sl in torch.arange(p.n_out, device=p.device).split(batch):
+            coords, warped = self.model.encode(xy.expand(len(sl), -1, -1), t_all[sl])
+            if near is not None:
+                coords, warped = coords[:, near], warped[:, near]
+            img = self.model.canonical(warped, coords, p.features_for(sl, (N, N)))
+            frames.append(img.reshape(len(sl), N, N).cpu())
+        return torch.cat(frames) * p.scale
+
+
+def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: Optional[torch.Tensor] = None,
+                callback: Optional[Callable[[FitProgress], Optional[bool]]] = None) -> ReconResult:
+    """Fit DA-INR to ``data`` and return every output frame.
+
+    ``callback(progress)`` is called after every evaluation and, with rendered ``images``,
+    every ``cfg.preview_every`` steps; returning True stops the fit.
+    """
+    cfg = cfg or DAINRConfig()
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    problem = Problem(data, cfg, coil_maps, device)
+    fitter = Fitter(problem, cfg)
+    t_prep = time.perf_counter() - t0
+
+    # one "epoch" ≈ every acquired frame visited once; the held-out residual is averaged over it
+    epoch = math.ceil(problem.n_acq / fitter.batch)
+    best_res, best_step, best_state, bad_epochs, decays = math.inf, 0, None, 0, 0
+    history, reason, step, loss_t = [], "max_steps", 0, torch.tensor(math.nan)
+    held_sum = held_count = 0.0
+    bar = _progress_bar(cfg)
+    t_fit0 = time.perf_counter()
+    for step in range(1, cfg.max_steps + 1):
+        loss_t, held, count = fitter.step()
+        held_sum, held_count = held_sum + held, held_count + count
+        elapsed = time.perf_counter() - t_fit0
+        res = None
+        if problem.has_holdout and step % epoch == 0:  # the only per-epoch device sync
+            res = float(held_sum) / max(float(held_count), 1.0)
+            held_sum = held_count = 0.0
+            history.append((step, float(loss_t), res))
+            if res < best_res * (1 - cfg.min_improvement):
+                best_res, best_step, bad_epochs = res, step, 0
+                best_state = fitter.weights()
+            else:
+                bad_epochs += 1
+                if bad_epochs >= cfg.patience and decays < cfg.max_decays:
+                    fitter.decay_lr(cfg.lr_decay)
+                    decays, bad_epochs = decays + 1, 0
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss_t):.4g}", holdout=f"{best_res:.4g}")
+        stop = False
+        if callback is not None:
+            want_preview = cfg.preview_every > 0 and step % cfg.preview_every == 0
+            if want_preview or res is not None:
+                images = None
+                if want_preview:
+                    with fitter.swapped_ema():
+                        images = fitter.render()
+                stop = bool(callback(FitProgress(step, elapsed, float(loss_t), res, images)))
+        if stop:
+            reason = "callback"
+            break
+        if cfg.max_seconds is not None and elapsed >= cfg.max_seconds:
+            reason = "max_seconds"
+            break
+        if problem.has_holdout and step >= cfg.min_steps and bad_epochs >= cfg.patience and decays >= cfg.max_decays:
+            reason = "holdout_converged"
+            break
+    if bar is not None:
+        bar.close()
+    t_fit = time.perf_counter() - t_fit0
+    fitter.model.load_state_dict(best_state if best_state is not None else fitter.weights())
+    images = fitter.render()
+    lowres = fitter.render(problem.matrix) if problem.matrix != problem.out_matrix else None
+    total = time.perf_counter() - t0
+    info = dict(
+        steps=step, best_step=best_step if best_state is not None else step, stop_reason=reason,
+        frame_visits=step * fitter.batch, lr_decays=decays, seconds_total=total, seconds_prepare=t_prep,
+        seconds_fit=t_fit, seconds_per_step=t_fit / max(step, 1), holdout_residual=best_res if best_state else None,
+        history=history, final_loss=float(loss_t), device=str(device), nufft_backend=problem.op.backend,
+        grid_backend=type(fitter.model.grid).__name__, fit_matrix=problem.matrix, n_params=sum(p.numel() for p in fitter.model.parameters()),
+    )
+    if device.type == "cuda":
+        info["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
+    return ReconResult(images=images, zero_filled=(problem.zero_filled * problem.scale).cpu(),
+                       coil_maps=problem.op.smaps.cpu(), acquired_frames=problem.acquired, info=info,
+                       lowres_images=lowres)
+
+
+def _progress_bar(cfg: DAINRConfig):
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.max_steps, desc="DA-INR fit", unit="step", leave=False, disable=None, mininterval=0.5)
+
+
+def zero_filled(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Zero-filled (DCF gridding, coil-combined) images (F, N, N) in data units, no fitting."""
+    cfg = (cfg or DAINRConfig()).replace(use_features=False, holdout_spokes=0, spatial_ratio=1.0, temporal_ratio=1)
+    p = Problem(data, cfg, coil_maps, resolve_device(cfg.device))
+    return (p.zero_filled * p.scale).cpu()
+
+
+def upsample_bilinear(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear upsampling of complex frames (F, n, n) → (F, size, size) (the spatial baseline)."""
+    x = torch.view_as_real(images).permute(0, 3, 1, 2)
+    y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=True)
+    return torch.view_as_complex(y.permute(0, 2, 3, 1).contiguous())

@@ -1,0 +1,1 @@
+"""The product shell around :mod:`dainr`: MRD I/O, command line, previews, benchmarks."""

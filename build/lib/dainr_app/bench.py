@@ -1,0 +1,244 @@
+"""Benchmarks: quality vs zero-filled and temporal TV, the paper's relative claims, speed and memory.
+
+``dainr bench`` runs every case in its own subprocess (so peak memory is per case), prints a
+table and writes ``bench-out/results.json``.  ``dainr bench --case NAME`` runs one case.
+Cases (``--list`` shows them): the 128² × 23 frames × 8 coils cine at 5/13/21 spokes per frame
+(DA-INR, zero-filled, temporal TV with λ picked against the truth — an oracle that favours the
+baseline), the ablations (no features; plain grid INR without deformation), temporal ×2,
+spatial ×2, the real-anatomy cine from ``../shared/data`` (skipped when absent), the README demo
+timing, and on CUDA the 32-coil case.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Callable, Dict
+
+import numpy as np
+import torch
+
+from dainr import DAINRConfig, reconstruct, upsample_bilinear
+from dainr.baselines import temporal_tv, temporal_tv_holdout_lambda
+from dainr.metrics import psnr_ssim
+from dainr.sim import simulate
+
+from .bench_server import case_ingest, case_overhead
+
+REAL_DATA = os.environ.get("DAINR_REAL_DATA", os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "cine_real_complex_110x110x10.npy"))
+TV_LAMBDAS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.04)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _dainr(scan, cfg: DAINRConfig, gt=None) -> dict:
+    t0 = time.perf_counter()
+    res = reconstruct(scan.data, cfg)
+    wall = time.perf_counter() - t0
+    gt = scan.ground_truth if gt is None else gt
+    m = psnr_ssim(res.images, gt)
+    info = res.info
+    out = dict(psnr=m["psnr"], ssim=m["ssim"], seconds=wall, steps=info["steps"], frame_visits=info["frame_visits"],
+               seconds_per_step=info["seconds_per_step"], stop_reason=info["stop_reason"], device=info["device"],
+               nufft=info["nufft_backend"], grid=info["grid_backend"])
+    if "peak_gpu_bytes" in info:
+        out["peak_gpu_mb"] = info["peak_gpu_bytes"] / 2**20
+    return out, res
+
+
+def _quality(spokes: int, coils: int = 8, image=None) -> dict:
+    scan = simulate(128, 23, spokes, coils, noise_level=0.02, image=image)
+    ours, res = _dainr(scan, DAINRConfig(device="auto"))
+    zf = psnr_ssim(res.zero_filled, scan.ground_truth)
+    return dict(dainr=ours, zero_filled=dict(psnr=zf["psnr"], ssim=zf["ssim"]), **_tv(scan, res.coil_maps))
+
+
+def _tv(scan, coil_maps) -> dict:
+    """Temporal TV twice: λ by held-out spokes (ground-truth free, like DA-INR's stopping) and λ by the truth (oracle)."""
+    runs = [temporal_tv(scan.data, lam=lam, coil_maps=coil_maps) for lam in TV_LAMBDAS]
+    scores = [psnr_ssim(r["images"], scan.ground_truth) for r in runs]
+    best = int(np.argmax([s["psnr"] for s in scores]))
+    fair = temporal_tv_holdout_lambda(scan.data, TV_LAMBDAS, coil_maps=coil_maps)
+    fair_score = psnr_ssim(fair["images"], scan.ground_truth)
+    return dict(temporal_tv_holdout=dict(psnr=fair_score["psnr"], ssim=fair_score["ssim"], lam=fair["lam"],
+                                         seconds=fair["seconds"]),
+                temporal_tv_oracle=dict(psnr=scores[best]["psnr"], ssim=scores[best]["ssim"], lam=TV_LAMBDAS[best],
+                                        seconds=runs[best]["seconds"], iterations=runs[best]["iterations"],
+                                        sweep={str(l): round(s["psnr"], 2) for l, s in zip(TV_LAMBDAS, scores)}))
+
+
+def case_spokes13() -> dict:
+    return _quality(13)
+
+
+def case_spokes5() -> dict:
+    return _quality(5)
+
+
+def case_spokes21() -> dict:
+    return _quality(21)
+
+
+def case_ablation() -> dict:
+    scan = simulate(128, 23, 13, 8, noise_level=0.02)
+    out = {}
+    for name, kw in (("no_features", dict(use_features=False)),
+                     ("plain_grid_inr", dict(use_features=False, use_deformation=False))):
+        out[name], _ = _dainr(scan, DAINRConfig(**kw))
+    return out
+
+
+def case_temporal2() -> dict:
+    """Fit frames 0, 2, …, 22 (21 spokes each, the paper's AF 6.1 setting), query all 23."""
+    scan = simulate(128, 23, 21, 8, noise_level=0.02)
+    keep = list(range(0, 23, 2))
+    scan.data = scan.data.select_frames(keep)
+    ours, res = _dainr(scan, DAINRConfig(temporal_ratio=2))
+    per = psnr_ssim(res.images, scan.ground_truth)
+    trained = [per["psnr_frames"][i] for i in keep]
+    interp = [p for i, p in enumerate(per["psnr_frames"]) if i not in keep]
+    ours.update(trained_psnr=float(np.mean(trained)), interpolated_psnr=float(np.mean(interp)))
+    return ours
+
+
+def case_spatial2() -> dict:
+    """Fit at 64² on the k-space centre (13 spokes), query 128²; compare with bilinear upsampling."""
+    scan = simulate(128, 23, 13, 8, noise_level=0.02)
+    ours, res = _dainr(scan, DAINRConfig(spatial_ratio=2.0))
+    gt = torch.from_numpy(scan.ground_truth)
+    k = torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(gt, dim=(-2, -1))), dim=(-2, -1))[:, 32:96, 32:96]
+    low_gt = torch.fft.fftshift(torch.fft.ifft2(torch.fft.ifftshift(k, dim=(-2, -1))), dim=(-2, -1))
+    bil_gt = psnr_ssim(upsample_bilinear(low_gt, 128), scan.ground_truth)
+    bil_ours = psnr_ssim(upsample_bilinear(res.lowres_images, 128), scan.ground_truth)
+    return dict(dainr=ours, bilinear_of_dainr_64=dict(psnr=bil_ours["psnr"], ssim=bil_ours["ssim"]),
+                bilinear_of_true_64=dict(psnr=bil_gt["psnr"], ssim=bil_gt["ssim"]))
+
+
+def case_real() -> dict:
+    if not os.path.exists(REAL_DATA):
+        return dict(skipped=f"{REAL_DATA} not present")
+    seq = np.load(REAL_DATA)
+    return dict(source=os.path.basename(REAL_DATA), shape=list(seq.shape), spokes13=_real(seq, 13))
+
+
+def _real(seq, spokes):
+    scan = simulate(image=seq, spokes=spokes, coils=8, noise_level=0.02)
+    ours, res = _dainr(scan, DAINRConfig())
+    zf = psnr_ssim(res.zero_filled, scan.ground_truth)
+    return dict(dainr=ours, zero_filled=dict(psnr=zf["psnr"], ssim=zf["ssim"]), **_tv(scan, res.coil_maps))
+
+
+def case_demo() -> dict:
+    """The README's main command workload (64², 12 frames, 4 coils, 13 spokes), library part only."""
+    scan = simulate(64, 12, 13, 4, noise_level=0.02)
+    ours, res = _dainr(scan, DAINRConfig())
+    zf = psnr_ssim(res.zero_filled, scan.ground_truth)
+    return dict(dainr=ours, zero_filled=dict(psnr=zf["psnr"], ssim=zf["ssim"]))
+
+
+def case_gpu32() -> dict:
+    if not torch.cuda.is_available():
+        return dict(skipped="no CUDA device")
+    scan = simulate(128, 23, 13, 32, noise_level=0.02)
+    ours, _ = _dainr(scan, DAINRConfig(device="cuda"))
+    return ours
+
+
+def case_profile() -> dict:
+    """Where a CPU step goes: 128², 8 coils, 13 spokes, one frame per step (ms, median of 10)."""
+    from dainr.recon import Fitter, Problem
+
+    scan = simulate(128, 23, 13, 8, noise_level=0.02)
+    cfg = DAINRConfig(device="cpu")
+    prob = Problem(scan.data, cfg, None, torch.device("cpu"))
+    fit = Fitter(prob, cfg)
+    model, P = fit.model, 128 * 128
+
+    def timed(fn, n=10):
+        fn()
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return 1000 * float(np.median(ts))
+
+    coords = torch.randn(1, P, 55)
+    warped = (torch.rand(1, P, 2) * 2 - 1).requires_grad_(True)
+    canon_in = torch.randn(1, P, model.sigma_net[0].in_features)
+    acq = torch.tensor([0])
+    img = fit.predict_acquired(acq).detach().requires_grad_(True)
+
+    def nufft():
+        pred = prob.op.preconditioned_forward(img, prob.omega[acq], prob.dcf_grad[acq])
+        (pred.real.sum() + pred.imag.sum()).backward()
+
+    out = dict(
+        step_total=timed(fit.step),
+        grid_fwd_bwd=timed(lambda: model.grid(warped).sum().backward()),
+        deformation_mlp_fwd_bwd=timed(lambda: model.deform(coords).sum().backward()),
+        canonical_mlp_fwd_bwd=timed(lambda: model.color_net(model.sigma_net(canon_in)).sum().backward()),
+        nufft_fwd_bwd_8coils=timed(nufft),
+        features_sampling=timed(lambda: prob.features_for(torch.tensor([3]), (128, 128))),
+        adamw_step=timed(fit.opt.step),
+    )
+    return out
+
+
+CASES: Dict[str, Callable[[], dict]] = {
+    "demo": case_demo, "spokes13": case_spokes13, "spokes5": case_spokes5, "spokes21": case_spokes21,
+    "ablation": case_ablation, "temporal2": case_temporal2, "spatial2": case_spatial2, "real": case_real,
+    "gpu32": case_gpu32, "profile": case_profile, "ingest": case_ingest, "overhead": case_overhead,
+}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--case", choices=sorted(CASES), action="append", help="run only these cases (repeatable)")
+    p.add_argument("--out", default="bench-out", help="folder for results.json")
+    p.add_argument("--threads", type=int, default=2, help="torch/finufft threads (the target machine has 2 cores)")
+    p.add_argument("--list", action="store_true")
+    p.add_argument("--inline", action="store_true", help=argparse.SUPPRESS)
+
+
+def _run_inline(name: str, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    result = CASES[name]()
+    result["case_seconds"] = time.perf_counter() - t0
+    result["peak_rss_mb"] = _peak_rss_mb()
+    return result
+
+
+def main(args) -> int:
+    if args.list:
+        for name, fn in CASES.items():
+            print(f"{name:10s} {(fn.__doc__ or '').strip().splitlines()[0] if fn.__doc__ else ''}")
+        return 0
+    names = args.case or list(CASES)
+    if args.inline:
+        print(json.dumps({n: _run_inline(n, args.threads) for n in names}, default=float))
+        return 0
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "results.json")
+    results = json.load(open(path)) if os.path.exists(path) else {}
+    for name in names:
+        print(f"[bench] {name} ...", flush=True)
+        cmd = [sys.executable, "-m", "dainr_app.cli", "bench", "--inline", "--threads", str(args.threads), "--case", name]
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            results[name] = dict(error=proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}")
+        else:
+            results.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+        with open(path, "w") as fh:
+            json.dump(results, fh, indent=2, default=float)
+        print(json.dumps({name: results[name]}, default=lambda v: round(float(v), 3)), flush=True)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,195 @@
+"""Protocol benchmarks (``dainr bench --case ingest|overhead``): the embedded server in its own process,
+the replay client in this one, as a scanner integration would run them.
+
+* ``ingest``: pass-through pipelines replaying 40,000 readouts of 8 coils × 256 samples (HDF5 file read,
+  serialize, server, gadget process, and back): ``relay`` (gadget frames and returns bytes) and ``passthrough``
+  (gadget decodes/encodes via gadgetron-python's ``Connection``), each from the file and from memory; the
+  ``passthrough`` gadget alone (a parent that does no parsing); and the same four TCP hops through three
+  processes moving raw bytes with no protocol work (this machine's ceiling).  Target ≥ 25k/s.
+* ``overhead``: the DA-INR pipeline on the README demo data: replay wall time vs the reconstruction time the
+  gadget reports in each image's processing history.  Target: overhead ≤ 5 % of the reconstruction time;
+  also whether the second slice was fully sent before the first slice's images came back.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import torch
+
+from dainr.data import RadialData
+from dainr.sim import simulate
+
+from .mrd import iter_acquisitions, processing_history, write_raw
+from .protocol import CLOSE, HEADER, Frame, config_text, encode, text_frame
+from .replay import file_items, replay
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@contextlib.contextmanager
+def server_process():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "dainr_app.cli", "serve", "-p", str(port)], cwd=ROOT,
+                            stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=ROOT))
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("dainr serve did not start")
+                time.sleep(0.1)
+        yield ("127.0.0.1", port)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _large_raw(path: str, slices: int = 2, frames: int = 200, spokes: int = 100, coils: int = 8, samples: int = 256):
+    rng = np.random.default_rng(0)
+    data = []
+    for _ in range(slices):
+        k = (rng.standard_normal((frames, coils, spokes, samples)) + 1j * rng.standard_normal(
+            (frames, coils, spokes, samples))).astype(np.complex64)
+        t = rng.uniform(-0.5, 0.5, (frames, spokes, samples, 2)).astype(np.float32)
+        data.append(RadialData(torch.from_numpy(k), torch.from_numpy(t), samples // 2))
+    write_raw(path, data)
+
+
+def case_ingest() -> dict:
+    """Pass-through pipelines: 40k readouts (8 coils x 256 samples) replayed end to end through dainr serve."""
+    reps = 10
+    with tempfile.TemporaryDirectory() as work:
+        path = os.path.join(work, "large.h5")
+        _large_raw(path, frames=20)  # 4,000 readouts, replayed 10 times in one session
+        header, _ = file_items(path)
+        in_memory = list(iter_acquisitions(path)) * reps
+        n = len(in_memory)
+        rates = {}
+        with server_process() as address:
+            for pipeline in ("relay", "passthrough"):
+                replay(in_memory[:10], header, address, config=pipeline)  # warm: gadget forkserver started
+                runs = dict(from_file=lambda: itertools.chain.from_iterable(iter_acquisitions(path) for _ in range(reps)),
+                            from_memory=lambda: iter(in_memory))
+                for source, items in runs.items():
+                    res = replay(items(), header, address, config=pipeline)
+                    assert not res.errors and res.returned == n, (res.errors, res.returned, n)
+                    rates[f"{pipeline}_{source}_readouts_per_s"] = n / res.total_seconds
+        rates["passthrough_gadget_alone_readouts_per_s"] = _gadget_alone(header, in_memory)
+    rates["bare_four_hops_readouts_per_s"] = _bare_chain(n * _READOUT_BYTES)
+    return dict(readouts=n, readout_bytes=_READOUT_BYTES, **rates)
+
+
+_READOUT_BYTES = 2 + 340 + 256 * 2 * 4 + 8 * 256 * 8
+
+
+def _bare_chain(nbytes: int) -> float:
+    """The pipeline's topology with no protocol work (readouts/s): client -> relay process -> echo process ->
+    relay -> client, four TCP hops moving raw bytes in 1 MiB chunks.  The ceiling for this machine."""
+    def pump(src, dst):
+        buf = bytearray(1 << 20)
+        while True:
+            k = src.recv_into(buf)
+            if not k:
+                break
+            dst.sendall(memoryview(buf)[:k])
+        dst.shutdown(socket.SHUT_WR)
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    if os.fork() == 0:  # relay process, which forks the echo process
+        inner = socket.create_server(("127.0.0.1", 0))
+        if os.fork() == 0:
+            echo = socket.create_connection(inner.getsockname())
+            pump(echo, echo)
+            os._exit(0)
+        gadget, _ = inner.accept()
+        client, _ = listener.accept()
+        forward = threading.Thread(target=pump, args=(client, gadget))
+        forward.start()
+        pump(gadget, client)
+        forward.join()
+        os._exit(0)
+    sock = socket.create_connection(listener.getsockname())
+    chunk = b"x" * (1 << 20)
+
+    def send():
+        for _ in range(nbytes >> 20):
+            sock.sendall(chunk)
+        sock.shutdown(socket.SHUT_WR)
+    t0 = time.perf_counter()
+    threading.Thread(target=send, daemon=True).start()
+    buf, total = bytearray(1 << 20), 0
+    while True:
+        k = sock.recv_into(buf)
+        if not k:
+            break
+        total += k
+    seconds = time.perf_counter() - t0
+    sock.close()
+    listener.close()
+    os.waitpid(-1, 0)
+    return total / _READOUT_BYTES / seconds
+
+
+def _gadget_alone(header: str, acqs) -> float:
+    """The pass-through gadget (gadgetron-python's Connection) fed pre-encoded bytes by a parent that does no
+    parsing: the ceiling any server can reach with this gadget."""
+    data = config_text("<configuration/>") + text_frame(HEADER, header).to_bytes() + \
+        b"".join(encode(a) for a in acqs) + Frame.of(CLOSE).raw
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        proc = subprocess.Popen([sys.executable, "-m", "gadgetron", str(listener.getsockname()[1]), "gadgets.passthrough",
+                                 "passthrough"], env=dict(os.environ, PYTHONPATH=ROOT, GADGETRON_EXTERNAL_LOG_LEVEL="WARNING"))
+        sock, _ = listener.accept()
+    t0 = time.perf_counter()
+    threading.Thread(target=sock.sendall, args=(data,), daemon=True).start()
+    total = 0
+    while True:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            break
+        total += len(chunk)
+    seconds = time.perf_counter() - t0
+    proc.wait(30)
+    sock.close()
+    return len(acqs) / seconds
+
+
+def case_overhead() -> dict:
+    """DA-INR pipeline on the demo data (2 slices): replay wall time vs the gadget's reconstruction time."""
+    with tempfile.TemporaryDirectory() as work:
+        path = os.path.join(work, "raw.h5")
+        scans = [simulate(64, 12, 13, 4, noise_level=0.02, seed=s) for s in range(2)]
+        write_raw(path, [s.data for s in scans], noise=scans[0].data.noise.numpy())
+        out = {}
+        with server_process() as address:
+            for run in ("cold", "warm"):  # cold: the server's gadget forkserver starts during this replay
+                header, items = file_items(path)
+                res = replay(items, header, address, config="dainr")
+                assert not res.errors, res.errors
+                recon = sum(_recon_seconds(im) for im in res.images[1] if im.image_index == 1)
+                timing = sorted(res.slices.items())
+                out[run] = dict(total_seconds=res.total_seconds, recon_seconds=recon,
+                                overhead_seconds=res.total_seconds - recon,
+                                overhead_percent=100 * (res.total_seconds - recon) / recon,
+                                all_sent_at=res.send_seconds, first_image_at=min(t.first_image for _, t in timing),
+                                per_slice_latency=[t.last_image - t.last_sent for _, t in timing])
+    return out
+
+
+def _recon_seconds(image) -> float:
+    """The reconstruction time the gadget wrote into the image's processing history."""
+    return float(re.search(r"([0-9.]+) s on", processing_history(image)).group(1))

@@ -1,0 +1,424 @@
+"""``dainr`` command line: simulate, recon, demo, serve, replay, dicom, gadget-server, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from dainr import DAINRConfig, reconstruct
+from dainr.metrics import psnr_ssim
+
+from .pipeline import PIPELINES_DIR
+
+
+def truth_path(raw_path: str) -> str:
+    """Where ``dainr simulate`` saves the ground truth for ``raw_path``."""
+    return os.path.splitext(raw_path)[0] + "_truth.npz"
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _preview_path(text: str) -> str:
+    if not text.lower().endswith((".gif", ".png")):
+        raise argparse.ArgumentTypeError(f"preview must end in .gif or .png, got {text!r}")
+    return text
+
+
+def _ratio(text: str) -> float:
+    v = float(text)
+    if not v >= 1.0:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return v
+
+
+def cmd_simulate(args) -> int:
+    from dainr.sim import simulate
+
+    from .mrd import write_raw
+
+    if args.spokes < 1 or args.frames < 2 or args.coils < 1 or args.slices < 1 or args.matrix < 16:
+        raise SystemExit("simulate: need --matrix >= 16, --frames >= 2, --spokes/--coils/--slices >= 1")
+    scans = [simulate(args.matrix, args.frames, args.spokes, args.coils, args.noise, args.golden_angle, args.seed + s)
+             for s in range(args.slices)]
+    noise = scans[0].data.noise  # None without noise: no noise scan
+    write_raw(args.output, [s.data for s in scans], noise=None if noise is None else noise.numpy(),
+              golden_angle=args.golden_angle)
+    np.savez_compressed(truth_path(args.output), images=np.stack([s.ground_truth for s in scans]),
+                        coil_maps=np.stack([s.coil_maps for s in scans]), noise_covariance=scans[0].noise_covariance)
+    print(f"wrote {args.output} ({args.slices} slice(s) x {args.frames} frames x {args.spokes} spokes x {args.coils} coils, "
+          f"{args.matrix}^2) and ground truth {truth_path(args.output)}")
+    return 0
+
+
+def config_from_args(args) -> DAINRConfig:
+    changes = dict(device=args.device, seed=args.seed, spatial_ratio=args.sr_ratio, temporal_ratio=args.down_ratio,
+                   progress=not args.quiet, use_features=not args.no_features, use_deformation=not args.no_deformation)
+    for name in ("max_steps", "max_seconds", "frames_per_step", "holdout_spokes", "nufft_backend", "golden_angle"):
+        value = getattr(args, name, None)
+        if value is not None:
+            changes[name] = value
+    return DAINRConfig().replace(**changes)
+
+
+def run_recon(raw: str, output: str, cfg: DAINRConfig, series: int = 1, preview: Optional[str] = None,
+              output_type: str = "magnitude", truth: Optional[str] = None, group: str = "dataset",
+              spokes_per_frame: Optional[int] = None, quiet: bool = False) -> List[dict]:
+    """Reconstruct every slice of an MRD raw file into MRD images; returns one summary per slice."""
+    from .mrd import make_images, read_raw, write_images
+    from .preview import write_preview
+
+    scan = read_raw(raw, group, spokes_per_frame)
+    truth_images = np.load(truth)["images"] if truth else None
+    if os.path.exists(output):
+        os.remove(output)
+    summaries, panels = [], []
+    r = cfg.temporal_ratio
+    for (s, contrast, repetition, set_index), raw_slice in scan.slices.items():
+        data = raw_slice.data
+        if r > 1:  # paper protocol: fit every r-th frame of the file, query all frames
+            data = data.select_frames(range(0, data.n_frames, r))
+        t0 = time.perf_counter()
+        result = reconstruct(data, cfg)
+        seconds = time.perf_counter() - t0
+        info = result.info
+        history = [f"DA-INR {info['steps']} steps ({info['stop_reason']}), {seconds:.1f} s on {info['device']}"]
+        images = make_images(result.images.numpy(), series, s, scan.fov_mm, raw_slice.geometry, output_type,
+                             history=history, repetition=repetition, contrast=contrast, set_index=set_index)
+        write_images(output, images)
+        summary = dict(slice=s, contrast=contrast, repetition=repetition, set=set_index, frames=len(images), seconds=round(seconds, 2), steps=info["steps"],
+                       stop_reason=info["stop_reason"], seconds_per_step=round(info["seconds_per_step"], 4),
+                       device=info["device"], nufft=info["nufft_backend"])
+        if truth_images is not None and s < len(truth_images):
+            gt = truth_images[s][: len(result.images)]
+            m = psnr_ssim(result.images, gt)
+            zf_gt = truth_images[s][result.acquired_frames] if cfg.spatial_ratio == 1 else None
+            summary.update(psnr=round(m["psnr"], 2), ssim=round(m["ssim"], 4))
+            if zf_gt is not None:
+                z = psnr_ssim(result.zero_filled, zf_gt)
+                summary.update(zero_filled_psnr=round(z["psnr"], 2), zero_filled_ssim=round(z["ssim"], 4))
+            panels = [gt, result.zero_filled.numpy(), result.images.numpy()] if not panels else panels
+        elif not panels:
+            panels = [result.zero_filled.numpy(), result.images.numpy()]
+        summaries.append(summary)
+        if not quiet:
+            print(json.dumps(summary))
+    if preview:
+        write_preview(preview, panels)
+    return summaries
+
+
+def cmd_recon(args) -> int:
+    cfg = config_from_args(args)
+    truth = args.truth
+    if truth is None and os.path.exists(truth_path(args.raw)):
+        truth = truth_path(args.raw)
+    run_recon(args.raw, args.output, cfg, args.series, args.preview, args.output_type, truth, args.group,
+              args.spokes_per_frame)
+    print(f"wrote {args.output}" + (f" and {args.preview}" if args.preview else ""))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The built-in default job: simulate a small cine, replay it through the embedded server running the
+    ``dainr`` pipeline, and leave MRD images, DICOM series, a preview GIF and the quality reached."""
+    import importlib
+    import re
+    import threading
+
+    from dainr import zero_filled
+
+    from .dicom import mrd_to_dicom
+    from .mrd import processing_history, read_raw
+    from .preview import write_preview
+    from .replay import file_items, replay, timing_table
+    from .server import Server, ServerOptions
+
+    os.makedirs(args.outdir, exist_ok=True)
+    server = Server(ServerOptions(port=0))  # loopback, free port; gadget processes start warming up now
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        raw = os.path.join(args.outdir, "raw.h5")
+        cmd_simulate(argparse.Namespace(output=raw, matrix=64, frames=12, spokes=13, coils=4, slices=1, noise=0.02,
+                                        golden_angle="true", seed=args.seed))
+        with open(os.path.join(PIPELINES_DIR, "dainr.xml"), encoding="utf-8") as fh:
+            xml = fh.read()
+        xml = re.sub(r'(name="steps" value=")[^"]*', rf"\g<1>{args.max_steps}", xml)
+        xml = re.sub(r'(name="device" value=")[^"]*', rf"\g<1>{args.device}", xml)
+        header, items = file_items(raw)
+        # the metrics' scipy/skimage imports (~3 s) happen while this process only waits for images
+        threading.Thread(target=importlib.import_module, args=("skimage.metrics",), daemon=True).start()
+        res = replay(items, header, ("127.0.0.1", server.port), config_xml=xml)
+    finally:
+        server.stopping.set()
+    if res.errors or 1 not in res.images:
+        raise ValueError(f"the server reported: {res.errors or 'no images'}")
+    out, gif, dicom = (os.path.join(args.outdir, f) for f in ("images.h5", "preview.gif", "dicom"))
+    save_images(res.images, out, "dataset")
+    written = mrd_to_dicom(res.images, dicom)
+    frames = np.stack([im.data[0, 0] for im in sorted(res.images[1], key=lambda im: im.image_index)])
+    truth = np.load(truth_path(raw))["images"][0]
+    zf = zero_filled(next(iter(read_raw(raw).slices.values())).data).numpy()
+    write_preview(gif, [truth, zf, frames])
+    ours, base = psnr_ssim(frames, truth), psnr_ssim(zf, truth)
+    history = processing_history(res.images[1][0])
+    summary = dict(psnr=round(ours["psnr"], 2), ssim=round(ours["ssim"], 4), zero_filled_psnr=round(base["psnr"], 2),
+                   zero_filled_ssim=round(base["ssim"], 4), reconstruction=history,
+                   replay_seconds=round(res.total_seconds, 2), images=res.n_images,
+                   dicom_files=sum(len(v) for v in written.values()))
+    with open(os.path.join(args.outdir, "metrics.json"), "w") as fh:
+        json.dump(summary, fh, indent=2)
+    if not args.quiet:
+        print(timing_table(res))
+    print(f"zero-filled: PSNR {summary['zero_filled_psnr']:.2f} dB  SSIM {summary['zero_filled_ssim']:.3f}")
+    print(f"DA-INR     : PSNR {summary['psnr']:.2f} dB  SSIM {summary['ssim']:.3f}  ({history}; replay through "
+          f"dainr serve {summary['replay_seconds']} s)")
+    print(f"wrote {out} (series " + ", ".join(str(s) for s in sorted(res.images)) + f"), {dicom}/ "
+          f"({summary['dicom_files']} DICOM files), {gif} (truth | zero-filled | DA-INR), "
+          f"{os.path.join(args.outdir, 'metrics.json')}")
+    return 0
+
+
+def cmd_dicom(args) -> int:
+    from .dicom import mrd_to_dicom
+    from .mrd import read_images
+
+    written = mrd_to_dicom(read_images(args.images, args.group), args.outdir)
+    for series, paths in written.items():
+        print(f"series {series}: {len(paths)} files in {os.path.dirname(paths[0]) if paths else args.outdir}")
+    return 0
+
+
+def cmd_gadget_server(args) -> int:
+    import logging
+
+    from gadgets.resident import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(args.port, args.connections)
+    return 0
+
+
+def server_options(args):
+    from .pipeline import Policy
+    from .protocol import Limits
+    from .server import ServerOptions
+
+    policy = Policy(modules=("gadgets", *args.allow_module), connect_hosts=Policy().connect_hosts + tuple(args.allow_connect))
+    if not os.path.isdir(args.pipelines):
+        raise ValueError(f"pipelines folder {args.pipelines} does not exist")
+    return ServerOptions(host=args.host, port=args.port, pipelines=os.path.abspath(args.pipelines), policy=policy,
+                         limits=Limits(max_message=args.max_message_mb << 20), max_connections=args.max_connections,
+                         buffer_bytes=args.buffer_mb << 20, idle_timeout=args.idle_timeout, launcher=args.launcher)
+
+
+def cmd_serve(args) -> int:
+    import contextlib
+    import logging
+    import signal
+
+    from .pipeline import PipelineError, load_named, parse_pipeline
+    from .server import Server, run_stream
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    opts = server_options(args)
+    if args.from_stream:
+        if not args.config:
+            raise ValueError("--from_stream needs -c PIPELINE (a name in the pipelines folder or an XML file)")
+        try:
+            if os.path.isfile(args.config):
+                with open(args.config, encoding="utf-8") as fh:
+                    pipeline = parse_pipeline(fh.read(), opts.policy, args.config)
+            else:
+                pipeline = load_named(args.config, opts.policy, opts.pipelines)
+        except PipelineError as exc:
+            raise ValueError(str(exc)) from exc
+        with contextlib.ExitStack() as files:
+            inp = files.enter_context(open(args.input, "rb")) if args.input else sys.stdin.buffer
+            outp = files.enter_context(open(args.output, "wb")) if args.output else sys.stdout.buffer
+            return run_stream(pipeline, inp, outp, opts)
+    server = Server(opts)
+    print(f"dainr serve: listening on {opts.host}:{server.port}", file=sys.stderr, flush=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: server.stopping.set())
+    server.serve_forever()
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from .replay import file_items, replay, timing_table
+
+    header, items = file_items(args.raw, args.in_group)
+    config_xml = None
+    if args.config_local:
+        with open(args.config_local, encoding="utf-8") as fh:
+            config_xml = fh.read()
+    res = replay(items, header, (args.address, args.port), None if config_xml else args.config, config_xml,
+                 timeout=args.timeout)
+    save_images(res.images, args.output, args.out_group)
+    print(f"sent {res.sent} messages ({res.readouts} readouts) in {res.send_seconds:.2f} s; received "
+          f"{res.n_images} images in {len(res.images)} series"
+          + (f" and {res.returned} other messages" if res.returned else "") + f" in {res.total_seconds:.2f} s")
+    if res.images:
+        print(f"wrote {args.output} (group {args.out_group}: "
+              + ", ".join(f"image_{s} x{len(v)}" for s, v in sorted(res.images.items())) + ")")
+    if not args.quiet:
+        print(timing_table(res))
+    if args.dicom and res.images:
+        from .dicom import mrd_to_dicom
+
+        written = mrd_to_dicom(res.images, args.dicom)
+        print("wrote DICOM: " + ", ".join(f"series {s}: {len(p)} files" for s, p in sorted(written.items()))
+              + f" under {args.dicom}")
+    for text in res.errors:
+        print(f"dainr replay: server error: {text}", file=sys.stderr)
+    return 1 if res.errors else 0
+
+
+def save_images(images: dict, path: str, group: str) -> None:
+    """Write received images to ``path``/``group``/image_<series>, replacing that group if it exists."""
+    import h5py
+
+    from .mrd import write_images
+
+    if not images:
+        return
+    if os.path.exists(path):
+        with h5py.File(path, "a") as h5:
+            if group in h5:
+                del h5[group]
+    write_images(path, [im for series in sorted(images) for im in images[series]], group)
+
+
+def cmd_bench(args) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dainr", description="DA-INR dynamic MRI reconstruction")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("simulate", help="write a simulated golden-angle radial cine as MRD raw data")
+    s.add_argument("-o", "--output", required=True)
+    s.add_argument("--matrix", type=int, default=64)
+    s.add_argument("--frames", type=int, default=12)
+    s.add_argument("--spokes", type=int, default=13, help="spokes per frame")
+    s.add_argument("--coils", type=int, default=4)
+    s.add_argument("--slices", type=int, default=1)
+    s.add_argument("--noise", type=float, default=0.02, help="noise std relative to k-space RMS")
+    s.add_argument("--golden-angle", choices=("true", "reference"), default="true")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_simulate)
+
+    r = sub.add_parser("recon", help="reconstruct an MRD raw file into MRD images")
+    r.add_argument("raw")
+    r.add_argument("-o", "--output", required=True)
+    r.add_argument("--device", default="auto")
+    r.add_argument("--steps", dest="max_steps", type=_positive_int)
+    r.add_argument("--max-seconds", type=float)
+    r.add_argument("--frames-per-step", type=_positive_int)
+    r.add_argument("--holdout-spokes", type=int)
+    r.add_argument("--sr-ratio", type=_ratio, default=1.0, help="spatial interpolation: fit at N/ratio, query N")
+    r.add_argument("--down-ratio", type=_positive_int, default=1, help="temporal interpolation: fit every r-th frame")
+    r.add_argument("--nufft-backend", choices=("auto", "torchkbnufft", "finufft"))
+    r.add_argument("--golden-angle", choices=("true", "reference"))
+    r.add_argument("--no-features", action="store_true")
+    r.add_argument("--no-deformation", action="store_true")
+    r.add_argument("--preview", type=_preview_path, help="write a .gif/.png preview")
+    r.add_argument("--series", type=int, default=1, help="output image_series_index")
+    r.add_argument("--output-type", choices=("magnitude", "complex"), default="magnitude")
+    r.add_argument("--truth", help="ground truth .npz (default: <raw>_truth.npz when present)")
+    r.add_argument("--group", default="dataset")
+    r.add_argument("--spokes-per-frame", type=_positive_int, help="when the header has no phase range")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=cmd_recon)
+
+    d = sub.add_parser("demo", help="simulate a small cine, replay it through the embedded server, write MRD "
+                                    "images, DICOM, preview and metrics")
+    d.add_argument("-o", "--outdir", default="dainr-demo")
+    d.add_argument("--device", default="auto")
+    d.add_argument("--max-steps", type=_positive_int, default=DAINRConfig().max_steps)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    dc = sub.add_parser("dicom", help="convert an MRD image file to DICOM (one folder per series)")
+    dc.add_argument("images")
+    dc.add_argument("-o", "--outdir", required=True)
+    dc.add_argument("--group", default="dataset")
+    dc.set_defaults(func=cmd_dicom)
+
+    g = sub.add_parser("gadget-server", help="resident DA-INR gadget for <connect port=.../> pipelines")
+    g.add_argument("-p", "--port", type=int, default=18000)
+    g.add_argument("--connections", type=_positive_int, help="exit after this many scans (default: serve forever)")
+    g.set_defaults(func=cmd_gadget_server)
+
+    sv = sub.add_parser("serve", help="Gadgetron-protocol server running the XML pipelines (or --from_stream)")
+    sv.add_argument("-p", "--port", type=int, default=9002)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    sv.add_argument("--pipelines", default=PIPELINES_DIR, help="folder CONFIG_FILE names resolve in")
+    sv.add_argument("--allow-module", action="append", default=[], metavar="MODULE",
+                    help="also allow <execute> of this Python package (default: gadgets only)")
+    sv.add_argument("--allow-connect", action="append", default=[], metavar="HOST",
+                    help="also allow <connect> to this host (default: localhost)")
+    sv.add_argument("--max-connections", type=_positive_int, default=8)
+    sv.add_argument("--buffer-mb", type=_positive_int, default=512, help="per session, data queued ahead of a gadget")
+    sv.add_argument("--max-message-mb", type=_positive_int, default=256, help="largest accepted data message")
+    sv.add_argument("--idle-timeout", type=float, default=600.0, help="seconds without a message before a session ends")
+    sv.add_argument("--launcher", choices=("fork", "spawn"), default="fork",
+                    help="fork: gadgets forked from a warm forkserver; spawn: `python -m gadgetron` per gadget")
+    sv.add_argument("--from_stream", "--from-stream", action="store_true",
+                    help="MRD stream on stdin (or -i), images on stdout (or -o), like gadgetron --from_stream")
+    sv.add_argument("-c", "--config", help="--from_stream: pipeline name or XML file")
+    sv.add_argument("-i", "--input", help="--from_stream: input stream file (default stdin)")
+    sv.add_argument("-o", "--output", help="--from_stream: output stream file (default stdout)")
+    sv.set_defaults(func=cmd_serve)
+
+    rp = sub.add_parser("replay", help="stream an MRD raw file through a Gadgetron-protocol server, save the images")
+    rp.add_argument("raw")
+    rp.add_argument("-a", "--address", default="localhost")
+    rp.add_argument("-p", "--port", type=int, default=9002)
+    rp.add_argument("-c", "--config", default="dainr", help="pipeline name on the server (CONFIG_FILE)")
+    rp.add_argument("-C", "--config-local", help="local pipeline XML sent as CONFIG_TEXT")
+    rp.add_argument("-o", "--output", default="out.h5")
+    rp.add_argument("-g", "--in-group", default="dataset")
+    rp.add_argument("-G", "--out-group", default="dataset")
+    rp.add_argument("--dicom", metavar="DIR", help="also write the images as DICOM series under DIR")
+    rp.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server")
+    rp.add_argument("--quiet", action="store_true", help="no per-slice timing table")
+    rp.set_defaults(func=cmd_replay)
+
+    b = sub.add_parser("bench", help="quality/speed benchmarks (prints a table, writes JSON)")
+    from .bench import add_arguments
+
+    add_arguments(b)
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as exc:  # bad files and arguments: a clear message, no traceback
+        print(f"dainr {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

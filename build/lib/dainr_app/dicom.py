@@ -1,0 +1,90 @@
+"""MRD images → DICOM MR Image Storage files (pydicom), one folder per ``image_series_index``.
+
+Geometry: MRD ``position`` is the image centre; DICOM ``ImagePositionPatient`` is the centre of the first
+(top-left) pixel, so it is moved back by half the FOV minus half a pixel along the row and column
+directions.  Pixel spacing is FOV / matrix.  Pixels are stored as unsigned 16-bit with a rescale slope, so
+the rescaled values (and the window from the meta) are in the image's own units.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+import ismrmrd
+
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+
+
+def _meta(image) -> "ismrmrd.Meta":
+    try:
+        return ismrmrd.Meta.deserialize(image.attribute_string) if image.attribute_string else ismrmrd.Meta()
+    except Exception:  # malformed attribute XML: export without it
+        return ismrmrd.Meta()
+
+
+def _first(meta, key, default=None):
+    value = meta.get(key, meta.get("GADGETRON_" + key, default))
+    return value[0] if isinstance(value, list) and value else value
+
+
+def write_series(images: Sequence["ismrmrd.Image"], folder: str, study_uid: str, frame_uid: str,
+                 description: str = "DA-INR") -> List[str]:
+    """Write one series (images sharing ``image_series_index``) into ``folder``; returns the file paths."""
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    os.makedirs(folder, exist_ok=True)
+    series_uid = generate_uid()
+    mags = [np.abs(np.asarray(im.data, dtype=np.complex64 if np.iscomplexobj(im.data) else np.float32))[0, 0]
+            for im in images]
+    peak = max(float(m.max()) for m in mags) if mags else 1.0
+    slope = peak / 65535.0 if peak > 0 else 1.0
+    paths = []
+    for im, mag in zip(images, mags):
+        ny, nx = mag.shape
+        fov = [float(v) for v in im.field_of_view]
+        dx, dy = fov[0] / nx, fov[1] / ny
+        read, phase = np.asarray(im.read_dir, float), np.asarray(im.phase_dir, float)
+        corner = np.asarray(im.position, float) - (nx / 2 - 0.5) * dx * read - (ny / 2 - 0.5) * dy * phase
+        fm = FileMetaDataset()
+        fm.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
+        fm.MediaStorageSOPInstanceUID = generate_uid()
+        fm.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = os.path.join(folder, f"IM_{im.image_index:05d}_s{im.slice:03d}.dcm")
+        ds = FileDataset(path, {}, file_meta=fm, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = MR_IMAGE_STORAGE, fm.MediaStorageSOPInstanceUID
+        ds.Modality, ds.ImageType = "MR", ["DERIVED", "PRIMARY", "M"]
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+        ds.SeriesNumber, ds.InstanceNumber = int(im.image_series_index), int(im.image_index)
+        ds.SeriesDescription = description
+        ds.ImageComments = str(_first(_meta(im), "ImageComment", description))
+        ds.PatientName, ds.PatientID = "DAINR^PHANTOM", "DAINR"
+        ds.Rows, ds.Columns = ny, nx
+        ds.PixelSpacing = [f"{dy:.6g}", f"{dx:.6g}"]  # row spacing, column spacing
+        ds.SliceThickness = f"{fov[2]:.6g}"
+        ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*read, *phase)]
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in corner]
+        ds.SliceLocation = f"{float(np.dot(np.asarray(im.position, float), np.asarray(im.slice_dir, float))):.6g}"
+        ds.TemporalPositionIdentifier = int(im.phase) + 1
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = f"{slope:.10g}", "0", "US"
+        meta = _meta(im)
+        if _first(meta, "WindowCenter") is not None and _first(meta, "WindowWidth") is not None:
+            ds.WindowCenter, ds.WindowWidth = str(_first(meta, "WindowCenter")), str(_first(meta, "WindowWidth"))
+        ds.PixelData = np.round(mag / slope).clip(0, 65535).astype("<u2").tobytes()
+        pydicom.dcmwrite(path, ds, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def mrd_to_dicom(images_by_series: Dict[int, Sequence["ismrmrd.Image"]], outdir: str) -> Dict[int, List[str]]:
+    """Every series to ``outdir/series_<n>/``; one study and frame of reference for the file."""
+    from pydicom.uid import generate_uid
+
+    study, frame = generate_uid(), generate_uid()
+    return {series: write_series(imgs, os.path.join(outdir, f"series_{series:03d}"), study, frame)
+            for series, imgs in sorted(images_by_series.items())}

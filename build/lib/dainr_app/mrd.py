@@ -1,0 +1,382 @@
+"""ISMRMRD (MRD) raw and image I/O.  The only place (with the gadgets) that imports ``ismrmrd``.
+
+Raw files are written the way a scanner converter writes radial data: a leading noise scan
+(``ACQ_IS_NOISE_MEASUREMENT``), then per slice every spoke with ``acq.traj`` (samples, 2) in
+cycles/pixel, ``idx.kspace_encode_step_1`` = global spoke counter, ``idx.phase`` = frame,
+``idx.slice``, and ``ACQ_LAST_IN_SLICE`` on the slice's last spoke.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+import ismrmrd
+import ismrmrd.xsd as xsd
+
+from dainr.config import GOLDEN_ANGLE_DEG
+from dainr.data import RadialData, frames_from_spokes
+from dainr.trajectory import angle_step, radial_trajectory
+
+ANGLE_PARAM = "angle_increment_rad"
+Key = Tuple[int, int, int, int]  # (slice, contrast, repetition, set): readouts reconstructed together
+SPOKES_PARAM = "spokes_per_frame"
+# readouts that are not image data: skipped by the file reader, passed through by the gadget
+SKIP_FLAGS = (ismrmrd.ACQ_IS_NAVIGATION_DATA, ismrmrd.ACQ_IS_PHASECORR_DATA, ismrmrd.ACQ_IS_DUMMYSCAN_DATA)
+
+
+class MRDFormatError(ValueError):
+    """A raw or image file that cannot be used, with the reason."""
+
+
+@dataclass
+class Geometry:
+    """Slice geometry taken from the acquisitions (patient coordinates, mm)."""
+
+    position: Sequence[float] = (0.0, 0.0, 0.0)
+    read_dir: Sequence[float] = (1.0, 0.0, 0.0)
+    phase_dir: Sequence[float] = (0.0, 1.0, 0.0)
+    slice_dir: Sequence[float] = (0.0, 0.0, 1.0)
+    patient_table_position: Sequence[float] = (0.0, 0.0, 0.0)
+
+    @classmethod
+    def from_acquisition(cls, acq) -> "Geometry":
+        return cls(tuple(acq.position), tuple(acq.read_dir), tuple(acq.phase_dir), tuple(acq.slice_dir),
+                   tuple(acq.patient_table_position))
+
+
+@dataclass
+class RawSlice:
+    slice: int
+    data: RadialData
+    geometry: Geometry
+    n_spokes: int
+
+
+def acquisition_key(acq) -> Key:
+    """The buffer an imaging readout belongs to (the file reader and the gadget group by the same key)."""
+    return (acq.idx.slice, acq.idx.contrast, acq.idx.repetition, acq.idx.set)
+
+
+@dataclass
+class RawScan:
+    matrix: int
+    fov_mm: tuple
+    slices: Dict[Key, RawSlice]
+    noise: Optional[torch.Tensor]
+    header: object = field(repr=False, default=None)
+
+
+def build_header(matrix: int, n_samples: int, n_coils: int, n_frames: int, n_spokes: int, n_slices: int,
+                 fov_mm: float = 320.0, slice_thickness_mm: float = 8.0, golden_angle: str = "true",
+                 spokes_per_frame: Optional[int] = None) -> "xsd.ismrmrdHeader":
+    """MRD header for a 2D golden-angle radial cine (floats as Python floats: xsdata needs them)."""
+    def limit(maximum: int, centre: int = 0):
+        return xsd.limitType(minimum=0, maximum=int(maximum), center=int(centre))
+
+    oversampling = n_samples / matrix
+    encoded = xsd.encodingSpaceType(
+        matrixSize=xsd.matrixSizeType(x=int(n_samples), y=int(matrix), z=1),
+        fieldOfView_mm=xsd.fieldOfViewMm(x=float(fov_mm * oversampling), y=float(fov_mm), z=float(slice_thickness_mm)))
+    recon = xsd.encodingSpaceType(
+        matrixSize=xsd.matrixSizeType(x=int(matrix), y=int(matrix), z=1),
+        fieldOfView_mm=xsd.fieldOfViewMm(x=float(fov_mm), y=float(fov_mm), z=float(slice_thickness_mm)))
+    limits = xsd.encodingLimitsType(
+        kspace_encoding_step_0=limit(n_samples - 1, n_samples // 2), kspace_encoding_step_1=limit(n_spokes - 1),
+        kspace_encoding_step_2=limit(0), slice=limit(n_slices - 1), phase=limit(n_frames - 1), contrast=limit(0),
+        repetition=limit(0), set=limit(0), average=limit(0), segment=limit(0))
+    longs = [xsd.userParameterLongType(name=SPOKES_PARAM, value=int(spokes_per_frame))] if spokes_per_frame else []
+    desc = xsd.trajectoryDescriptionType(
+        identifier="golden_angle_radial", userParameterLong=longs,
+        userParameterDouble=[xsd.userParameterDoubleType(name=ANGLE_PARAM, value=float(angle_step(golden_angle)))],
+        comment=f"golden angle {'180/phi = %.4f deg' % GOLDEN_ANGLE_DEG if golden_angle == 'true' else '111.246 rad (reference code)'}")
+    encoding = xsd.encodingType(encodedSpace=encoded, reconSpace=recon, encodingLimits=limits,
+                                trajectory=xsd.trajectoryType.GOLDENANGLE, trajectoryDescription=desc)
+    return xsd.ismrmrdHeader(
+        experimentalConditions=xsd.experimentalConditionsType(H1resonanceFrequency_Hz=63_870_000),
+        acquisitionSystemInformation=xsd.acquisitionSystemInformationType(receiverChannels=int(n_coils)),
+        encoding=[encoding])
+
+
+def write_raw(path: str, slices: Sequence[RadialData], noise: Optional[np.ndarray] = None, golden_angle: str = "true",
+              fov_mm: float = 320.0, slice_thickness_mm: float = 8.0, slice_gap_mm: float = 2.0) -> None:
+    """Write slices (equal frames × spokes each) as an MRD raw file with a leading noise scan."""
+    first = slices[0]
+    F_, C, S, R = first.kdata.shape
+    for d in slices:
+        if tuple(d.kdata.shape) != (F_, C, S, R) or not bool(d.spoke_mask.all()):
+            raise ValueError("write_raw needs slices of equal shape without padding")
+    if os.path.exists(path):
+        os.remove(path)
+    header = build_header(first.matrix, R, C, F_, F_ * S, len(slices), fov_mm, slice_thickness_mm, golden_angle, S)
+    ds = ismrmrd.Dataset(path, "dataset", create_if_needed=True)
+    try:
+        ds.write_xml_header(ismrmrd.xsd.ToXML(header))
+        counter = 0
+        if noise is not None:
+            noise = np.asarray(noise, dtype=np.complex64)
+            for chunk in np.array_split(noise, max(1, noise.shape[1] // R), axis=1):
+                acq = ismrmrd.Acquisition.from_array(np.ascontiguousarray(chunk))
+                acq.set_flag(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
+                acq.scan_counter = counter
+                counter += 1
+                ds.append_acquisition(acq)
+        spacing = slice_thickness_mm + slice_gap_mm
+        for s, d in enumerate(slices):
+            k = d.kdata.numpy()
+            t = d.traj.numpy()
+            z = (s - (len(slices) - 1) / 2) * spacing
+            for f in range(F_):
+                for j in range(S):
+                    acq = ismrmrd.Acquisition.from_array(np.ascontiguousarray(k[f, :, j]), np.ascontiguousarray(t[f, j]))
+                    acq.center_sample = R // 2
+                    acq.idx.kspace_encode_step_1 = f * S + j
+                    acq.idx.phase = f
+                    acq.idx.slice = s
+                    acq.position[:] = (0.0, 0.0, float(z))
+                    acq.read_dir[:] = (1.0, 0.0, 0.0)
+                    acq.phase_dir[:] = (0.0, 1.0, 0.0)
+                    acq.slice_dir[:] = (0.0, 0.0, 1.0)
+                    acq.scan_counter = counter
+                    acq.acquisition_time_stamp = counter
+                    counter += 1
+                    if f == 0 and j == 0:
+                        acq.set_flag(ismrmrd.ACQ_FIRST_IN_SLICE)
+                    if f == F_ - 1 and j == S - 1:
+                        acq.set_flag(ismrmrd.ACQ_LAST_IN_SLICE)
+                        if s == len(slices) - 1:
+                            acq.set_flag(ismrmrd.ACQ_LAST_IN_MEASUREMENT)
+                    ds.append_acquisition(acq)
+    finally:
+        ds.close()
+
+
+def parse_header(text) -> "xsd.ismrmrdHeader":
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+    text = text.rstrip("\x00")
+    try:
+        return xsd.CreateFromDocument(text)
+    except Exception as exc:  # xsdata raises several parser error types
+        raise MRDFormatError(f"MRD header does not parse: {exc}") from exc
+
+
+@dataclass
+class ReconParameters:
+    """What a reconstruction needs from the MRD header."""
+
+    matrix: int
+    fov_mm: tuple
+    frames_from_phase: bool
+    n_frames: Optional[int]
+    spokes_per_frame: Optional[int]
+    angle_step_rad: float
+    trajectory: str
+
+    @classmethod
+    def from_header(cls, header, spokes_per_frame: Optional[int] = None) -> "ReconParameters":
+        if not header.encoding:
+            raise MRDFormatError("MRD header has no <encoding>")
+        enc = header.encoding[0]
+        try:
+            matrix = int(enc.reconSpace.matrixSize.x)
+            fov = enc.reconSpace.fieldOfView_mm
+            fov_mm = (float(fov.x), float(fov.y), float(fov.z))
+        except AttributeError as exc:
+            raise MRDFormatError("MRD header lacks reconSpace matrixSize/fieldOfView_mm") from exc
+        if matrix < 8:
+            raise MRDFormatError(f"reconSpace matrix {matrix} is too small")
+        traj = enc.trajectory.value if hasattr(enc.trajectory, "value") else str(enc.trajectory)
+        phase = enc.encodingLimits.phase if enc.encodingLimits is not None else None
+        from_phase = phase is not None and phase.maximum is not None and int(phase.maximum) > 0
+        step = angle_step("true")
+        desc = enc.trajectoryDescription
+        if desc is not None:
+            for p in desc.userParameterDouble or []:
+                if p.name == ANGLE_PARAM:
+                    step = float(p.value)
+            for p in desc.userParameterLong or []:
+                if p.name == SPOKES_PARAM and spokes_per_frame is None:
+                    spokes_per_frame = int(p.value)
+        n_frames = int(phase.maximum) - int(phase.minimum or 0) + 1 if from_phase else None
+        return cls(matrix, fov_mm, from_phase, n_frames, spokes_per_frame, step, traj)
+
+
+def spoke_trajectory(acq, params: ReconParameters, n_samples: int) -> np.ndarray:
+    """(samples, 2) trajectory of one readout: ``acq.traj`` when present, else golden-angle index."""
+    if acq.trajectory_dimensions >= 2:
+        return np.asarray(acq.traj[:, :2], dtype=np.float32)
+    if params.trajectory not in ("radial", "goldenangle"):
+        raise MRDFormatError(f"acquisition has no trajectory and the header trajectory type is {params.trajectory!r}; "
+                             "cannot derive radial angles")
+    angle = acq.idx.kspace_encode_step_1 * params.angle_step_rad
+    return radial_trajectory(torch.tensor([angle]), n_samples)[0].numpy()
+
+
+def iter_acquisitions(path: str, group: str = "dataset", chunk: int = 2048) -> Iterator["ismrmrd.Acquisition"]:
+    """The acquisitions of an MRD file in file order, read in chunks (``Dataset.read_acquisition`` reads
+    the record three times per call: ~10x slower for replaying large files)."""
+    import h5py
+
+    with h5py.File(path, "r") as h5:
+        if group not in h5 or "data" not in h5[group]:
+            return
+        records = h5[group]["data"]
+        for start in range(0, records.shape[0], chunk):
+            for rec in records[start:start + chunk]:
+                acq = ismrmrd.Acquisition(rec["head"])
+                acq.data[:] = rec["data"].view(np.complex64).reshape(acq.active_channels, acq.number_of_samples)
+                if acq.traj.size:
+                    acq.traj[:] = rec["traj"].reshape(acq.number_of_samples, acq.trajectory_dimensions)
+                yield acq
+
+
+def open_raw(path: str, group: str = "dataset") -> Tuple[str, int]:
+    """The header XML of an MRD raw file and its number of waveforms; a clear error for anything else."""
+    if not os.path.exists(path):
+        raise MRDFormatError(f"{path}: no such file")
+    try:
+        ds = ismrmrd.Dataset(path, group, create_if_needed=False, mode="r")
+    except Exception as exc:
+        raise MRDFormatError(f"{path}: not an MRD/HDF5 file with group '{group}': {exc}") from exc
+    try:
+        try:
+            xml = ds.read_xml_header()
+        except Exception as exc:
+            raise MRDFormatError(f"{path}: no MRD header: {exc}") from exc
+        n_waveforms = ds.number_of_waveforms() if "waveforms" in ds._dataset else 0
+    finally:
+        ds.close()
+    return (xml.decode("utf-8", errors="replace") if isinstance(xml, bytes) else xml), n_waveforms
+
+
+def read_raw(path: str, group: str = "dataset", spokes_per_frame: Optional[int] = None) -> RawScan:
+    """Read an MRD raw radial file into one :class:`RadialData` per slice (noise scans → prewhitening)."""
+    header = parse_header(open_raw(path, group)[0])
+    params = ReconParameters.from_header(header, spokes_per_frame)
+    noise, per_key = [], {}
+    for acq in iter_acquisitions(path, group):
+        if acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            noise.append(acq.data.copy())
+        elif not any(acq.is_flag_set(f) for f in SKIP_FLAGS):
+            per_key.setdefault(acquisition_key(acq), []).append(acq)
+    if not per_key:
+        raise MRDFormatError(f"{path}: no imaging acquisitions")
+    noise_t = None
+    if noise:
+        if len({x.shape[0] for x in noise}) != 1:
+            raise MRDFormatError("noise scans have different channel counts")
+        noise_t = torch.from_numpy(np.concatenate(noise, axis=1))
+    slices = {key: slice_from_acquisitions(acqs, params, noise_t, key[0]) for key, acqs in sorted(per_key.items())}
+    return RawScan(params.matrix, params.fov_mm, slices, noise_t, header)
+
+
+def slice_from_acquisitions(acqs: List, params: ReconParameters, noise: Optional[torch.Tensor], s: int) -> RawSlice:
+    """One slice's imaging readouts (in order) → :class:`RawSlice`; a clear :class:`MRDFormatError` otherwise."""
+    shapes = {a.data.shape for a in acqs}
+    if len(shapes) != 1:
+        raise MRDFormatError(f"slice {s}: readouts have different (channels, samples): {sorted(shapes)}")
+    C, R = shapes.pop()
+    if R < 2:
+        raise MRDFormatError(f"slice {s}: readouts have {R} samples")
+    if noise is not None and noise.shape[0] != C:
+        raise MRDFormatError(f"slice {s}: {C} channels but the noise scan has {noise.shape[0]}")
+    kdata = torch.from_numpy(np.stack([a.data for a in acqs]).astype(np.complex64))
+    finite = torch.isfinite(torch.view_as_real(kdata)).flatten(1).all(1)
+    if not finite.all():
+        bad = (~finite).nonzero().flatten().tolist()
+        raise MRDFormatError(f"slice {s}: {len(bad)} readout(s) contain NaN/Inf samples "
+                             f"(scan counters {[int(acqs[i].scan_counter) for i in bad[:5]]})")
+    traj = torch.from_numpy(np.stack([spoke_trajectory(a, params, R) for a in acqs]))
+    frame_index = torch.tensor([a.idx.phase for a in acqs]) if params.frames_from_phase else None
+    if frame_index is not None and params.n_frames:
+        if len(acqs) < params.n_frames:
+            raise MRDFormatError(f"slice {s}: {len(acqs)} spokes for {params.n_frames} frames (header phase range)")
+        missing = sorted(set(range(int(frame_index.min()), int(frame_index.min()) + params.n_frames))
+                         - set(frame_index.tolist()))
+        if missing:
+            raise MRDFormatError(f"slice {s}: frames {missing} have no spokes")
+    if frame_index is None and params.spokes_per_frame is None:
+        raise MRDFormatError("header has no phase range and no spokes_per_frame was given")
+    try:
+        data = frames_from_spokes(kdata, traj, frame_index, params.matrix, params.spokes_per_frame, noise)
+    except ValueError as exc:
+        raise MRDFormatError(f"slice {s}: {exc}") from exc
+    return RawSlice(s, data, Geometry.from_acquisition(acqs[-1]), len(acqs))
+
+
+def make_images(frames: np.ndarray, series: int, slice_index: int, fov_mm: Sequence[float], geometry: Geometry,
+                output: str = "magnitude", comment: str = "DA-INR", history: Sequence[str] = (),
+                repetition: int = 0, contrast: int = 0, set_index: int = 0, first_phase: int = 0) -> List["ismrmrd.Image"]:
+    """One ``ismrmrd.Image`` per frame with series/index/geometry/meta set (both meta key families)."""
+    if output not in ("magnitude", "complex"):
+        raise ValueError(f"output must be 'magnitude' or 'complex', got {output!r}")
+    frames = np.asarray(frames)
+    arr = np.abs(frames).astype(np.float32) if output == "magnitude" else frames.astype(np.complex64)
+    mag = np.abs(frames)
+    hi = float(np.percentile(mag, 99.5)) if mag.size else 1.0
+    window = dict(WindowCenter=f"{hi / 2:.6g}", WindowWidth=f"{hi:.6g}")
+    images = []
+    for f, img in enumerate(arr):
+        im = ismrmrd.Image.from_array(np.ascontiguousarray(img), transpose=False)
+        im.image_type = ismrmrd.IMTYPE_MAGNITUDE if output == "magnitude" else ismrmrd.IMTYPE_COMPLEX
+        im.image_series_index = int(series)
+        im.image_index = f + 1
+        im.slice, im.phase, im.repetition, im.contrast, im.set = slice_index, first_phase + f, repetition, contrast, set_index
+        im.field_of_view[:] = tuple(float(v) for v in fov_mm)
+        im.position[:] = geometry.position
+        im.read_dir[:] = geometry.read_dir
+        im.phase_dir[:] = geometry.phase_dir
+        im.slice_dir[:] = geometry.slice_dir
+        im.patient_table_position[:] = geometry.patient_table_position
+        meta = ismrmrd.Meta()
+        for prefix in ("", "GADGETRON_"):
+            meta[prefix + "DataRole"] = "Image"
+            meta[prefix + "ImageComment"] = comment
+            meta[prefix + "WindowCenter"] = window["WindowCenter"]
+            meta[prefix + "WindowWidth"] = window["WindowWidth"]
+            meta[prefix + "ImageProcessingHistory"] = list(history) or ["DA-INR"]
+        meta["ImageRowDir"] = [f"{v:.6f}" for v in geometry.read_dir]
+        meta["ImageColumnDir"] = [f"{v:.6f}" for v in geometry.phase_dir]
+        im.attribute_string = meta.serialize()
+        images.append(im)
+    return images
+
+
+def processing_history(image: "ismrmrd.Image") -> str:
+    """The last ``ImageProcessingHistory`` entry of an image's meta ('' when absent)."""
+    history = ismrmrd.Meta.deserialize(image.attribute_string).get("ImageProcessingHistory", "") \
+        if image.attribute_string else ""
+    return history[-1] if isinstance(history, list) else history
+
+
+def write_images(path: str, images: Sequence["ismrmrd.Image"], group: str = "dataset") -> None:
+    """Append images to ``path`` under ``<group>/image_<series>``."""
+    ds = ismrmrd.Dataset(path, group, create_if_needed=True)
+    try:
+        for im in images:
+            ds.append_image(f"image_{im.image_series_index}", im)
+    finally:
+        ds.close()
+
+
+def read_images(path: str, group: str = "dataset") -> Dict[int, List["ismrmrd.Image"]]:
+    """All images of an MRD file, by series index."""
+    import h5py
+
+    out: Dict[int, List] = {}
+    with h5py.File(path, "r") as h5:
+        if group not in h5:
+            raise MRDFormatError(f"{path}: no group '{group}'")
+        names = [k for k in h5[group].keys() if k.startswith("image_")]
+    ds = ismrmrd.Dataset(path, group, create_if_needed=False, mode="r")
+    try:
+        for name in names:
+            out[int(name.split("_", 1)[1])] = [ds.read_image(name, i) for i in range(ds.number_of_images(name))]
+    finally:
+        ds.close()
+    return out
+

@@ -1,0 +1,41 @@
+"""Preview images: an animated GIF (or a PNG montage) of one or more cines side by side."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+
+def _to_uint8(frames: np.ndarray) -> np.ndarray:
+    mag = np.abs(np.asarray(frames)).astype(np.float64)
+    hi = np.percentile(mag, 99.5) if mag.size else 1.0
+    return (np.clip(mag / max(hi, 1e-12), 0, 1) * 255).astype(np.uint8)
+
+
+def side_by_side(panels: Sequence[np.ndarray]) -> np.ndarray:
+    """Panels of (F, H, W) (each scaled to its own 99.5th percentile, resized to the largest H) → (F, H, ΣW) uint8."""
+    height = max(p.shape[-2] for p in panels)
+    n_frames = max(p.shape[0] for p in panels)
+    cols = []
+    for p in panels:
+        u8 = _to_uint8(p)
+        if u8.shape[-2] != height:  # nearest upsampling keeps pixels honest
+            rep = height // u8.shape[-2]
+            u8 = u8.repeat(rep, axis=-2).repeat(rep, axis=-1)
+        if u8.shape[0] != n_frames:  # e.g. temporally interpolated vs acquired frames
+            u8 = u8[np.linspace(0, u8.shape[0] - 1, n_frames).round().astype(int)]
+        cols.append(u8)
+    return np.concatenate(cols, axis=-1)
+
+
+def write_preview(path: str, panels: Sequence[np.ndarray], fps: float = 12.0) -> None:
+    """``.gif`` → animated cine; ``.png`` → montage with one row per frame."""
+    frames = side_by_side(panels)
+    if path.lower().endswith(".gif"):
+        imgs = [Image.fromarray(f, mode="L") for f in frames]
+        imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
+    elif path.lower().endswith(".png"):
+        Image.fromarray(np.concatenate(list(frames), axis=0), mode="L").save(path)
+    else:
+        raise ValueError(f"preview must end in .gif or .png, got {path!r}")

@@ -1,0 +1,158 @@
+"""``dainr replay raw.h5``: stream an MRD raw file through a Gadgetron-protocol server and save the images.
+
+Mirrors ``gadgetron_ismrmrd_client``: CONFIG_FILE (``-c`` name) or CONFIG_TEXT (``-C`` local XML), HEADER,
+noise scans / acquisitions / waveforms in file order (merged by time stamp), CLOSE; a sender thread and the
+receiving loop run concurrently.  Works against ``dainr serve``, a Gadgetron server, and python-ismrmrd-server
+(FIRE) conventions: NUL-terminated text is accepted, TEXT (5) log messages are printed, and a server that
+never sends ERROR (8) is fine.
+"""
+from __future__ import annotations
+
+import heapq
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import ismrmrd
+from ismrmrd.serialization import ConfigFile, ConfigText, ProtocolSerializer
+
+from .mrd import Key, iter_acquisitions, open_raw
+from .protocol import ACQUISITION, CLOSE, ERROR, HEADER, IMAGE, TEXT, WAVEFORM, Limits, ProtocolError, \
+    StreamEnded, read_frame, text_frame
+
+
+@dataclass
+class SliceTiming:
+    readouts: int = 0
+    last_sent: Optional[float] = None     # seconds since the replay started
+    first_image: Optional[float] = None
+    last_image: Optional[float] = None
+
+
+@dataclass
+class ReplayResult:
+    images: Dict[int, List["ismrmrd.Image"]] = field(default_factory=dict)
+    errors: List[str] = field(default_factory=list)
+    texts: List[str] = field(default_factory=list)
+    returned: int = 0                     # non-image data messages sent back (pass-through pipelines)
+    sent: int = 0
+    readouts: int = 0
+    send_seconds: float = 0.0             # until CLOSE was flushed
+    total_seconds: float = 0.0            # until the server's CLOSE
+    slices: Dict[Key, SliceTiming] = field(default_factory=dict)
+
+    @property
+    def n_images(self) -> int:
+        return sum(len(v) for v in self.images.values())
+
+
+def file_items(path: str, group: str = "dataset"):
+    """Header XML and an iterator over the file's acquisitions and waveforms merged by time stamp."""
+    header, n_waveforms = open_raw(path, group)
+
+    def waveforms():
+        ds = ismrmrd.Dataset(path, group, create_if_needed=False, mode="r")
+        try:
+            for i in range(n_waveforms):
+                yield ds.read_waveform(i)
+        finally:
+            ds.close()
+
+    if not n_waveforms:
+        return header, iter_acquisitions(path, group)
+    acqs = ((a.acquisition_time_stamp, 0, i, a) for i, a in enumerate(iter_acquisitions(path, group)))
+    wavs = ((w.time_stamp, 1, i, w) for i, w in enumerate(waveforms()))
+    return header, (item for *_, item in heapq.merge(acqs, wavs, key=lambda t: t[:3]))
+
+
+def _key(h) -> Key:
+    return (int(h.slice), int(h.contrast), int(h.repetition), int(h.set))
+
+
+def replay(items, header: str, address: Tuple[str, int], config: Optional[str] = None,
+           config_xml: Optional[str] = None, timeout: float = 600.0, limits: Limits = Limits(),
+           on_image=None) -> ReplayResult:
+    """Send ``header`` and ``items`` (ismrmrd objects) to a server; collect what comes back until CLOSE."""
+    if (config is None) == (config_xml is None):
+        raise ValueError("give a remote pipeline name or a local pipeline XML, not both")
+    try:
+        sock = socket.create_connection(address, timeout=30)
+    except OSError as exc:
+        raise ConnectionError(f"cannot connect to {address[0]}:{address[1]}: {exc}") from exc
+    sock.settimeout(timeout)
+    res = ReplayResult()
+    t0 = time.monotonic()
+    send_failed: List[BaseException] = []
+
+    def send():
+        try:
+            with sock.makefile("wb", buffering=1 << 20) as wf:
+                ser = ProtocolSerializer(wf)
+                ser.serialize(ConfigFile(config) if config is not None else ConfigText(config_xml))
+                wf.write(text_frame(HEADER, header).to_bytes())  # the file's header text, verbatim
+                for item in items:
+                    ser.serialize(item)
+                    res.sent += 1
+                    if isinstance(item, ismrmrd.Acquisition) and not item.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+                        res.readouts += 1
+                        timing = res.slices.setdefault(_key(item.idx), SliceTiming())
+                        timing.readouts += 1
+                        if item.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE):
+                            wf.flush()  # a finished slice goes out now, not when the buffer fills
+                        timing.last_sent = time.monotonic() - t0
+                ser.close()
+            res.send_seconds = time.monotonic() - t0
+        except (OSError, ValueError) as exc:  # the server ended the session; the receiver reports why
+            send_failed.append(exc)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    rf = sock.makefile("rb", buffering=1 << 16)
+    try:
+        while True:
+            frame = read_frame(rf.read, limits)
+            if frame.mid == CLOSE:
+                break
+            if frame.mid == IMAGE:
+                image = frame.decode()
+                now = time.monotonic() - t0
+                res.images.setdefault(image.image_series_index, []).append(image)
+                timing = res.slices.setdefault(_key(image), SliceTiming())
+                timing.first_image = timing.first_image if timing.first_image is not None else now
+                timing.last_image = now
+                if on_image is not None:
+                    on_image(image)
+            elif frame.mid == ERROR:
+                res.errors.append(frame.text())
+            elif frame.mid == TEXT:  # python-ismrmrd-server logs to the client this way
+                text = frame.text()
+                res.texts.append(text)
+                if text.startswith("ERROR"):
+                    res.errors.append(text)
+            elif frame.mid in (ACQUISITION, WAVEFORM):
+                res.returned += 1
+            elif frame.mid != HEADER:
+                raise ProtocolError(f"server sent an unexpected {frame.name} message")
+    except socket.timeout:
+        res.errors.append(f"no answer from the server for {timeout:g} s")
+    except (StreamEnded, ProtocolError, ConnectionError) as exc:
+        res.errors.append(f"connection to the server ended without CLOSE: {exc}")
+    finally:
+        res.total_seconds = time.monotonic() - t0
+        rf.close()
+        sock.close()
+        sender.join(5)
+    return res
+
+
+def timing_table(res: ReplayResult) -> str:
+    """Per-slice summary: readouts, when the last one was sent, when its images came back."""
+    rows = ["slice contrast repetition set  readouts  last readout sent  first image  last image  latency"]
+    fmt = lambda v: f"{v:8.2f} s" if v is not None else "       -  "
+    for (s, c, r, st), t in sorted(res.slices.items()):
+        latency = t.last_image - t.last_sent if t.last_image is not None and t.last_sent is not None else None
+        rows.append(f"{s:5d} {c:8d} {r:10d} {st:3d}  {t.readouts:8d}  {fmt(t.last_sent):>17}  {fmt(t.first_image):>11}"
+                    f"  {fmt(t.last_image):>10}  {fmt(latency)}")
+    return "\n".join(rows)

@@ -1,0 +1,1 @@
+"""Gadgetron gadgets: plain ``f(connection)`` callables over ``gadgetron.external.Connection``."""

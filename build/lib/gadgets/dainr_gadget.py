@@ -1,0 +1,179 @@
+"""The DA-INR gadget: buffer radial readouts per slice, reconstruct with DA-INR, send image frames.
+
+Gadgetron starts it as ``python -m gadgetron PORT gadgets.dainr_gadget dainr_recon``.  Properties
+(``<property name=... value=.../>`` in the ``<configuration>`` block): ``spokes_per_frame``,
+``steps``, ``max_seconds``, ``device``, ``sr_ratio``, ``down_ratio``, ``image_series_index``,
+``preview`` (true/false), ``preview_series_index``, ``preview_steps``, ``output``
+(magnitude/complex), ``seed``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+import ismrmrd
+
+from dainr import DAINRConfig, reconstruct
+from dainr_app.mrd import SKIP_FLAGS, Key, MRDFormatError, ReconParameters, acquisition_key, make_images, \
+    slice_from_acquisitions
+from dainr_app.protocol import error_frame
+
+log = logging.getLogger("dainr.gadget")
+
+
+@dataclass
+class GadgetOptions:
+    cfg: DAINRConfig
+    spokes_per_frame: Optional[int] = None
+    series: int = 1
+    preview: bool = False
+    preview_series: int = 101
+    output: str = "magnitude"
+
+
+def properties(config) -> Dict[str, str]:
+    """``<property name= value=/>`` pairs of the ``<configuration>`` element (None → empty)."""
+    if config is None:
+        return {}
+    return {p.get("name"): p.get("value") for p in config.iter("property") if p.get("name") is not None}
+
+
+def options_from_properties(props: Dict[str, str]) -> GadgetOptions:
+    """Typed options; a bad value raises ValueError naming the property."""
+    def get(name, cast, default=None):
+        if name not in props:
+            return default
+        try:
+            return cast(props[name])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"property {name}={props[name]!r}: {exc}") from exc
+
+    boolean = lambda v: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[v.strip().lower()]
+    changes = dict(device=get("device", str, "auto"), seed=get("seed", int, 0),
+                   spatial_ratio=get("sr_ratio", float, 1.0), temporal_ratio=get("down_ratio", int, 1))
+    for prop, field, cast in (("steps", "max_steps", int), ("max_seconds", "max_seconds", float)):
+        if prop in props:
+            changes[field] = get(prop, cast)
+    preview = get("preview", boolean, False)
+    if preview:
+        changes["preview_every"] = get("preview_steps", int, 50)
+    series = get("image_series_index", int, 1)
+    output = get("output", str, "magnitude")
+    if output not in ("magnitude", "complex"):
+        raise ValueError(f"property output={output!r}: must be magnitude or complex")
+    return GadgetOptions(DAINRConfig().replace(**changes), get("spokes_per_frame", int), series, preview,
+                         get("preview_series_index", int, series + 100), output)
+
+
+def send_error(connection, text: str) -> None:
+    """ERROR message (id 8: uint64 length + text), which Gadgetron turns into a RemoteError; gadgetron-python
+    has no writer for it."""
+    connection.socket.write(error_frame(text).raw)
+
+
+class SliceBuffers:
+    """Readouts per (slice, contrast, repetition, set), plus the noise scan."""
+
+    def __init__(self):
+        self.noise: List[np.ndarray] = []
+        self.buffers: Dict[Key, list] = {}
+
+    def add(self, acq) -> Optional[Key]:
+        """Buffer one readout; returns its key when it closes the slice."""
+        if acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            self.noise.append(acq.data.copy())
+            return None
+        key = acquisition_key(acq)
+        self.buffers.setdefault(key, []).append(acq)
+        return key if acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE) else None
+
+    def noise_tensor(self) -> Optional[torch.Tensor]:
+        if not self.noise:
+            return None
+        if len({n.shape[0] for n in self.noise}) != 1:
+            raise MRDFormatError("noise scans have different channel counts")
+        if not all(np.isfinite(n).all() for n in self.noise):
+            raise MRDFormatError("the noise scan contains NaN/Inf samples")
+        return torch.from_numpy(np.concatenate(self.noise, axis=1))
+
+    def pop(self, key: Key) -> list:
+        return self.buffers.pop(key, [])
+
+    def keys(self) -> List[Key]:
+        return list(self.buffers)
+
+
+def reconstruct_slice(connection, key: Key, acqs: list, params: ReconParameters, opts: GadgetOptions,
+                      noise: Optional[torch.Tensor]) -> None:
+    """Reconstruct one buffered slice and send its frames (and a preview series when enabled)."""
+    s, contrast, rep, set_index = key
+    t0 = time.perf_counter()
+    raw = slice_from_acquisitions(acqs, params, noise, s)
+    data = raw.data
+    if opts.cfg.temporal_ratio > 1:  # fit every r-th frame, query all
+        data = data.select_frames(range(0, data.n_frames, opts.cfg.temporal_ratio))
+    first_phase = int(min(a.idx.phase for a in acqs)) if params.frames_from_phase else 0
+    sent_preview = []
+
+    def emit(images, series, history):
+        for im in make_images(images.numpy(), series, s, params.fov_mm, raw.geometry, opts.output,
+                              comment="DA-INR" if series == opts.series else "DA-INR preview", history=history,
+                              repetition=rep, contrast=contrast, set_index=set_index, first_phase=first_phase):
+            connection.send(im)
+
+    def on_progress(progress):
+        if progress.images is not None and opts.preview and not sent_preview:
+            emit(progress.images, opts.preview_series, [f"DA-INR preview at step {progress.step}"])
+            sent_preview.append(time.perf_counter() - t0)
+            log.info("slice %s: preview sent %.2f s after the last readout", key, sent_preview[0])
+
+    result = reconstruct(data, opts.cfg, callback=on_progress if opts.preview else None)
+    info = result.info
+    emit(result.images, opts.series,
+         [f"DA-INR {info['steps']} steps ({info['stop_reason']}), {time.perf_counter() - t0:.2f} s on {info['device']}"])
+    log.info("slice %s: %d frames sent %.2f s after the last readout", key, len(result.images), time.perf_counter() - t0)
+
+
+def dainr_recon(connection) -> None:
+    """Gadget entry point (``<execute name="gadgets.dainr_gadget" target="dainr_recon" type="python"/>``)."""
+    try:
+        opts = options_from_properties(properties(connection.config))
+        params = ReconParameters.from_header(connection.header, None)
+        if opts.spokes_per_frame is not None:
+            params.spokes_per_frame = opts.spokes_per_frame
+    except (ValueError, MRDFormatError) as exc:
+        send_error(connection, f"DA-INR gadget configuration: {exc}")
+        return
+    buffers = SliceBuffers()
+
+    def flush(key: Key) -> None:
+        acqs = buffers.pop(key)
+        if not acqs:
+            return
+        try:
+            reconstruct_slice(connection, key, acqs, params, opts, buffers.noise_tensor())
+        except Exception as exc:  # one slice failing must not lose the others
+            log.exception("slice %s failed", key)
+            send_error(connection, f"DA-INR slice {key[0]} (contrast {key[1]}, repetition {key[2]}, set {key[3]}): {exc}")
+
+    connection.filter(lambda item: isinstance(item, ismrmrd.Acquisition) and not any(item.is_flag_set(f) for f in SKIP_FLAGS))
+    for acq in connection:
+        if acq.number_of_samples == 0:  # nothing to reconstruct, but its flags still count
+            s, contrast, rep, set_index = acquisition_key(acq)
+            send_error(connection, f"readout {acq.scan_counter} (slice {s}, contrast {contrast}, repetition {rep}, "
+                                   f"set {set_index}) has 0 samples; ignored")
+            key = acquisition_key(acq) if acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE) else None
+        else:
+            key = buffers.add(acq)
+        if key is not None:
+            flush(key)
+        if acq.is_flag_set(ismrmrd.ACQ_LAST_IN_REPETITION) or acq.is_flag_set(ismrmrd.ACQ_LAST_IN_MEASUREMENT):
+            for k in buffers.keys():
+                flush(k)
+    for k in buffers.keys():  # end of stream: reconstruct whatever is still buffered
+        flush(k)

@@ -1,1 +1,0 @@
-"""Gadgetron gadgets: plain ``f(connection)`` callables over ``gadgetron.external.Connection``."""

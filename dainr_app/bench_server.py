@@ -148,7 +148,7 @@ def _bare_chain(nbytes: int) -> float:
 def _gadget_alone(header: str, acqs) -> float:
     """The pass-through gadget (gadgetron-python's Connection) fed pre-encoded bytes by a parent that does no
     parsing: the ceiling any server can reach with this gadget."""
-    data = config_text("<configuration/>") + text_frame(HEADER, header).to_bytes() + \
+    data = config_text("<configuration/>") + text_frame(HEADER, header).raw + \
         b"".join(encode(a) for a in acqs) + Frame.of(CLOSE).raw
     with socket.create_server(("127.0.0.1", 0)) as listener:
         proc = subprocess.Popen([sys.executable, "-m", "gadgetron", str(listener.getsockname()[1]), "gadgets.passthrough",

@@ -247,7 +247,10 @@ def open_raw(path: str, group: str = "dataset") -> Tuple[str, int]:
             xml = ds.read_xml_header()
         except Exception as exc:
             raise MRDFormatError(f"{path}: no MRD header: {exc}") from exc
-        n_waveforms = ds.number_of_waveforms() if "waveforms" in ds._dataset else 0
+        try:
+            n_waveforms = ds.number_of_waveforms()
+        except LookupError:  # the file has no waveforms
+            n_waveforms = 0
     finally:
         ds.close()
     return (xml.decode("utf-8", errors="replace") if isinstance(xml, bytes) else xml), n_waveforms
@@ -265,13 +268,20 @@ def read_raw(path: str, group: str = "dataset", spokes_per_frame: Optional[int] 
             per_key.setdefault(acquisition_key(acq), []).append(acq)
     if not per_key:
         raise MRDFormatError(f"{path}: no imaging acquisitions")
-    noise_t = None
-    if noise:
-        if len({x.shape[0] for x in noise}) != 1:
-            raise MRDFormatError("noise scans have different channel counts")
-        noise_t = torch.from_numpy(np.concatenate(noise, axis=1))
+    noise_t = noise_samples(noise)
     slices = {key: slice_from_acquisitions(acqs, params, noise_t, key[0]) for key, acqs in sorted(per_key.items())}
     return RawScan(params.matrix, params.fov_mm, slices, noise_t, header)
+
+
+def noise_samples(scans: Sequence[np.ndarray]) -> Optional[torch.Tensor]:
+    """Noise-scan readouts (channels, samples) → one (C, n) tensor for prewhitening (None without any)."""
+    if not scans:
+        return None
+    if len({x.shape[0] for x in scans}) != 1:
+        raise MRDFormatError("noise scans have different channel counts")
+    if not all(np.isfinite(x).all() for x in scans):
+        raise MRDFormatError("the noise scan contains NaN/Inf samples")
+    return torch.from_numpy(np.concatenate(scans, axis=1))
 
 
 def slice_from_acquisitions(acqs: List, params: ReconParameters, noise: Optional[torch.Tensor], s: int) -> RawSlice:

@@ -76,13 +76,6 @@ class Frame:
         return cls(mid, _U16.pack(mid) + payload)
 
     @property
-    def payload(self) -> bytes:
-        return self.raw[2:]
-
-    def to_bytes(self) -> bytes:
-        return self.raw
-
-    @property
     def name(self) -> str:
         return NAMES.get(self.mid, str(self.mid))
 

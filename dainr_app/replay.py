@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 import ismrmrd
 from ismrmrd.serialization import ConfigFile, ConfigText, ProtocolSerializer
 
-from .mrd import Key, iter_acquisitions, open_raw
+from .mrd import Key, acquisition_key, iter_acquisitions, open_raw
 from .protocol import ACQUISITION, CLOSE, ERROR, HEADER, IMAGE, TEXT, WAVEFORM, Limits, ProtocolError, \
     StreamEnded, read_frame, text_frame
 
@@ -67,8 +67,9 @@ def file_items(path: str, group: str = "dataset"):
     return header, (item for *_, item in heapq.merge(acqs, wavs, key=lambda t: t[:3]))
 
 
-def _key(h) -> Key:
-    return (int(h.slice), int(h.contrast), int(h.repetition), int(h.set))
+def _image_key(image) -> Key:
+    """The acquisition_key of the readouts an image was reconstructed from."""
+    return (int(image.slice), int(image.contrast), int(image.repetition), int(image.set))
 
 
 def replay(items, header: str, address: Tuple[str, int], config: Optional[str] = None,
@@ -91,13 +92,13 @@ def replay(items, header: str, address: Tuple[str, int], config: Optional[str] =
             with sock.makefile("wb", buffering=1 << 20) as wf:
                 ser = ProtocolSerializer(wf)
                 ser.serialize(ConfigFile(config) if config is not None else ConfigText(config_xml))
-                wf.write(text_frame(HEADER, header).to_bytes())  # the file's header text, verbatim
+                wf.write(text_frame(HEADER, header).raw)  # the file's header text, verbatim
                 for item in items:
                     ser.serialize(item)
                     res.sent += 1
                     if isinstance(item, ismrmrd.Acquisition) and not item.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
                         res.readouts += 1
-                        timing = res.slices.setdefault(_key(item.idx), SliceTiming())
+                        timing = res.slices.setdefault(acquisition_key(item), SliceTiming())
                         timing.readouts += 1
                         if item.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE):
                             wf.flush()  # a finished slice goes out now, not when the buffer fills
@@ -119,7 +120,7 @@ def replay(items, header: str, address: Tuple[str, int], config: Optional[str] =
                 image = frame.decode()
                 now = time.monotonic() - t0
                 res.images.setdefault(image.image_series_index, []).append(image)
-                timing = res.slices.setdefault(_key(image), SliceTiming())
+                timing = res.slices.setdefault(_image_key(image), SliceTiming())
                 timing.first_image = timing.first_image if timing.first_image is not None else now
                 timing.last_image = now
                 if on_image is not None:

@@ -242,7 +242,7 @@ class Peer:
         self.closed_cleanly = False
         self.problem: Optional[str] = None
         sock.settimeout(None)
-        self._preamble = config_text(config_xml) + text_frame(HEADER, header).to_bytes()
+        self._preamble = config_text(config_xml) + text_frame(HEADER, header).raw
         self._sender = threading.Thread(target=self._send, daemon=True, name=f"send {label}")
         self._receiver = threading.Thread(target=self._receive, daemon=True, name=f"recv {label}")
         self._sender.start()

@@ -20,7 +20,7 @@ import ismrmrd
 
 from dainr import DAINRConfig, reconstruct
 from dainr_app.mrd import SKIP_FLAGS, Key, MRDFormatError, ReconParameters, acquisition_key, make_images, \
-    slice_from_acquisitions
+    noise_samples, slice_from_acquisitions
 from dainr_app.protocol import error_frame
 
 log = logging.getLogger("dainr.gadget")
@@ -92,15 +92,6 @@ class SliceBuffers:
         self.buffers.setdefault(key, []).append(acq)
         return key if acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE) else None
 
-    def noise_tensor(self) -> Optional[torch.Tensor]:
-        if not self.noise:
-            return None
-        if len({n.shape[0] for n in self.noise}) != 1:
-            raise MRDFormatError("noise scans have different channel counts")
-        if not all(np.isfinite(n).all() for n in self.noise):
-            raise MRDFormatError("the noise scan contains NaN/Inf samples")
-        return torch.from_numpy(np.concatenate(self.noise, axis=1))
-
     def pop(self, key: Key) -> list:
         return self.buffers.pop(key, [])
 
@@ -156,7 +147,7 @@ def dainr_recon(connection) -> None:
         if not acqs:
             return
         try:
-            reconstruct_slice(connection, key, acqs, params, opts, buffers.noise_tensor())
+            reconstruct_slice(connection, key, acqs, params, opts, noise_samples(buffers.noise))
         except Exception as exc:  # one slice failing must not lose the others
             log.exception("slice %s failed", key)
             send_error(connection, f"DA-INR slice {key[0]} (contrast {key[1]}, repetition {key[2]}, set {key[3]}): {exc}")

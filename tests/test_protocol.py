@@ -31,17 +31,17 @@ def test_frames_round_trip_through_ismrmrd_objects():
     img = ismrmrd.Image.from_array(np.ones((4, 5), np.float32), transpose=False)
     img.meta = ismrmrd.Meta({"DataRole": "Image"})
     data = encode(ConfigFile("dainr")) + encode(acq) + encode(img) + encode(ismrmrd.Waveform.from_array(
-        np.arange(6, dtype=np.uint32).reshape(2, 3))) + error_frame("boom").to_bytes()
+        np.arange(6, dtype=np.uint32).reshape(2, 3))) + error_frame("boom").raw
     frames = frames_of(data)
     assert [f.mid for f in frames] == [CONFIG_FILE, ACQUISITION, IMAGE, 1026, ERROR]
-    assert b"".join(f.to_bytes() for f in frames) == data  # relayed byte for byte
+    assert b"".join(f.raw for f in frames) == data  # relayed byte for byte
     assert frames[0].text() == "dainr" and frames[4].text() == "boom"
     assert np.array_equal(frames[1].decode().data, acq.data) and frames[1].acquisition_header().number_of_samples == 16
     assert np.array_equal(frames[2].decode().data, img.data)
 
 
 def test_nul_terminated_text_is_accepted():
-    frame = read_frame(io.BytesIO(text_frame(CONFIG_TEXT, "<configuration/>\x00").to_bytes()).read)
+    frame = read_frame(io.BytesIO(text_frame(CONFIG_TEXT, "<configuration/>\x00").raw).read)
     assert frame.text() == "<configuration/>"
 
 

@@ -44,7 +44,7 @@ def load(path):
 
 
 def stream(config, header, items, close=True) -> bytes:
-    parts = [encode(config), text_frame(HEADER, header).to_bytes()] + [encode(i) for i in items]
+    parts = [encode(config), text_frame(HEADER, header).raw] + [encode(i) for i in items]
     return b"".join(parts) + (struct.pack("<H", CLOSE) if close else b"")
 
 
@@ -57,7 +57,7 @@ def test_passthrough_returns_every_message_in_order(server, raw):
     frames = raw_session(server.port, stream(ConfigFile("passthrough"), header, acqs))
     back = [f for f in frames if f.mid == ACQUISITION]
     assert errors(frames) == [] and frames[-1].mid == CLOSE
-    assert [f.payload for f in back] == [a.to_bytes() for a in acqs]
+    assert [f.raw for f in back] == [encode(a) for a in acqs]
 
 
 def test_relay_gadget_returns_the_bytes_unchanged(server, raw):
@@ -91,12 +91,12 @@ def test_next_slice_is_accepted_while_the_previous_one_reconstructs(server, raw)
 def test_python_ismrmrd_server_client_conventions(server, raw):
     """client.py sends CONFIG_FILE and NUL-terminated config/header text, plus an optional JSON TEXT."""
     header, acqs = load(raw)
-    data = (encode(ConfigFile("passthrough")) + text_frame(HEADER, header + "\x00").to_bytes()
+    data = (encode(ConfigFile("passthrough")) + text_frame(HEADER, header + "\x00").raw
             + encode('{"parameters": {}}') + b"".join(encode(a) for a in acqs[:5]) + struct.pack("<H", CLOSE))
     frames = raw_session(server.port, data)
     assert errors(frames) == [] and sum(f.mid == ACQUISITION for f in frames) == 5
     text = small_pipeline().replace("dainr_gadget", "passthrough").replace("dainr_recon", "passthrough") + "\x00"
-    frames = raw_session(server.port, text_frame(CONFIG_TEXT, text).to_bytes() + stream(ConfigText(""), header, acqs[:3])[
+    frames = raw_session(server.port, text_frame(CONFIG_TEXT, text).raw + stream(ConfigText(""), header, acqs[:3])[
         len(encode(ConfigText(""))):])
     assert errors(frames) == [] and sum(f.mid == ACQUISITION for f in frames) == 3
 
@@ -329,7 +329,7 @@ def _connectable(port):
 
 def test_from_stream_mode_in_a_shell_pipe(raw, tmp_path):
     header, acqs = load(raw)
-    data = text_frame(HEADER, header).to_bytes() + b"".join(encode(a) for a in acqs) + struct.pack("<H", CLOSE)
+    data = text_frame(HEADER, header).raw + b"".join(encode(a) for a in acqs) + struct.pack("<H", CLOSE)
     pipeline = tmp_path / "small.xml"
     pipeline.write_text(small_pipeline())
     proc = _cli("serve", "--from_stream", "-c", str(pipeline), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -366,8 +366,8 @@ def _fire_style_server(reply: bytes):
 def test_replay_against_python_ismrmrd_server_conventions(raw):
     header, acqs = load(raw)
     image = ismrmrd.Image.from_array(np.ones((8, 8), np.float32), transpose=False, image_series_index=3)
-    reply = (text_frame(5, "INFO: processing\x00").to_bytes() + encode(image)
-             + text_frame(5, "ERROR: something failed\x00").to_bytes() + struct.pack("<H", CLOSE))
+    reply = (text_frame(5, "INFO: processing\x00").raw + encode(image)
+             + text_frame(5, "ERROR: something failed\x00").raw + struct.pack("<H", CLOSE))
     port, received = _fire_style_server(reply)
     res = replay(iter(acqs), header, ("127.0.0.1", port), config="invertcontrast")
     assert received[:2] == [1, HEADER] and received.count(ACQUISITION) == len(acqs) and received[-1] == CLOSE

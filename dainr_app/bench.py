@@ -227,7 +227,10 @@ def main(args) -> int:
         return 0
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results.json")
-    results = json.load(open(path)) if os.path.exists(path) else {}
+    results = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            results = json.load(fh)
     for name in names:
         print(f"[bench] {name} ...", flush=True)
         cmd = [sys.executable, "-m", "dainr_app.cli", "bench", "--inline", "--threads", str(args.threads), "--case", name]

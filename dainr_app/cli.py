@@ -257,8 +257,22 @@ def cmd_serve(args) -> int:
 
 
 def cmd_replay(args) -> int:
-    from .replay import file_items, replay, timing_table
+    from .protocol import ProtocolError
+    from .replay import file_items, query, replay, timing_table
 
+    queries = (["gadgetron::info"] if args.info else []) + (args.query or [])
+    if queries:
+        try:
+            answers = query((args.address, args.port), queries, args.timeout)
+        except ProtocolError as exc:
+            print(f"dainr replay: server error: {exc}", file=sys.stderr)
+            return 1
+        for q in queries:
+            print(answers[q] if len(queries) == 1 else f"{q}: {answers[q]}")
+        if args.raw is None:
+            return 0
+    if args.raw is None:
+        raise ValueError("give a raw MRD file to replay (or -Q / --query to only ask the server)")
     header, items = file_items(args.raw, args.in_group)
     config_xml = None
     if args.config_local:
@@ -389,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=cmd_serve)
 
     rp = sub.add_parser("replay", help="stream an MRD raw file through a Gadgetron-protocol server, save the images")
-    rp.add_argument("raw")
+    rp.add_argument("raw", nargs="?", help="MRD raw file (optional with -Q / --query)")
     rp.add_argument("-a", "--address", default="localhost")
     rp.add_argument("-p", "--port", type=int, default=9002)
     rp.add_argument("-c", "--config", default="dainr", help="pipeline name on the server (CONFIG_FILE)")
@@ -400,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--dicom", metavar="DIR", help="also write the images as DICOM series under DIR")
     rp.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server")
     rp.add_argument("--quiet", action="store_true", help="no per-slice timing table")
+    rp.add_argument("-Q", "--info", action="store_true", help="print the server's gadgetron::info (QUERY)")
+    rp.add_argument("--query", action="append", metavar="KEY",
+                    help="ask the server a QUERY key, e.g. dainr::pipelines, gadgetron::version (repeatable)")
     rp.set_defaults(func=cmd_replay)
 
     b = sub.add_parser("bench", help="quality/speed benchmarks (prints a table, writes JSON)")

@@ -25,14 +25,15 @@ CONFIG_TEXT = int(ISMRMRDMessageID.CONFIG_TEXT)
 HEADER = int(ISMRMRDMessageID.HEADER)
 CLOSE = int(ISMRMRDMessageID.CLOSE)
 TEXT = int(ISMRMRDMessageID.TEXT)
-QUERY = 6
+QUERY = 6     # Gadgetron: uint64 reserved + uint64 correlation id + uint64 length + query text
+RESPONSE = 7  # Gadgetron: uint64 correlation id + uint64 length + answer text
 ERROR = 8  # Gadgetron: uint64 length + text; not in ismrmrd's serializer
 ACQUISITION = int(ISMRMRDMessageID.ACQUISITION)
 IMAGE = int(ISMRMRDMessageID.IMAGE)
 WAVEFORM = int(ISMRMRDMessageID.WAVEFORM)
 DATA_IDS = (ACQUISITION, IMAGE, WAVEFORM)
 NAMES = {CONFIG_FILE: "CONFIG_FILE", CONFIG_TEXT: "CONFIG_TEXT", HEADER: "HEADER", CLOSE: "CLOSE", TEXT: "TEXT",
-         QUERY: "QUERY", ERROR: "ERROR", ACQUISITION: "ACQUISITION", IMAGE: "IMAGE", WAVEFORM: "WAVEFORM"}
+         QUERY: "QUERY", RESPONSE: "RESPONSE", ERROR: "ERROR", ACQUISITION: "ACQUISITION", IMAGE: "IMAGE", WAVEFORM: "WAVEFORM"}
 CONFIG_FILE_SIZE = 1024
 
 _ACQ_HEADER = ctypes.sizeof(ismrmrd.AcquisitionHeader)
@@ -81,12 +82,17 @@ class Frame:
 
     def text(self) -> str:
         """CONFIG_FILE / CONFIG_TEXT / HEADER / TEXT / ERROR as text; trailing NULs (python-ismrmrd-server) removed."""
-        body = self.raw[2 + {ERROR: 8, CONFIG_FILE: 0}.get(self.mid, 4):]
+        body = self.raw[2 + {ERROR: 8, CONFIG_FILE: 0, QUERY: 24, RESPONSE: 16}.get(self.mid, 4):]
         try:
             return body.split(b"\x00", 1)[0].decode("utf-8") if self.mid == CONFIG_FILE else \
                 body.rstrip(b"\x00").decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ProtocolError(f"{self.name} message is not UTF-8 text: {exc}") from exc
+
+    @property
+    def correlation_id(self) -> int:
+        """Of a QUERY (after Gadgetron's uint64 reserved field, which must be 0) or a RESPONSE."""
+        return struct.unpack_from("<Q", self.raw, 10 if self.mid == QUERY else 2)[0]
 
     def acquisition_header(self) -> ismrmrd.AcquisitionHeader:
         return ismrmrd.AcquisitionHeader.from_buffer_copy(self.raw[2:2 + _ACQ_HEADER])
@@ -99,6 +105,16 @@ class Frame:
 def text_frame(mid: int, text: str) -> Frame:
     data = text.encode("utf-8")
     return Frame.of(mid, struct.pack("<Q" if mid == ERROR else "<I", len(data)) + data)
+
+
+def query_frame(query: str, correlation_id: int = 0) -> Frame:
+    data = query.encode("utf-8")
+    return Frame.of(QUERY, struct.pack("<QQQ", 0, correlation_id, len(data)) + data)
+
+
+def response_frame(correlation_id: int, text: str) -> Frame:
+    data = text.encode("utf-8")
+    return Frame.of(RESPONSE, struct.pack("<QQ", correlation_id, len(data)) + data)
 
 
 def error_frame(text: str) -> Frame:
@@ -161,7 +177,8 @@ def read_frame(read: Callable[[int], bytes], limits: Limits = Limits()) -> Frame
     elif mid in (CONFIG_TEXT, HEADER, TEXT):
         n = struct.unpack("<I", exact(4, "length"))[0]
         exact(check(n, limits.max_header if mid == HEADER else limits.max_text, "text"), "text")
-    elif mid == ERROR:
+    elif mid in (ERROR, QUERY, RESPONSE):
+        exact({ERROR: 0, QUERY: 16, RESPONSE: 8}[mid], "correlation id")
         n = struct.unpack("<Q", exact(8, "length"))[0]
         exact(check(n, limits.max_text, "text"), "text")
     elif mid == IMAGE:

@@ -19,8 +19,8 @@ import ismrmrd
 from ismrmrd.serialization import ConfigFile, ConfigText, ProtocolSerializer
 
 from .mrd import Key, acquisition_key, iter_acquisitions, open_raw
-from .protocol import ACQUISITION, CLOSE, ERROR, HEADER, IMAGE, TEXT, WAVEFORM, Limits, ProtocolError, \
-    StreamEnded, read_frame, text_frame
+from .protocol import ACQUISITION, CLOSE, ERROR, HEADER, IMAGE, RESPONSE, TEXT, WAVEFORM, Frame, Limits, \
+    ProtocolError, StreamEnded, query_frame, read_frame, text_frame
 
 
 @dataclass
@@ -72,17 +72,39 @@ def _image_key(image) -> Key:
     return (int(image.slice), int(image.contrast), int(image.repetition), int(image.set))
 
 
+def _connect(address: Tuple[str, int], timeout: float) -> socket.socket:
+    try:
+        sock = socket.create_connection(address, timeout=30)
+    except OSError as exc:
+        raise ConnectionError(f"cannot connect to {address[0]}:{address[1]}: {exc}") from exc
+    sock.settimeout(timeout)
+    return sock
+
+
+def query(address: Tuple[str, int], queries: List[str], timeout: float = 30.0) -> Dict[str, str]:
+    """Ask a server QUERY (6) messages (``gadgetron_ismrmrd_client -Q`` asks ``gadgetron::info``) and return
+    the RESPONSE (7) texts by query.  A server error raises :class:`ProtocolError` with its text."""
+    answers: Dict[str, str] = {}
+    with _connect(address, timeout) as sock, sock.makefile("rb") as rf:
+        sock.sendall(b"".join(query_frame(q, i).raw for i, q in enumerate(queries)) + Frame.of(CLOSE).raw)
+        while len(answers) < len(queries):
+            frame = read_frame(rf.read)
+            if frame.mid == RESPONSE:
+                if frame.correlation_id >= len(queries):
+                    raise ProtocolError(f"RESPONSE to an unknown correlation id {frame.correlation_id}")
+                answers[queries[frame.correlation_id]] = frame.text()
+            elif frame.mid in (ERROR, CLOSE):
+                raise ProtocolError(frame.text() if frame.mid == ERROR else "server closed without answering")
+    return answers
+
+
 def replay(items, header: str, address: Tuple[str, int], config: Optional[str] = None,
            config_xml: Optional[str] = None, timeout: float = 600.0, limits: Limits = Limits(),
            on_image=None) -> ReplayResult:
     """Send ``header`` and ``items`` (ismrmrd objects) to a server; collect what comes back until CLOSE."""
     if (config is None) == (config_xml is None):
         raise ValueError("give a remote pipeline name or a local pipeline XML, not both")
-    try:
-        sock = socket.create_connection(address, timeout=30)
-    except OSError as exc:
-        raise ConnectionError(f"cannot connect to {address[0]}:{address[1]}: {exc}") from exc
-    sock.settimeout(timeout)
+    sock = _connect(address, timeout)
     res = ReplayResult()
     t0 = time.monotonic()
     send_failed: List[BaseException] = []

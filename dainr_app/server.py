@@ -1,7 +1,9 @@
 """Embedded Gadgetron-protocol server (``dainr serve``): runs our v2 XML pipelines without a Gadgetron install.
 
 One client connection = one session: CONFIG_FILE (1, a name inside the pipelines folder) or CONFIG_TEXT (2),
-HEADER (3), data messages, CLOSE (4).  ``<external><execute>`` gadgets are launched the way Gadgetron
+HEADER (3), data messages, CLOSE (4).  Before the HEADER a client may send QUERY (6) messages, answered with
+RESPONSE (7) as Gadgetron does (:func:`query_answers`); a CLOSE instead of a configuration ends a query-only
+session.  ``<external><execute>`` gadgets are launched the way Gadgetron
 launches them (a child process that connects back to a port and runs ``gadgetron``'s own ``Connection``),
 ``<connect>`` gadgets are dialled, ``<distributed>`` blocks send their inner stream to worker servers
 (``GADGETRON_REMOTE_WORKER_COMMAND``, as in Gadgetron) or run it locally.  Messages are relayed as raw,
@@ -21,15 +23,15 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import ismrmrd
 
 from .mrd import MRDFormatError, parse_header
-from .pipeline import PIPELINES_DIR, Distributed, External, Pipeline, PipelineError, Policy, load_named, \
-    parse_pipeline, parse_xml
-from .protocol import ACQUISITION, CLOSE, CONFIG_FILE, CONFIG_TEXT, DATA_IDS, ERROR, HEADER, TEXT, Frame, \
-    FrameWriter, Limits, ProtocolError, StreamEnded, config_text, read_frame, readable, text_frame
+from .pipeline import PIPELINES_DIR, Distributed, External, Pipeline, PipelineError, Policy, available, \
+    load_named, parse_pipeline, parse_xml
+from .protocol import ACQUISITION, CLOSE, CONFIG_FILE, CONFIG_TEXT, DATA_IDS, ERROR, HEADER, QUERY, TEXT, Frame, \
+    FrameWriter, Limits, ProtocolError, StreamEnded, config_text, read_frame, readable, response_frame, text_frame
 
 log = logging.getLogger("dainr.server")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -541,6 +543,56 @@ def run_session(session: Session, read: Callable[[int], bytes], pipeline: Pipeli
             chain.abort()
 
 
+def query_answers(opts: ServerOptions) -> Dict[str, Callable[[], str]]:
+    """QUERY (6) texts this server answers: Gadgetron's own keys (``gadgetron_ismrmrd_client -Q`` asks for
+    ``gadgetron::info``), answered for this server, plus ``dainr::version`` and ``dainr::pipelines``."""
+    import importlib.metadata
+
+    import torch
+
+    from dainr import __version__
+
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    def memory() -> str:
+        return str(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+    def pipelines() -> str:
+        return "\n".join(available(opts.pipelines))
+
+    def info() -> str:
+        return "\n".join([
+            f"dainr serve {__version__} (Gadgetron-protocol server; external Python gadgets only)",
+            f"  -- ismrmrd (python)  : {version('ismrmrd')}",
+            f"  -- gadgetron (python): {version('gadgetron')}",
+            f"  -- torch             : {torch.__version__}",
+            f"  -- Python support    : YES ({sys.version.split()[0]})",
+            "  -- Matlab support    : NO",
+            f"  -- CUDA support      : {'YES' if torch.cuda.is_available() else 'NO'} "
+            f"({torch.cuda.device_count()} devices)",
+            f"  -- System memory     : {int(memory()) >> 20} MB",
+            f"  -- Pipelines         : {', '.join(available(opts.pipelines)) or 'none'}",
+        ])
+
+    return {
+        "ismrmrd::version": lambda: version("ismrmrd"),
+        "gadgetron::version": lambda: f"dainr-serve {__version__}",
+        "gadgetron::build": lambda: "none (dainr serve)",
+        "gadgetron::info": info,
+        "gadgetron::info::memory": memory,
+        "gadgetron::info::python": lambda: "1",
+        "gadgetron::info::matlab": lambda: "0",
+        "gadgetron::info::cuda": lambda: str(int(torch.cuda.is_available())),
+        "gadgetron::cuda::devices": lambda: str(torch.cuda.device_count()),
+        "dainr::version": lambda: __version__,
+        "dainr::pipelines": pipelines,
+    }
+
+
 class Server:
     def __init__(self, opts: ServerOptions = ServerOptions()):
         self.opts = opts
@@ -554,6 +606,7 @@ class Server:
         self.sessions: dict = {}
         self.history = collections.deque(maxlen=1000)  # summaries of finished sessions
         self.lock = threading.Lock()
+        self.answers = query_answers(opts)
 
     def serve_forever(self) -> None:
         log.info("dainr serve: listening on %s:%d (pipelines %s, launcher %s)", self.opts.host, self.port,
@@ -590,6 +643,20 @@ class Server:
             return parse_pipeline(frame.text(), self.opts.policy)
         raise ProtocolError(f"expected CONFIG_FILE (1) or CONFIG_TEXT (2) first, got {frame.name}")
 
+    def _after_queries(self, read: Callable[[int], bytes], session: Session) -> Frame:
+        """The next message that is not a QUERY; every QUERY is answered (RESPONSE, or ERROR if unknown)."""
+        while True:
+            frame = read_frame(read, self.opts.limits)
+            if frame.mid != QUERY:
+                return frame
+            query, answer = frame.text(), self.answers.get(frame.text())
+            if frame.raw[2:10] != bytes(8):
+                session.error(f"QUERY {query!r}: Gadgetron's reserved field must be 0")
+            elif answer is None:
+                session.error(f"unknown query {query!r}; known: {', '.join(sorted(self.answers))}")
+            else:
+                session.out.frame(response_frame(frame.correlation_id, answer()))
+
     def _handle(self, conn: socket.socket, addr) -> None:
         label = f"client {addr[0]}:{addr[1]}"
         conn.settimeout(self.opts.idle_timeout)
@@ -607,9 +674,13 @@ class Server:
                 session.error(f"server busy: {self.opts.max_connections} sessions running; try again later")
                 return
             try:
-                pipeline = self._pipeline(read_frame(rf.read, self.opts.limits))
+                first = self._after_queries(rf.read, session)
+                if first.mid == CLOSE:  # a query-only connection (gadgetron_ismrmrd_client -Q / -q)
+                    pipeline_name = "(queries only)"
+                    return
+                pipeline = self._pipeline(first)
                 pipeline_name = pipeline.source
-                header = check_header(read_frame(rf.read, self.opts.limits))
+                header = check_header(self._after_queries(rf.read, session))
             except (ProtocolError, PipelineError, StreamEnded, OSError) as exc:
                 session.error(str(exc) if not isinstance(exc, socket.timeout) else "no configuration received")
                 return

@@ -8,7 +8,7 @@ import pytest
 
 from dainr_app.pipeline import Distributed, External, PipelineError, Policy, load_named, parse_pipeline, resolve_name
 from dainr_app.protocol import ACQUISITION, CONFIG_FILE, CONFIG_TEXT, ERROR, IMAGE, Limits, ProtocolError, \
-    StreamEnded, encode, error_frame, read_frame, text_frame
+    StreamEnded, encode, error_frame, query_frame, read_frame, response_frame, text_frame
 from ismrmrd.serialization import ConfigFile
 
 
@@ -40,6 +40,12 @@ def test_frames_round_trip_through_ismrmrd_objects():
     assert np.array_equal(frames[2].decode().data, img.data)
 
 
+def test_query_and_response_frames():
+    q = frames_of(query_frame("gadgetron::info", 7).raw + response_frame(7, "dainr").raw)
+    assert [(f.name, f.correlation_id, f.text()) for f in q] == [("QUERY", 7, "gadgetron::info"), ("RESPONSE", 7, "dainr")]
+    assert q[0].raw == struct.pack("<HQQQ", 6, 0, 7, 15) + b"gadgetron::info"  # Gadgetron's QueryHandler layout
+
+
 def test_nul_terminated_text_is_accepted():
     frame = read_frame(io.BytesIO(text_frame(CONFIG_TEXT, "<configuration/>\x00").raw).read)
     assert frame.text() == "<configuration/>"
@@ -51,6 +57,8 @@ def test_nul_terminated_text_is_accepted():
     (struct.pack("<HI", CONFIG_TEXT, 10) + b"abc", "truncated CONFIG_TEXT"),
     (struct.pack("<H", ACQUISITION) + b"\0" * 10, "truncated ACQUISITION"),
     (b"\x08", "truncated"),
+    (struct.pack("<HQQQ", 6, 0, 1, 1 << 40), "QUERY message text is 1099511627776 bytes, over the limit"),
+    (struct.pack("<HQ", 6, 0), "truncated QUERY message: correlation id"),
 ])
 def test_bad_frames_raise_protocol_error(data, reason):
     with pytest.raises(ProtocolError, match=reason):

@@ -129,6 +129,37 @@ def _expect_error(server, data, pattern, **kw):
     return frames
 
 
+def test_queries_are_answered_before_the_configuration(server, raw, capsys):
+    """gadgetron_ismrmrd_client -Q: QUERY (reserved 0, correlation id, text) -> RESPONSE (correlation id, text)."""
+    from dainr import __version__
+    from dainr_app import cli
+    from dainr_app.protocol import QUERY, RESPONSE, query_frame
+    from dainr_app.replay import query
+
+    answers = query(("127.0.0.1", server.port), ["dainr::pipelines", "gadgetron::info", "ismrmrd::version"])
+    assert {"dainr.xml", "passthrough.xml", "relay.xml"} <= set(answers["dainr::pipelines"].split("\n"))
+    assert f"dainr serve {__version__}" in answers["gadgetron::info"] and "Pipelines" in answers["gadgetron::info"]
+    assert answers["ismrmrd::version"].startswith("1.")
+    # a query before the header of a normal session, an unknown one, and one with the reserved field set
+    header, acqs = load(raw)
+    bad_reserved = query_frame("dainr::version", 9).raw
+    bad_reserved = bad_reserved[:2] + struct.pack("<Q", 1) + bad_reserved[10:]
+    data = (encode(ConfigFile("passthrough")) + query_frame("dainr::version", 41).raw + query_frame("what", 2).raw
+            + bad_reserved + stream(ConfigText(""), header, acqs[:3])[len(encode(ConfigText(""))):])
+    frames = raw_session(server.port, data)
+    responses = [f for f in frames if f.mid == RESPONSE]
+    assert [(f.correlation_id, f.text()) for f in responses] == [(41, __version__)]
+    errs = errors(frames)
+    assert len(errs) == 2 and "unknown query 'what'; known:" in errs[0] and "reserved" in errs[1]
+    assert sum(f.mid == ACQUISITION for f in frames) == 3 and frames[-1].mid == CLOSE
+    assert QUERY == 6 and RESPONSE == 7
+    assert cli.main(["replay", "-p", str(server.port), "--query", "dainr::version"]) == 0
+    assert capsys.readouterr().out.strip() == __version__
+    assert cli.main(["replay", "-p", str(server.port), "--query", "nope"]) == 1
+    assert "unknown query 'nope'" in capsys.readouterr().err
+    assert cli.main(["replay", "-p", str(server.port)]) == 2  # neither a file nor a query
+
+
 def test_unknown_pipeline_name(server, raw):
     _expect_error(server, stream(ConfigFile("nope"), load(raw)[0], []), "unknown pipeline 'nope'")
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dainr import DAINRConfig, RadialData, reconstruct, zero_filled
-from dainr.baselines import temporal_tv
+from dainr.baselines import cg_sense, cg_sense_holdout_iterations, temporal_tv
 from dainr.data import frames_from_spokes
 from dainr.metrics import psnr_ssim
 
@@ -90,6 +90,18 @@ def test_temporal_tv_improves_on_zero_filled(small_scan):
     tv = psnr_ssim(out["images"], small_scan.ground_truth)["psnr"]
     zf = psnr_ssim(zero_filled(small_scan.data), small_scan.ground_truth)["psnr"]
     assert tv > zf + 2
+
+
+def test_cg_sense_converges_and_its_iteration_count_needs_no_ground_truth(small_scan):
+    truth = small_scan.ground_truth
+    zf = psnr_ssim(zero_filled(small_scan.data), truth)["psnr"]
+    run = cg_sense(small_scan.data, 10, holdout_spokes=1, keep_iterates=True)
+    held = run["holdout_residuals"]
+    assert len(run["iterates"]) == 10 and held[9] < held[0] / 2  # the held-out residual falls: the fit generalises
+    assert psnr_ssim(run["iterates"][9], truth)["psnr"] > zf + 2
+    picked = cg_sense_holdout_iterations(small_scan.data, 10)
+    assert picked["iterations"] == 1 + int(np.argmin(picked["holdout_scores"]))
+    assert picked["iterations"] >= 5 and psnr_ssim(picked["images"], truth)["psnr"] > zf + 1.5
 
 
 def test_frames_from_spokes_groups_and_keeps_partial_frames():

@@ -150,18 +150,6 @@ def _real(seq, spokes):
                 **_cg(scan, res.coil_maps))
 
 
-def _cg(scan, coil_maps) -> dict:
-    """CG-SENSE with the iteration count chosen by held-out spokes (ground-truth free) and by the truth (oracle)."""
-    fair = cg_sense_holdout_iterations(scan.data, CG_ITERATIONS, coil_maps=coil_maps)
-    fair_score = psnr_ssim(fair["images"], scan.ground_truth)
-    scores = [psnr_ssim(x, scan.ground_truth) for x in
-              cg_sense(scan.data, CG_ITERATIONS, coil_maps=coil_maps, keep_iterates=True)["iterates"]]
-    best = int(np.argmax([s["psnr"] for s in scores]))
-    return dict(cg_sense_holdout=dict(psnr=fair_score["psnr"], ssim=fair_score["ssim"], iterations=fair["iterations"],
-                                      seconds=fair["seconds"]),
-                cg_sense_oracle=dict(psnr=scores[best]["psnr"], ssim=scores[best]["ssim"], iterations=best + 1))
-
-
 def case_demo() -> dict:
     """The README's main command workload (64², 12 frames, 4 coils, 13 spokes), library part only."""
     scan = simulate(64, 12, 13, 4, noise_level=0.02)

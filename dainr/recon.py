@@ -164,7 +164,7 @@ class Fitter:
 
     def __init__(self, problem: Problem, cfg: DAINRConfig):
         self.p, self.cfg = problem, cfg
-        self.model = DAINR(cfg, problem.device)
+        self.model = DAINR(cfg.model_config(problem.matrix), problem.device)
         fused = problem.device.type in ("cpu", "cuda")
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
         n = problem.matrix
@@ -246,20 +246,25 @@ class Fitter:
     def render(self, matrix: Optional[int] = None, batch: int = 4) -> torch.Tensor:
         """All output frames (default: at the output matrix), in data units, (F_out, N, N) complex on CPU.
 
-        Above the fitting matrix (spatial interpolation) the coordinate-derived inputs (x' and
-        γ(x)) come from the nearest fitted pixel and the features are sampled bilinearly, as
-        the reference does: γ(x)'s finest frequencies alias on the fitting grid, so evaluating
-        them between its pixels would inject patterns the fit never constrained.
+        Above the fitting matrix (spatial interpolation) γ(x), γ(t) and the deformation Δ come
+        from the nearest fitted pixel (γ(x)'s finest frequencies alias on the fitting grid, so
+        evaluating them between its pixels would inject patterns the fit never constrained) and
+        the features are sampled bilinearly, as the reference does.  The grid is read at
+        x' = x + Δ with ``spatial_grid_cap`` (its levels then stop at the fitting matrix), or at
+        the nearest fitted pixel's x' (the reference's rule) without.
         """
         p, N, n = self.p, matrix or self.p.out_matrix, self.p.matrix
         t_all = torch.arange(p.n_out, device=p.device, dtype=torch.float32) / max(p.n_out - 1, 1)
         xy = pixel_grid(min(N, n), min(N, n), p.device)
         near = nearest_index(N, n, p.device) if N > n else None
+        xy_out = pixel_grid(N, N, p.device) if near is not None and self.cfg.spatial_grid_cap else None
         frames = []
         for sl in torch.arange(p.n_out, device=p.device).split(batch):
             coords, warped = self.model.encode(xy.expand(len(sl), -1, -1), t_all[sl])
             if near is not None:
                 coords, warped = coords[:, near], warped[:, near]
+                if xy_out is not None:
+                    warped = xy_out + (warped - xy[near])
             img = self.model.canonical(warped, coords, p.features_for(sl, (N, N)))
             frames.append(img.reshape(len(sl), N, N).cpu())
         return torch.cat(frames) * p.scale
@@ -340,7 +345,8 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
         frame_visits=step * fitter.batch, lr_decays=decays, seconds_total=total, seconds_prepare=t_prep,
         seconds_fit=t_fit, seconds_per_step=t_fit / max(step, 1), holdout_residual=best_res if best_state else None,
         history=history, final_loss=float(loss_t), device=str(device), nufft_backend=problem.op.backend,
-        grid_backend=type(fitter.model.grid).__name__, fit_matrix=problem.matrix, n_params=sum(p.numel() for p in fitter.model.parameters()),
+        grid_backend=type(fitter.model.grid).__name__, fit_matrix=problem.matrix,
+        grid_finest_resolution=fitter.model.cfg.grid.finest_resolution, n_params=sum(p.numel() for p in fitter.model.parameters()),
     )
     if device.type == "cuda":
         info["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)

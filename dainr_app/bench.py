@@ -32,7 +32,7 @@ from .bench_server import case_ingest, case_overhead
 REAL_DATA = os.environ.get("DAINR_REAL_DATA", os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "cine_real_complex_110x110x10.npy"))
 TV_LAMBDAS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.04)
-CG_ITERATIONS = 30
+CG_ITERATIONS = 60
 
 
 def _peak_rss_mb() -> float:

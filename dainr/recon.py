@@ -346,7 +346,8 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
         seconds_fit=t_fit, seconds_per_step=t_fit / max(step, 1), holdout_residual=best_res if best_state else None,
         history=history, final_loss=float(loss_t), device=str(device), nufft_backend=problem.op.backend,
         grid_backend=type(fitter.model.grid).__name__, fit_matrix=problem.matrix,
-        grid_finest_resolution=fitter.model.cfg.grid.finest_resolution, n_params=sum(p.numel() for p in fitter.model.parameters()),
+        grid_finest_resolution=fitter.model.cfg.grid.finest_resolution,
+        n_params=sum(p.numel() for p in fitter.model.parameters()),
     )
     if device.type == "cuda":
         info["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)

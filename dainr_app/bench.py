@@ -3,10 +3,10 @@
 ``dainr bench`` runs every case in its own subprocess (so peak memory is per case), prints a
 table and writes ``bench-out/results.json``.  ``dainr bench --case NAME`` runs one case.
 Cases (``--list`` shows them): the 128² × 23 frames × 8 coils cine at 5/13/21 spokes per frame
-(DA-INR, zero-filled, temporal TV and CG-SENSE with λ / the iteration count picked by held-out spokes
-and, as an oracle that favours the baseline, against the truth), the ablations (no features; plain grid INR without deformation), temporal ×2,
-spatial ×2, the real-anatomy cine from ``../shared/data`` (skipped when absent), the README demo
-timing, and on CUDA the 32-coil case.
+(DA-INR, zero-filled, temporal TV and CG-SENSE with λ / the iteration count picked by held-out
+spokes and, as an oracle that favours the baseline, against the truth), the ablations (no features;
+plain grid INR without deformation), temporal ×2, spatial ×2, the real-anatomy cine from
+``../shared/data`` (skipped when absent), the README demo timing, and on CUDA the 32-coil case.
 """
 from __future__ import annotations
 

@@ -81,7 +81,8 @@ class Frame:
         return NAMES.get(self.mid, str(self.mid))
 
     def text(self) -> str:
-        """CONFIG_FILE / CONFIG_TEXT / HEADER / TEXT / ERROR as text; trailing NULs (python-ismrmrd-server) removed."""
+        """The text of CONFIG_FILE / CONFIG_TEXT / HEADER / TEXT / QUERY / RESPONSE / ERROR; trailing NULs
+        (python-ismrmrd-server) removed."""
         body = self.raw[2 + {ERROR: 8, CONFIG_FILE: 0, QUERY: 24, RESPONSE: 16}.get(self.mid, 4):]
         try:
             return body.split(b"\x00", 1)[0].decode("utf-8") if self.mid == CONFIG_FILE else \

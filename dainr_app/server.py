@@ -690,18 +690,19 @@ class Server:
             session.error(f"internal server error: {exc!r}")
             session.abort()
         finally:
-            out.close()
-            for f in (rf, wf, conn):
-                try:
-                    f.close()
-                except OSError:
-                    pass
+            # recorded before CLOSE goes out, so a client that has its CLOSE also finds its session in the history
             summary = dict(client=label, pipeline=pipeline_name, received=stats.received, readouts=stats.readouts,
                            sent=session.sent, errors=list(session.errors), aborted=session.aborted.is_set(),
                            seconds=round(time.monotonic() - stats.t_start, 3))
             with self.lock:
                 self.sessions.pop(session, None)
                 self.history.append(summary)
+            out.close()
+            for f in (rf, wf, conn):
+                try:
+                    f.close()
+                except OSError:
+                    pass
             log.info("%s pipeline=%s: %d messages in (%d readouts), %d out, %d error(s), %.2f s%s", label,
                      pipeline_name, stats.received, stats.readouts, session.sent, len(session.errors),
                      summary["seconds"], " [aborted]" if summary["aborted"] else "")

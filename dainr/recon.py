@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -31,13 +32,25 @@ from .utils import resolve_device, seed_everything
 
 @dataclass
 class FitProgress:
-    """What a progress callback receives.  ``images`` is None unless a preview was rendered."""
+    """What a progress callback receives.
+
+    ``preview`` is True every ``cfg.preview_every`` steps; ``images`` then renders every output frame
+    (once, on first access, so a callback that does not look costs nothing) and is None otherwise.
+    """
 
     step: int
     elapsed: float
     loss: float
     holdout_residual: Optional[float]
-    images: Optional[torch.Tensor] = None
+    preview: bool = False
+    _render: Optional[Callable[[], torch.Tensor]] = field(default=None, repr=False)
+    _images: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    @property
+    def images(self) -> Optional[torch.Tensor]:
+        if self.preview and self._images is None and self._render is not None:
+            self._images = self._render()
+        return self._images if self.preview else None
 
 
 @dataclass
@@ -274,8 +287,8 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
                 callback: Optional[Callable[[FitProgress], Optional[bool]]] = None) -> ReconResult:
     """Fit DA-INR to ``data`` and return every output frame.
 
-    ``callback(progress)`` is called after every evaluation and, with rendered ``images``,
-    every ``cfg.preview_every`` steps; returning True stops the fit.
+    ``callback(progress)`` is called after every evaluation and every ``cfg.preview_every`` steps
+    (``progress.images`` renders the frames on those); returning True stops the fit.
     """
     cfg = cfg or DAINRConfig()
     cfg.validate()
@@ -319,11 +332,8 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
         if callback is not None:
             want_preview = cfg.preview_every > 0 and step % cfg.preview_every == 0
             if want_preview or res is not None:
-                images = None
-                if want_preview:
-                    with fitter.swapped_ema():
-                        images = fitter.render()
-                stop = bool(callback(FitProgress(step, elapsed, float(loss_t), res, images)))
+                stop = bool(callback(FitProgress(step, elapsed, float(loss_t), res, want_preview,
+                                                 functools.partial(_render_live, fitter))))
         if stop:
             reason = "callback"
             break
@@ -354,6 +364,11 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
     return ReconResult(images=images, zero_filled=(problem.zero_filled * problem.scale).cpu(),
                        coil_maps=problem.op.smaps.cpu(), acquired_frames=problem.acquired, info=info,
                        lowres_images=lowres)
+
+
+def _render_live(fitter: Fitter) -> torch.Tensor:
+    with fitter.swapped_ema():
+        return fitter.render()
 
 
 def _progress_bar(cfg: DAINRConfig):

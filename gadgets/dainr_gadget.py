@@ -15,6 +15,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
+import torch._dynamo  # noqa: F401  torch.optim's first optimizer imports it (~2 s): pay that when the gadget
+#                       module loads (the server's forkserver preload, the resident process), not per scan
 
 import ismrmrd
 
@@ -118,7 +120,7 @@ def reconstruct_slice(connection, key: Key, acqs: list, params: ReconParameters,
             connection.send(im)
 
     def on_progress(progress):
-        if progress.images is not None and opts.preview and not sent_preview:
+        if progress.preview and not sent_preview:  # one preview series: later ones are not rendered
             emit(progress.images, opts.preview_series, [f"DA-INR preview at step {progress.step}"])
             sent_preview.append(time.perf_counter() - t0)
             log.info("slice %s: preview sent %.2f s after the last readout", key, sent_preview[0])

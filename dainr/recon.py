@@ -263,14 +263,14 @@ class Fitter:
         from the nearest fitted pixel (γ(x)'s finest frequencies alias on the fitting grid, so
         evaluating them between its pixels would inject patterns the fit never constrained) and
         the features are sampled bilinearly, as the reference does.  The grid is read at
-        x' = x + Δ with ``spatial_grid_cap`` (its levels then stop at the fitting matrix), or at
+        x' = x + Δ with ``cap_grid_at_matrix`` (its levels then stop at the fitting matrix), or at
         the nearest fitted pixel's x' (the reference's rule) without.
         """
         p, N, n = self.p, matrix or self.p.out_matrix, self.p.matrix
         t_all = torch.arange(p.n_out, device=p.device, dtype=torch.float32) / max(p.n_out - 1, 1)
         xy = pixel_grid(min(N, n), min(N, n), p.device)
         near = nearest_index(N, n, p.device) if N > n else None
-        xy_out = pixel_grid(N, N, p.device) if near is not None and self.cfg.spatial_grid_cap else None
+        xy_out = pixel_grid(N, N, p.device) if near is not None and self.cfg.cap_grid_at_matrix else None
         frames = []
         for sl in torch.arange(p.n_out, device=p.device).split(batch):
             coords, warped = self.model.encode(xy.expand(len(sl), -1, -1), t_all[sl])

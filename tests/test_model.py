@@ -17,6 +17,18 @@ def test_model_shapes_and_parameter_count():
     assert m.sigma_net[0].in_features == 32 + 42 + 13 + 128
 
 
+def test_grid_cap_stops_the_finest_level_at_the_fitting_matrix():
+    cfg = DAINRConfig()
+    assert cfg.grid.finest_resolution == 2048  # the reference's value stays the configured one
+    assert cfg.model_config(128).grid.finest_resolution == 128
+    assert cfg.model_config(8).grid.finest_resolution == 16  # never below the base resolution
+    assert cfg.replace(cap_grid_at_matrix=False).model_config(128).grid.finest_resolution == 2048  # the reference
+    assert cfg.replace(grid_finest_resolution=64).model_config(128).grid.finest_resolution == 64
+    capped, ref = (sum(p.numel() for p in DAINR(c.model_config(128)).grid.parameters())
+                   for c in (cfg, cfg.replace(cap_grid_at_matrix=False)))
+    assert capped < 200_000 < 5_000_000 < ref
+
+
 def test_ablation_variants():
     plain = DAINR(DAINRConfig(use_features=False, use_deformation=False))
     xy = pixel_grid(4, 4)[None]

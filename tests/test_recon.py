@@ -71,11 +71,7 @@ def test_spatial_interpolation_fits_low_res_and_queries_full_grid(small_scan):
     assert res.images.shape == (8, 32, 32)
     assert res.lowres_images.shape == (8, 16, 16) and res.info["fit_matrix"] == 16
     assert res.coil_maps.shape[-1] == 16
-    assert res.info["grid_finest_resolution"] == 16  # capped at the fitting matrix (spatial_grid_cap)
-    cfg = DAINRConfig(spatial_ratio=2.0)
-    assert cfg.model_config(64).grid.finest_resolution == 64 and cfg.model_config(8).grid.finest_resolution == 16
-    assert cfg.replace(spatial_grid_cap=False).model_config(64).grid.finest_resolution == 2048  # reference rule
-    assert DAINRConfig().model_config(64).grid.finest_resolution == 2048  # no spatial interpolation: unchanged
+    assert res.info["grid_finest_resolution"] == 16  # capped at the fitting matrix (cap_grid_at_matrix)
 
 
 def test_zero_filled_is_calibrated_to_the_data_scale():

@@ -63,7 +63,8 @@ def cmd_simulate(args) -> int:
 
 def config_from_args(args) -> DAINRConfig:
     changes = dict(device=args.device, seed=args.seed, spatial_ratio=args.sr_ratio, temporal_ratio=args.down_ratio,
-                   progress=not args.quiet, use_features=not args.no_features, use_deformation=not args.no_deformation)
+                   progress=not args.quiet, use_features=not args.no_features, use_deformation=not args.no_deformation,
+                   cap_grid_at_matrix=not args.reference_grid)
     for name in ("max_steps", "max_seconds", "frames_per_step", "holdout_spokes", "nufft_backend", "golden_angle"):
         value = getattr(args, name, None)
         if value is not None:
@@ -353,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--golden-angle", choices=("true", "reference"))
     r.add_argument("--no-features", action="store_true")
     r.add_argument("--no-deformation", action="store_true")
+    r.add_argument("--reference-grid", action="store_true",
+                   help="the reference's grid (finest level 2048 whatever the matrix) instead of capping it there")
     r.add_argument("--preview", type=_preview_path, help="write a .gif/.png preview")
     r.add_argument("--series", type=int, default=1, help="output image_series_index")
     r.add_argument("--output-type", choices=("magnitude", "complex"), default="magnitude")

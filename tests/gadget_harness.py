@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from typing import List
@@ -38,17 +39,20 @@ def run_gadget(config_xml: str, header, items, module: str = "gadgets.dainr_gadg
     server.listen(1)
     server.settimeout(60)
     port = server.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "gadgetron", str(port), module, target], env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        conn, _ = server.accept()
-        run = exchange(conn, config_xml, header, items, timeout)
-        run.returncode = proc.wait(timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log = proc.stdout.read() if proc.stdout else ""
-        server.close()
+    with tempfile.TemporaryFile("w+") as out:  # a file, not a pipe: a chatty gadget can never block on it
+        proc = subprocess.Popen([sys.executable, "-m", "gadgetron", str(port), module, target], env=child_env(),
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
+        try:
+            conn, _ = server.accept()
+            run = exchange(conn, config_xml, header, items, timeout)
+            run.returncode = proc.wait(timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            server.close()
+            out.seek(0)
+            log = out.read()
     run.log = log
     return run
 

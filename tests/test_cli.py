@@ -63,6 +63,14 @@ def test_recon_round_trip_two_slices(raw2, tmp_path, capsys):
     assert os.path.getsize(gif) > 0
 
 
+def test_recon_options_reach_the_config():
+    args = cli.build_parser().parse_args(["recon", "raw.h5", "-o", "o.h5", "--reference-grid", "--no-features",
+                                          "--steps", "7", "--sr-ratio", "2"])
+    cfg = cli.config_from_args(args)
+    assert not cfg.cap_grid_at_matrix and not cfg.use_features and cfg.max_steps == 7 and cfg.spatial_ratio == 2
+    assert cli.config_from_args(cli.build_parser().parse_args(["recon", "raw.h5", "-o", "o.h5"])).cap_grid_at_matrix
+
+
 def _rewrite(src_path: str, dst_path: str, transform) -> str:
     """Copy an MRD raw file, passing each acquisition through ``transform`` (None drops it)."""
     src = ismrmrd.Dataset(src_path, "dataset", create_if_needed=False, mode="r")

@@ -98,6 +98,7 @@ class DAINRConfig:
 
     # --- encodings -------------------------------------------------------------------
     grid: GridConfig = field(default_factory=GridConfig)
+    cap_grid_at_matrix: bool = True
     freq_degree_xy: int = 10
     freq_degree_t: int = 6
     # --- networks --------------------------------------------------------------------
@@ -132,7 +133,6 @@ class DAINRConfig:
     data_scale: Literal["p99", "none"] = "p99"
     # --- interpolation ---------------------------------------------------------------
     spatial_ratio: float = 1.0
-    cap_grid_at_matrix: bool = True
     temporal_ratio: int = 1
     # --- runtime ---------------------------------------------------------------------
     device: str = "auto"

@@ -48,11 +48,11 @@ def _adjoint(p: Problem, y: torch.Tensor, batch: int = 8) -> torch.Tensor:
     return torch.cat([p.op.adjoint(y[i:i + batch], p.omega[i:i + batch]) for i in range(0, len(y), batch)])
 
 
-def _holdout_residual(p: Problem, x: torch.Tensor) -> Optional[float]:
-    """Mean L1 k-space residual of images ``x`` (normalised units) on the held-out spokes."""
+def _holdout_residual(p: Problem, pred: torch.Tensor) -> Optional[float]:
+    """Mean L1 residual of predicted k-space ``pred`` (= A x, normalised units) on the held-out spokes."""
     if not p.has_holdout:
         return None
-    diff = (_forward(p, x) - p.kdata) * p.hold_w[:, None, :]
+    diff = (pred - p.kdata) * p.hold_w[:, None, :]
     return float((diff.real.abs().sum() + diff.imag.abs().sum()) / (p.hold_w.sum() * p.n_coils))
 
 
@@ -97,7 +97,7 @@ def temporal_tv(data: RadialData, lam: float = 0.02, iterations: int = 100, cfg:
             x_bar = 2 * x_new - x
             x = x_new
     return dict(images=(x * p.scale).cpu(), seconds=time.perf_counter() - t0, iterations=iterations, lam=lam,
-                holdout_residual=_holdout_residual(p, x))
+                holdout_residual=_holdout_residual(p, _forward(p, x)) if p.has_holdout else None)
 
 
 def temporal_tv_holdout_lambda(data: RadialData, lambdas=(0.001, 0.002, 0.005, 0.01, 0.02), holdout_spokes: int = 1,
@@ -121,26 +121,24 @@ def cg_sense(data: RadialData, iterations: int = 10, cfg: Optional[DAINRConfig] 
     p = _problem(data, cfg, coil_maps, holdout_spokes)
     w = (p.dcf * p.train_w)[:, None, :]  # zero on padding and held-out spokes
 
-    def normal(x):
-        return _adjoint(p, _forward(p, x) * w)
-
     def dot(a, b):  # per-frame real inner product, shaped to broadcast over images
         return (a.conj() * b).real.sum(dim=(1, 2), keepdim=True)
 
     with torch.no_grad():
-        x = torch.zeros_like(p.zero_filled)
+        x, ax = torch.zeros_like(p.zero_filled), torch.zeros_like(p.kdata)  # ax = A x: the held-out residual
         r = _adjoint(p, p.kdata * w)
         d, rr = r.clone(), dot(r, r)
         held, iterates = [], []
         for _ in range(iterations):
-            q = normal(d)
+            ad = _forward(p, d)
+            q = _adjoint(p, ad * w)  # the normal operator Aᴴ W A applied to d
             alpha = rr / dot(d, q).clamp_min(1e-30)
-            x = x + alpha * d
+            x, ax = x + alpha * d, ax + alpha * ad
             r = r - alpha * q
             rr_new = dot(r, r)
             d = r + (rr_new / rr.clamp_min(1e-30)) * d
             rr = rr_new
-            held.append(_holdout_residual(p, x))
+            held.append(_holdout_residual(p, ax))
             if keep_iterates:
                 iterates.append((x * p.scale).cpu())
     return dict(images=(x * p.scale).cpu(), seconds=time.perf_counter() - t0, iterations=iterations,

@@ -649,7 +649,8 @@ class Server:
             frame = read_frame(read, self.opts.limits)
             if frame.mid != QUERY:
                 return frame
-            query, answer = frame.text(), self.answers.get(frame.text())
+            query = frame.text()
+            answer = self.answers.get(query)
             if frame.raw[2:10] != bytes(8):
                 session.error(f"QUERY {query!r}: Gadgetron's reserved field must be 0")
             elif answer is None:

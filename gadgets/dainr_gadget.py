@@ -157,10 +157,11 @@ def dainr_recon(connection) -> None:
     connection.filter(lambda item: isinstance(item, ismrmrd.Acquisition) and not any(item.is_flag_set(f) for f in SKIP_FLAGS))
     for acq in connection:
         if acq.number_of_samples == 0:  # nothing to reconstruct, but its flags still count
-            key = acquisition_key(acq)
-            send_error(connection, f"readout {acq.scan_counter} (slice {key[0]}, contrast {key[1]}, repetition "
-                                   f"{key[2]}, set {key[3]}) has 0 samples; ignored")
-            key = key if acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE) else None
+            s, contrast, rep, set_index = key = acquisition_key(acq)
+            send_error(connection, f"readout {acq.scan_counter} (slice {s}, contrast {contrast}, repetition {rep}, "
+                                   f"set {set_index}) has 0 samples; ignored")
+            if not acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE):
+                key = None
         else:
             key = buffers.add(acq)
         if key is not None:

@@ -26,6 +26,7 @@ Key = Tuple[int, int, int, int]  # (slice, contrast, repetition, set): readouts 
 SPOKES_PARAM = "spokes_per_frame"
 # readouts that are not image data: skipped by the file reader, passed through by the gadget
 SKIP_FLAGS = (ismrmrd.ACQ_IS_NAVIGATION_DATA, ismrmrd.ACQ_IS_PHASECORR_DATA, ismrmrd.ACQ_IS_DUMMYSCAN_DATA)
+ACCEPTED_TRAJECTORIES = ("radial", "goldenangle", "other")  # the ramp DCF and golden-angle index are radial
 
 
 class MRDFormatError(ValueError):
@@ -190,6 +191,9 @@ class ReconParameters:
         if matrix < 8:
             raise MRDFormatError(f"reconSpace matrix {matrix} is too small")
         traj = enc.trajectory.value if hasattr(enc.trajectory, "value") else str(enc.trajectory)
+        if traj not in ACCEPTED_TRAJECTORIES:
+            raise MRDFormatError(f"header encoding trajectory is {traj!r}: DA-INR reconstructs radial k-space "
+                                 "(trajectory radial or goldenangle, or other with acq.traj on every readout)")
         phase = enc.encodingLimits.phase if enc.encodingLimits is not None else None
         from_phase = phase is not None and phase.maximum is not None and int(phase.maximum) > 0
         step = angle_step("true")

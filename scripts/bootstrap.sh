@@ -23,4 +23,12 @@ fi
 # shellcheck disable=SC2086  # TORCH_SPEC may carry pip options, e.g. --index-url
 "$VENV/bin/python" -c "import torch" 2>/dev/null || pip install $TORCH_SPEC
 pip install -e ".[test,fast]"
+# Optional: the C++ ISMRMRD tools (Debian/Ubuntu ismrmrd-tools) that tests/test_interop.py checks us against.
+# Installed only when this runs as root with apt-get (CI containers), unless DAINR_NO_APT=1; else those tests skip.
+if ! command -v ismrmrd_test_xml >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+    && [ -z "${DAINR_NO_APT:-}" ]; then
+  apt_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q ismrmrd-tools >/dev/null 2>&1; }
+  apt_install || { apt-get update -q >/dev/null 2>&1 && apt_install; } \
+    || echo "bootstrap: could not install ismrmrd-tools; tests/test_interop.py will skip"
+fi
 echo "$want" > "$stamp"

@@ -166,3 +166,6 @@ def test_header_without_phase_range_uses_spokes_per_frame():
     assert ReconParameters.from_header(hdr, spokes_per_frame=5).spokes_per_frame == 5  # the caller's value wins
     with pytest.raises(MRDFormatError, match="does not parse"):
         parse_header("<ismrmrdHeader><bogus/></ismrmrdHeader>")
+    hdr.encoding[0].trajectory = ismrmrd.xsd.trajectoryType.CARTESIAN  # radial only (tests/test_interop.py: C++ data)
+    with pytest.raises(MRDFormatError, match="trajectory is 'cartesian'"):
+        ReconParameters.from_header(hdr, spokes_per_frame=5)

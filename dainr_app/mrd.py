@@ -190,6 +190,10 @@ class ReconParameters:
             raise MRDFormatError("MRD header lacks reconSpace matrixSize/fieldOfView_mm") from exc
         if matrix < 8:
             raise MRDFormatError(f"reconSpace matrix {matrix} is too small")
+        kz = _partitions(enc)
+        if kz > 1:
+            raise MRDFormatError(f"header encodes {kz} partitions (a 3D encoding): DA-INR reconstructs 2D radial "
+                                 "slices, one per idx.slice")
         traj = enc.trajectory.value if hasattr(enc.trajectory, "value") else str(enc.trajectory)
         if traj not in ACCEPTED_TRAJECTORIES:
             raise MRDFormatError(f"header encoding trajectory is {traj!r}: DA-INR reconstructs radial k-space "
@@ -207,6 +211,15 @@ class ReconParameters:
                     spokes_per_frame = int(p.value)
         n_frames = int(phase.maximum) - int(phase.minimum or 0) + 1 if from_phase else None
         return cls(matrix, fov_mm, from_phase, n_frames, spokes_per_frame, step, traj)
+
+
+def _partitions(enc) -> int:
+    """Partitions (kspace_encode_step_2 positions) of an encoding: the encoded z matrix, or the step-2 range."""
+    z = int(getattr(getattr(enc.encodedSpace, "matrixSize", None), "z", None) or 1)
+    lim = getattr(enc.encodingLimits, "kspace_encoding_step_2", None)
+    if lim is not None and lim.maximum is not None:
+        z = max(z, int(lim.maximum) - int(lim.minimum or 0) + 1)
+    return z
 
 
 def spoke_trajectory(acq, params: ReconParameters, n_samples: int) -> np.ndarray:

@@ -166,6 +166,14 @@ def test_header_without_phase_range_uses_spokes_per_frame():
     assert ReconParameters.from_header(hdr, spokes_per_frame=5).spokes_per_frame == 5  # the caller's value wins
     with pytest.raises(MRDFormatError, match="does not parse"):
         parse_header("<ismrmrdHeader><bogus/></ismrmrdHeader>")
+    hdr.encoding[0].encodingLimits.kspace_encoding_step_2.maximum = 7  # stack of stars: 8 partitions
+    with pytest.raises(MRDFormatError, match="8 partitions"):
+        ReconParameters.from_header(hdr, spokes_per_frame=5)
+    hdr.encoding[0].encodingLimits.kspace_encoding_step_2.maximum = 0
+    hdr.encoding[0].encodedSpace.matrixSize.z = 16
+    with pytest.raises(MRDFormatError, match="16 partitions"):
+        ReconParameters.from_header(hdr, spokes_per_frame=5)
+    hdr.encoding[0].encodedSpace.matrixSize.z = 1
     hdr.encoding[0].trajectory = ismrmrd.xsd.trajectoryType.CARTESIAN  # radial only (tests/test_interop.py: C++ data)
     with pytest.raises(MRDFormatError, match="trajectory is 'cartesian'"):
         ReconParameters.from_header(hdr, spokes_per_frame=5)

@@ -229,6 +229,9 @@ def spoke_trajectory(acq, params: ReconParameters, n_samples: int) -> np.ndarray
     if params.trajectory not in ("radial", "goldenangle"):
         raise MRDFormatError(f"acquisition has no trajectory and the header trajectory type is {params.trajectory!r}; "
                              "cannot derive radial angles")
+    if acq.center_sample not in (0, n_samples // 2):  # 0: not set by the converter
+        raise MRDFormatError(f"readout {acq.scan_counter} has its echo at sample {acq.center_sample} of {n_samples} "
+                             "(asymmetric echo) and no acq.traj: the sample positions cannot be derived")
     angle = acq.idx.kspace_encode_step_1 * params.angle_step_rad
     return radial_trajectory(torch.tensor([angle]), n_samples)[0].numpy()
 

@@ -100,6 +100,19 @@ def test_trajectory_from_golden_angle_index_matches_stored_traj(raw2, tmp_path):
     dst_path = _rewrite(raw2, str(tmp_path / "notraj.h5"), drop_traj)
     b = read_raw(dst_path).slices[(0, 0, 0, 0)].data
     assert torch.allclose(a.traj, b.traj, atol=1e-5) and torch.equal(a.kdata, b.kdata)
+    R = a.traj.shape[-2]
+    for centre in (R // 2, R // 2 - 5):  # the echo where the derived positions put it / an asymmetric echo
+        def with_centre(acq):
+            new = drop_traj(acq)
+            if new is not None:
+                new.center_sample = centre
+            return new
+        path = _rewrite(raw2, str(tmp_path / f"centre{centre}.h5"), with_centre)
+        if centre == R // 2:
+            assert torch.allclose(read_raw(path).slices[(0, 0, 0, 0)].data.traj, a.traj, atol=1e-5)
+        else:
+            with pytest.raises(MRDFormatError, match="asymmetric echo"):
+                read_raw(path)
 
 
 def test_bad_files_and_arguments(tmp_path, capsys):

@@ -132,7 +132,7 @@ def replay(items, header: str, address: Tuple[str, int], config: Optional[str] =
 
     sender = threading.Thread(target=send, daemon=True)
     sender.start()
-    rf = sock.makefile("rb", buffering=1 << 16)
+    rf = sock.makefile("rb", buffering=1 << 20)
     try:
         while True:
             frame = read_frame(rf.read, limits)

@@ -271,7 +271,7 @@ class Peer:
 
     def _receive(self) -> None:
         limits = self.session.opts.limits
-        rf = self.sock.makefile("rb", buffering=1 << 16)
+        rf = self.sock.makefile("rb", buffering=1 << 20)
         try:
             while True:
                 frame = read_frame(rf.read, limits)
@@ -661,7 +661,7 @@ class Server:
     def _handle(self, conn: socket.socket, addr) -> None:
         label = f"client {addr[0]}:{addr[1]}"
         conn.settimeout(self.opts.idle_timeout)
-        rf, wf = conn.makefile("rb", buffering=1 << 16), conn.makefile("wb", buffering=1 << 16)
+        rf, wf = conn.makefile("rb", buffering=1 << 20), conn.makefile("wb", buffering=1 << 20)
         out = FrameWriter(wf)
         session = Session(self.opts, out, label, self.launcher)
         stats = Stats()

@@ -17,7 +17,7 @@ def passthrough(connection) -> None:
 def relay(connection) -> None:
     """``<execute name="gadgets.passthrough" target="relay" type="python"/>``"""
     sock = connection.socket.socket  # after CONFIG and HEADER, which Connection() has read
-    with sock.makefile("rb", buffering=1 << 18) as rf, sock.makefile("wb", buffering=1 << 18) as wf:
+    with sock.makefile("rb", buffering=1 << 20) as rf, sock.makefile("wb", buffering=1 << 20) as wf:
         while True:
             frame = read_frame(rf.read)
             if frame.mid == CLOSE:

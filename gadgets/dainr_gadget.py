@@ -4,14 +4,15 @@ Gadgetron starts it as ``python -m gadgetron PORT gadgets.dainr_gadget dainr_rec
 (``<property name=... value=.../>`` in the ``<configuration>`` block): ``spokes_per_frame``,
 ``steps``, ``max_seconds``, ``device``, ``sr_ratio``, ``down_ratio``, ``image_series_index``,
 ``preview`` (true/false), ``preview_series_index``, ``preview_steps``, ``output``
-(magnitude/complex), ``seed``.
+(magnitude/complex), ``seed``, ``max_buffer_mb`` (readouts buffered at once, all slices together;
+default 2048).
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ class GadgetOptions:
     preview: bool = False
     preview_series: int = 101
     output: str = "magnitude"
+    max_buffer_mb: float = 2048.0
 
 
 def properties(config) -> Dict[str, str]:
@@ -68,8 +70,11 @@ def options_from_properties(props: Dict[str, str]) -> GadgetOptions:
     output = get("output", str, "magnitude")
     if output not in ("magnitude", "complex"):
         raise ValueError(f"property output={output!r}: must be magnitude or complex")
+    max_buffer_mb = get("max_buffer_mb", float, 2048.0)
+    if not max_buffer_mb > 0:
+        raise ValueError(f"property max_buffer_mb={max_buffer_mb}: must be > 0")
     return GadgetOptions(DAINRConfig().replace(**changes), get("spokes_per_frame", int), series, preview,
-                         get("preview_series_index", int, series + 100), output)
+                         get("preview_series_index", int, series + 100), output, max_buffer_mb)
 
 
 def send_error(connection, text: str) -> None:
@@ -79,11 +84,18 @@ def send_error(connection, text: str) -> None:
 
 
 class SliceBuffers:
-    """Readouts per (slice, contrast, repetition, set), plus the noise scan."""
+    """Readouts per (slice, contrast, repetition, set), plus the noise scan, within ``max_bytes`` in all.
 
-    def __init__(self):
+    A readout that would take the total over ``max_bytes`` (a stream whose slices never end) drops its key's
+    buffer; that key's further readouts are only counted, and :meth:`pop` reports the count when the key is
+    flushed, so the loss reaches the client as an ERROR instead of exhausting the gadget's memory.
+    """
+
+    def __init__(self, max_bytes: float = float("inf")):
         self.noise: List[np.ndarray] = []
         self.buffers: Dict[Key, list] = {}
+        self.max_bytes, self.used = max_bytes, 0
+        self.dropped: Dict[Key, int] = {}
 
     def add(self, acq) -> Optional[Key]:
         """Buffer one readout; returns its key when it closes the slice."""
@@ -91,14 +103,23 @@ class SliceBuffers:
             self.noise.append(acq.data.copy())
             return None
         key = acquisition_key(acq)
-        self.buffers.setdefault(key, []).append(acq)
+        if key in self.dropped:
+            self.dropped[key] += 1
+        elif self.used + acq.data.nbytes > self.max_bytes:
+            self.dropped[key] = len(self.pop(key)[0]) + 1
+        else:
+            self.buffers.setdefault(key, []).append(acq)
+            self.used += acq.data.nbytes
         return key if acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE) else None
 
-    def pop(self, key: Key) -> list:
-        return self.buffers.pop(key, [])
+    def pop(self, key: Key) -> Tuple[list, int]:
+        """The key's buffered readouts and how many of its readouts were dropped at the memory cap."""
+        acqs = self.buffers.pop(key, [])
+        self.used -= sum(a.data.nbytes for a in acqs)
+        return acqs, self.dropped.pop(key, 0)
 
     def keys(self) -> List[Key]:
-        return list(self.buffers)
+        return list(self.buffers) + [k for k in self.dropped if k not in self.buffers]
 
 
 def reconstruct_slice(connection, key: Key, acqs: list, params: ReconParameters, opts: GadgetOptions,
@@ -142,10 +163,15 @@ def dainr_recon(connection) -> None:
     except (ValueError, MRDFormatError) as exc:
         send_error(connection, f"DA-INR gadget configuration: {exc}")
         return
-    buffers = SliceBuffers()
+    buffers = SliceBuffers(opts.max_buffer_mb * 2 ** 20)
 
     def flush(key: Key) -> None:
-        acqs = buffers.pop(key)
+        acqs, dropped = buffers.pop(key)
+        if dropped:
+            send_error(connection, f"DA-INR slice {key[0]} (contrast {key[1]}, repetition {key[2]}, set {key[3]}): "
+                                   f"{dropped} readouts dropped, not reconstructed: the buffered readouts exceeded "
+                                   f"max_buffer_mb={opts.max_buffer_mb:g} before the slice's last readout")
+            return
         if not acqs:
             return
         try:

@@ -84,6 +84,23 @@ def test_bad_property_is_an_error_message(two_slices):
     assert len(run.errors) == 1 and "steps" in run.errors[0] and run.images == []
 
 
+def test_buffer_cap_drops_a_slice_that_never_ends_with_an_error(two_slices):
+    header, acqs = _load(two_slices[1])
+    again = _imaging(_load(two_slices[1])[1], 1)
+    for a in _imaging(acqs, 1):
+        for flag in (ismrmrd.ACQ_LAST_IN_SLICE, ismrmrd.ACQ_LAST_IN_REPETITION, ismrmrd.ACQ_LAST_IN_MEASUREMENT):
+            a.clear_flag(flag)
+    n1 = 2 * len(again)  # slice 1 sent twice before its last readout: 2 x 54 readouts of 1.5 kB
+    assert 0.1 * 2 ** 20 < n1 * again[0].data.nbytes and len(again) * again[0].data.nbytes < 0.1 * 2 ** 20
+    run = run_gadget(CONFIG.format(steps=5, extra='<property name="max_buffer_mb" value="0.1"/>'), header,
+                     acqs + again)
+    assert len(run.errors) == 1 and f"slice 1 (contrast 0, repetition 0, set 0): {n1} readouts dropped" in run.errors[0]
+    assert "max_buffer_mb=0.1" in run.errors[0] and {im.slice for im in run.images} == {0} and len(run.images) == 6
+    assert options_from_properties({}).max_buffer_mb == 2048
+    with pytest.raises(ValueError, match="max_buffer_mb"):
+        options_from_properties({"max_buffer_mb": "0"})
+
+
 def test_preview_series_comes_before_the_final_one(two_slices):
     opts = options_from_properties({"preview": "true", "preview_steps": "3", "image_series_index": "2"})
     assert opts.preview and opts.cfg.preview_every == 3 and opts.preview_series == 102

@@ -10,3 +10,12 @@ def small_scan():
     from dainr.sim import simulate
 
     return simulate(matrix=32, frames=8, spokes=9, coils=4, noise_level=0.02, seed=1)
+
+
+@pytest.fixture(scope="module")
+def server():
+    """An embedded ``dainr serve`` on a free port, one per test module."""
+    from .server_harness import running_server
+
+    with running_server() as srv:
+        yield srv

@@ -7,13 +7,19 @@ import threading
 import time
 from typing import List
 
-from dainr_app.protocol import CLOSE, ERROR, Frame, ProtocolError, StreamEnded, read_frame
+from dainr_app.protocol import CLOSE, ERROR, HEADER, Frame, ProtocolError, StreamEnded, encode, read_frame, text_frame
 from dainr_app.server import Server, ServerOptions
 
 SMALL = ('<configuration><version>2</version><stream><external>'
          '<execute name="gadgets.dainr_gadget" target="dainr_recon" type="python"/>'
          '<configuration><property name="steps" value="{steps}"/>{extra}</configuration>'
          '</external></stream></configuration>')
+
+
+def stream(config, header: str, items, close: bool = True) -> bytes:
+    """A whole client stream as bytes: config, header, the items, and CLOSE (unless ``close=False``)."""
+    parts = [encode(config), text_frame(HEADER, header).raw] + [encode(i) for i in items]
+    return b"".join(parts) + (Frame.of(CLOSE).raw if close else b"")
 
 
 def small_pipeline(steps: int = 5, **props) -> str:

@@ -17,8 +17,7 @@ from dainr_app.mrd import build_header, open_raw, write_raw
 from dainr_app.protocol import ACQUISITION, encode
 from dainr_app.replay import file_items, replay
 
-from .server_harness import errors, raw_session, running_server, small_pipeline
-from .test_server import stream
+from .server_harness import errors, raw_session, small_pipeline, stream
 
 pytestmark = pytest.mark.skipif(
     not all(shutil.which(t) for t in ("ismrmrd_generate_cartesian_shepp_logan", "ismrmrd_test_xml")),
@@ -39,12 +38,6 @@ def cpp_raw(tmp_path_factory):
     subprocess.run(["ismrmrd_generate_cartesian_shepp_logan", "-o", str(path), "-m", "32", "-c", "2", "-r", "2",
                     "-C", "-k"], check=True, capture_output=True, timeout=60)
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def server():
-    with running_server() as srv:
-        yield srv
 
 
 def test_cpp_library_parses_the_headers_we_write(tmp_path):

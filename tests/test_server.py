@@ -19,7 +19,7 @@ from dainr_app.mrd import iter_acquisitions, open_raw, write_raw
 from dainr_app.protocol import ACQUISITION, CLOSE, CONFIG_TEXT, HEADER, IMAGE, encode, read_frame, text_frame
 from dainr_app.replay import replay
 
-from .server_harness import errors, raw_session, running_server, small_pipeline, wait_until
+from .server_harness import errors, raw_session, running_server, small_pipeline, stream, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,20 +32,9 @@ def raw(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def server():
-    with running_server() as srv:
-        yield srv
-
-
 def load(path):
     """Header text and fresh acquisitions (tests modify them)."""
     return open_raw(path)[0], list(iter_acquisitions(path))
-
-
-def stream(config, header, items, close=True) -> bytes:
-    parts = [encode(config), text_frame(HEADER, header).raw] + [encode(i) for i in items]
-    return b"".join(parts) + (struct.pack("<H", CLOSE) if close else b"")
 
 
 def images(frames):

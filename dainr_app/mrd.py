@@ -26,7 +26,8 @@ Key = Tuple[int, int, int, int]  # (slice, contrast, repetition, set): readouts 
 SPOKES_PARAM = "spokes_per_frame"
 # readouts that are not image data: skipped by the file reader, passed through by the gadget
 SKIP_FLAGS = (ismrmrd.ACQ_IS_NAVIGATION_DATA, ismrmrd.ACQ_IS_PHASECORR_DATA, ismrmrd.ACQ_IS_DUMMYSCAN_DATA)
-ACCEPTED_TRAJECTORIES = ("radial", "goldenangle", "other")  # the ramp DCF and golden-angle index are radial
+RADIAL_TRAJECTORIES = ("radial", "goldenangle")  # angles derivable from the spoke index when acq.traj is absent
+ACCEPTED_TRAJECTORIES = RADIAL_TRAJECTORIES + ("other",)  # the ramp DCF is radial; "other" needs acq.traj
 
 
 class MRDFormatError(ValueError):
@@ -226,7 +227,7 @@ def spoke_trajectory(acq, params: ReconParameters, n_samples: int) -> np.ndarray
     """(samples, 2) trajectory of one readout: ``acq.traj`` when present, else golden-angle index."""
     if acq.trajectory_dimensions >= 2:
         return np.asarray(acq.traj[:, :2], dtype=np.float32)
-    if params.trajectory not in ("radial", "goldenangle"):
+    if params.trajectory not in RADIAL_TRAJECTORIES:
         raise MRDFormatError(f"acquisition has no trajectory and the header trajectory type is {params.trajectory!r}; "
                              "cannot derive radial angles")
     if acq.center_sample not in (0, n_samples // 2):  # 0: not set by the converter

@@ -25,10 +25,11 @@ pytestmark = pytest.mark.skipif(
 
 
 def cpp_parses(xml: str, tmp_path) -> subprocess.CompletedProcess:
-    """Run the C++ header deserializer (``ismrmrd_test_xml``) on ``xml``."""
+    """Run the C++ header deserializer (``ismrmrd_test_xml``) on ``xml``, in ``tmp_path``: it writes its
+    round-tripped ``raw.xml``/``processed.xml`` into the working directory."""
     path = tmp_path / "header.xml"
     path.write_text(xml)
-    return subprocess.run(["ismrmrd_test_xml", str(path)], capture_output=True, text=True, timeout=60)
+    return subprocess.run(["ismrmrd_test_xml", str(path)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
 
 
 @pytest.fixture(scope="module")

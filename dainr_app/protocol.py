@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import ctypes
 import io
-import select
 import struct
 import threading
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import ismrmrd
+import numpy as np
 from ismrmrd.serialization import ConfigText, ISMRMRDMessageID, ProtocolDeserializer, ProtocolSerializer
 
 CONFIG_FILE = int(ISMRMRDMessageID.CONFIG_FILE)
@@ -40,6 +40,9 @@ _ACQ_HEADER = ctypes.sizeof(ismrmrd.AcquisitionHeader)
 _NS, _CH, _TD = (getattr(ismrmrd.AcquisitionHeader, f).offset
                  for f in ("number_of_samples", "active_channels", "trajectory_dimensions"))
 _U16 = struct.Struct("<H")
+_ACQ_PREFIX = 2 + _ACQ_HEADER  # message id + header: where an acquisition's sizes are known
+# number_of_samples, active_channels, trajectory_dimensions in one unpack (checked against the ctypes offsets)
+_ACQ_SIZES = struct.Struct(f"<{_NS}xH{_CH - _NS - 2}xH{_TD - _CH - 2}xH")
 _IMAGE_HEADER = ctypes.sizeof(ismrmrd.ImageHeader)
 _WAVEFORM_HEADER = ctypes.sizeof(ismrmrd.WaveformHeader)
 _IMAGE_ITEMSIZE = {ismrmrd.DATATYPE_USHORT: 2, ismrmrd.DATATYPE_SHORT: 2, ismrmrd.DATATYPE_UINT: 4,
@@ -65,7 +68,8 @@ class Limits:
 
 
 class Frame:
-    """One message exactly as on the wire (``raw`` includes the 2-byte id), so a relay forwards it as is."""
+    """One message exactly as on the wire (``raw``, bytes or a memoryview, includes the 2-byte id), so a relay
+    forwards it as is."""
 
     __slots__ = ("mid", "raw")
 
@@ -199,9 +203,117 @@ def read_frame(read: Callable[[int], bytes], limits: Limits = Limits()) -> Frame
     return Frame(mid, b"".join(parts))
 
 
-def readable(sock) -> bool:
-    """Whether more bytes are already waiting on ``sock`` (then a relay can defer its flush)."""
-    return bool(select.select([sock], [], [], 0)[0])
+class FrameReader:
+    """Messages from a socket, received in large chunks: one ``recv_into`` brings in many readouts, and
+    :attr:`buffered` tells a relay whether more input is already here, so it flushes its output only when its
+    input runs dry, with no ``select`` per message.  Every message is checked by :func:`read_frame`'s rules.
+    Acquisitions, the bulk of a stream, are returned without a copy: their ``raw`` is a memoryview into the
+    receive buffer, which is therefore never overwritten (a full buffer is replaced by a fresh one and lives on
+    while frames point into it).  Whoever keeps such a frame for long copies it (``bytes(frame.raw)``)."""
+
+    def __init__(self, sock, limits: Limits = Limits(), size: int = 1 << 20):
+        self._sock, self.limits = sock, limits
+        self._buf = np.empty(size, np.uint8)  # (not bytearray(size): that zeroes every new 1 MiB buffer)
+        self._view = memoryview(self._buf)
+        self._start = self._end = 0
+
+    @property
+    def buffered(self) -> int:
+        return self._end - self._start
+
+    def _fill(self, need: int) -> None:
+        """Receive until ``need`` (at most the buffer size) bytes are buffered, or the stream ends."""
+        if self._start + need > len(self._buf):  # a fresh buffer, starting with the unread rest
+            rest = self._end - self._start
+            buf = np.empty(len(self._buf), np.uint8)
+            buf[:rest] = self._view[self._start:self._end]
+            self._buf, self._view = buf, memoryview(buf)
+            self._start, self._end = 0, rest
+        while self._end - self._start < need:
+            k = self._sock.recv_into(self._view[self._end:])
+            if not k:
+                return
+            self._end += k
+
+    def read(self, n: int) -> bytes:
+        """Exactly ``n`` bytes, fewer only where the stream ends (the ``read`` of :func:`read_frame`)."""
+        if n > len(self._buf):  # a message larger than the buffer (a big image) is received in place
+            out = bytearray(n)
+            got = self._end - self._start
+            out[:got] = self._view[self._start:self._end]
+            self._start = self._end  # (not rewound to 0: earlier frames may still point into the buffer)
+            view = memoryview(out)
+            while got < n:
+                k = self._sock.recv_into(view[got:])
+                if not k:
+                    break
+                got += k
+            return bytes(view[:got])
+        self._fill(n)
+        k = min(n, self._end - self._start)
+        data = bytes(self._view[self._start:self._start + k])
+        self._start += k
+        return data
+
+    def frame(self) -> Frame:
+        """The next message (:func:`read_frame`: same limits, same errors).  Never waits for more bytes than
+        the message needs, so a short last message (CLOSE) is not held up."""
+        if self._end - self._start < _ACQ_PREFIX:
+            if self._end - self._start < 2:
+                self._fill(2)
+            if self._end - self._start >= 2 and _U16.unpack_from(self._buf, self._start)[0] == ACQUISITION:
+                self._fill(_ACQ_PREFIX)
+        s, b = self._start, self._buf
+        if self._end - s >= _ACQ_PREFIX and _U16.unpack_from(b, s)[0] == ACQUISITION:
+            samples, channels, dims = _ACQ_SIZES.unpack_from(b, s + 2)
+            total = _ACQ_PREFIX + samples * (dims * 4 + channels * 8)
+            if total - _ACQ_PREFIX <= self.limits.max_message and total <= len(b):
+                if self._end - s < total:
+                    self._fill(total)
+                    s = self._start
+                if self._end - s >= total:
+                    self._start = s + total
+                    return Frame(ACQUISITION, self._view[s:s + total])
+        return read_frame(self.read, self.limits)
+
+
+def send_buffers(sock, buffers) -> None:
+    """``sendall`` of several buffers without joining them into one (``sendmsg``, partial sends resumed)."""
+    views = [memoryview(b) for b in buffers if len(b)]
+    i = 0
+    while i < len(views):
+        sent = sock.sendmsg(views[i:i + 512])
+        while sent:
+            n = views[i].nbytes
+            if sent < n:
+                views[i] = views[i][sent:]
+                break
+            sent -= n
+            i += 1
+
+
+class SocketSink:
+    """A ``write``/``flush`` file over a socket that keeps the written ``bytes`` and memoryviews instead of
+    copying them, and sends them with one ``sendmsg`` at ``flush`` (or once ``size`` bytes are pending).  Other
+    buffers (mutable ctypes headers, bytearrays) are copied; a memoryview must not change after it is written
+    (a :class:`FrameReader` frame never does)."""
+
+    def __init__(self, sock, size: int = 1 << 20):
+        self._sock, self._size = sock, size
+        self._items: list = []
+        self._pending = 0
+
+    def write(self, data) -> None:
+        if not isinstance(data, (bytes, memoryview)):
+            data = bytes(data)
+        self._items.append(data)
+        self._pending += len(data)
+        if self._pending >= self._size:
+            self.flush()
+
+    def flush(self) -> None:
+        items, self._items, self._pending = self._items, [], 0
+        send_buffers(self._sock, items)
 
 
 class FrameWriter:

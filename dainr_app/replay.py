@@ -19,8 +19,8 @@ import ismrmrd
 from ismrmrd.serialization import ConfigFile, ConfigText, ProtocolSerializer
 
 from .mrd import Key, acquisition_key, iter_acquisitions, open_raw
-from .protocol import ACQUISITION, CLOSE, ERROR, HEADER, IMAGE, RESPONSE, TEXT, WAVEFORM, Frame, Limits, \
-    ProtocolError, StreamEnded, query_frame, read_frame, text_frame
+from .protocol import ACQUISITION, CLOSE, ERROR, HEADER, IMAGE, RESPONSE, TEXT, WAVEFORM, Frame, FrameReader, \
+    Limits, ProtocolError, SocketSink, StreamEnded, query_frame, read_frame, text_frame
 
 
 @dataclass
@@ -111,31 +111,31 @@ def replay(items, header: str, address: Tuple[str, int], config: Optional[str] =
 
     def send():
         try:
-            with sock.makefile("wb", buffering=1 << 20) as wf:
-                ser = ProtocolSerializer(wf)
-                ser.serialize(ConfigFile(config) if config is not None else ConfigText(config_xml))
-                wf.write(text_frame(HEADER, header).raw)  # the file's header text, verbatim
-                for item in items:
-                    ser.serialize(item)
-                    res.sent += 1
-                    if isinstance(item, ismrmrd.Acquisition) and not item.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
-                        res.readouts += 1
-                        timing = res.slices.setdefault(acquisition_key(item), SliceTiming())
-                        timing.readouts += 1
-                        if item.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE):
-                            wf.flush()  # a finished slice goes out now, not when the buffer fills
-                        timing.last_sent = time.monotonic() - t0
-                ser.close()
+            out = SocketSink(sock)
+            ser = ProtocolSerializer(out)
+            ser.serialize(ConfigFile(config) if config is not None else ConfigText(config_xml))
+            out.write(text_frame(HEADER, header).raw)  # the file's header text, verbatim
+            for item in items:
+                ser.serialize(item)
+                res.sent += 1
+                if isinstance(item, ismrmrd.Acquisition) and not item.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+                    res.readouts += 1
+                    timing = res.slices.setdefault(acquisition_key(item), SliceTiming())
+                    timing.readouts += 1
+                    if item.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE):
+                        out.flush()  # a finished slice goes out now, not when the buffer fills
+                    timing.last_sent = time.monotonic() - t0
+            ser.close()  # CLOSE, flushed
             res.send_seconds = time.monotonic() - t0
         except (OSError, ValueError) as exc:  # the server ended the session; the receiver reports why
             send_failed.append(exc)
 
     sender = threading.Thread(target=send, daemon=True)
     sender.start()
-    rf = sock.makefile("rb", buffering=1 << 20)
+    reader = FrameReader(sock, limits)
     try:
         while True:
-            frame = read_frame(rf.read, limits)
+            frame = reader.frame()
             if frame.mid == CLOSE:
                 break
             if frame.mid == IMAGE:
@@ -164,7 +164,6 @@ def replay(items, header: str, address: Tuple[str, int], config: Optional[str] =
         res.errors.append(f"connection to the server ended without CLOSE: {exc}")
     finally:
         res.total_seconds = time.monotonic() - t0
-        rf.close()
         sock.close()
         sender.join(5)
     return res

@@ -31,7 +31,8 @@ from .mrd import MRDFormatError, parse_header
 from .pipeline import PIPELINES_DIR, Distributed, External, Pipeline, PipelineError, Policy, available, \
     load_named, parse_pipeline, parse_xml
 from .protocol import ACQUISITION, CLOSE, CONFIG_FILE, CONFIG_TEXT, DATA_IDS, ERROR, HEADER, QUERY, TEXT, Frame, \
-    FrameWriter, Limits, ProtocolError, StreamEnded, config_text, read_frame, readable, response_frame, text_frame
+    FrameReader, FrameWriter, Limits, ProtocolError, SocketSink, StreamEnded, config_text, read_frame, \
+    response_frame, send_buffers, text_frame
 
 log = logging.getLogger("dainr.server")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -262,19 +263,17 @@ class Peer:
             while True:  # batches: one sendall for everything queued meanwhile
                 batch = self.queue.get_batch()
                 done = batch[-1] is None
-                self.sock.sendall(b"".join(f.raw for f in batch if f is not None)
-                                  + (Frame.of(CLOSE).raw if done else b""))
+                send_buffers(self.sock, [f.raw if f is not None else Frame.of(CLOSE).raw for f in batch])
                 if done:
                     break
         except OSError:  # the receiver reports the peer's end; drain so producers never block
             self.queue.drop_all()
 
     def _receive(self) -> None:
-        limits = self.session.opts.limits
-        rf = self.sock.makefile("rb", buffering=1 << 20)
+        reader = FrameReader(self.sock, self.session.opts.limits)
         try:
             while True:
-                frame = read_frame(rf.read, limits)
+                frame = reader.frame()
                 if frame.mid == CLOSE:
                     self.closed_cleanly = True
                     return
@@ -285,7 +284,7 @@ class Peer:
                     log.info("%s: %s: %s", self.session.label, self.label, frame.text())
                 elif frame.mid in DATA_IDS:
                     self.emit(frame)
-                    if not readable(self.sock):  # nothing more waiting: push what was relayed to the client
+                    if not reader.buffered:  # nothing more here yet: push what was relayed to the client
                         self.session.out.flush()
                 else:
                     raise ProtocolError(f"unexpected {frame.name} message")
@@ -293,7 +292,6 @@ class Peer:
             if not self.session.aborted.is_set():
                 self.problem = f"{exc}"
         finally:
-            rf.close()
             self.queue.drop_all()
 
     def wait(self) -> None:
@@ -425,6 +423,7 @@ class DistributedStage:
             return
         head = frame.acquisition_header()
         if head.flags & _NOISE_BIT:
+            frame = Frame(frame.mid, bytes(frame.raw))  # kept for the whole session: not a view into a buffer
             self.noise.append(frame)
             for channel in self.channels.values():
                 channel.put(frame)
@@ -498,13 +497,12 @@ class Stats:
     t_start: float = field(default_factory=time.monotonic)
 
 
-def run_session(session: Session, read: Callable[[int], bytes], pipeline: Pipeline, header: str,
+def run_session(session: Session, next_frame: Callable[[], Frame], pipeline: Pipeline, header: str,
                 stats: Stats, on_disconnect: Callable[[], bool] = lambda: False) -> None:
     """Start the pipeline, relay the client's messages into it until CLOSE, then drain its output.
 
     A bad message ends the input with an ERROR; what arrived before it is still processed and returned,
     unless the client is gone (``on_disconnect`` says so), in which case the gadgets are stopped."""
-    limits = session.opts.limits
     chain = Chain(session, pipeline.nodes, session.emit)
     try:
         chain.start(header)
@@ -514,7 +512,7 @@ def run_session(session: Session, read: Callable[[int], bytes], pipeline: Pipeli
         return
     try:
         while True:
-            frame = read_frame(read, limits)
+            frame = next_frame()
             if frame.mid == CLOSE:
                 break
             if frame.mid in DATA_IDS:
@@ -643,10 +641,10 @@ class Server:
             return parse_pipeline(frame.text(), self.opts.policy)
         raise ProtocolError(f"expected CONFIG_FILE (1) or CONFIG_TEXT (2) first, got {frame.name}")
 
-    def _after_queries(self, read: Callable[[int], bytes], session: Session) -> Frame:
+    def _after_queries(self, next_frame: Callable[[], Frame], session: Session) -> Frame:
         """The next message that is not a QUERY; every QUERY is answered (RESPONSE, or ERROR if unknown)."""
         while True:
-            frame = read_frame(read, self.opts.limits)
+            frame = next_frame()
             if frame.mid != QUERY:
                 return frame
             query = frame.text()
@@ -661,8 +659,7 @@ class Server:
     def _handle(self, conn: socket.socket, addr) -> None:
         label = f"client {addr[0]}:{addr[1]}"
         conn.settimeout(self.opts.idle_timeout)
-        rf, wf = conn.makefile("rb", buffering=1 << 20), conn.makefile("wb", buffering=1 << 20)
-        out = FrameWriter(wf)
+        reader, out = FrameReader(conn, self.opts.limits), FrameWriter(SocketSink(conn))
         session = Session(self.opts, out, label, self.launcher)
         stats = Stats()
         pipeline_name = "?"
@@ -675,17 +672,17 @@ class Server:
                 session.error(f"server busy: {self.opts.max_connections} sessions running; try again later")
                 return
             try:
-                first = self._after_queries(rf.read, session)
+                first = self._after_queries(reader.frame, session)
                 if first.mid == CLOSE:  # a query-only connection (gadgetron_ismrmrd_client -Q / -q)
                     pipeline_name = "(queries only)"
                     return
                 pipeline = self._pipeline(first)
                 pipeline_name = pipeline.source
-                header = check_header(self._after_queries(rf.read, session))
+                header = check_header(self._after_queries(reader.frame, session))
             except (ProtocolError, PipelineError, StreamEnded, OSError) as exc:
                 session.error(str(exc) if not isinstance(exc, socket.timeout) else "no configuration received")
                 return
-            run_session(session, rf.read, pipeline, header, stats, on_disconnect=lambda: _client_gone(conn))
+            run_session(session, reader.frame, pipeline, header, stats, on_disconnect=lambda: _client_gone(conn))
         except Exception as exc:  # never let one session take the server down
             log.exception("%s: internal error", label)
             session.error(f"internal server error: {exc!r}")
@@ -699,11 +696,7 @@ class Server:
                 self.sessions.pop(session, None)
                 self.history.append(summary)
             out.close()
-            for f in (rf, wf, conn):
-                try:
-                    f.close()
-                except OSError:
-                    pass
+            conn.close()
             log.info("%s pipeline=%s: %d messages in (%d readouts), %d out, %d error(s), %.2f s%s", label,
                      pipeline_name, stats.received, stats.readouts, session.sent, len(session.errors),
                      summary["seconds"], " [aborted]" if summary["aborted"] else "")
@@ -728,7 +721,7 @@ def run_stream(pipeline: Pipeline, inp, outp, opts: ServerOptions = ServerOption
         first = read_frame(inp.read, opts.limits)
         header = check_header(first)
         out.frame(first)
-        run_session(session, inp.read, pipeline, header, Stats())
+        run_session(session, lambda: read_frame(inp.read, opts.limits), pipeline, header, Stats())
     except (ProtocolError, StreamEnded) as exc:
         session.error(str(exc))
     finally:

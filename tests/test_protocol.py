@@ -1,14 +1,18 @@
 """Wire framing (limits, truncation, text conventions) and pipeline XML parsing / name resolution."""
 import io
+import random
+import socket
 import struct
+import threading
 
 import ismrmrd
 import numpy as np
 import pytest
 
 from dainr_app.pipeline import Distributed, External, PipelineError, Policy, load_named, parse_pipeline, resolve_name
-from dainr_app.protocol import ACQUISITION, CONFIG_FILE, CONFIG_TEXT, ERROR, IMAGE, Limits, ProtocolError, \
-    StreamEnded, encode, error_frame, query_frame, read_frame, response_frame, text_frame
+from dainr_app.protocol import ACQUISITION, CLOSE, CONFIG_FILE, CONFIG_TEXT, ERROR, IMAGE, Frame, FrameReader, \
+    Limits, ProtocolError, SocketSink, StreamEnded, encode, error_frame, query_frame, read_frame, response_frame, \
+    text_frame
 from ismrmrd.serialization import ConfigFile
 
 
@@ -51,6 +55,71 @@ def test_nul_terminated_text_is_accepted():
     assert frame.text() == "<configuration/>"
 
 
+def _socket_reader(data: bytes, pieces: int = 1, size: int = 1 << 20, close: bool = True):
+    """A FrameReader over a socket whose peer sends ``data`` in ``pieces`` random chunks (then closes)."""
+    a, b = socket.socketpair()
+    b.settimeout(10)  # a reader waiting for bytes that never come fails the test instead of hanging it
+    cuts = sorted(random.Random(0).sample(range(1, len(data)), pieces - 1)) if pieces > 1 else []
+
+    def send():
+        for lo, hi in zip([0] + cuts, cuts + [len(data)]):
+            a.sendall(data[lo:hi])
+        if close:
+            a.close()
+    threading.Thread(target=send, daemon=True).start()
+    return FrameReader(b, Limits(max_message=1 << 20), size=size), (a, b)
+
+
+def _frames_from_reader(reader):
+    out = []
+    while True:
+        try:
+            out.append(reader.frame())
+        except StreamEnded:
+            return out
+
+
+@pytest.mark.parametrize("pieces, size", [(1, 1 << 20), (97, 4096), (5000, 1000)])
+def test_frame_reader_matches_read_frame_however_the_stream_is_cut(pieces, size):
+    """Chunked reading gives the same frames as read_frame, also when messages straddle receives or are larger
+    than the buffer; acquisitions handed out as views stay intact while later data arrives."""
+    img = ismrmrd.Image.from_array(np.arange(40 * 30, dtype=np.float32).reshape(40, 30), transpose=False)
+    items = [encode(_acq(16 + 8 * i, 1 + i % 3)) for i in range(40)] + [encode(img), text_frame(CONFIG_TEXT, "x" * 5000).raw]
+    data = b"".join(items * 3) + Frame.of(CLOSE).raw
+    reader, _ = _socket_reader(data, pieces, size)
+    frames = _frames_from_reader(reader)
+    assert [bytes(f.raw) for f in frames] == [bytes(f.raw) for f in frames_of(data)]
+    assert b"".join(frames[i].raw for i in range(len(frames))) == data
+    assert any(isinstance(f.raw, memoryview) for f in frames)  # the zero-copy path was taken
+
+
+def test_frame_reader_does_not_wait_for_more_than_the_message():
+    """A short last message (CLOSE) is returned while the peer keeps the connection open and silent."""
+    reader, _ = _socket_reader(encode(_acq()) + Frame.of(CLOSE).raw, close=False)
+    assert reader.frame().mid == ACQUISITION and reader.frame().mid == CLOSE and reader.buffered == 0
+
+
+def test_socket_sink_sends_everything_in_order_through_partial_sends():
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    a.settimeout(10)  # non-blocking underneath: sendmsg sends part of a large batch
+    header, scratch = ismrmrd.AcquisitionHeader(), bytearray(b"before")
+    header.number_of_samples = 7
+    parts = [bytes(range(256)) * 200, memoryview(bytes(range(100)) * 3000)[5:], header, scratch, b"", b"end"]
+    expected = b"".join(bytes(p) for p in parts)
+    got = []
+    reader = threading.Thread(target=lambda: got.extend(iter(lambda: b.recv(1 << 16), b"")))
+    reader.start()
+    sink = SocketSink(a, size=1 << 30)
+    for p in parts:
+        sink.write(p)
+    scratch[:] = b"AFTER!"  # a mutable buffer is copied when written
+    sink.flush()
+    a.close()
+    reader.join(10)
+    assert b"".join(got) == expected
+
+
 @pytest.mark.parametrize("data, reason", [
     (struct.pack("<H", 999), "unknown message id 999"),
     (struct.pack("<HI", CONFIG_TEXT, 0xFFFFFFF0), "over the limit"),
@@ -63,6 +132,8 @@ def test_nul_terminated_text_is_accepted():
 def test_bad_frames_raise_protocol_error(data, reason):
     with pytest.raises(ProtocolError, match=reason):
         read_frame(io.BytesIO(data).read)
+    with pytest.raises(ProtocolError, match=reason):
+        _socket_reader(data)[0].frame()
 
 
 def test_gigabyte_acquisition_is_refused_before_reading_it():
@@ -76,6 +147,9 @@ def test_gigabyte_acquisition_is_refused_before_reading_it():
     with pytest.raises(ProtocolError, match="over the limit"):
         read_frame(read, Limits(max_message=1 << 20))
     assert max(requested) == 340  # only the header was read
+    reader, _ = _socket_reader(struct.pack("<H", ACQUISITION) + bytes(head), close=False)
+    with pytest.raises(ProtocolError, match="over the limit"):  # at once, not after waiting for 34 GB
+        reader.frame()
 
 
 XML = ('<configuration><version>2</version><stream>{}</stream></configuration>')

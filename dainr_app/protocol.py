@@ -41,7 +41,7 @@ _NS, _CH, _TD = (getattr(ismrmrd.AcquisitionHeader, f).offset
                  for f in ("number_of_samples", "active_channels", "trajectory_dimensions"))
 _U16 = struct.Struct("<H")
 _ACQ_PREFIX = 2 + _ACQ_HEADER  # message id + header: where an acquisition's sizes are known
-# number_of_samples, active_channels, trajectory_dimensions in one unpack (checked against the ctypes offsets)
+# number_of_samples, active_channels, trajectory_dimensions in one unpack, laid out from the ctypes field offsets
 _ACQ_SIZES = struct.Struct(f"<{_NS}xH{_CH - _NS - 2}xH{_TD - _CH - 2}xH")
 _IMAGE_HEADER = ctypes.sizeof(ismrmrd.ImageHeader)
 _WAVEFORM_HEADER = ctypes.sizeof(ismrmrd.WaveformHeader)

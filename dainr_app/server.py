@@ -260,7 +260,7 @@ class Peer:
     def _send(self) -> None:
         try:
             self.sock.sendall(self._preamble)
-            while True:  # batches: one sendall for everything queued meanwhile
+            while True:  # batches: one sendmsg for everything queued meanwhile
                 batch = self.queue.get_batch()
                 done = batch[-1] is None
                 send_buffers(self.sock, [f.raw if f is not None else Frame.of(CLOSE).raw for f in batch])

@@ -137,6 +137,12 @@ def config_text(xml: str) -> bytes:
     return encode(ConfigText(xml))
 
 
+def _acquisition_data_bytes(buf, offset: int) -> int:
+    """Trajectory + data bytes of the acquisition whose header starts at ``offset`` in ``buf``."""
+    samples, channels, dims = _ACQ_SIZES.unpack_from(buf, offset)
+    return samples * (dims * 4 + channels * 8)
+
+
 def read_frame(read: Callable[[int], bytes], limits: Limits = Limits()) -> Frame:
     """Read one message with ``read(n)`` (a buffered file's ``read``: short only at end of stream).
 
@@ -152,7 +158,7 @@ def read_frame(read: Callable[[int], bytes], limits: Limits = Limits()) -> Frame
     if mid == ACQUISITION:  # the hot path of a scanner stream: sizes read at the header's field offsets
         h = read(_ACQ_HEADER)
         if len(h) == _ACQ_HEADER:
-            n = _U16.unpack_from(h, _NS)[0] * (_U16.unpack_from(h, _TD)[0] * 4 + _U16.unpack_from(h, _CH)[0] * 8)
+            n = _acquisition_data_bytes(h, 0)
             if n > limits.max_message:
                 raise ProtocolError(f"ACQUISITION message data is {n} bytes, over the limit of {limits.max_message} bytes")
             data = read(n) if n else b""
@@ -265,9 +271,9 @@ class FrameReader:
                 self._fill(_ACQ_PREFIX)
         s, b = self._start, self._buf
         if self._end - s >= _ACQ_PREFIX and _U16.unpack_from(b, s)[0] == ACQUISITION:
-            samples, channels, dims = _ACQ_SIZES.unpack_from(b, s + 2)
-            total = _ACQ_PREFIX + samples * (dims * 4 + channels * 8)
-            if total - _ACQ_PREFIX <= self.limits.max_message and total <= len(b):
+            n = _acquisition_data_bytes(b, s + 2)
+            total = _ACQ_PREFIX + n
+            if n <= self.limits.max_message and total <= len(b):
                 if self._end - s < total:
                     self._fill(total)
                     s = self._start

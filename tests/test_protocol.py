@@ -67,7 +67,7 @@ def _socket_reader(data: bytes, pieces: int = 1, size: int = 1 << 20, close: boo
         if close:
             a.close()
     threading.Thread(target=send, daemon=True).start()
-    return FrameReader(b, Limits(max_message=1 << 20), size=size), (a, b)
+    return FrameReader(b, Limits(max_message=1 << 20), size=size)
 
 
 def _frames_from_reader(reader):
@@ -86,16 +86,16 @@ def test_frame_reader_matches_read_frame_however_the_stream_is_cut(pieces, size)
     img = ismrmrd.Image.from_array(np.arange(40 * 30, dtype=np.float32).reshape(40, 30), transpose=False)
     items = [encode(_acq(16 + 8 * i, 1 + i % 3)) for i in range(40)] + [encode(img), text_frame(CONFIG_TEXT, "x" * 5000).raw]
     data = b"".join(items * 3) + Frame.of(CLOSE).raw
-    reader, _ = _socket_reader(data, pieces, size)
+    reader = _socket_reader(data, pieces, size)
     frames = _frames_from_reader(reader)
     assert [bytes(f.raw) for f in frames] == [bytes(f.raw) for f in frames_of(data)]
-    assert b"".join(frames[i].raw for i in range(len(frames))) == data
+    assert b"".join(f.raw for f in frames) == data
     assert any(isinstance(f.raw, memoryview) for f in frames)  # the zero-copy path was taken
 
 
 def test_frame_reader_does_not_wait_for_more_than_the_message():
     """A short last message (CLOSE) is returned while the peer keeps the connection open and silent."""
-    reader, _ = _socket_reader(encode(_acq()) + Frame.of(CLOSE).raw, close=False)
+    reader = _socket_reader(encode(_acq()) + Frame.of(CLOSE).raw, close=False)
     assert reader.frame().mid == ACQUISITION and reader.frame().mid == CLOSE and reader.buffered == 0
 
 
@@ -133,7 +133,7 @@ def test_bad_frames_raise_protocol_error(data, reason):
     with pytest.raises(ProtocolError, match=reason):
         read_frame(io.BytesIO(data).read)
     with pytest.raises(ProtocolError, match=reason):
-        _socket_reader(data)[0].frame()
+        _socket_reader(data).frame()
 
 
 def test_gigabyte_acquisition_is_refused_before_reading_it():
@@ -147,7 +147,7 @@ def test_gigabyte_acquisition_is_refused_before_reading_it():
     with pytest.raises(ProtocolError, match="over the limit"):
         read_frame(read, Limits(max_message=1 << 20))
     assert max(requested) == 340  # only the header was read
-    reader, _ = _socket_reader(struct.pack("<H", ACQUISITION) + bytes(head), close=False)
+    reader = _socket_reader(struct.pack("<H", ACQUISITION) + bytes(head), close=False)
     with pytest.raises(ProtocolError, match="over the limit"):  # at once, not after waiting for 34 GB
         reader.frame()
 

@@ -17,7 +17,7 @@ setup(
         # the floor here then installs nothing more.
         "torch>=2.1",
         "torchkbnufft>=1.4",
-        "numpy>=1.22",
+        "numpy>=2.0",
         "scipy>=1.8",
         "scikit-image>=0.19",
         "h5py>=3.0",

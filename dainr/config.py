@@ -41,6 +41,9 @@ class GridConfig:
         return self.num_levels * self.features_per_level
 
 
+NUFFT_BACKENDS = ("auto", "gather", "torchkbnufft", "finufft")  # see dainr.nufft
+
+
 @dataclass
 class DAINRConfig:
     """Every hyperparameter of a DA-INR reconstruction.
@@ -132,7 +135,7 @@ class DAINRConfig:
     dcf_power: float = 1.0
     seed: int = 0
     # --- physics ---------------------------------------------------------------------
-    nufft_backend: Literal["auto", "torchkbnufft", "finufft"] = "auto"
+    nufft_backend: Literal["auto", "gather", "torchkbnufft", "finufft"] = "auto"
     golden_angle: Literal["true", "reference"] = "true"
     coil_map_kernel: int = 7
     data_scale: Literal["p99", "none"] = "p99"
@@ -170,7 +173,7 @@ class DAINRConfig:
         need(self.grid.finest_resolution >= self.grid.base_resolution, "finest_resolution < base_resolution")
         need(0.0 <= self.dcf_power <= 2.0, "dcf_power must be in [0, 2]")
         need(self.golden_angle in ("true", "reference"), f"unknown golden_angle {self.golden_angle!r}")
-        need(self.nufft_backend in ("auto", "torchkbnufft", "finufft"), f"unknown nufft_backend {self.nufft_backend!r}")
+        need(self.nufft_backend in NUFFT_BACKENDS, f"unknown nufft_backend {self.nufft_backend!r}")
         need(self.grid.backend in ("auto", "torch", "tcnn"), f"unknown grid backend {self.grid.backend!r}")
         need(self.max_seconds is None or self.max_seconds > 0, "max_seconds must be > 0")
         need(self.data_scale in ("p99", "none"), f"unknown data_scale {self.data_scale!r}")

@@ -2,16 +2,23 @@
 
 ``A_b x = F_{ω_b}(S · x_b)`` for frame ``b`` with its own trajectory ``ω_b``.  Backends:
 
-* ``torchkbnufft`` — pure PyTorch, CPU and GPU; the whole batch in one call, no host round trip.
-* ``finufft`` — CPU only (optional dependency), measured ≈4× faster than torchkbnufft on 2 cores
+* ``gather`` — our pure-PyTorch Kaiser–Bessel gridding (:class:`KbGridding`): the interpolation
+  is one ``index_select`` (forward) and one ``index_add_`` (adjoint) over every frame and coil of
+  the batch, plus one batched FFT.  ``auto`` picks it on CUDA and on a CPU without finufft.
+  torchkbnufft loops over frames with different trajectories and over coils (4,608 ``index_add_``
+  launches per 4-frame 32-coil step, measured on an H100 as 146 ms of a 148 ms step, launch
+  bound); this takes 3.5–6.4 ms there, and is 2.3–2.8× faster than torchkbnufft on 2 CPU cores.
+* ``torchkbnufft`` — pure PyTorch, CPU and GPU; on request, and the cross-check in the tests.
+* ``finufft`` — CPU only (optional dependency), measured 4–5× faster than ``gather`` on 2 cores
   (README, performance); frames are looped, coils go through one ``n_trans`` call.
 
-Both compute ``y(ω) = Σ_n x[n] e^{-i ω·n}`` on a centred grid (checked against a direct DFT in
+All compute ``y(ω) = Σ_n x[n] e^{-i ω·n}`` on a centred grid (checked against a direct DFT in
 the tests); ω in radians, ``(B, 2, M)``, ordered (rows=y, cols=x).
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -56,6 +63,117 @@ def _finufft_adjoint(kdata: torch.Tensor, omega: torch.Tensor, shape, eps: float
     return torch.from_numpy(out).to(kdata.device)
 
 
+class KbGridding:
+    """Kaiser–Bessel gridding NUFFT for images of ``im_size`` on a 2× oversampled grid, width 6.
+
+    Forward: deapodise, zero-pad (centred: pixel ``n`` at grid index ``n mod G``), FFT, then
+    interpolate each sample from its 6×6 grid neighbours with separable KB weights computed from
+    ω on the fly (Beatty et al. 2005 β; about 1e-4 relative error against the exact DFT).  The
+    neighbours of all frames and coils are read with one ``index_select`` on a (frames·grid, coils)
+    layout; the adjoint spreads them back with one ``index_add_`` (atomic on CUDA, so GPU sums are
+    not bitwise reproducible; the CPU default is finufft).  Samples are processed in chunks so the
+    (samples × 36 × coils) intermediate stays under about 64 MB.
+    """
+
+    width = 6
+    oversampling = 2.0
+    chunk_elements = 1 << 23
+
+    def __init__(self, im_size: Tuple[int, int], device: torch.device):
+        self.im_size = tuple(int(n) for n in im_size)
+        self.grid_size = tuple(2 * int(math.ceil(self.oversampling * n / 2)) for n in self.im_size)
+        J, a = self.width, self.oversampling
+        self.beta = math.pi * math.sqrt((J / a) ** 2 * (a - 0.5) ** 2 - 0.8)
+        index, scales = [], []
+        for n, G in zip(self.im_size, self.grid_size):
+            k = np.arange(n) - n // 2
+            u = np.linspace(-J / 2, J / 2, 4097)
+            kern = np.i0(self.beta * np.sqrt(np.clip(1 - (2 * u / J) ** 2, 0, None)))
+            # ĉ(k) = ∫ kb(u) cos(2π u k / G) du: the kernel's Fourier transform at pixel k
+            ft = np.trapezoid(kern[None] * np.cos(2 * np.pi * u[None] * k[:, None] / G), u, axis=1)
+            scales.append(torch.tensor(1.0 / ft, dtype=torch.float32, device=device))
+            index.append(torch.tensor(k % G, device=device))
+        self.scaling = scales[0][:, None] * scales[1][None, :]
+        self.rows, self.cols = index[0][:, None], index[1][None, :]
+
+    def _kb(self, u: torch.Tensor) -> torch.Tensor:
+        r = (1 - (2 * u / self.width) ** 2).clamp_min(0)
+        return torch.special.i0(self.beta * r.sqrt()) * (r > 0)
+
+    def _coefficients(self, omega: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """ω (B, 2, m) → flat indices into (B·G) (B·m·36,) and weights (B, m, 36, 1)."""
+        B, _, m = omega.shape
+        J = self.width
+        offsets = torch.arange(J, device=omega.device)
+        parts = []
+        for d, G in enumerate(self.grid_size):
+            kappa = omega[:, d].float() * (G / (2 * math.pi))
+            j = torch.floor(kappa - J / 2).long()[..., None] + 1 + offsets  # (B, m, J)
+            parts.append((torch.remainder(j, G), self._kb(kappa[..., None] - j)))
+        (iy, wy), (ix, wx) = parts
+        Gy, Gx = self.grid_size
+        base = torch.arange(B, device=omega.device).view(B, 1, 1, 1) * (Gy * Gx)
+        idx = (base + iy[..., :, None] * Gx + ix[..., None, :]).reshape(-1)
+        w = (wy[..., :, None] * wx[..., None, :]).reshape(B, m, J * J, 1)
+        return idx, w
+
+    def _chunks(self, B: int, C: int, M: int):
+        step = max(1, self.chunk_elements // max(1, B * C * self.width ** 2))
+        return [slice(i, min(i + step, M)) for i in range(0, M, step)]
+
+    def forward(self, x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) → (B, C, M)."""
+        B, C = x.shape[:2]
+        Gy, Gx = self.grid_size
+        grid = x.new_zeros(B, Gy, Gx, C)
+        grid[:, self.rows, self.cols] = (x * self.scaling).permute(0, 2, 3, 1)
+        grid = torch.fft.fft2(grid, dim=(1, 2)).reshape(B * Gy * Gx, C)
+        out = []
+        for sl in self._chunks(B, C, omega.shape[-1]):
+            idx, w = self._coefficients(omega[..., sl])
+            vals = grid.index_select(0, idx).view(B, -1, self.width ** 2, C)
+            out.append((vals * w).sum(2))
+        return torch.cat(out, 1).permute(0, 2, 1)
+
+    def adjoint(self, y: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+        """(B, C, M) → (B, C, H, W), the exact adjoint of :meth:`forward`."""
+        B, C, M = y.shape
+        Gy, Gx = self.grid_size
+        grid = y.new_zeros(B * Gy * Gx, C)
+        yt = y.permute(0, 2, 1)
+        for sl in self._chunks(B, C, M):
+            idx, w = self._coefficients(omega[..., sl])
+            grid.index_add_(0, idx, (yt[:, sl, None, :] * w).reshape(-1, C))
+        grid = torch.fft.ifft2(grid.view(B, Gy, Gx, C), dim=(1, 2), norm="forward")
+        return grid[:, self.rows, self.cols].permute(0, 3, 1, 2) * self.scaling
+
+
+class _GatherForward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, omega, kb: KbGridding):
+        ctx.kb = kb
+        ctx.save_for_backward(omega)
+        return kb.forward(x, omega)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (omega,) = ctx.saved_tensors
+        return ctx.kb.adjoint(grad, omega), None, None
+
+
+class _GatherAdjoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, omega, kb: KbGridding):
+        ctx.kb = kb
+        ctx.save_for_backward(omega)
+        return kb.adjoint(y, omega)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (omega,) = ctx.saved_tensors
+        return ctx.kb.forward(grad, omega), None, None
+
+
 class _PreconditionedForward(torch.autograd.Function):
     """Forward ``A x``; backward ``Σ_c conj(S_c) F^H(w ⊙ g_c) / Σ_c |S_c|²`` (the reference's custom backward)."""
 
@@ -86,7 +204,9 @@ class MulticoilNUFFT:
         self.sens_norm = (smaps.abs() ** 2).sum(0).clamp_min(1e-6)
         self.backend = resolve_backend(backend, smaps.device)
         self.eps = eps
-        if self.backend == "torchkbnufft":
+        if self.backend == "gather":
+            self._kb = KbGridding(self.im_size, self.device)
+        elif self.backend == "torchkbnufft":
             import torchkbnufft as tkbn
 
             self._fwd = tkbn.KbNufft(im_size=self.im_size).to(self.device)
@@ -100,6 +220,8 @@ class MulticoilNUFFT:
         """(B, C, H, W) → (B, C, M), differentiable."""
         if self.backend == "finufft":
             return _FinufftForward.apply(coil_images, omega, self.eps)
+        if self.backend == "gather":
+            return _GatherForward.apply(coil_images, omega, self._kb)
         return self._fwd(coil_images, omega)
 
     def coil_adjoint(self, kdata: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
@@ -108,6 +230,8 @@ class MulticoilNUFFT:
             if kdata.requires_grad:
                 raise NotImplementedError("finufft adjoint is not differentiable; use torchkbnufft")
             return _finufft_adjoint(kdata, omega, self.im_size, self.eps)
+        if self.backend == "gather":
+            return _GatherAdjoint.apply(kdata, omega, self._kb)
         return self._adj(kdata, omega)
 
     def forward(self, images: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
@@ -127,12 +251,12 @@ class MulticoilNUFFT:
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
-        return "finufft" if device.type == "cpu" and finufft_available() else "torchkbnufft"
+        return "finufft" if device.type == "cpu" and finufft_available() else "gather"
     if backend == "finufft":
         if device.type != "cpu":
             raise ValueError("the finufft backend runs on the CPU only; use torchkbnufft on GPU")
         if not finufft_available():
             raise ValueError("nufft backend 'finufft' requested but finufft is not installed (pip install finufft)")
-    elif backend != "torchkbnufft":
+    elif backend not in ("torchkbnufft", "gather"):
         raise ValueError(f"unknown NUFFT backend {backend!r}")
     return backend

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from dainr import DAINRConfig, reconstruct
+from dainr.config import NUFFT_BACKENDS
 from dainr.metrics import psnr_ssim
 
 from .pipeline import PIPELINES_DIR
@@ -350,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--holdout-spokes", type=int)
     r.add_argument("--sr-ratio", type=_ratio, default=1.0, help="spatial interpolation: fit at N/ratio, query N")
     r.add_argument("--down-ratio", type=_positive_int, default=1, help="temporal interpolation: fit every r-th frame")
-    r.add_argument("--nufft-backend", choices=("auto", "torchkbnufft", "finufft"))
+    r.add_argument("--nufft-backend", choices=NUFFT_BACKENDS)
     r.add_argument("--golden-angle", choices=("true", "reference"))
     r.add_argument("--no-features", action="store_true")
     r.add_argument("--no-deformation", action="store_true")

@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
-from dainr.nufft import MulticoilNUFFT
+from dainr.nufft import KbGridding, MulticoilNUFFT
 from dainr.utils import finufft_available
 
-BACKENDS = ["torchkbnufft"] + (["finufft"] if finufft_available() else [])
+BACKENDS = ["torchkbnufft", "gather"] + (["finufft"] if finufft_available() else [])
 
 
 def _setup(backend, B=2, C=3, N=24, M=300, seed=0):
@@ -76,10 +76,33 @@ def test_bad_backend_and_maps():
         MulticoilNUFFT(torch.ones(1, 8, 8), backend="torchkbnufft")
 
 
+def test_auto_backend_on_cpu(monkeypatch):
+    ones = torch.ones(1, 8, 8, dtype=torch.complex64)
+    assert MulticoilNUFFT(ones).backend == ("finufft" if finufft_available() else "gather")
+    monkeypatch.setattr("dainr.nufft.finufft_available", lambda: False)
+    assert MulticoilNUFFT(ones).backend == "gather"
+
+
+def test_gather_chunks_give_the_same_result(monkeypatch):
+    op, omega, x, y = _setup("gather", M=1000)
+    fwd, adj = op.forward(x, omega), op.adjoint(y, omega)
+    monkeypatch.setattr(KbGridding, "chunk_elements", 2 * 3 * 36 * 7)  # 7 samples per chunk
+    assert len(op._kb._chunks(2, 3, 1000)) == 143
+    assert torch.allclose(op.forward(x, omega), fwd, atol=1e-5)
+    assert torch.allclose(op.adjoint(y, omega), adj, atol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_batched_nufft_stays_on_device():
-    op, omega, x, y = _setup("torchkbnufft")
-    dev = MulticoilNUFFT(op.smaps.cuda(), backend="auto")
-    assert dev.backend == "torchkbnufft"
-    out = dev.forward(x.cuda(), omega.cuda())
-    assert out.is_cuda and torch.allclose(out.cpu(), op.forward(x, omega), atol=1e-3)
+@pytest.mark.parametrize("backend", ["gather", "torchkbnufft"])
+def test_cuda_nufft_matches_cpu_and_stays_on_device(backend):
+    op, omega, x, y = _setup(backend)
+    dev = MulticoilNUFFT(op.smaps.cuda(), backend=backend)
+    out, back = dev.forward(x.cuda(), omega.cuda()), dev.adjoint(y.cuda(), omega.cuda())
+    assert out.is_cuda and back.is_cuda
+    assert float((out.cpu() - op.forward(x, omega)).norm() / out.norm()) < 1e-5
+    assert float((back.cpu() - op.adjoint(y, omega)).norm() / back.norm()) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_backend_on_cuda_is_gather():
+    assert MulticoilNUFFT(torch.ones(1, 8, 8, dtype=torch.complex64, device="cuda")).backend == "gather"

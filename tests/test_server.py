@@ -19,6 +19,7 @@ from dainr_app.mrd import iter_acquisitions, open_raw, write_raw
 from dainr_app.protocol import ACQUISITION, CLOSE, CONFIG_TEXT, HEADER, IMAGE, encode, read_frame, text_frame
 from dainr_app.replay import replay
 
+from .gadget_harness import child_env
 from .server_harness import errors, raw_session, running_server, small_pipeline, stream, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -301,7 +302,7 @@ def test_fuzzed_streams_never_kill_the_server_and_always_get_an_answer(server, r
 # ----------------------------------------------------------------- process-level behaviour
 
 def _cli(*args, **kw):
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = child_env()
     return subprocess.Popen([sys.executable, "-m", "dainr_app.cli", *args], cwd=ROOT, env=env, **kw)
 
 
@@ -428,7 +429,7 @@ def test_server_embedded_in_code_read_from_stdin_still_launches_gadgets(raw):
             "    res = replay(items, header, ('127.0.0.1', srv.port), config='passthrough')\n"
             "print(res.errors, res.returned)\n")
     proc = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True, cwd=ROOT, timeout=120,
-                          env=dict(os.environ, PYTHONPATH=ROOT))
+                          env=child_env())
     assert proc.stdout.strip().splitlines()[-1] == "[] 112", proc.stderr[-2000:]
 
 

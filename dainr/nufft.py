@@ -68,7 +68,7 @@ class KbGridding:
 
     Forward: deapodise, zero-pad (centred: pixel ``n`` at grid index ``n mod G``), FFT, then
     interpolate each sample from its 6×6 grid neighbours with separable KB weights computed from
-    ω on the fly (Beatty et al. 2005 β; about 1e-4 relative error against the exact DFT).  The
+    ω on the fly (Beatty et al. 2005 β; 7e-6 relative error against the exact DFT, measured at 16²).  The
     neighbours of all frames and coils are read with one ``index_select`` on a (frames·grid, coils)
     layout; the adjoint spreads them back with one ``index_add_`` (atomic on CUDA, so GPU sums are
     not bitwise reproducible; the CPU default is finufft).  Samples are processed in chunks so the
@@ -148,30 +148,19 @@ class KbGridding:
         return grid[:, self.rows, self.cols].permute(0, 3, 1, 2) * self.scaling
 
 
-class _GatherForward(torch.autograd.Function):
+class _Gridding(torch.autograd.Function):
+    """:meth:`KbGridding.forward` (or, with ``adjoint``, :meth:`KbGridding.adjoint`); backward is the other one."""
+
     @staticmethod
-    def forward(ctx, x, omega, kb: KbGridding):
-        ctx.kb = kb
+    def forward(ctx, data, omega, kb: KbGridding, adjoint: bool):
+        ctx.kb, ctx.adjoint = kb, adjoint
         ctx.save_for_backward(omega)
-        return kb.forward(x, omega)
+        return kb.adjoint(data, omega) if adjoint else kb.forward(data, omega)
 
     @staticmethod
     def backward(ctx, grad):
         (omega,) = ctx.saved_tensors
-        return ctx.kb.adjoint(grad, omega), None, None
-
-
-class _GatherAdjoint(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, omega, kb: KbGridding):
-        ctx.kb = kb
-        ctx.save_for_backward(omega)
-        return kb.adjoint(y, omega)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (omega,) = ctx.saved_tensors
-        return ctx.kb.forward(grad, omega), None, None
+        return (ctx.kb.forward(grad, omega) if ctx.adjoint else ctx.kb.adjoint(grad, omega)), None, None, None
 
 
 class _PreconditionedForward(torch.autograd.Function):
@@ -221,7 +210,7 @@ class MulticoilNUFFT:
         if self.backend == "finufft":
             return _FinufftForward.apply(coil_images, omega, self.eps)
         if self.backend == "gather":
-            return _GatherForward.apply(coil_images, omega, self._kb)
+            return _Gridding.apply(coil_images, omega, self._kb, False)
         return self._fwd(coil_images, omega)
 
     def coil_adjoint(self, kdata: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
@@ -231,7 +220,7 @@ class MulticoilNUFFT:
                 raise NotImplementedError("finufft adjoint is not differentiable; use torchkbnufft")
             return _finufft_adjoint(kdata, omega, self.im_size, self.eps)
         if self.backend == "gather":
-            return _GatherAdjoint.apply(kdata, omega, self._kb)
+            return _Gridding.apply(kdata, omega, self._kb, True)
         return self._adj(kdata, omega)
 
     def forward(self, images: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:

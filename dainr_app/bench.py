@@ -6,7 +6,8 @@ Cases (``--list`` shows them): the 128² × 23 frames × 8 coils cine at 5/13/21
 (DA-INR, zero-filled, temporal TV and CG-SENSE with λ / the iteration count picked by held-out
 spokes and, as an oracle that favours the baseline, against the truth), the ablations (no features;
 plain grid INR without deformation), temporal ×2, spatial ×2, the real-anatomy cine from
-``../shared/data`` (skipped when absent), the README demo timing, and on CUDA the 32-coil case.
+``../shared/data`` (skipped when absent), the README demo timing, and on CUDA the 32-coil case and its
+per-part step profile.
 """
 from __future__ import annotations
 
@@ -205,12 +206,9 @@ def _profile(device: torch.device, coils: int) -> dict:
             ts.append(time.perf_counter() - t0)
         return 1000 * float(np.median(ts))
 
-    def rand(*shape, grad=False):
-        return torch.randn(*shape, device=device).requires_grad_(grad)
-
-    coords = rand(B, P, model.deform[0].in_features)
+    coords = torch.randn(B, P, model.deform[0].in_features, device=device)
     warped = (torch.rand(B, P, 2, device=device) * 2 - 1).requires_grad_(True)
-    canon_in = rand(B, P, model.sigma_net[0].in_features)
+    canon_in = torch.randn(B, P, model.sigma_net[0].in_features, device=device)
     acq = torch.arange(B, device=device)
     img = fit.predict_acquired(acq).detach().requires_grad_(True)
 

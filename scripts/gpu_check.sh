@@ -27,16 +27,6 @@ fi
 if [ "$what" = profile ] || [ "$what" = all ]; then
     # a cold process: where the one-time CUDA start-up goes
     python3 -m cProfile -s cumtime -m dainr_app.cli bench --inline --case gpu32 2>&1 | head -60 > "$OUT/cold_cprofile.txt"
-    python3 - <<'PY' 2>&1 | tee "$OUT/eigh.txt"
-import time, torch
-x = torch.randn(16384, 32, 32, dtype=torch.complex128, device="cuda"); x = x @ x.mH
-for dt in (torch.complex128, torch.complex64):
-    for n in (256, 1024, 4096, 16384):
-        torch.linalg.eigh(x[:n].to(dt)); torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated(); t0 = time.perf_counter()
-        torch.linalg.eigh(x[:n].to(dt)); torch.cuda.synchronize()
-        print(dt, n, f"{1000 * (time.perf_counter() - t0):.1f} ms", f"{(torch.cuda.max_memory_allocated() - base) / 2**20:.1f} MiB")
-PY
     python3 - <<'PY' 2>&1 | tee "$OUT/stages.txt" | tail -60
 import functools, time
 import torch

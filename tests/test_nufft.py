@@ -106,3 +106,13 @@ def test_cuda_nufft_matches_cpu_and_stays_on_device(backend):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_auto_backend_on_cuda_is_gather():
     assert MulticoilNUFFT(torch.ones(1, 8, 8, dtype=torch.complex64, device="cuda")).backend == "gather"
+
+
+def test_gather_adjoint_is_differentiable():
+    op, omega, x, y = _setup("gather")
+    y = y.clone().requires_grad_(True)
+    img = op.coil_adjoint(y, omega)
+    g = torch.randn_like(img)
+    (img * g.conj()).real.sum().backward()
+    expected = op.coil_forward(g, omega)
+    assert float((y.grad - expected).norm() / expected.norm()) < 1e-5

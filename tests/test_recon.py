@@ -34,6 +34,14 @@ def test_batched_frames_per_step(small_scan):
     assert res.info["frame_visits"] == 12
 
 
+@pytest.mark.parametrize("frames_per_step, floor, every", [(1, 1, 8), (3, 1, 3), (3, 10, 10), (1, 5, 8)])
+def test_epoch_is_the_frames_or_the_floor(small_scan, frames_per_step, floor, every):
+    """The held-out residual is checked once per pass over the 8 frames, but at least every ``floor`` steps."""
+    cfg = DAINRConfig(max_steps=30, frames_per_step=frames_per_step, min_epoch_steps=floor, device="cpu")
+    steps = [h[0] for h in reconstruct(small_scan.data, cfg).info["history"]]
+    assert steps == list(range(every, 31, every))
+
+
 def test_holdout_rule_decays_lr_then_stops_and_restores_best(small_scan):
     cfg = DAINRConfig(max_steps=2000, device="cpu", patience=1, max_decays=1, min_steps=8, min_improvement=0.05)
     res = reconstruct(small_scan.data, cfg)

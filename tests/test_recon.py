@@ -170,3 +170,15 @@ def test_fit_with_unequal_spokes_per_frame(small_scan):
     res = reconstruct(data, DAINRConfig(max_steps=60, device="cpu"))
     assert res.images.shape == (8, 32, 32) and torch.isfinite(torch.view_as_real(res.images)).all()
     assert psnr_ssim(res.images, small_scan.ground_truth)["psnr"] > psnr_ssim(res.zero_filled, small_scan.ground_truth)["psnr"]
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("min_epoch_steps", 0, "min_epoch_steps must be >= 1"),
+    ("patience", 0, "patience must be >= 1"),
+    ("nufft_backend", "bart", "unknown nufft_backend 'bart'"),
+    ("max_steps", 0, "max_steps must be >= 1"),
+])
+def test_config_rejects_bad_values(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        DAINRConfig(**{field: value})
+    DAINRConfig(nufft_backend="gather", min_epoch_steps=1)  # the valid neighbours

@@ -301,9 +301,9 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
     fitter = Fitter(problem, cfg)
     t_prep = time.perf_counter() - t0
 
-    # one "epoch" ≈ every acquired frame visited once (at least min_epoch_steps steps); the held-out
-    # residual is averaged over it
-    epoch = max(math.ceil(problem.n_acq / fitter.batch), cfg.min_epoch_steps)
+    # one "epoch": every acquired frame visited once, and at least min_epoch_frames frame visits; the
+    # held-out residual is averaged over it
+    epoch = math.ceil(max(problem.n_acq, cfg.min_epoch_frames) / fitter.batch)
     best_res, best_step, best_state, bad_epochs, decays = math.inf, 0, None, 0, 0
     history, reason, step, loss_t = [], "max_steps", 0, torch.tensor(math.nan)
     held_sum = held_count = 0.0

@@ -34,10 +34,10 @@ def test_batched_frames_per_step(small_scan):
     assert res.info["frame_visits"] == 12
 
 
-@pytest.mark.parametrize("frames_per_step, floor, every", [(1, 1, 8), (3, 1, 3), (3, 10, 10), (1, 5, 8)])
+@pytest.mark.parametrize("frames_per_step, floor, every", [(1, 1, 8), (3, 1, 3), (3, 10, 4), (1, 12, 12)])
 def test_epoch_is_the_frames_or_the_floor(small_scan, frames_per_step, floor, every):
-    """The held-out residual is checked once per pass over the 8 frames, but at least every ``floor`` steps."""
-    cfg = DAINRConfig(max_steps=30, frames_per_step=frames_per_step, min_epoch_steps=floor, device="cpu")
+    """The held-out residual is checked once per pass over the 8 frames; an epoch spans at least ``floor`` frame visits."""
+    cfg = DAINRConfig(max_steps=30, frames_per_step=frames_per_step, min_epoch_frames=floor, device="cpu")
     steps = [h[0] for h in reconstruct(small_scan.data, cfg).info["history"]]
     assert steps == list(range(every, 31, every))
 
@@ -173,7 +173,7 @@ def test_fit_with_unequal_spokes_per_frame(small_scan):
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("min_epoch_steps", 0, "min_epoch_steps must be >= 1"),
+    ("min_epoch_frames", 0, "min_epoch_frames must be >= 1"),
     ("patience", 0, "patience must be >= 1"),
     ("nufft_backend", "bart", "unknown nufft_backend 'bart'"),
     ("max_steps", 0, "max_steps must be >= 1"),
@@ -181,4 +181,4 @@ def test_fit_with_unequal_spokes_per_frame(small_scan):
 def test_config_rejects_bad_values(field, value, match):
     with pytest.raises(ValueError, match=match):
         DAINRConfig(**{field: value})
-    DAINRConfig(nufft_backend="gather", min_epoch_steps=1)  # the valid neighbours
+    DAINRConfig(nufft_backend="gather", min_epoch_frames=1)  # the valid neighbours

@@ -83,7 +83,9 @@ class DAINRConfig:
       steps).  At 4 frames/step (the CUDA default) the real cine stopped after 108 steps at
       20.45 / 0.631 with one pass (3 steps) per epoch and reached 25.84 / 0.809 with 10-step
       epochs; the phantom gave 33.43 / 0.910 in 282 steps with 6-step epochs and 33.77 / 0.908 in
-      430 with 10 (30 visits are 8 steps there).
+      430 with 10 (30 visits are 8 steps there).  A short ``max_steps`` lowers the floor so that the
+      decay schedule still fits twice into it (``dainr.recon.epoch_steps``): the demo's 300 steps keep
+      its one-pass epochs of 12 steps (30.25 / 0.936; with 30-visit epochs 29.16 / 0.934).
     * ``golden_angle`` defaults to the true golden angle (111.246°); ``"reference"``
       reproduces the reference's 111.246-*radian* step (73.93° mod 180°) for paper comparisons.
     * ``data_scale``: measured data are rescaled so the zero-filled image has its 99th

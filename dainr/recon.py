@@ -283,6 +283,15 @@ class Fitter:
         return torch.cat(frames) * p.scale
 
 
+def epoch_steps(n_frames: int, batch: int, cfg: DAINRConfig) -> int:
+    """Steps per epoch of the stopping rule: one pass over the frames, and at least ``cfg.min_epoch_frames`` frame
+    visits, but short enough that the whole decay schedule ((max_decays + 1) plateaus of ``patience`` epochs)
+    fits twice into ``max_steps`` (a short budget keeps one-pass epochs)."""
+    schedule = 2 * cfg.patience * (cfg.max_decays + 1)
+    floor = min(cfg.min_epoch_frames, cfg.max_steps * batch // schedule)
+    return math.ceil(max(n_frames, floor) / batch)
+
+
 def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: Optional[torch.Tensor] = None,
                 callback: Optional[Callable[[FitProgress], Optional[bool]]] = None) -> ReconResult:
     """Fit DA-INR to ``data`` and return every output frame.
@@ -301,9 +310,7 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
     fitter = Fitter(problem, cfg)
     t_prep = time.perf_counter() - t0
 
-    # one "epoch": every acquired frame visited once, and at least min_epoch_frames frame visits; the
-    # held-out residual is averaged over it
-    epoch = math.ceil(max(problem.n_acq, cfg.min_epoch_frames) / fitter.batch)
+    epoch = epoch_steps(problem.n_acq, fitter.batch, cfg)
     best_res, best_step, best_state, bad_epochs, decays = math.inf, 0, None, 0, 0
     history, reason, step, loss_t = [], "max_steps", 0, torch.tensor(math.nan)
     held_sum = held_count = 0.0

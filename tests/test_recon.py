@@ -6,6 +6,7 @@ from dainr import DAINRConfig, RadialData, reconstruct, zero_filled
 from dainr.baselines import cg_sense, cg_sense_holdout_iterations, temporal_tv
 from dainr.data import frames_from_spokes
 from dainr.metrics import psnr_ssim
+from dainr.recon import epoch_steps
 
 FAST = dict(max_steps=120, device="cpu", holdout_spokes=1, patience=100)
 
@@ -34,12 +35,25 @@ def test_batched_frames_per_step(small_scan):
     assert res.info["frame_visits"] == 12
 
 
-@pytest.mark.parametrize("frames_per_step, floor, every", [(1, 1, 8), (3, 1, 3), (3, 10, 4), (1, 12, 12)])
+@pytest.mark.parametrize("frames_per_step, floor, every", [(1, 1, 8), (3, 1, 3), (3, 10, 4), (1, 12, 12), (1, 30, 15)])
 def test_epoch_is_the_frames_or_the_floor(small_scan, frames_per_step, floor, every):
-    """The held-out residual is checked once per pass over the 8 frames; an epoch spans at least ``floor`` frame visits."""
-    cfg = DAINRConfig(max_steps=30, frames_per_step=frames_per_step, min_epoch_frames=floor, device="cpu")
+    """The held-out residual is checked once per pass over the 8 frames; an epoch spans at least ``floor`` frame
+    visits, unless the decay schedule (here 2 epochs, twice) would not fit into the 30 steps."""
+    cfg = DAINRConfig(max_steps=30, frames_per_step=frames_per_step, min_epoch_frames=floor, patience=1, max_decays=0,
+                      device="cpu")
     steps = [h[0] for h in reconstruct(small_scan.data, cfg).info["history"]]
     assert steps == list(range(every, 31, every))
+
+
+@pytest.mark.parametrize("frames, batch, changes, expected", [
+    (10, 1, {}, 30),                   # the real cine on CPU: 30 visits
+    (23, 4, {}, 8),                    # the phantom at the CUDA batch: 30 visits in 8 steps
+    (23, 1, {}, 30),
+    (12, 1, {"max_steps": 300}, 12),   # the demo's budget keeps one-pass epochs
+    (6, 1, {"max_steps": 30}, 6),      # the integration cases likewise
+])
+def test_epoch_steps(frames, batch, changes, expected):
+    assert epoch_steps(frames, batch, DAINRConfig(**changes)) == expected
 
 
 def test_holdout_rule_decays_lr_then_stops_and_restores_best(small_scan):

@@ -23,6 +23,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from .config import NUFFT_BACKENDS
 from .utils import finufft_available
 
 
@@ -243,9 +244,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "finufft" if device.type == "cpu" and finufft_available() else "gather"
     if backend == "finufft":
         if device.type != "cpu":
-            raise ValueError("the finufft backend runs on the CPU only; use torchkbnufft on GPU")
+            raise ValueError("the finufft backend runs on the CPU only; use gather (the default there) or torchkbnufft on GPU")
         if not finufft_available():
             raise ValueError("nufft backend 'finufft' requested but finufft is not installed (pip install finufft)")
-    elif backend not in ("torchkbnufft", "gather"):
+    elif backend not in NUFFT_BACKENDS:
         raise ValueError(f"unknown NUFFT backend {backend!r}")
     return backend

@@ -6,7 +6,6 @@ images / pass-through items / ERROR messages back until CLOSE.
 """
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -18,8 +17,7 @@ from typing import List
 from ismrmrd.serialization import ConfigText, ProtocolSerializer
 
 from dainr_app.protocol import ACQUISITION, CLOSE, ERROR, IMAGE, read_frame
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from dainr_app.server import child_env
 
 
 @dataclass
@@ -71,11 +69,6 @@ def connect_gadget(port: int, config_xml: str, header, items, timeout: float = 3
                 raise
             time.sleep(0.2)
     return exchange(conn, config_xml, header, items, timeout)
-
-
-def child_env() -> dict:
-    return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                GADGETRON_EXTERNAL_LOG_LEVEL="INFO")
 
 
 def exchange(conn: socket.socket, config_xml: str, header, items, timeout: float) -> GadgetRun:

@@ -120,7 +120,9 @@ def test_connect_mode_resident_process_serves_two_scans(two_slices):
     import subprocess
     import sys
 
-    from .gadget_harness import child_env, connect_gadget
+    from dainr_app.server import child_env
+
+    from .gadget_harness import connect_gadget
 
     header, acqs = _load(two_slices[1])
     with socket.socket() as s:

@@ -19,7 +19,7 @@ from dainr_app.mrd import iter_acquisitions, open_raw, write_raw
 from dainr_app.protocol import ACQUISITION, CLOSE, CONFIG_TEXT, HEADER, IMAGE, encode, read_frame, text_frame
 from dainr_app.replay import replay
 
-from .gadget_harness import child_env
+from dainr_app.server import child_env
 from .server_harness import errors, raw_session, running_server, small_pipeline, stream, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

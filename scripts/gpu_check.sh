@@ -4,6 +4,7 @@
 # Usage: bash scripts/gpu_check.sh [tests|bench|profile|all]   (logs and JSON under $OUT, default gpu-out/)
 set -u
 what=${1:-all}
+case "$what" in tests|bench|profile|all) ;; *) echo "usage: $0 [tests|bench|profile|all]" >&2; exit 2;; esac
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .model import GridUpsampling
+
 
 class _ResBlock(nn.Module):
     def __init__(self, ch: int, k: int):
@@ -74,10 +76,19 @@ def normalise_for_extractor(images: torch.Tensor) -> torch.Tensor:
 
 
 def sample_features(features: torch.Tensor, out_hw: Sequence[int], pixel_centred: bool = True) -> torch.Tensor:
-    """Bilinearly resample feature maps (B, C, h, w) onto an ``out_hw`` pixel grid → (B, H, W, C)."""
+    """Bilinearly resample square feature maps (B, C, n, n) onto an ``out_hw`` pixel grid of the same FOV → (B, H, W, C).
+
+    ``pixel_centred``: at the pixels themselves, on a finer output grid where they lie on the fitted FFT grid
+    (:class:`~dainr.model.GridUpsampling`).  Otherwise the reference's sampling: ``align_corners=False`` at
+    ``linspace(-1, 1, N)`` (a sub-pixel shift at the same size)."""
     H, W = out_hw
     if features.shape[-2:] != (H, W):
-        features = F.interpolate(features, size=(H, W), mode="bilinear", align_corners=pixel_centred)
+        if pixel_centred:
+            if H != W or features.shape[-1] != features.shape[-2]:
+                raise ValueError("feature resampling needs square grids")
+            features = GridUpsampling(features.shape[-1], H, features.device).bilinear(features)
+        else:
+            features = F.interpolate(features, size=(H, W), mode="bilinear", align_corners=False)
     elif not pixel_centred:
         # the reference samples at linspace(-1, 1, N) with align_corners=False: a sub-pixel shift
         ys = torch.linspace(-1, 1, H, device=features.device)

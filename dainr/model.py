@@ -83,7 +83,42 @@ def pixel_grid(h: int, w: int, device=None) -> torch.Tensor:
     return torch.stack((xx, yy), dim=-1).reshape(-1, 2)
 
 
-def nearest_index(n_out: int, n_in: int, device=None) -> torch.Tensor:
-    """For an ``n_out``² pixel grid, the row-major index of the nearest pixel of an ``n_in``² grid (same FOV)."""
-    pos = torch.linspace(0, n_in - 1, n_out, device=device).round().long()
-    return (pos[:, None] * n_in + pos[None, :]).reshape(-1)
+class GridUpsampling:
+    """Where the pixels of an ``N``² output grid lie on an ``n``² fitted grid of the same FOV (spatial ×s).
+
+    Both are FFT grids: the fit sees k-space cropped to its central ``n`` samples, so fitted pixel ``i`` sits
+    at ``(i − n/2)`` fitted pixels from the centre, the same point as output pixel ``i·N/n``.  Output pixel
+    ``p`` is therefore at ``u = p·n/N`` fitted pixels (pixel 0 and the centre coincide).  Corner alignment
+    (``linspace``, ``align_corners=True``) would misplace the output by up to a pixel towards the far edges.
+    """
+
+    def __init__(self, n: int, N: int, device=None):
+        self.n, self.N = n, N
+        u = torch.arange(N, device=device, dtype=torch.float32) * (n / N)
+        i0 = u.floor().long().clamp(max=n - 1)
+        w = u - u.floor()
+        self.taps = ((i0, 1 - w), ((i0 + 1).clamp(max=n - 1), w))  # 1-D bilinear taps (index, weight)
+        near = (u + 0.5).floor().long().clamp(max=n - 1)
+        self.nearest = (near[:, None] * n + near[None, :]).reshape(-1)  # row-major index into the n² grid
+        s = -1 + 2 * u / max(n - 1, 1)  # the output pixels in the fitted pixel_grid's [-1, 1] labels
+        yy, xx = torch.meshgrid(s, s, indexing="ij")
+        self.xy = torch.stack((xx, yy), dim=-1).reshape(-1, 2)
+
+    def corners(self):
+        """The 4 bilinear taps in 2-D: (row-major index into the n² grid, weight), each (N²,)."""
+        for rows, wr in self.taps:
+            for cols, wc in self.taps:
+                yield (rows[:, None] * self.n + cols[None, :]).reshape(-1), (wr[:, None] * wc[None, :]).reshape(-1)
+
+    def bilinear(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., n, n) real or complex → (..., N, N)."""
+        rows = sum(x[..., i, :] * w[:, None] for i, w in self.taps)
+        return sum(rows[..., i] * w for i, w in self.taps)
+
+    def antiring(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        """Complex ``high`` (..., N, N) with each magnitude clamped to the range of the 4 fitted pixels of ``low``
+        (..., n, n) around it, phase kept (the anti-ringing clamp of image scalers)."""
+        mag = low.abs()
+        corners = torch.stack([mag[..., r, :][..., c] for r, _ in self.taps for c, _ in self.taps])
+        clamped = torch.minimum(torch.maximum(high.abs(), corners.amin(0)), corners.amax(0))
+        return torch.polar(clamped, high.angle())

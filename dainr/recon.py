@@ -18,13 +18,12 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from .coils import apply_prewhitener, noise_prewhitener, walsh_coil_maps
 from .config import DAINRConfig
 from .data import RadialData
 from .features import FrozenFeatureExtractor, neighbour_frames, normalise_for_extractor, sample_features
-from .model import DAINR, nearest_index, pixel_grid
+from .model import DAINR, GridUpsampling, pixel_grid
 from .nufft import MulticoilNUFFT
 from .trajectory import omega_from_traj, ramp_dcf
 from .utils import resolve_device, seed_everything
@@ -259,27 +258,35 @@ class Fitter:
     def render(self, matrix: Optional[int] = None, batch: int = 4) -> torch.Tensor:
         """All output frames (default: at the output matrix), in data units, (F_out, N, N) complex on CPU.
 
-        Above the fitting matrix (spatial interpolation) γ(x), γ(t) and the deformation Δ come
-        from the nearest fitted pixel (γ(x)'s finest frequencies alias on the fitting grid, so
-        evaluating them between its pixels would inject patterns the fit never constrained) and
-        the features are sampled bilinearly, as the reference does.  The grid is read at
-        x' = x + Δ with ``cap_grid_at_matrix`` (its levels then stop at the fitting matrix), or at
-        the nearest fitted pixel's x' (the reference's rule) without.
+        Above the fitting matrix (spatial ×s) the output pixels lie between the fitted ones
+        (:class:`~dainr.model.GridUpsampling`).  With ``cap_grid_at_matrix`` the network is evaluated once
+        with the inputs of each of the 4 surrounding fitted pixels — γ(x), γ(t) and the deformation Δ (γ(x)'s
+        finest frequencies alias on the fitting grid, so evaluating them in between would inject patterns the
+        fit never constrained) — the grid read at the output pixel moved by that Δ, the features sampled
+        bilinearly; the 4 outputs are blended bilinearly and, with ``spatial_antiring``, clamped to the
+        magnitude range of the 4 fitted pixels.  Without the cap: the reference's rule, every input but the
+        features from the nearest fitted pixel.
         """
         p, N, n = self.p, matrix or self.p.out_matrix, self.p.matrix
         t_all = torch.arange(p.n_out, device=p.device, dtype=torch.float32) / max(p.n_out - 1, 1)
         xy = pixel_grid(min(N, n), min(N, n), p.device)
-        near = nearest_index(N, n, p.device) if N > n else None
-        xy_out = pixel_grid(N, N, p.device) if near is not None and self.cfg.cap_grid_at_matrix else None
+        up = GridUpsampling(n, N, p.device) if N > n else None
         frames = []
         for sl in torch.arange(p.n_out, device=p.device).split(batch):
-            coords, warped = self.model.encode(xy.expand(len(sl), -1, -1), t_all[sl])
-            if near is not None:
-                coords, warped = coords[:, near], warped[:, near]
-                if xy_out is not None:
-                    warped = xy_out + (warped - xy[near])
-            img = self.model.canonical(warped, coords, p.features_for(sl, (N, N)))
-            frames.append(img.reshape(len(sl), N, N).cpu())
+            B = len(sl)
+            coords, warped = self.model.encode(xy.expand(B, -1, -1), t_all[sl])
+            feats = p.features_for(sl, (N, N))
+            if up is None:
+                img = self.model.canonical(warped, coords, feats)
+            elif not self.cfg.cap_grid_at_matrix:
+                img = self.model.canonical(warped[:, up.nearest], coords[:, up.nearest], feats)
+            else:
+                delta = warped - xy
+                img = sum(w * self.model.canonical(up.xy + delta[:, i], coords[:, i], feats) for i, w in up.corners())
+                if self.cfg.spatial_antiring:
+                    low = self.model.canonical(warped, coords, p.features_for(sl, (n, n)))
+                    img = up.antiring(img.reshape(B, N, N), low.reshape(B, n, n))
+            frames.append(img.reshape(B, N, N).cpu())
         return torch.cat(frames) * p.scale
 
 
@@ -395,7 +402,6 @@ def zero_filled(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
 
 
 def upsample_bilinear(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear upsampling of complex frames (F, n, n) → (F, size, size) (the spatial baseline)."""
-    x = torch.view_as_real(images).permute(0, 3, 1, 2)
-    y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=True)
-    return torch.view_as_complex(y.permute(0, 2, 3, 1).contiguous())
+    """Bilinear upsampling of complex frames (F, n, n) → (F, size, size) of the same FOV (the spatial baseline),
+    on the FFT-grid geometry of :class:`~dainr.model.GridUpsampling`."""
+    return GridUpsampling(images.shape[-1], size, images.device).bilinear(images)

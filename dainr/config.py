@@ -91,8 +91,9 @@ class DAINRConfig:
     * ``data_scale``: measured data are rescaled so the zero-filled image has its 99th
       magnitude percentile at 1 (the reference used raw simulated values).  Scanner data
       have arbitrary units; without this the fixed learning rate would not transfer.
-    * ``pixel_centred_features``: features are sampled at pixel centres (``align_corners=True``),
-      removing the reference's half-pixel shift and zero-padded last row/column (§1.2).
+    * ``pixel_centred_features``: features are sampled at the pixels themselves (on a finer spatial ×s
+      output grid, where those lie on the fitted FFT grid), removing the reference's half-pixel shift and
+      zero-padded last row/column (§1.2).
     * ``cap_grid_at_matrix`` (reference: finest grid level 2048 for a 128² image, its four finest levels
       wrapping around the 2^19-entry table).  The finest level is capped at the fitting matrix.
       The loss sees the image only at pixel centres, so levels finer than the pixel pitch give
@@ -119,7 +120,9 @@ class DAINRConfig:
       normalised) is the gradient of an L1 loss weighted by the DCF ``w``.  The gradient uses
       ``w ** dcf_power``: 1 reproduces the reference, 0 is the plain autograd adjoint.
     * ``canonical_coords``: the reference also feeds γ(x), γ(t) to the canonical MLP.
-    * ``use_deformation`` / ``use_features``: the ablations (plain grid INR, no features).
+    * ``use_deformation`` / ``use_features``: the ablations (plain grid INR, no features).  Measured with
+      converged fits (13 spokes), full vs no features: phantom 34.42 / 0.909 vs 34.41 / 0.927, real cine
+      26.93 / 0.844 vs 27.33 / 0.862.  The features stay on as the paper's method; off is better on our data.
     * ``ema_decay``: render with an exponential moving average of the weights (0 = off).
     """
 

@@ -60,7 +60,8 @@ class RawSlice:
 
 def acquisition_key(acq) -> Key:
     """The buffer an imaging readout belongs to (the file reader and the gadget group by the same key)."""
-    return (acq.idx.slice, acq.idx.contrast, acq.idx.repetition, acq.idx.set)
+    idx = acq.idx
+    return (idx.slice, idx.contrast, idx.repetition, idx.set)
 
 
 @dataclass

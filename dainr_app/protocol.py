@@ -14,7 +14,7 @@ import io
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import ismrmrd
 import numpy as np
@@ -35,6 +35,8 @@ DATA_IDS = (ACQUISITION, IMAGE, WAVEFORM)
 NAMES = {CONFIG_FILE: "CONFIG_FILE", CONFIG_TEXT: "CONFIG_TEXT", HEADER: "HEADER", CLOSE: "CLOSE", TEXT: "TEXT",
          QUERY: "QUERY", RESPONSE: "RESPONSE", ERROR: "ERROR", ACQUISITION: "ACQUISITION", IMAGE: "IMAGE", WAVEFORM: "WAVEFORM"}
 CONFIG_FILE_SIZE = 1024
+NOISE_BIT = 1 << (ismrmrd.ACQ_IS_NOISE_MEASUREMENT - 1)  # acquisition flags as bit masks
+LAST_IN_SLICE_BIT = 1 << (ismrmrd.ACQ_LAST_IN_SLICE - 1)
 
 _ACQ_HEADER = ctypes.sizeof(ismrmrd.AcquisitionHeader)
 _NS, _CH, _TD = (getattr(ismrmrd.AcquisitionHeader, f).offset
@@ -282,6 +284,23 @@ class FrameReader:
                     return Frame(ACQUISITION, self._view[s:s + total])
         return read_frame(self.read, self.limits)
 
+    def frames(self) -> List[Frame]:
+        """The next message (:meth:`frame`) and, when it is an acquisition, every further complete acquisition
+        already buffered: a relay hands them on as one batch (one queue operation, one lock) instead of one
+        at a time."""
+        out = [self.frame()]
+        if out[0].mid != ACQUISITION:
+            return out
+        s, end, b, view, cap = self._start, self._end, self._buf, self._view, self.limits.max_message
+        while end - s >= _ACQ_PREFIX and _U16.unpack_from(b, s)[0] == ACQUISITION:
+            n = _acquisition_data_bytes(b, s + 2)
+            if n > cap or end - s < _ACQ_PREFIX + n:
+                break  # incomplete (or too large: frame() reports it): left for the next call
+            out.append(Frame(ACQUISITION, view[s:s + _ACQ_PREFIX + n]))
+            s += _ACQ_PREFIX + n
+        self._start = s
+        return out
+
 
 def send_buffers(sock, buffers) -> None:
     """``sendall`` of several buffers without joining them into one (``sendmsg``, partial sends resumed)."""
@@ -334,11 +353,22 @@ class FrameWriter:
 
     def write(self, data: bytes, flush: bool = True) -> bool:
         """Write (and by default flush); ``flush=False`` lets a relay batch messages into fewer syscalls."""
+        return self._write((data,), flush)
+
+    def frame(self, frame: Frame, flush: bool = True) -> bool:
+        return self._write((frame.raw,), flush)
+
+    def frames(self, frames: List[Frame], flush: bool = True) -> bool:
+        """Several frames under one lock (a relayed batch)."""
+        return self._write([f.raw for f in frames], flush)
+
+    def _write(self, buffers, flush: bool) -> bool:
         with self._lock:
             if self.broken or self.closed:
                 return False
             try:
-                self._stream.write(data)
+                for data in buffers:
+                    self._stream.write(data)
                 if flush:
                     self._stream.flush()
                 return True
@@ -347,9 +377,6 @@ class FrameWriter:
         if self.on_broken is not None:
             self.on_broken()
         return False
-
-    def frame(self, frame: Frame, flush: bool = True) -> bool:
-        return self.write(frame.raw, flush)
 
     def flush(self) -> bool:
         return self.write(b"")

@@ -19,8 +19,8 @@ import ismrmrd
 from ismrmrd.serialization import ConfigFile, ConfigText, ProtocolSerializer
 
 from .mrd import Key, acquisition_key, iter_acquisitions, open_raw
-from .protocol import ACQUISITION, CLOSE, ERROR, HEADER, IMAGE, RESPONSE, TEXT, WAVEFORM, Frame, FrameReader, \
-    Limits, ProtocolError, SocketSink, StreamEnded, query_frame, read_frame, text_frame
+from .protocol import ACQUISITION, CLOSE, ERROR, HEADER, IMAGE, LAST_IN_SLICE_BIT, NOISE_BIT, RESPONSE, TEXT, WAVEFORM, \
+    Frame, FrameReader, Limits, ProtocolError, SocketSink, StreamEnded, query_frame, read_frame, text_frame
 
 
 @dataclass
@@ -118,11 +118,11 @@ def replay(items, header: str, address: Tuple[str, int], config: Optional[str] =
             for item in items:
                 ser.serialize(item)
                 res.sent += 1
-                if isinstance(item, ismrmrd.Acquisition) and not item.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+                if isinstance(item, ismrmrd.Acquisition) and not (flags := item.flags) & NOISE_BIT:
                     res.readouts += 1
                     timing = res.slices.setdefault(acquisition_key(item), SliceTiming())
                     timing.readouts += 1
-                    if item.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE):
+                    if flags & LAST_IN_SLICE_BIT:
                         out.flush()  # a finished slice goes out now, not when the buffer fills
                     timing.last_sent = time.monotonic() - t0
             ser.close()  # CLOSE, flushed
@@ -135,7 +135,8 @@ def replay(items, header: str, address: Tuple[str, int], config: Optional[str] =
     reader = FrameReader(sock, limits)
     try:
         while True:
-            frame = reader.frame()
+            frames = reader.frames()  # one message, or a run of acquisitions
+            frame = frames[0]
             if frame.mid == CLOSE:
                 break
             if frame.mid == IMAGE:
@@ -155,7 +156,7 @@ def replay(items, header: str, address: Tuple[str, int], config: Optional[str] =
                 if text.startswith("ERROR"):
                     res.errors.append(text)
             elif frame.mid in (ACQUISITION, WAVEFORM):
-                res.returned += 1
+                res.returned += len(frames)
             elif frame.mid != HEADER:
                 raise ProtocolError(f"server sent an unexpected {frame.name} message")
     except socket.timeout:

@@ -25,18 +25,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
-import ismrmrd
-
 from .mrd import MRDFormatError, parse_header
 from .pipeline import PIPELINES_DIR, Distributed, External, Pipeline, PipelineError, Policy, available, \
     load_named, parse_pipeline, parse_xml
-from .protocol import ACQUISITION, CLOSE, CONFIG_FILE, CONFIG_TEXT, DATA_IDS, ERROR, HEADER, QUERY, TEXT, Frame, \
-    FrameReader, FrameWriter, Limits, ProtocolError, SocketSink, StreamEnded, config_text, read_frame, \
+from .protocol import ACQUISITION, CLOSE, CONFIG_FILE, CONFIG_TEXT, DATA_IDS, ERROR, HEADER, NOISE_BIT, QUERY, TEXT, \
+    Frame, FrameReader, FrameWriter, Limits, ProtocolError, SocketSink, StreamEnded, config_text, read_frame, \
     response_frame, send_buffers, text_frame
 
 log = logging.getLogger("dainr.server")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_NOISE_BIT = 1 << (ismrmrd.ACQ_IS_NOISE_MEASUREMENT - 1)
 
 
 @dataclass
@@ -154,7 +151,8 @@ def make_launcher(kind: str, policy: Policy):
 # ---------------------------------------------------------------- stages
 
 class ByteQueue:
-    """FIFO of frames bounded by total bytes (one oversize item is always admitted into an empty queue)."""
+    """FIFO of frames bounded by total bytes; frames are put in batches (an oversize batch is always admitted
+    into an empty queue).  ``None`` marks the end."""
 
     def __init__(self, budget: int):
         self.budget, self.used, self.items = budget, 0, collections.deque()
@@ -162,15 +160,15 @@ class ByteQueue:
         self.closed = False
         self.dropped = 0  # frames put after the consumer went away (reported, never buffered)
 
-    def put(self, item: Optional[Frame]) -> None:
-        size = len(item.raw) if item is not None else 0
+    def put(self, items: List[Optional[Frame]]) -> None:
+        size = sum(len(item.raw) for item in items if item is not None)
         with self.cond:
             while self.items and self.used + size > self.budget and not self.closed:
                 self.cond.wait()
             if self.closed:
-                self.dropped += item is not None
+                self.dropped += sum(item is not None for item in items)
                 return
-            self.items.append(item)
+            self.items.extend(items)
             self.used += size
             self.cond.notify_all()
 
@@ -215,10 +213,10 @@ class Session:
         self.errors.append(text)
         self.out.error(text)
 
-    def emit(self, frame: Frame) -> None:
+    def emit(self, frames: List[Frame]) -> None:
         """Output to the client; relays flush when their input runs dry (:class:`Peer`), so batches form."""
-        self.sent += 1
-        self.out.frame(frame, flush=False)
+        self.sent += len(frames)
+        self.out.frames(frames, flush=False)
 
     def register(self, stage) -> None:
         self._stages.append(stage)
@@ -238,7 +236,7 @@ class Peer:
     sender thread (byte-bounded queue), frames back on a receiver thread until it sends CLOSE."""
 
     def __init__(self, session: Session, sock: socket.socket, config_xml: str, header: str,
-                 emit: Callable[[Frame], None], label: str):
+                 emit: Callable[[List[Frame]], None], label: str):
         self.session, self.sock, self.emit, self.label = session, sock, emit, label
         self.queue = ByteQueue(session.opts.buffer_bytes)
         self.remote_error = False
@@ -251,11 +249,11 @@ class Peer:
         self._sender.start()
         self._receiver.start()
 
-    def put(self, frame: Frame) -> None:
-        self.queue.put(frame)
+    def put(self, frames: List[Frame]) -> None:
+        self.queue.put(frames)
 
     def finish(self) -> None:
-        self.queue.put(None)
+        self.queue.put([None])
 
     def _send(self) -> None:
         try:
@@ -273,7 +271,8 @@ class Peer:
         reader = FrameReader(self.sock, self.session.opts.limits)
         try:
             while True:
-                frame = reader.frame()
+                frames = reader.frames()  # one message, or a run of acquisitions
+                frame = frames[0]
                 if frame.mid == CLOSE:
                     self.closed_cleanly = True
                     return
@@ -283,7 +282,7 @@ class Peer:
                 elif frame.mid == TEXT:
                     log.info("%s: %s: %s", self.session.label, self.label, frame.text())
                 elif frame.mid in DATA_IDS:
-                    self.emit(frame)
+                    self.emit(frames)
                     if not reader.buffered:  # nothing more here yet: push what was relayed to the client
                         self.session.out.flush()
                 else:
@@ -309,7 +308,7 @@ class Peer:
 
 
 class ExternalStage:
-    def __init__(self, session: Session, node: External, emit: Callable[[Frame], None]):
+    def __init__(self, session: Session, node: External, emit: Callable[[List[Frame]], None]):
         self.session, self.node, self.emit = session, node, emit
         self.child: Optional[Child] = None
         self.peer: Optional[Peer] = None
@@ -341,8 +340,8 @@ class ExternalStage:
                 raise PipelineError(f"gadget {self.node.label}: cannot connect: {exc}") from exc
         self.peer = Peer(self.session, sock, self.node.configuration, header, self.emit, f"gadget {self.node.label}")
 
-    def put(self, frame: Frame) -> None:
-        self.peer.put(frame)
+    def put(self, frames: List[Frame]) -> None:
+        self.peer.put(frames)
 
     def drain(self) -> None:
         self.peer.finish()
@@ -389,7 +388,7 @@ class DistributedStage:
     """AcquisitionDistributor: one channel (remote worker or local chain) per value of ``parallel_dimension``.
     Noise scans go to every channel (each worker prewhitens its own data); other messages pass by."""
 
-    def __init__(self, session: Session, node: Distributed, emit: Callable[[Frame], None]):
+    def __init__(self, session: Session, node: Distributed, emit: Callable[[List[Frame]], None]):
         self.session, self.node, self.emit = session, node, emit
         self.channels, self.noise, self.workers = {}, [], []
         self.header = ""
@@ -411,25 +410,29 @@ class DistributedStage:
         else:
             channel = Chain(self.session, self.node.nodes, self.emit)
             channel.start(self.header)
-        for frame in self.noise:
-            channel.put(frame)
+        if self.noise:
+            channel.put(list(self.noise))
         self.channels[key] = channel
         return channel
 
-    def put(self, frame: Frame) -> None:
+    def put(self, frames: List[Frame]) -> None:
+        for frame in frames:
+            self._route(frame)
+
+    def _route(self, frame: Frame) -> None:
         if frame.mid != ACQUISITION:  # not distributed: passes by (as in Gadgetron)
-            self.emit(frame)
+            self.emit([frame])
             self.session.out.flush()
             return
         head = frame.acquisition_header()
-        if head.flags & _NOISE_BIT:
+        if head.flags & NOISE_BIT:
             frame = Frame(frame.mid, bytes(frame.raw))  # kept for the whole session: not a view into a buffer
             self.noise.append(frame)
             for channel in self.channels.values():
-                channel.put(frame)
+                channel.put([frame])
             return
         key = int(getattr(head.idx, self.node.dimension))
-        (self.channels.get(key) or self._open(key)).put(frame)
+        (self.channels.get(key) or self._open(key)).put([frame])
 
     def drain(self) -> None:
         for channel in self.channels.values():
@@ -451,7 +454,7 @@ class DistributedStage:
 class Chain:
     """Stages in order; each stage's output is the next one's input, the last one's goes to ``emit``."""
 
-    def __init__(self, session: Session, nodes, emit: Callable[[Frame], None]):
+    def __init__(self, session: Session, nodes, emit: Callable[[List[Frame]], None]):
         self.stages = []
         for node in reversed(nodes):
             cls = ExternalStage if isinstance(node, External) else DistributedStage
@@ -463,8 +466,8 @@ class Chain:
         for stage in self.stages:
             stage.start(header)
 
-    def put(self, frame: Frame) -> None:
-        self.stages[0].put(frame)
+    def put(self, frames: List[Frame]) -> None:
+        self.stages[0].put(frames)
 
     def drain(self) -> None:
         for stage in self.stages:
@@ -497,9 +500,10 @@ class Stats:
     t_start: float = field(default_factory=time.monotonic)
 
 
-def run_session(session: Session, next_frame: Callable[[], Frame], pipeline: Pipeline, header: str,
+def run_session(session: Session, next_frames: Callable[[], List[Frame]], pipeline: Pipeline, header: str,
                 stats: Stats, on_disconnect: Callable[[], bool] = lambda: False) -> None:
     """Start the pipeline, relay the client's messages into it until CLOSE, then drain its output.
+    ``next_frames`` returns the next message, or a run of acquisitions (:meth:`FrameReader.frames`).
 
     A bad message ends the input with an ERROR; what arrived before it is still processed and returned,
     unless the client is gone (``on_disconnect`` says so), in which case the gadgets are stopped."""
@@ -512,13 +516,14 @@ def run_session(session: Session, next_frame: Callable[[], Frame], pipeline: Pip
         return
     try:
         while True:
-            frame = next_frame()
+            frames = next_frames()
+            frame = frames[0]
             if frame.mid == CLOSE:
                 break
             if frame.mid in DATA_IDS:
-                stats.received += 1
-                stats.readouts += frame.mid == ACQUISITION
-                chain.put(frame)
+                stats.received += len(frames)
+                stats.readouts += len(frames) if frame.mid == ACQUISITION else 0
+                chain.put(frames)
             elif frame.mid == TEXT:  # python-ismrmrd-server clients may send a JSON config here
                 log.info("%s: client text: %.200s", session.label, frame.text())
             else:
@@ -682,7 +687,7 @@ class Server:
             except (ProtocolError, PipelineError, StreamEnded, OSError) as exc:
                 session.error(str(exc) if not isinstance(exc, socket.timeout) else "no configuration received")
                 return
-            run_session(session, reader.frame, pipeline, header, stats, on_disconnect=lambda: _client_gone(conn))
+            run_session(session, reader.frames, pipeline, header, stats, on_disconnect=lambda: _client_gone(conn))
         except Exception as exc:  # never let one session take the server down
             log.exception("%s: internal error", label)
             session.error(f"internal server error: {exc!r}")
@@ -721,7 +726,7 @@ def run_stream(pipeline: Pipeline, inp, outp, opts: ServerOptions = ServerOption
         first = read_frame(inp.read, opts.limits)
         header = check_header(first)
         out.frame(first)
-        run_session(session, lambda: read_frame(inp.read, opts.limits), pipeline, header, Stats())
+        run_session(session, lambda: [read_frame(inp.read, opts.limits)], pipeline, header, Stats())
     except (ProtocolError, StreamEnded) as exc:
         session.error(str(exc))
     finally:

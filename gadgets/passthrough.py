@@ -19,10 +19,11 @@ def relay(connection) -> None:
     sock = connection.socket.socket  # after CONFIG and HEADER, which Connection() has read
     reader, out = FrameReader(sock), SocketSink(sock)
     while True:
-        frame = reader.frame()
-        if frame.mid == CLOSE:
+        frames = reader.frames()
+        if frames[0].mid == CLOSE:
             break
-        out.write(frame.raw)
+        for frame in frames:
+            out.write(frame.raw)
         if not reader.buffered:
             out.flush()
     out.flush()

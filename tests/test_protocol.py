@@ -70,27 +70,40 @@ def _socket_reader(data: bytes, pieces: int = 1, size: int = 1 << 20, close: boo
     return FrameReader(b, Limits(max_message=1 << 20), size=size)
 
 
-def _frames_from_reader(reader):
+def _frames_from_reader(reader, batches=None):
+    """Every frame until the stream ends: one at a time, or with ``FrameReader.frames`` (batches listed)."""
     out = []
     while True:
         try:
-            out.append(reader.frame())
+            if batches is None:
+                out.append(reader.frame())
+            else:
+                batch = reader.frames()
+                batches.append(batch)
+                out.extend(batch)
         except StreamEnded:
             return out
 
 
+@pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("pieces, size", [(1, 1 << 20), (97, 4096), (5000, 1000)])
-def test_frame_reader_matches_read_frame_however_the_stream_is_cut(pieces, size):
+def test_frame_reader_matches_read_frame_however_the_stream_is_cut(pieces, size, batched):
     """Chunked reading gives the same frames as read_frame, also when messages straddle receives or are larger
-    than the buffer; acquisitions handed out as views stay intact while later data arrives."""
+    than the buffer; acquisitions handed out as views stay intact while later data arrives.  ``frames()``
+    batches: a message, or a run of acquisitions that were already buffered."""
     img = ismrmrd.Image.from_array(np.arange(40 * 30, dtype=np.float32).reshape(40, 30), transpose=False)
     items = [encode(_acq(16 + 8 * i, 1 + i % 3)) for i in range(40)] + [encode(img), text_frame(CONFIG_TEXT, "x" * 5000).raw]
     data = b"".join(items * 3) + Frame.of(CLOSE).raw
     reader = _socket_reader(data, pieces, size)
-    frames = _frames_from_reader(reader)
+    batches = [] if batched else None
+    frames = _frames_from_reader(reader, batches)
     assert [bytes(f.raw) for f in frames] == [bytes(f.raw) for f in frames_of(data)]
     assert b"".join(f.raw for f in frames) == data
     assert any(isinstance(f.raw, memoryview) for f in frames)  # the zero-copy path was taken
+    if batched:
+        assert all(f.mid == ACQUISITION for b in batches if len(b) > 1 for f in b)
+        if pieces == 1:  # everything arrives at once: the 40 acquisitions come as a few large batches
+            assert max(len(b) for b in batches) >= 10
 
 
 def test_frame_reader_does_not_wait_for_more_than_the_message():
@@ -150,6 +163,10 @@ def test_gigabyte_acquisition_is_refused_before_reading_it():
     reader = _socket_reader(struct.pack("<H", ACQUISITION) + bytes(head), close=False)
     with pytest.raises(ProtocolError, match="over the limit"):  # at once, not after waiting for 34 GB
         reader.frame()
+    reader = _socket_reader(encode(_acq()) + struct.pack("<H", ACQUISITION) + bytes(head), close=False)
+    assert [f.mid for f in reader.frames()] == [ACQUISITION]  # a batch stops before the oversize one
+    with pytest.raises(ProtocolError, match="over the limit"):
+        reader.frames()
 
 
 XML = ('<configuration><version>2</version><stream>{}</stream></configuration>')

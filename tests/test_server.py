@@ -451,17 +451,17 @@ def test_session_queue_is_bounded_in_bytes():
     from dainr_app.server import ByteQueue
 
     q = ByteQueue(budget=1000)
-    q.put(Frame(ACQUISITION, b"x" * 600))
-    blocked = threading.Thread(target=q.put, args=(Frame(ACQUISITION, b"y" * 600),), daemon=True)
+    q.put([Frame(ACQUISITION, b"x" * 600)])
+    blocked = threading.Thread(target=q.put, args=([Frame(ACQUISITION, b"y" * 300)] * 2,), daemon=True)
     blocked.start()
     blocked.join(0.3)
-    assert blocked.is_alive() and q.used == 600  # the second frame waits
+    assert blocked.is_alive() and q.used == 600  # the second batch waits
     assert [f.raw[:1] for f in q.get_batch()] == [b"x"]
     blocked.join(2)
     assert not blocked.is_alive() and q.used == 600
     q.drop_all()
-    q.put(Frame(ACQUISITION, b"z"))  # after the consumer is gone: counted, not queued
-    assert q.dropped == 1 and q.get_batch() == [None]
+    q.put([Frame(ACQUISITION, b"z")] * 2)  # after the consumer is gone: counted, not queued
+    assert q.dropped == 2 and q.get_batch() == [None]
 
 
 def test_idle_client_gets_a_clear_error(raw):

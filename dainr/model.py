@@ -100,7 +100,9 @@ class GridUpsampling:
         self.taps = ((i0, 1 - w), ((i0 + 1).clamp(max=n - 1), w))  # 1-D bilinear taps (index, weight)
         near = (u + 0.5).floor().long().clamp(max=n - 1)
         self.nearest = (near[:, None] * n + near[None, :]).reshape(-1)  # row-major index into the n² grid
-        s = -1 + 2 * u / max(n - 1, 1)  # the output pixels in the fitted pixel_grid's [-1, 1] labels
+        # the output pixels in the fitted pixel_grid's [-1, 1] labels; beyond the last fitted pixel (the last
+        # (N/n − 1) output rows/columns) clamped to it, like the taps, so the grid is never read outside [-1, 1]
+        s = (-1 + 2 * u / max(n - 1, 1)).clamp(max=1.0)
         yy, xx = torch.meshgrid(s, s, indexing="ij")
         self.xy = torch.stack((xx, yy), dim=-1).reshape(-1, 2)
 

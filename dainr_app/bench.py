@@ -5,8 +5,8 @@ table and writes ``bench-out/results.json``.  ``dainr bench --case NAME`` runs o
 Cases (``--list`` shows them): the 128² × 23 frames × 8 coils cine at 5/13/21 spokes per frame
 (DA-INR, zero-filled, temporal TV and CG-SENSE with λ / the iteration count picked by held-out
 spokes and, as an oracle that favours the baseline, against the truth), the ablations (no features;
-plain grid INR without deformation) on it and on the real-anatomy cine, temporal ×2, spatial ×2, the real-anatomy cine from
-``../shared/data`` (skipped when absent), the README demo timing, and on CUDA the 32-coil case and its
+plain grid INR without deformation), temporal ×2, spatial ×2, the real-anatomy cine from ``../shared/data``
+and its ablations (skipped when absent), the README demo timing, and on CUDA the 32-coil case and its
 per-part step profile.
 """
 from __future__ import annotations
@@ -239,7 +239,8 @@ def _profile(device: torch.device, coils: int) -> dict:
 
 CASES: Dict[str, Callable[[], dict]] = {
     "demo": case_demo, "spokes13": case_spokes13, "spokes5": case_spokes5, "spokes21": case_spokes21,
-    "ablation": case_ablation, "ablation_real": case_ablation_real, "temporal2": case_temporal2, "spatial2": case_spatial2, "real": case_real,
+    "ablation": case_ablation, "ablation_real": case_ablation_real, "temporal2": case_temporal2,
+    "spatial2": case_spatial2, "real": case_real,
     "gpu32": case_gpu32, "profile": case_profile, "gpu_profile": case_gpu_profile, "ingest": case_ingest, "overhead": case_overhead,
 }
 

@@ -25,6 +25,7 @@ from .data import RadialData
 from .features import FrozenFeatureExtractor, neighbour_frames, normalise_for_extractor, sample_features
 from .model import DAINR, GridUpsampling, pixel_grid
 from .nufft import MulticoilNUFFT
+from .optim import AdamW
 from .trajectory import omega_from_traj, ramp_dcf
 from .utils import resolve_device, seed_everything
 
@@ -177,8 +178,7 @@ class Fitter:
     def __init__(self, problem: Problem, cfg: DAINRConfig):
         self.p, self.cfg = problem, cfg
         self.model = DAINR(cfg.model_config(problem.matrix), problem.device)
-        fused = problem.device.type in ("cpu", "cuda")
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+        self.opt = AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         n = problem.matrix
         self.xy = pixel_grid(n, n, problem.device)
         self.train_frames = torch.arange(problem.n_acq)
@@ -210,8 +210,7 @@ class Fitter:
                 torch._foreach_copy_(self.params, live)
 
     def decay_lr(self, factor: float) -> None:
-        for group in self.opt.param_groups:
-            group["lr"] *= factor
+        self.opt.lr *= factor
 
     def _next_batch(self) -> torch.Tensor:
         B = self.batch
@@ -243,7 +242,7 @@ class Fitter:
             pred = p.op.forward(img, p.omega[acq])
         target = p.kdata[acq]
         loss = _loss(pred, target, p.train_w[acq])
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad()
         loss.backward()
         self.opt.step()
         with torch.no_grad():

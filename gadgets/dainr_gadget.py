@@ -16,8 +16,6 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch._dynamo  # noqa: F401  torch.optim's first optimizer imports it (~2 s): pay that when the gadget
-#                       module loads (the server's forkserver preload, the resident process), not per scan
 
 import ismrmrd
 

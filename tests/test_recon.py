@@ -240,3 +240,23 @@ def test_config_rejects_bad_values(field, value, match):
     with pytest.raises(ValueError, match=match):
         DAINRConfig(**{field: value})
     DAINRConfig(nufft_backend="gather", min_epoch_frames=1)  # the valid neighbours
+
+
+@pytest.mark.parametrize("spatial_ratio", [1.0, 2.0])
+def test_features_are_on_the_same_pixels_as_the_image(small_scan, spatial_ratio):
+    """Frame t's features are its neighbours' maps at the pixel the network renders (same raster as the output
+    image), resampled on the fitted FFT grid in spatial mode: checked with the zero-filled magnitudes as maps."""
+    from dainr.model import GridUpsampling
+    from dainr.recon import Problem
+
+    p = Problem(small_scan.data, DAINRConfig(spatial_ratio=spatial_ratio, device="cpu"), None, torch.device("cpu"))
+    n, N = p.matrix, p.out_matrix
+    p.feature_maps = p.zero_filled.abs()[:, None]  # one "channel": the image itself
+    t = torch.tensor([3])
+    feats = p.features_for(t, (N, N)).reshape(N, N, 2)
+    before, after = p.feature_maps[2, 0], p.feature_maps[4, 0]
+    if N != n:
+        up = GridUpsampling(n, N)
+        before, after = up.bilinear(before), up.bilinear(after)
+    assert torch.allclose(feats[..., 0], before) and torch.allclose(feats[..., 1], after)
+    assert not torch.allclose(feats[..., 0], before.T)  # a transposed raster would be caught

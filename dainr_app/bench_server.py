@@ -33,8 +33,7 @@ from dainr.sim import simulate
 from .mrd import iter_acquisitions, processing_history, write_raw
 from .protocol import CLOSE, HEADER, Frame, config_text, encode, text_frame
 from .replay import file_items, replay
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .server import ROOT, child_env
 
 
 @contextlib.contextmanager
@@ -43,7 +42,7 @@ def server_process():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "dainr_app.cli", "serve", "-p", str(port)], cwd=ROOT,
-                            stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=ROOT))
+                            stderr=subprocess.DEVNULL, env=child_env())
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -160,7 +159,7 @@ def _gadget_alone(header: str, acqs) -> float:
         b"".join(encode(a) for a in acqs) + Frame.of(CLOSE).raw
     with socket.create_server(("127.0.0.1", 0)) as listener:
         proc = subprocess.Popen([sys.executable, "-m", "gadgetron", str(listener.getsockname()[1]), "gadgets.passthrough",
-                                 "passthrough"], env=dict(os.environ, PYTHONPATH=ROOT, GADGETRON_EXTERNAL_LOG_LEVEL="WARNING"))
+                                 "passthrough"], env=dict(child_env(), GADGETRON_EXTERNAL_LOG_LEVEL="WARNING"))
         sock, _ = listener.accept()
     t0 = time.perf_counter()
     threading.Thread(target=sock.sendall, args=(data,), daemon=True).start()

@@ -118,9 +118,8 @@ class GridUpsampling:
         return sum(rows[..., i] * w for i, w in self.taps)
 
     def antiring(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-        """Complex ``high`` (..., N, N) with each magnitude clamped to the range of the 4 fitted pixels of ``low``
-        (..., n, n) around it, phase kept (the anti-ringing clamp of image scalers)."""
-        mag = low.abs()
-        corners = torch.stack([mag[..., r, :][..., c] for r, _ in self.taps for c, _ in self.taps])
+        """Complex ``high`` (..., N²) with each magnitude clamped to the range of the 4 fitted pixels of ``low``
+        (..., n²) around it (:meth:`corners`), phase kept (the anti-ringing clamp of image scalers)."""
+        corners = torch.stack([low.abs()[..., i] for i, _ in self.corners()])
         clamped = torch.minimum(torch.maximum(high.abs(), corners.amin(0)), corners.amax(0))
         return torch.polar(clamped, high.angle())

@@ -284,7 +284,7 @@ class Fitter:
                 img = sum(w * self.model.canonical(up.xy + delta[:, i], coords[:, i], feats) for i, w in up.corners())
                 if self.cfg.spatial_antiring:
                     low = self.model.canonical(warped, coords, p.features_for(sl, (n, n)))
-                    img = up.antiring(img.reshape(B, N, N), low.reshape(B, n, n))
+                    img = up.antiring(img, low)
             frames.append(img.reshape(B, N, N).cpu())
         return torch.cat(frames) * p.scale
 

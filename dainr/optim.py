@@ -22,7 +22,9 @@ class AdamW:
         devices = {p.device for p in self.params}
         if len(devices) > 1 or any(d.type not in ("cpu", "cuda") for d in devices) or \
                 not all(p.is_floating_point() for p in self.params):
-            raise ValueError(f"AdamW needs float parameters on one CPU or CUDA device, got {sorted(map(str, devices))}")
+            dtypes = sorted({str(p.dtype) for p in self.params})
+            raise ValueError(f"AdamW needs float parameters on one CPU or CUDA device, got {dtypes} on "
+                             f"{sorted(map(str, devices))}")
         self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, tuple(betas), eps
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]

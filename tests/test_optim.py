@@ -46,3 +46,8 @@ def test_a_fit_does_not_import_torch_dynamo():
             "print('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_adamw_rejects_what_the_fused_kernel_cannot_take():
+    with pytest.raises(ValueError, match="float parameters.*complex64"):
+        AdamW([torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))], lr=1e-3, weight_decay=0.01)

@@ -5,9 +5,9 @@ table and writes ``bench-out/results.json``.  ``dainr bench --case NAME`` runs o
 Cases (``--list`` shows them): the 128² × 23 frames × 8 coils cine at 5/13/21 spokes per frame
 (DA-INR, zero-filled, temporal TV and CG-SENSE with λ / the iteration count picked by held-out
 spokes and, as an oracle that favours the baseline, against the truth), the ablations (no features;
-plain grid INR without deformation), temporal ×2, spatial ×2, the real-anatomy cine from ``../shared/data``
-and its ablations (skipped when absent), the README demo timing, and on CUDA the 32-coil case and its
-per-part step profile.
+plain grid INR without deformation; also with the reference's uncapped grid), temporal ×2, spatial ×2,
+the real-anatomy cine from ``../shared/data`` and its ablations (skipped when absent), the README demo
+timing, and on CUDA the 32-coil case and its per-part step profile.
 """
 from __future__ import annotations
 
@@ -113,12 +113,27 @@ def case_ablation() -> dict:
     return {name: _dainr(scan, DAINRConfig(**kw))[0] for name, kw in ABLATIONS}
 
 
+def _real_scan(spokes: int = 13):
+    return simulate(image=np.load(REAL_DATA), spokes=spokes, coils=8, noise_level=0.02)
+
+
+def _ablations(scan, **common) -> dict:
+    return {name: _dainr(scan, DAINRConfig(**common, **kw))[0] for name, kw in (("full", {}),) + ABLATIONS}
+
+
 def case_ablation_real() -> dict:
     """Full model, no features, plain grid INR on the real-anatomy cine, 13 spokes."""
     if not os.path.exists(REAL_DATA):
         return dict(skipped=f"{REAL_DATA} not present")
-    scan = simulate(image=np.load(REAL_DATA), spokes=13, coils=8, noise_level=0.02)
-    return {name: _dainr(scan, DAINRConfig(**kw))[0] for name, kw in (("full", {}),) + ABLATIONS}
+    return _ablations(_real_scan())
+
+
+def case_ablation_refgrid() -> dict:
+    """The three models with the reference's uncapped grid (finest level 2048): phantom and real cine, 13 spokes."""
+    out = dict(phantom=_ablations(simulate(128, 23, 13, 8, noise_level=0.02), cap_grid_at_matrix=False))
+    out["real"] = _ablations(_real_scan(), cap_grid_at_matrix=False) if os.path.exists(REAL_DATA) else \
+        dict(skipped=f"{REAL_DATA} not present")
+    return out
 
 
 def case_temporal2() -> dict:
@@ -239,8 +254,8 @@ def _profile(device: torch.device, coils: int) -> dict:
 
 CASES: Dict[str, Callable[[], dict]] = {
     "demo": case_demo, "spokes13": case_spokes13, "spokes5": case_spokes5, "spokes21": case_spokes21,
-    "ablation": case_ablation, "ablation_real": case_ablation_real, "temporal2": case_temporal2,
-    "spatial2": case_spatial2, "real": case_real,
+    "ablation": case_ablation, "ablation_real": case_ablation_real, "ablation_refgrid": case_ablation_refgrid,
+    "temporal2": case_temporal2, "spatial2": case_spatial2, "real": case_real,
     "gpu32": case_gpu32, "profile": case_profile, "gpu_profile": case_gpu_profile, "ingest": case_ingest, "overhead": case_overhead,
 }
 

@@ -122,7 +122,8 @@ class DAINRConfig:
     * ``canonical_coords``: the reference also feeds γ(x), γ(t) to the canonical MLP.
     * ``use_deformation`` / ``use_features``: the ablations (plain grid INR, no features).  Measured with
       converged fits (13 spokes), full vs no features: phantom 34.42 / 0.909 vs 34.41 / 0.927, real cine
-      26.93 / 0.844 vs 27.33 / 0.862.  With the reference's uncapped grid (``cap_grid_at_matrix=False``) they
+      26.93 / 0.844 vs 27.33 / 0.862; phantom at 5 / 21 spokes 30.37 / 0.807 vs 31.46 / 0.812, 34.72 / 0.937 vs
+      35.51 / 0.949.  With the reference's uncapped grid (``cap_grid_at_matrix=False``) they
       pay: 32.71 / 0.824 vs 32.15 / 0.807 and 26.91 / 0.821 vs 26.74 / 0.823; the capped grid no longer fits the
       noise they partly made up for.  The features stay on as the paper's method; off is better on our data.
     * ``ema_decay``: render with an exponential moving average of the weights (0 = off).

@@ -165,12 +165,12 @@ def case_spatial2() -> dict:
 def case_real() -> dict:
     if not os.path.exists(REAL_DATA):
         return dict(skipped=f"{REAL_DATA} not present")
-    seq = np.load(REAL_DATA)
-    return dict(source=os.path.basename(REAL_DATA), shape=list(seq.shape), spokes13=_real(seq, 13))
+    shape = list(np.load(REAL_DATA, mmap_mode="r").shape)
+    return dict(source=os.path.basename(REAL_DATA), shape=shape, spokes13=_real(13))
 
 
-def _real(seq, spokes):
-    scan = simulate(image=seq, spokes=spokes, coils=8, noise_level=0.02)
+def _real(spokes):
+    scan = _real_scan(spokes)
     ours, res = _dainr(scan, DAINRConfig())
     zf = psnr_ssim(res.zero_filled, scan.ground_truth)
     return dict(dainr=ours, zero_filled=dict(psnr=zf["psnr"], ssim=zf["ssim"]), **_tv(scan, res.coil_maps),

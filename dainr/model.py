@@ -120,6 +120,7 @@ class GridUpsampling:
     def antiring(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         """Complex ``high`` (..., N²) with each magnitude clamped to the range of the 4 fitted pixels of ``low``
         (..., n²) around it (:meth:`corners`), phase kept (the anti-ringing clamp of image scalers)."""
-        corners = torch.stack([low.abs()[..., i] for i, _ in self.corners()])
+        mag = low.abs()
+        corners = torch.stack([mag[..., i] for i, _ in self.corners()])
         clamped = torch.minimum(torch.maximum(high.abs(), corners.amin(0)), corners.amax(0))
         return torch.polar(clamped, high.angle())

@@ -107,12 +107,24 @@ class DAINRConfig:
       frequencies alias on the fitting grid), and blends the 4 outputs bilinearly (``Fitter.render``).
       ``cap_grid_at_matrix=False`` restores the reference in both respects (its query takes every input
       but the features from the nearest fitted pixel).
+    * ``use_features`` defaults to off (the reference feeds the frozen features of the neighbouring
+      frames' zero-filled images to the canonical MLP; ``True`` restores that).  With the capped grid
+      (above) the features lowered quality on every data set and setting we measured, converged fits,
+      PSNR dB / SSIM, features on vs off: phantom at 5 / 13 / 21 spokes 30.37 / 0.807 vs 31.46 / 0.812,
+      34.42 / 0.909 vs 34.41 / 0.927, 34.72 / 0.937 vs 35.51 / 0.949; real cine 26.93 / 0.844 vs
+      27.33 / 0.862; temporal ×2 (trained / interpolated frames) 33.84 / 33.47 dB vs 34.72 / 34.14;
+      spatial ×2 27.84 / 0.891 vs 28.13 / 0.893; the demo's 300 steps 30.25 / 0.936 vs 30.73 / 0.949.
+      Off is also 10–15 % faster and needs no second frame.  The frozen random encoder passes the
+      neighbours' streaks on.  With the reference's uncapped grid, which fits noise, the features do
+      pay (32.71 / 0.824 vs 32.15 / 0.807, real cine 26.91 / 0.821 vs 26.74 / 0.823), but every
+      uncapped model is below the capped ones.
     * ``spatial_antiring`` (not in the reference): the spatial ×s output's magnitude is clamped to the range of
       the 4 fitted pixels around each output pixel, as image scalers' anti-ringing does; the fit has no data
-      beyond its k-space band to support new extrema between its pixels.  Measured, 128² → fit 64², 13 spokes,
-      PSNR dB / SSIM, model seeds 0, 1, 2, without → with: 27.75 / 0.888 → 27.84 / 0.892, 27.88 / 0.885 →
-      27.98 / 0.892, 27.48 / 0.890 → 27.52 / 0.894 (bilinear upsampling of the same 64² fits: 26.46 / 0.886,
-      26.58 / 0.890, 26.36 / 0.890); real cine 110² → 56²: 26.20 / 0.836 → 26.25 / 0.840 (bilinear 26.10 / 0.840).
+      beyond its k-space band to support new extrema between its pixels.  Measured with features on,
+      128² → fit 64², 13 spokes, PSNR dB / SSIM, model seeds 0, 1, 2, without → with: 27.75 / 0.888 →
+      27.84 / 0.892, 27.88 / 0.885 → 27.98 / 0.892, 27.48 / 0.890 → 27.52 / 0.894 (bilinear upsampling of
+      the same 64² fits: 26.46 / 0.886, 26.58 / 0.890, 26.36 / 0.890); real cine 110² → 56²: 26.20 / 0.836 →
+      26.25 / 0.840 (bilinear 26.10 / 0.840).
 
     Options whose default is the reference behaviour (measured alternatives in the README):
 
@@ -120,12 +132,7 @@ class DAINRConfig:
       normalised) is the gradient of an L1 loss weighted by the DCF ``w``.  The gradient uses
       ``w ** dcf_power``: 1 reproduces the reference, 0 is the plain autograd adjoint.
     * ``canonical_coords``: the reference also feeds γ(x), γ(t) to the canonical MLP.
-    * ``use_deformation`` / ``use_features``: the ablations (plain grid INR, no features).  Measured with
-      converged fits (13 spokes), full vs no features: phantom 34.42 / 0.909 vs 34.41 / 0.927, real cine
-      26.93 / 0.844 vs 27.33 / 0.862; phantom at 5 / 21 spokes 30.37 / 0.807 vs 31.46 / 0.812, 34.72 / 0.937 vs
-      35.51 / 0.949.  With the reference's uncapped grid (``cap_grid_at_matrix=False``) they
-      pay: 32.71 / 0.824 vs 32.15 / 0.807 and 26.91 / 0.821 vs 26.74 / 0.823; the capped grid no longer fits the
-      noise they partly made up for.  The features stay on as the paper's method; off is better on our data.
+    * ``use_deformation``: ``False`` is the plain grid INR ablation (x' = x).
     * ``ema_decay``: render with an exponential moving average of the weights (0 = off).
     """
 
@@ -139,7 +146,7 @@ class DAINRConfig:
     deform_layers: int = 5
     canonical_width: int = 64
     use_deformation: bool = True
-    use_features: bool = True
+    use_features: bool = False
     canonical_coords: bool = True
     feature_channels: int = 64
     feature_seed: int = 0

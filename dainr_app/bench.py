@@ -56,8 +56,16 @@ def _dainr(scan, cfg: DAINRConfig, gt=None) -> dict:
     return out, res
 
 
-def _quality(spokes: int, coils: int = 8, image=None) -> dict:
-    scan = simulate(128, 23, spokes, coils, noise_level=0.02, image=image)
+def _phantom_scan(spokes: int = 13, coils: int = 8):
+    return simulate(128, 23, spokes, coils, noise_level=0.02)
+
+
+def _real_scan(spokes: int = 13):
+    return simulate(image=np.load(REAL_DATA), spokes=spokes, coils=8, noise_level=0.02)
+
+
+def _quality(scan) -> dict:
+    """DA-INR with the default config, zero-filled, temporal TV and CG-SENSE on one scan."""
     ours, res = _dainr(scan, DAINRConfig(device="auto"))
     zf = psnr_ssim(res.zero_filled, scan.ground_truth)
     return dict(dainr=ours, zero_filled=dict(psnr=zf["psnr"], ssim=zf["ssim"]), **_tv(scan, res.coil_maps),
@@ -92,33 +100,29 @@ def _tv(scan, coil_maps) -> dict:
 
 
 def case_spokes13() -> dict:
-    return _quality(13)
+    return _quality(_phantom_scan(13))
 
 
 def case_spokes5() -> dict:
-    return _quality(5)
+    return _quality(_phantom_scan(5))
 
 
 def case_spokes21() -> dict:
-    return _quality(21)
+    return _quality(_phantom_scan(21))
 
 
-ABLATIONS = (("no_features", dict(use_features=False)),
+ABLATIONS = (("full", dict(use_features=True)),  # the paper's model; features are off by default (DAINRConfig)
+             ("no_features", dict(use_features=False)),
              ("plain_grid_inr", dict(use_features=False, use_deformation=False)))
 
 
-def case_ablation() -> dict:
-    """The paper's ablations on the 128² phantom, 13 spokes (the full model is ``spokes13``)."""
-    scan = simulate(128, 23, 13, 8, noise_level=0.02)
-    return {name: _dainr(scan, DAINRConfig(**kw))[0] for name, kw in ABLATIONS}
-
-
-def _real_scan(spokes: int = 13):
-    return simulate(image=np.load(REAL_DATA), spokes=spokes, coils=8, noise_level=0.02)
-
-
 def _ablations(scan, **common) -> dict:
-    return {name: _dainr(scan, DAINRConfig(**common, **kw))[0] for name, kw in (("full", {}),) + ABLATIONS}
+    return {name: _dainr(scan, DAINRConfig(**common, **kw))[0] for name, kw in ABLATIONS}
+
+
+def case_ablation() -> dict:
+    """Full model (with features), no features, plain grid INR on the 128² phantom, 13 spokes."""
+    return _ablations(_phantom_scan())
 
 
 def case_ablation_real() -> dict:
@@ -130,7 +134,7 @@ def case_ablation_real() -> dict:
 
 def case_ablation_refgrid() -> dict:
     """The three models with the reference's uncapped grid (finest level 2048): phantom and real cine, 13 spokes."""
-    out = dict(phantom=_ablations(simulate(128, 23, 13, 8, noise_level=0.02), cap_grid_at_matrix=False))
+    out = dict(phantom=_ablations(_phantom_scan(), cap_grid_at_matrix=False))
     out["real"] = _ablations(_real_scan(), cap_grid_at_matrix=False) if os.path.exists(REAL_DATA) else \
         dict(skipped=f"{REAL_DATA} not present")
     return out
@@ -138,7 +142,7 @@ def case_ablation_refgrid() -> dict:
 
 def case_temporal2() -> dict:
     """Fit frames 0, 2, …, 22 (21 spokes each, the paper's AF 6.1 setting), query all 23."""
-    scan = simulate(128, 23, 21, 8, noise_level=0.02)
+    scan = _phantom_scan(21)
     keep = list(range(0, 23, 2))
     scan.data = scan.data.select_frames(keep)
     ours, res = _dainr(scan, DAINRConfig(temporal_ratio=2))
@@ -151,7 +155,7 @@ def case_temporal2() -> dict:
 
 def case_spatial2() -> dict:
     """Fit at 64² on the k-space centre (13 spokes), query 128²; compare with bilinear upsampling."""
-    scan = simulate(128, 23, 13, 8, noise_level=0.02)
+    scan = _phantom_scan()
     ours, res = _dainr(scan, DAINRConfig(spatial_ratio=2.0))
     gt = torch.from_numpy(scan.ground_truth)
     k = torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(gt, dim=(-2, -1))), dim=(-2, -1))[:, 32:96, 32:96]
@@ -166,15 +170,7 @@ def case_real() -> dict:
     if not os.path.exists(REAL_DATA):
         return dict(skipped=f"{REAL_DATA} not present")
     shape = list(np.load(REAL_DATA, mmap_mode="r").shape)
-    return dict(source=os.path.basename(REAL_DATA), shape=shape, spokes13=_real(13))
-
-
-def _real(spokes):
-    scan = _real_scan(spokes)
-    ours, res = _dainr(scan, DAINRConfig())
-    zf = psnr_ssim(res.zero_filled, scan.ground_truth)
-    return dict(dainr=ours, zero_filled=dict(psnr=zf["psnr"], ssim=zf["ssim"]), **_tv(scan, res.coil_maps),
-                **_cg(scan, res.coil_maps))
+    return dict(source=os.path.basename(REAL_DATA), shape=shape, spokes13=_quality(_real_scan()))
 
 
 def case_demo() -> dict:
@@ -190,7 +186,7 @@ def case_gpu32() -> dict:
     CUDA context, library handles and lazy imports) and a second one (what a resident gadget's later scans see)."""
     if not torch.cuda.is_available():
         return dict(skipped="no CUDA device")
-    scan = simulate(128, 23, 13, 32, noise_level=0.02)
+    scan = _phantom_scan(coils=32)
     first, _ = _dainr(scan, DAINRConfig(device="cuda"))
     warm, _ = _dainr(scan, DAINRConfig(device="cuda"))
     return dict(warm, first_seconds=first["seconds"], first_seconds_prepare=first["seconds_prepare"],
@@ -212,7 +208,7 @@ def case_gpu_profile() -> dict:
 def _profile(device: torch.device, coils: int) -> dict:
     from dainr.recon import Fitter, Problem
 
-    scan = simulate(128, 23, 13, coils, noise_level=0.02)
+    scan = _phantom_scan(coils=coils)
     cfg = DAINRConfig(device=device.type)
     prob = Problem(scan.data, cfg, None, device)
     fit = Fitter(prob, cfg)
@@ -247,7 +243,7 @@ def _profile(device: torch.device, coils: int) -> dict:
         deformation_mlp_fwd_bwd=timed(lambda: model.deform(coords).sum().backward()),
         canonical_mlp_fwd_bwd=timed(lambda: model.color_net(model.sigma_net(canon_in)).sum().backward()),
         **{f"nufft_fwd_bwd_{coils}coils": timed(nufft)},
-        features_sampling=timed(lambda: prob.features_for(acq, (128, 128))),
+        **({"features_sampling": timed(lambda: prob.features_for(acq, (128, 128)))} if cfg.use_features else {}),
         adamw_step=timed(fit.opt.step),
     )
 

@@ -64,9 +64,9 @@ def cmd_simulate(args) -> int:
 
 def config_from_args(args) -> DAINRConfig:
     changes = dict(device=args.device, seed=args.seed, spatial_ratio=args.sr_ratio, temporal_ratio=args.down_ratio,
-                   progress=not args.quiet, use_features=not args.no_features, use_deformation=not args.no_deformation,
+                   progress=not args.quiet, use_deformation=not args.no_deformation,
                    cap_grid_at_matrix=not args.reference_grid)
-    for name in ("max_steps", "max_seconds", "frames_per_step", "holdout_spokes", "nufft_backend", "golden_angle"):
+    for name in ("use_features", "max_steps", "max_seconds", "frames_per_step", "holdout_spokes", "nufft_backend", "golden_angle"):
         value = getattr(args, name, None)
         if value is not None:
             changes[name] = value
@@ -353,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--down-ratio", type=_positive_int, default=1, help="temporal interpolation: fit every r-th frame")
     r.add_argument("--nufft-backend", choices=NUFFT_BACKENDS)
     r.add_argument("--golden-angle", choices=("true", "reference"))
-    r.add_argument("--no-features", action="store_true")
+    r.add_argument("--features", dest="use_features", action=argparse.BooleanOptionalAction,
+                   help="the reference's frozen CNN features of the neighbouring frames (default: off, see README)")
     r.add_argument("--no-deformation", action="store_true")
     r.add_argument("--reference-grid", action="store_true",
                    help="the reference's grid (finest level 2048 whatever the matrix) instead of capping it there")

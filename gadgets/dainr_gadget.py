@@ -4,7 +4,8 @@ Gadgetron starts it as ``python -m gadgetron PORT gadgets.dainr_gadget dainr_rec
 (``<property name=... value=.../>`` in the ``<configuration>`` block): ``spokes_per_frame``,
 ``steps``, ``max_seconds``, ``device``, ``sr_ratio``, ``down_ratio``, ``image_series_index``,
 ``preview`` (true/false), ``preview_series_index``, ``preview_steps``, ``output``
-(magnitude/complex), ``seed``, ``max_buffer_mb`` (readouts buffered at once, all slices together;
+(magnitude/complex), ``seed``, ``features`` (true/false: the reference's frozen CNN features of the
+neighbouring frames; default ``DAINRConfig.use_features``, off), ``max_buffer_mb`` (readouts buffered at once, all slices together;
 default 2048).
 """
 from __future__ import annotations
@@ -45,6 +46,9 @@ def properties(config) -> Dict[str, str]:
     return {p.get("name"): p.get("value") for p in config.iter("property") if p.get("name") is not None}
 
 
+BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def options_from_properties(props: Dict[str, str]) -> GadgetOptions:
     """Typed options; a bad value raises ValueError naming the property."""
     def get(name, cast, default=None):
@@ -55,10 +59,16 @@ def options_from_properties(props: Dict[str, str]) -> GadgetOptions:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"property {name}={props[name]!r}: {exc}") from exc
 
-    boolean = lambda v: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[v.strip().lower()]
+    def boolean(value: str) -> bool:
+        word = value.strip().lower()
+        if word not in BOOLEAN_WORDS:
+            raise ValueError(f"not a boolean (one of {', '.join(BOOLEAN_WORDS)})")
+        return BOOLEAN_WORDS[word]
+
     changes = dict(device=get("device", str, "auto"), seed=get("seed", int, 0),
                    spatial_ratio=get("sr_ratio", float, 1.0), temporal_ratio=get("down_ratio", int, 1))
-    for prop, field, cast in (("steps", "max_steps", int), ("max_seconds", "max_seconds", float)):
+    for prop, field, cast in (("steps", "max_steps", int), ("max_seconds", "max_seconds", float),
+                              ("features", "use_features", boolean)):
         if prop in props:
             changes[field] = get(prop, cast)
     preview = get("preview", boolean, False)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from dainr import DAINRConfig
 from dainr_app import cli
 from dainr_app.mrd import MRDFormatError, read_images, read_raw, write_raw
 
@@ -64,11 +65,14 @@ def test_recon_round_trip_two_slices(raw2, tmp_path, capsys):
 
 
 def test_recon_options_reach_the_config():
-    args = cli.build_parser().parse_args(["recon", "raw.h5", "-o", "o.h5", "--reference-grid", "--no-features",
-                                          "--steps", "7", "--sr-ratio", "2"])
-    cfg = cli.config_from_args(args)
-    assert not cfg.cap_grid_at_matrix and not cfg.use_features and cfg.max_steps == 7 and cfg.spatial_ratio == 2
-    assert cli.config_from_args(cli.build_parser().parse_args(["recon", "raw.h5", "-o", "o.h5"])).cap_grid_at_matrix
+    def cfg(*extra):
+        return cli.config_from_args(cli.build_parser().parse_args(["recon", "raw.h5", "-o", "o.h5", *extra]))
+
+    c = cfg("--reference-grid", "--features", "--steps", "7", "--sr-ratio", "2")
+    assert not c.cap_grid_at_matrix and c.use_features and c.max_steps == 7 and c.spatial_ratio == 2
+    default = cfg()
+    assert default.cap_grid_at_matrix and default.use_features is DAINRConfig().use_features
+    assert not cfg("--no-features").use_features
 
 
 def _rewrite(src_path: str, dst_path: str, transform) -> str:

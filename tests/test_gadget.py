@@ -2,6 +2,7 @@ import ismrmrd
 import numpy as np
 import pytest
 
+from dainr import DAINRConfig
 from dainr.metrics import psnr_ssim
 from dainr.sim import simulate
 from dainr_app.mrd import write_raw
@@ -99,6 +100,15 @@ def test_buffer_cap_drops_a_slice_that_never_ends_with_an_error(two_slices):
     assert options_from_properties({}).max_buffer_mb == 2048
     with pytest.raises(ValueError, match="max_buffer_mb"):
         options_from_properties({"max_buffer_mb": "0"})
+
+
+def test_features_property_and_bad_booleans():
+    assert options_from_properties({"features": "true"}).cfg.use_features
+    assert not options_from_properties({"features": "no"}).cfg.use_features
+    assert options_from_properties({}).cfg.use_features is DAINRConfig().use_features
+    for prop in ("features", "preview"):
+        with pytest.raises(ValueError, match=f"property {prop}='maybe': not a boolean"):
+            options_from_properties({prop: "maybe"})
 
 
 def test_preview_series_comes_before_the_final_one(two_slices):

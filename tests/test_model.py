@@ -6,7 +6,7 @@ from dainr.model import DAINR, pixel_grid
 
 
 def test_model_shapes_and_parameter_count():
-    cfg = DAINRConfig()
+    cfg = DAINRConfig(use_features=True)  # the reference's model
     m = DAINR(cfg)
     xy = pixel_grid(8, 8).expand(3, -1, -1)
     out = m(xy, torch.tensor([0.0, 0.5, 1.0]), torch.randn(3, 64, 128))
@@ -15,6 +15,7 @@ def test_model_shapes_and_parameter_count():
     assert mlp == 82_624  # the digest's count of MLP weights (bias-free)
     assert all(l.bias is None for l in m.modules() if isinstance(l, torch.nn.Linear))
     assert m.sigma_net[0].in_features == 32 + 42 + 13 + 128
+    assert DAINR(DAINRConfig()).sigma_net[0].in_features == 32 + 42 + 13  # features off by default
 
 
 def test_grid_cap_stops_the_finest_level_at_the_fitting_matrix():

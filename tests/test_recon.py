@@ -11,8 +11,9 @@ from dainr.recon import epoch_steps
 FAST = dict(max_steps=120, device="cpu", holdout_spokes=1, patience=100)
 
 
-def test_small_fit_beats_zero_filled(small_scan):
-    res = reconstruct(small_scan.data, DAINRConfig(**FAST))
+@pytest.mark.parametrize("use_features", [False, True])  # the default, and the paper's model
+def test_small_fit_beats_zero_filled(small_scan, use_features):
+    res = reconstruct(small_scan.data, DAINRConfig(**FAST, use_features=use_features))
     ours = psnr_ssim(res.images, small_scan.ground_truth)
     zf = psnr_ssim(res.zero_filled, small_scan.ground_truth)
     assert ours["psnr"] > zf["psnr"] + 4.0, (ours["psnr"], zf["psnr"])
@@ -80,16 +81,19 @@ def test_callback_previews_and_stop(small_scan):
     assert seen == [(8, 32, 32), (8, 32, 32)]
 
 
-def test_temporal_interpolation_queries_all_frames(small_scan):
+@pytest.mark.parametrize("use_features", [False, True])
+def test_temporal_interpolation_queries_all_frames(small_scan, use_features):
     data = small_scan.data.select_frames([0, 2, 4, 6])
-    res = reconstruct(data, DAINRConfig(max_steps=60, temporal_ratio=2, device="cpu"))
+    res = reconstruct(data, DAINRConfig(max_steps=60, temporal_ratio=2, device="cpu", use_features=use_features))
     assert res.images.shape == (7, 32, 32) and res.acquired_frames == [0, 2, 4, 6]
     per = psnr_ssim(res.images, small_scan.ground_truth[:7])["psnr_frames"]
     assert min(per) > 12  # interpolated frames are images of the object, not noise
 
 
-def test_spatial_interpolation_fits_low_res_and_queries_full_grid(small_scan):
-    res = reconstruct(small_scan.data, DAINRConfig(max_steps=40, spatial_ratio=2.0, device="cpu"))
+@pytest.mark.parametrize("use_features", [False, True])
+def test_spatial_interpolation_fits_low_res_and_queries_full_grid(small_scan, use_features):
+    res = reconstruct(small_scan.data, DAINRConfig(max_steps=40, spatial_ratio=2.0, device="cpu",
+                                                   use_features=use_features))
     assert res.images.shape == (8, 32, 32)
     assert res.lowres_images.shape == (8, 16, 16) and res.info["fit_matrix"] == 16
     assert res.coil_maps.shape[-1] == 16
@@ -206,8 +210,8 @@ def test_bad_config_is_rejected():
 def test_single_frame_with_features_is_a_clear_error(small_scan):
     one = small_scan.data.select_frames([0])
     with pytest.raises(ValueError, match="at least 2 acquired frames"):
-        reconstruct(one, DAINRConfig(max_steps=1))
-    assert reconstruct(one, DAINRConfig(max_steps=2, use_features=False)).images.shape == (1, 32, 32)
+        reconstruct(one, DAINRConfig(max_steps=1, use_features=True))
+    assert reconstruct(one, DAINRConfig(max_steps=2)).images.shape == (1, 32, 32)  # the default needs no neighbour
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -249,7 +253,8 @@ def test_features_are_on_the_same_pixels_as_the_image(small_scan, spatial_ratio)
     from dainr.model import GridUpsampling
     from dainr.recon import Problem
 
-    p = Problem(small_scan.data, DAINRConfig(spatial_ratio=spatial_ratio, device="cpu"), None, torch.device("cpu"))
+    p = Problem(small_scan.data, DAINRConfig(spatial_ratio=spatial_ratio, device="cpu", use_features=True), None,
+                torch.device("cpu"))
     n, N = p.matrix, p.out_matrix
     p.feature_maps = p.zero_filled.abs()[:, None]  # one "channel": the image itself
     t = torch.tensor([3])

@@ -49,7 +49,8 @@ class DAINRConfig:
     """Every hyperparameter of a DA-INR reconstruction.
 
     Architecture, encodings, optimiser and loss follow the reference code exactly (see
-    ``dainr-paper.md`` §1.2–1.5).  Deviations, and why:
+    ``dainr-paper.md`` §1.2–1.5).  Deviations, and why (the measurements in the bullets before
+    ``use_features`` were taken with the features on, the default until then):
 
     * ``frames_per_step`` (reference: 1 frame per step in a Python loop, run once per step).
       Frames of a step go through one batched forward/NUFFT/backward, and frames are drawn

@@ -4,10 +4,11 @@
 table and writes ``bench-out/results.json``.  ``dainr bench --case NAME`` runs one case.
 Cases (``--list`` shows them): the 128² × 23 frames × 8 coils cine at 5/13/21 spokes per frame
 (DA-INR, zero-filled, temporal TV and CG-SENSE with λ / the iteration count picked by held-out
-spokes and, as an oracle that favours the baseline, against the truth), the ablations (no features;
-plain grid INR without deformation; also with the reference's uncapped grid), temporal ×2, spatial ×2,
-the real-anatomy cine from ``../shared/data`` and its ablations (skipped when absent), the README demo
-timing, and on CUDA the 32-coil case and its per-part step profile.
+spokes and, as an oracle that favours the baseline, against the truth), the ablations (the full model with
+the features, which are off by default; no features; plain grid INR without deformation; also with the
+reference's uncapped grid), temporal ×2, spatial ×2, the real-anatomy cine from ``../shared/data`` and its
+ablations (skipped when absent), the README demo timing, and on CUDA the 32-coil case and its per-part step
+profile.
 """
 from __future__ import annotations
 

@@ -66,7 +66,8 @@ def config_from_args(args) -> DAINRConfig:
     changes = dict(device=args.device, seed=args.seed, spatial_ratio=args.sr_ratio, temporal_ratio=args.down_ratio,
                    progress=not args.quiet, use_deformation=not args.no_deformation,
                    cap_grid_at_matrix=not args.reference_grid)
-    for name in ("use_features", "max_steps", "max_seconds", "frames_per_step", "holdout_spokes", "nufft_backend", "golden_angle"):
+    for name in ("use_features", "max_steps", "max_seconds", "frames_per_step", "holdout_spokes", "nufft_backend",
+                 "golden_angle"):
         value = getattr(args, name, None)
         if value is not None:
             changes[name] = value

@@ -5,8 +5,8 @@ Gadgetron starts it as ``python -m gadgetron PORT gadgets.dainr_gadget dainr_rec
 ``steps``, ``max_seconds``, ``device``, ``sr_ratio``, ``down_ratio``, ``image_series_index``,
 ``preview`` (true/false), ``preview_series_index``, ``preview_steps``, ``output``
 (magnitude/complex), ``seed``, ``features`` (true/false: the reference's frozen CNN features of the
-neighbouring frames; default ``DAINRConfig.use_features``, off), ``max_buffer_mb`` (readouts buffered at once, all slices together;
-default 2048).
+neighbouring frames; default ``DAINRConfig.use_features``, off), ``max_buffer_mb`` (readouts buffered
+at once, all slices together; default 2048).
 """
 from __future__ import annotations
 

@@ -115,7 +115,7 @@ class DAINRConfig:
       34.42 / 0.909 vs 34.41 / 0.927, 34.72 / 0.937 vs 35.51 / 0.949; real cine 26.93 / 0.844 vs
       27.33 / 0.862; temporal ×2 (trained / interpolated frames) 33.84 / 33.47 dB vs 34.72 / 34.14;
       spatial ×2 27.84 / 0.891 vs 28.13 / 0.893; the demo's 300 steps 30.25 / 0.936 vs 30.73 / 0.949.
-      Off is also 10–15 % faster and needs no second frame.  The frozen random encoder passes the
+      Off is also 15–20 % faster and needs no second frame.  The frozen random encoder passes the
       neighbours' streaks on.  With the reference's uncapped grid, which fits noise, the features do
       pay (32.71 / 0.824 vs 32.15 / 0.807, real cine 26.91 / 0.821 vs 26.74 / 0.823), but every
       uncapped model is below the capped ones.

@@ -19,7 +19,7 @@ import resource
 import subprocess
 import sys
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -63,6 +63,11 @@ def _phantom_scan(spokes: int = 13, coils: int = 8):
 
 def _real_scan(spokes: int = 13):
     return simulate(image=np.load(REAL_DATA), spokes=spokes, coils=8, noise_level=0.02)
+
+
+def _real_missing() -> Optional[dict]:
+    """The result of a real-cine case when the data file is absent (None when it is there)."""
+    return None if os.path.exists(REAL_DATA) else dict(skipped=f"{REAL_DATA} not present")
 
 
 def _quality(scan) -> dict:
@@ -128,16 +133,13 @@ def case_ablation() -> dict:
 
 def case_ablation_real() -> dict:
     """Full model, no features, plain grid INR on the real-anatomy cine, 13 spokes."""
-    if not os.path.exists(REAL_DATA):
-        return dict(skipped=f"{REAL_DATA} not present")
-    return _ablations(_real_scan())
+    return _real_missing() or _ablations(_real_scan())
 
 
 def case_ablation_refgrid() -> dict:
     """The three models with the reference's uncapped grid (finest level 2048): phantom and real cine, 13 spokes."""
     out = dict(phantom=_ablations(_phantom_scan(), cap_grid_at_matrix=False))
-    out["real"] = _ablations(_real_scan(), cap_grid_at_matrix=False) if os.path.exists(REAL_DATA) else \
-        dict(skipped=f"{REAL_DATA} not present")
+    out["real"] = _real_missing() or _ablations(_real_scan(), cap_grid_at_matrix=False)
     return out
 
 
@@ -168,10 +170,8 @@ def case_spatial2() -> dict:
 
 
 def case_real() -> dict:
-    if not os.path.exists(REAL_DATA):
-        return dict(skipped=f"{REAL_DATA} not present")
-    shape = list(np.load(REAL_DATA, mmap_mode="r").shape)
-    return dict(source=os.path.basename(REAL_DATA), shape=shape, spokes13=_quality(_real_scan()))
+    return _real_missing() or dict(source=os.path.basename(REAL_DATA),
+                                   shape=list(np.load(REAL_DATA, mmap_mode="r").shape), spokes13=_quality(_real_scan()))
 
 
 def case_demo() -> dict:

@@ -49,6 +49,13 @@ def properties(config) -> Dict[str, str]:
 BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
+def boolean(value: str) -> bool:
+    word = value.strip().lower()
+    if word not in BOOLEAN_WORDS:
+        raise ValueError(f"not a boolean (one of {', '.join(BOOLEAN_WORDS)})")
+    return BOOLEAN_WORDS[word]
+
+
 def options_from_properties(props: Dict[str, str]) -> GadgetOptions:
     """Typed options; a bad value raises ValueError naming the property."""
     def get(name, cast, default=None):
@@ -58,12 +65,6 @@ def options_from_properties(props: Dict[str, str]) -> GadgetOptions:
             return cast(props[name])
         except (TypeError, ValueError) as exc:
             raise ValueError(f"property {name}={props[name]!r}: {exc}") from exc
-
-    def boolean(value: str) -> bool:
-        word = value.strip().lower()
-        if word not in BOOLEAN_WORDS:
-            raise ValueError(f"not a boolean (one of {', '.join(BOOLEAN_WORDS)})")
-        return BOOLEAN_WORDS[word]
 
     changes = dict(device=get("device", str, "auto"), seed=get("seed", int, 0),
                    spatial_ratio=get("sr_ratio", float, 1.0), temporal_ratio=get("down_ratio", int, 1))

@@ -29,7 +29,7 @@ from dainr.baselines import cg_sense, temporal_tv, temporal_tv_holdout_lambda
 from dainr.metrics import psnr_ssim
 from dainr.sim import simulate
 
-from .bench_server import case_ingest, case_overhead
+from .bench_server import case_concurrent, case_ingest, case_overhead
 
 REAL_DATA = os.environ.get("DAINR_REAL_DATA", os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "cine_real_complex_110x110x10.npy"))
@@ -254,6 +254,7 @@ CASES: Dict[str, Callable[[], dict]] = {
     "ablation": case_ablation, "ablation_real": case_ablation_real, "ablation_refgrid": case_ablation_refgrid,
     "temporal2": case_temporal2, "spatial2": case_spatial2, "real": case_real,
     "gpu32": case_gpu32, "profile": case_profile, "gpu_profile": case_gpu_profile, "ingest": case_ingest, "overhead": case_overhead,
+    "concurrent": case_concurrent,
 }
 
 

@@ -1,0 +1,65 @@
+"""CpuShare: concurrent CPU fits on one host split the cores instead of oversubscribing them."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dainr_app.cpu_share import CpuShare
+from dainr_app.server import ROOT, child_env
+
+
+@pytest.fixture
+def four_threads():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(4)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_fits_split_the_cores_and_get_them_back(tmp_path, four_threads):
+    d = str(tmp_path)
+    with CpuShare(d, cores=4) as a:
+        assert a.running() == 1 and a.threads == 4 and torch.get_num_threads() == 4
+        with CpuShare(d, cores=4) as b, CpuShare(d, cores=4) as c:
+            assert b.threads == 2 and c.threads == 1  # each sees the fits running when it starts
+            assert a.update() == 1 and b.update() == 1 and torch.get_num_threads() == 1
+        assert a.update() == 4 and torch.get_num_threads() == 4  # the others ended
+    assert torch.get_num_threads() == 4 and os.listdir(d) == []
+
+
+def test_a_fit_never_gets_more_threads_than_the_process_had(tmp_path, four_threads):
+    with CpuShare(str(tmp_path), cores=64) as share:
+        assert share.threads == 4
+
+
+def test_files_of_fits_that_are_gone_are_not_counted(tmp_path):
+    (tmp_path / "123-0.fit").write_text("")  # nobody holds its lock
+    (tmp_path / "notes.txt").write_text("")
+    with CpuShare(str(tmp_path), cores=2) as share:
+        assert share.running() == 1
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
+
+
+def test_a_fit_in_another_process_counts_until_that_process_is_killed(tmp_path):
+    code = (f"from dainr_app.cpu_share import CpuShare\nimport time\n"
+            f"with CpuShare({str(tmp_path)!r}):\n    time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=child_env())
+    try:
+        deadline = time.monotonic() + 60
+        while not any(n.endswith(".fit") for n in os.listdir(tmp_path)):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        share = CpuShare(str(tmp_path), cores=2)
+        with share:
+            assert share.running() == 2 and share.threads == 1
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+            assert share.running() == 1  # the kernel dropped the killed fit's lock
+    finally:
+        proc.kill()
+        proc.wait(30)
+    assert os.listdir(tmp_path) == []

@@ -9,18 +9,21 @@ side on a 2-core VM (the 2-slice ``dainr_distributed`` replay: 119.5 s against 1
 
 Running fits are counted with lock files: a fit holds an exclusive ``flock`` on ``<dir>/<pid>-<n>.fit``
 while it runs; the kernel drops the lock when the process ends, however it ends, and a file whose lock can
-be taken belongs to a fit that has gone (it is removed).
+be taken belongs to a fit that has gone (it is removed).  Where the folder cannot be used (a read-only
+temporary directory), the fit runs with the process's threads as before and a warning is logged.
 """
 from __future__ import annotations
 
 import fcntl
 import itertools
+import logging
 import os
 import tempfile
 from typing import Optional
 
 import torch
 
+log = logging.getLogger("dainr.cpu_share")
 _counter = itertools.count()
 
 
@@ -33,23 +36,34 @@ class CpuShare:
 
     def __init__(self, directory: Optional[str] = None, cores: Optional[int] = None):
         self.directory = directory or default_directory()
-        self.cores = cores or len(os.sched_getaffinity(0))
+        if cores is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.cores = cores
         self.threads = self.base = torch.get_num_threads()
         self._fd: Optional[int] = None
 
     def __enter__(self) -> "CpuShare":
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        self.threads = self.base = torch.get_num_threads()
         name = f"{os.getpid()}-{next(_counter)}"
         partial = os.path.join(self.directory, name + ".new")
-        self._fd = os.open(partial, os.O_CREAT | os.O_RDWR, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)  # locked before it is visible as a running fit
         self._path = os.path.join(self.directory, name + ".fit")
-        os.rename(partial, self._path)
-        self.base = torch.get_num_threads()
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            self._fd = os.open(partial, os.O_CREAT | os.O_RDWR, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)  # locked before it is visible as a running fit
+            os.rename(partial, self._path)
+        except OSError as exc:
+            log.warning("CPU share off, the fit keeps %d threads: %s", self.base, exc)
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            return self
         self.update()
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._fd is None:
+            return
         torch.set_num_threads(self.base)
         self.threads = self.base
         try:
@@ -82,6 +96,8 @@ class CpuShare:
 
     def update(self) -> int:
         """Set this process's torch threads to its share of the cores; returns it."""
+        if self._fd is None:
+            return self.threads
         threads = max(1, min(self.base, self.cores // max(1, self.running())))
         if threads != self.threads:
             torch.set_num_threads(threads)

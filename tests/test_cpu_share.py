@@ -44,6 +44,13 @@ def test_files_of_fits_that_are_gone_are_not_counted(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
 
 
+def test_an_unusable_folder_leaves_the_threads_alone(tmp_path, four_threads, caplog):
+    (tmp_path / "file").write_text("")
+    with CpuShare(str(tmp_path / "file" / "share"), cores=1) as share:  # its parent is a file
+        assert share.update() == 4 and torch.get_num_threads() == 4
+    assert torch.get_num_threads() == 4 and "CPU share off" in caplog.text
+
+
 def test_a_fit_in_another_process_counts_until_that_process_is_killed(tmp_path):
     code = (f"from dainr_app.cpu_share import CpuShare\nimport time\n"
             f"with CpuShare({str(tmp_path)!r}):\n    time.sleep(120)\n")

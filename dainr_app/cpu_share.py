@@ -7,7 +7,7 @@ side on a 2-core VM (the 2-slice ``dainr_distributed`` replay: 119.5 s against 1
 ``dainr`` pipeline).  :class:`CpuShare` gives every running CPU fit ``cores // running fits`` threads
 (at least 1) and re-checks when the fit reports progress, so the threads in use stay within the cores.
 
-Running fits are counted with lock files: a fit holds an exclusive ``flock`` on ``<dir>/<pid>-<n>.fit``
+Running fits are counted with lock files: a fit holds an exclusive ``flock`` on ``<dir>/<pid>-<uuid>.fit``
 while it runs; the kernel drops the lock when the process ends, however it ends, and a file whose lock can
 be taken belongs to a fit that has gone (it is removed).  Where the folder cannot be used (a read-only
 temporary directory), the fit runs with the process's threads as before and a warning is logged.
@@ -15,20 +15,21 @@ temporary directory), the fit runs with the process's threads as before and a wa
 from __future__ import annotations
 
 import fcntl
-import itertools
 import logging
 import os
 import tempfile
+import uuid
 from typing import Optional
 
 import torch
 
 log = logging.getLogger("dainr.cpu_share")
-_counter = itertools.count()
 
 
 def default_directory() -> str:
-    return os.path.join(tempfile.gettempdir(), f"dainr-cpu-{os.getuid()}")
+    """``$DAINR_CPU_SHARE_DIR`` (e.g. a folder mounted into several containers on one host), else a folder of
+    this user's in the temporary directory."""
+    return os.environ.get("DAINR_CPU_SHARE_DIR") or os.path.join(tempfile.gettempdir(), f"dainr-cpu-{os.getuid()}")
 
 
 class CpuShare:
@@ -44,7 +45,7 @@ class CpuShare:
 
     def __enter__(self) -> "CpuShare":
         self.threads = self.base = torch.get_num_threads()
-        name = f"{os.getpid()}-{next(_counter)}"
+        name = f"{os.getpid()}-{uuid.uuid4().hex}"  # unique across PID namespaces sharing the folder
         partial = os.path.join(self.directory, name + ".new")
         self._path = os.path.join(self.directory, name + ".fit")
         try:

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from dainr_app.cpu_share import CpuShare
+from dainr_app.cpu_share import CpuShare, default_directory
 from dainr_app.server import ROOT, child_env
 
 
@@ -29,6 +29,11 @@ def test_fits_split_the_cores_and_get_them_back(tmp_path, four_threads):
             assert a.update() == 1 and b.update() == 1 and torch.get_num_threads() == 1
         assert a.update() == 4 and torch.get_num_threads() == 4  # the others ended
     assert torch.get_num_threads() == 4 and os.listdir(d) == []
+
+
+def test_the_folder_can_be_set_for_the_host(monkeypatch, tmp_path):
+    monkeypatch.setenv("DAINR_CPU_SHARE_DIR", str(tmp_path))
+    assert CpuShare().directory == str(tmp_path) == default_directory()
 
 
 def test_a_fit_never_gets_more_threads_than_the_process_had(tmp_path, four_threads):

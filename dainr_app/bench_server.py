@@ -8,8 +8,8 @@ the replay client in this one, as a scanner integration would run them.
   ``passthrough`` gadget alone (a parent that does no parsing); and the same four TCP hops through three
   processes moving raw bytes with no protocol work (this machine's ceiling), run after each ``relay``
   session so that the share of the ceiling reached is measured in the same minute.  Target ≥ 25k/s.
-* ``concurrent``: the demo data's two slices one after the other and side by side (two gadget processes
-  fitting at once on the CPU).
+* ``concurrent``: the demo data's two slices one after the other, side by side (two gadget processes
+  fitting at once on the CPU), and two clients replaying them at once.
 * ``overhead``: the DA-INR pipeline on the README demo data: replay wall time vs the reconstruction time the
   gadget reports in each image's processing history.  Target: overhead ≤ 5 % of the reconstruction time;
   also whether the second slice was fully sent before the first slice's images came back.
@@ -213,23 +213,39 @@ def case_overhead() -> dict:
 
 
 def case_concurrent(steps: int = 150) -> dict:
-    """The demo data's 2 slices one after the other (``dainr``) and side by side (``dainr_distributed``, two
-    local channels, each with its own gadget process), ``steps`` fixed steps per slice: replay wall times.
-    Side by side, the two CPU fits share the cores (:class:`dainr_app.cpu_share.CpuShare`)."""
+    """The demo data's 2 slices one after the other (``dainr``), side by side (``dainr_distributed``: two local
+    channels, each with its own gadget process) and two clients replaying them at once (``dainr`` each),
+    ``steps`` fixed steps per slice: replay wall times.  Fits running at the same time share the cores
+    (:class:`dainr_app.cpu_share.CpuShare`)."""
     with tempfile.TemporaryDirectory() as work:
         path = os.path.join(work, "raw.h5")
         _demo_raw(path)
+
+        def pipeline(name: str) -> str:
+            with open(os.path.join(ROOT, "pipelines", f"{name}.xml"), encoding="utf-8") as fh:
+                xml = re.sub(r'name="steps" value="\d+"', f'name="steps" value="{steps}"', fh.read())
+            return xml.replace('name="preview" value="true"', 'name="preview" value="false"')
+
+        def run(name: str, results: list) -> None:
+            header, items = file_items(path)
+            res = replay(items, header, address, config_xml=pipeline(name))
+            assert not res.errors and res.n_images == 24, (res.errors, res.n_images)
+            results.append(res.total_seconds)
+
         out = {}
         with server_process() as address:
             for name in ("dainr", "dainr_distributed", "dainr"):  # the first replay also warms the forkserver
-                with open(os.path.join(ROOT, "pipelines", f"{name}.xml"), encoding="utf-8") as fh:
-                    xml = re.sub(r'name="steps" value="\d+"', f'name="steps" value="{steps}"', fh.read())
-                xml = xml.replace('name="preview" value="true"', 'name="preview" value="false"')
-                header, items = file_items(path)
-                res = replay(items, header, address, config_xml=xml)
-                assert not res.errors and res.n_images == 24, (res.errors, res.n_images)
-                out[f"{name}_seconds"] = res.total_seconds
-                out[f"{name}_per_slice_latency"] = [t.last_image - t.last_sent for _, t in sorted(res.slices.items())]
+                seconds = []
+                run(name, seconds)
+                out[f"{name}_seconds"] = seconds[0]
+            seconds = []
+            clients = [threading.Thread(target=run, args=("dainr", seconds)) for _ in range(2)]
+            for c in clients:
+                c.start()
+            for c in clients:
+                c.join()
+            assert len(seconds) == 2, "a client failed"
+            out["two_clients_seconds"] = seconds
     return out
 
 

@@ -11,10 +11,11 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from dainr import DAINRConfig, reconstruct
+from dainr import DAINRConfig
 from dainr.config import NUFFT_BACKENDS
 from dainr.metrics import psnr_ssim
 
+from .cpu_share import reconstruct_sharing_cpu
 from .pipeline import PIPELINES_DIR
 
 
@@ -92,7 +93,7 @@ def run_recon(raw: str, output: str, cfg: DAINRConfig, series: int = 1, preview:
         if r > 1:  # paper protocol: fit every r-th frame of the file, query all frames
             data = data.select_frames(range(0, data.n_frames, r))
         t0 = time.perf_counter()
-        result = reconstruct(data, cfg)
+        result = reconstruct_sharing_cpu(data, cfg)  # several `dainr recon` at once share the cores
         seconds = time.perf_counter() - t0
         info = result.info
         history = [f"DA-INR {info['steps']} steps ({info['stop_reason']}), {seconds:.1f} s on {info['device']}"]

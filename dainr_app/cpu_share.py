@@ -19,9 +19,12 @@ import logging
 import os
 import tempfile
 import uuid
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+
+from dainr import reconstruct
+from dainr.utils import resolve_device
 
 log = logging.getLogger("dainr.cpu_share")
 
@@ -104,3 +107,16 @@ class CpuShare:
             torch.set_num_threads(threads)
             self.threads = threads
         return threads
+
+
+def reconstruct_sharing_cpu(data, cfg, callback: Optional[Callable] = None):
+    """:func:`dainr.reconstruct`, sharing the cores with the other CPU fits on this host (the gadget and
+    ``dainr recon`` run fits this way; a GPU fit runs as it is)."""
+    if resolve_device(cfg.device).type != "cpu":
+        return reconstruct(data, cfg, callback=callback)
+    with CpuShare() as share:
+        def on_progress(progress):
+            share.update()  # another fit may have started or ended since the last check
+            return callback(progress) if callback is not None else None
+
+        return reconstruct(data, cfg, callback=on_progress)

@@ -10,7 +10,6 @@ at once, all slices together; default 2048).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -21,9 +20,8 @@ import torch
 
 import ismrmrd
 
-from dainr import DAINRConfig, reconstruct
-from dainr.utils import resolve_device
-from dainr_app.cpu_share import CpuShare
+from dainr import DAINRConfig
+from dainr_app.cpu_share import reconstruct_sharing_cpu
 from dainr_app.mrd import SKIP_FLAGS, Key, MRDFormatError, ReconParameters, acquisition_key, make_images, \
     noise_samples, slice_from_acquisitions
 from dainr_app.protocol import error_frame
@@ -152,19 +150,14 @@ def reconstruct_slice(connection, key: Key, acqs: list, params: ReconParameters,
                               repetition=rep, contrast=contrast, set_index=set_index, first_phase=first_phase):
             connection.send(im)
 
-    # CPU fits of other gadget processes on this host (other slices, other clients) share the cores
-    share = CpuShare() if resolve_device(opts.cfg.device).type == "cpu" else None
-
     def on_progress(progress):
-        if share is not None:
-            share.update()  # another fit may have started or ended since the last check
         if progress.preview and not sent_preview:  # one preview series: later ones are not rendered
             emit(progress.images, opts.preview_series, [f"DA-INR preview at step {progress.step}"])
             sent_preview.append(time.perf_counter() - t0)
             log.info("slice %s: preview sent %.2f s after the last readout", key, sent_preview[0])
 
-    with share or contextlib.nullcontext():
-        result = reconstruct(data, opts.cfg, callback=on_progress)
+    # other CPU fits on this host (other slices' gadget processes, other clients) share the cores
+    result = reconstruct_sharing_cpu(data, opts.cfg, callback=on_progress if opts.preview else None)
     info = result.info
     emit(result.images, opts.series,
          [f"DA-INR {info['steps']} steps ({info['stop_reason']}), {time.perf_counter() - t0:.2f} s on {info['device']}"])

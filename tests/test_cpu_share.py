@@ -8,7 +8,9 @@ import time
 import pytest
 import torch
 
-from dainr_app.cpu_share import CpuShare, default_directory
+from dainr import DAINRConfig
+from dainr.sim import simulate
+from dainr_app.cpu_share import CpuShare, default_directory, reconstruct_sharing_cpu
 from dainr_app.server import ROOT, child_env
 
 
@@ -75,3 +77,15 @@ def test_a_fit_in_another_process_counts_until_that_process_is_killed(tmp_path):
         proc.kill()
         proc.wait(30)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_cpu_fit_runs_with_its_share_and_calls_the_callback(monkeypatch, tmp_path, four_threads):
+    monkeypatch.setenv("DAINR_CPU_SHARE_DIR", str(tmp_path))
+    monkeypatch.setattr("dainr_app.cpu_share.os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    scan = simulate(32, 4, 5, 2, seed=0)
+    seen = []
+    cfg = DAINRConfig(device="cpu", max_steps=3, preview_every=1, progress=False)
+    with CpuShare():  # another fit on this host
+        result = reconstruct_sharing_cpu(scan.data, cfg, callback=lambda p: seen.append(torch.get_num_threads()))
+    assert seen == [1, 1, 1] and result.info["steps"] == 3
+    assert torch.get_num_threads() == 4 and os.listdir(tmp_path) == []

@@ -496,7 +496,7 @@ def check_header(frame: Frame) -> str:
 @dataclass
 class Stats:
     received: int = 0
-    readouts: int = 0
+    acquisitions: int = 0  # noise scans included
     t_start: float = field(default_factory=time.monotonic)
 
 
@@ -522,7 +522,7 @@ def run_session(session: Session, next_frames: Callable[[], List[Frame]], pipeli
                 break
             if frame.mid in DATA_IDS:
                 stats.received += len(frames)
-                stats.readouts += len(frames) if frame.mid == ACQUISITION else 0
+                stats.acquisitions += len(frames) if frame.mid == ACQUISITION else 0
                 chain.put(frames)
             elif frame.mid == TEXT:  # python-ismrmrd-server clients may send a JSON config here
                 log.info("%s: client text: %.200s", session.label, frame.text())
@@ -694,7 +694,7 @@ class Server:
             session.abort()
         finally:
             # recorded before CLOSE goes out, so a client that has its CLOSE also finds its session in the history
-            summary = dict(client=label, pipeline=pipeline_name, received=stats.received, readouts=stats.readouts,
+            summary = dict(client=label, pipeline=pipeline_name, received=stats.received, acquisitions=stats.acquisitions,
                            sent=session.sent, errors=list(session.errors), aborted=session.aborted.is_set(),
                            seconds=round(time.monotonic() - stats.t_start, 3))
             with self.lock:
@@ -702,8 +702,8 @@ class Server:
                 self.history.append(summary)
             out.close()
             conn.close()
-            log.info("%s pipeline=%s: %d messages in (%d readouts), %d out, %d error(s), %.2f s%s", label,
-                     pipeline_name, stats.received, stats.readouts, session.sent, len(session.errors),
+            log.info("%s pipeline=%s: %d messages in (%d acquisitions), %d out, %d error(s), %.2f s%s", label,
+                     pipeline_name, stats.received, stats.acquisitions, session.sent, len(session.errors),
                      summary["seconds"], " [aborted]" if summary["aborted"] else "")
 
 

@@ -62,7 +62,7 @@ def run_case(name: str, workdir: str) -> Dict[str, np.ndarray]:
             raise AssertionError(f"case {name}: server errors {res.errors}")
         for w in workers:  # each worker really ran a share of the stream (its log line follows its CLOSE)
             assert wait_until(lambda: len(w.history) == 1, 10), w.history
-            assert w.history[0]["readouts"] > 0 and not w.history[0]["errors"], w.history
+            assert w.history[0]["acquisitions"] > 0 and not w.history[0]["errors"], w.history
     key = lambda im: (im.slice, im.contrast, im.repetition, im.set, im.image_index)
     return {f"series_{s}": np.stack([np.abs(im.data[0, 0]) for im in sorted(v, key=key)]).astype(np.float32)
             for s, v in res.images.items()}

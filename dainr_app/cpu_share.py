@@ -3,9 +3,10 @@ several servers, the local channels of a ``<distributed>`` pipeline, several cli
 
 Each fit runs torch's OpenMP thread pool.  Idle OpenMP threads spin before they sleep, so two processes
 that each use every core steal each other's cycles: two 64² fits that take 6.5 s alone took 212 s side by
-side on a 2-core VM (the 2-slice ``dainr_distributed`` replay: 119.5 s against 18.2 s for the sequential
-``dainr`` pipeline).  :class:`CpuShare` gives every running CPU fit ``cores // running fits`` threads
-(at least 1) and re-checks when the fit reports progress, so the threads in use stay within the cores.
+side on a 2-core VM, and two clients replaying the README demo data at once 304 s instead of 20–24 s
+(``dainr bench --case concurrent``).  :class:`CpuShare` gives every running CPU fit ``cores // running
+fits`` threads (at least 1) and re-checks whenever the fit reports progress (every held-out evaluation), so
+the threads in use stay within the cores.
 
 Running fits are counted with lock files: a fit holds an exclusive ``flock`` on ``<dir>/<pid>-<uuid>.fit``
 while it runs; the kernel drops the lock when the process ends, however it ends, and a file whose lock can

@@ -57,12 +57,12 @@ def _dainr(scan, cfg: DAINRConfig, gt=None) -> dict:
     return out, res
 
 
-def _phantom_scan(spokes: int = 13, coils: int = 8):
-    return simulate(128, 23, spokes, coils, noise_level=0.02)
+def _phantom_scan(spokes: int = 13, coils: int = 8, golden_angle: str = "true"):
+    return simulate(128, 23, spokes, coils, noise_level=0.02, golden_angle=golden_angle)
 
 
-def _real_scan(spokes: int = 13):
-    return simulate(image=np.load(REAL_DATA), spokes=spokes, coils=8, noise_level=0.02)
+def _real_scan(spokes: int = 13, coils: int = 8, golden_angle: str = "true"):
+    return simulate(image=np.load(REAL_DATA), spokes=spokes, coils=coils, noise_level=0.02, golden_angle=golden_angle)
 
 
 def _real_missing() -> Optional[dict]:
@@ -134,6 +134,13 @@ def case_ablation() -> dict:
 def case_ablation_real() -> dict:
     """Full model, no features, plain grid INR on the real-anatomy cine, 13 spokes."""
     return _real_missing() or _ablations(_real_scan())
+
+
+def case_ablation_paper() -> dict:
+    """The three models in the paper's acquisition setting: 32 coils, the reference's 111.246-radian angle step,
+    13 spokes; phantom and real cine."""
+    setting = dict(coils=32, golden_angle="reference")
+    return dict(phantom=_ablations(_phantom_scan(**setting)), real=_real_missing() or _ablations(_real_scan(**setting)))
 
 
 def case_ablation_refgrid() -> dict:
@@ -252,6 +259,7 @@ def _profile(device: torch.device, coils: int) -> dict:
 CASES: Dict[str, Callable[[], dict]] = {
     "demo": case_demo, "spokes13": case_spokes13, "spokes5": case_spokes5, "spokes21": case_spokes21,
     "ablation": case_ablation, "ablation_real": case_ablation_real, "ablation_refgrid": case_ablation_refgrid,
+    "ablation_paper": case_ablation_paper,
     "temporal2": case_temporal2, "spatial2": case_spatial2, "real": case_real,
     "gpu32": case_gpu32, "profile": case_profile, "gpu_profile": case_gpu_profile, "ingest": case_ingest, "overhead": case_overhead,
     "concurrent": case_concurrent,

@@ -232,3 +232,23 @@ def test_gadget_server_on_a_busy_port_fails_clearly(capsys):
         port = busy.getsockname()[1]
         assert cli.main(["gadget-server", "--port", str(port), "--connections", "1"]) == 2
     assert f"cannot listen on port {port}" in capsys.readouterr().err
+
+
+def test_cpu_fits_run_under_the_hosts_cpu_share(two_slices, tmp_path, monkeypatch):
+    """While the gadget fits on the CPU its lock file is in the share folder; none is left afterwards."""
+    import os
+    import threading
+    import time
+
+    monkeypatch.setenv("DAINR_CPU_SHARE_DIR", str(tmp_path))  # the gadget process inherits it
+    header, acqs = _load(two_slices[1])
+    runs, seen = [], set()
+    worker = threading.Thread(target=lambda: runs.append(run_gadget(
+        CONFIG.format(steps=60, extra='<property name="device" value="cpu"/>'), header, acqs)))
+    worker.start()
+    while worker.is_alive():
+        seen.update(n for n in os.listdir(tmp_path) if n.endswith(".fit"))
+        time.sleep(0.01)
+    worker.join()
+    assert runs[0].errors == [] and len(runs[0].images) == 12, runs[0].log[-2000:]
+    assert len(seen) == 2 and os.listdir(tmp_path) == []  # one fit per slice, each under its own lock

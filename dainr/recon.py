@@ -302,8 +302,10 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
                 callback: Optional[Callable[[FitProgress], Optional[bool]]] = None) -> ReconResult:
     """Fit DA-INR to ``data`` and return every output frame.
 
-    ``callback(progress)`` is called after every evaluation and every ``cfg.preview_every`` steps
-    (``progress.images`` renders the frames on those); returning True stops the fit.
+    ``callback(progress)`` is called at the end of every epoch of the stopping rule (with the held-out
+    residual when spokes are held out; a fixed-budget fit is called too, so it can be stopped) and every
+    ``cfg.preview_every`` steps (``progress.images`` renders the frames on those); returning True stops
+    the fit.
     """
     cfg = cfg or DAINRConfig()
     cfg.validate()
@@ -345,7 +347,7 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
         stop = False
         if callback is not None:
             want_preview = cfg.preview_every > 0 and step % cfg.preview_every == 0
-            if want_preview or res is not None:
+            if want_preview or step % epoch == 0:
                 stop = bool(callback(FitProgress(step, elapsed, float(loss_t), res, want_preview,
                                                  functools.partial(_render_live, fitter))))
         if stop:

@@ -5,8 +5,8 @@ Each fit runs torch's OpenMP thread pool.  Idle OpenMP threads spin before they 
 that each use every core steal each other's cycles: two 64² fits that take 6.5 s alone took 212 s side by
 side on a 2-core VM, and two clients replaying the README demo data at once 304 s instead of 20–24 s
 (``dainr bench --case concurrent``).  :class:`CpuShare` gives every running CPU fit ``cores // running
-fits`` threads (at least 1) and re-checks whenever the fit reports progress (every held-out evaluation), so
-the threads in use stay within the cores.
+fits`` threads (at least 1) and re-checks whenever the fit reports progress (every epoch of its stopping
+rule), so the threads in use stay within the cores.
 
 Running fits are counted with lock files: a fit holds an exclusive ``flock`` on ``<dir>/<pid>-<uuid>.fit``
 while it runs; the kernel drops the lock when the process ends, however it ends, and a file whose lock can
@@ -117,7 +117,7 @@ def reconstruct_sharing_cpu(data, cfg, callback: Optional[Callable] = None):
         return reconstruct(data, cfg, callback=callback)
     with CpuShare() as share:
         def on_progress(progress):
-            share.update()  # another fit may have started or ended since the last check
+            share.update()  # another fit may have started or ended since the last epoch
             return callback(progress) if callback is not None else None
 
         return reconstruct(data, cfg, callback=on_progress)

@@ -81,6 +81,20 @@ def test_callback_previews_and_stop(small_scan):
     assert seen == [(8, 32, 32), (8, 32, 32)]
 
 
+def test_a_fixed_budget_fit_reports_every_epoch_and_can_be_stopped(small_scan):
+    calls = []
+
+    def cb(p):
+        calls.append((p.step, p.holdout_residual))
+        return len(calls) == 2
+
+    cfg = DAINRConfig(max_steps=200, holdout_spokes=0, device="cpu")
+    res = reconstruct(small_scan.data, cfg, callback=cb)
+    epoch = epoch_steps(small_scan.data.n_frames, res.info["frame_visits"] // res.info["steps"], cfg)
+    assert calls == [(epoch, None), (2 * epoch, None)] and epoch < 100
+    assert res.info["stop_reason"] == "callback" and res.info["steps"] == 2 * epoch
+
+
 @pytest.mark.parametrize("use_features", [False, True])
 def test_temporal_interpolation_queries_all_frames(small_scan, use_features):
     data = small_scan.data.select_frames([0, 2, 4, 6])

@@ -16,7 +16,7 @@ from dainr.config import NUFFT_BACKENDS
 from dainr.metrics import psnr_ssim
 
 from .cpu_share import reconstruct_sharing_cpu
-from .pipeline import PIPELINES_DIR
+from .pipeline import PIPELINES_DIR, pipeline_text
 
 
 def truth_path(raw_path: str) -> str:
@@ -137,7 +137,6 @@ def cmd_demo(args) -> int:
     """The built-in default job: simulate a small cine, replay it through the embedded server running the
     ``dainr`` pipeline, and leave MRD images, DICOM series, a preview GIF and the quality reached."""
     import importlib
-    import re
     import threading
 
     from dainr import zero_filled
@@ -155,10 +154,7 @@ def cmd_demo(args) -> int:
         raw = os.path.join(args.outdir, "raw.h5")
         cmd_simulate(argparse.Namespace(output=raw, matrix=64, frames=12, spokes=13, coils=4, slices=1, noise=0.02,
                                         golden_angle="true", seed=args.seed))
-        with open(os.path.join(PIPELINES_DIR, "dainr.xml"), encoding="utf-8") as fh:
-            xml = fh.read()
-        xml = re.sub(r'(name="steps" value=")[^"]*', rf"\g<1>{args.max_steps}", xml)
-        xml = re.sub(r'(name="device" value=")[^"]*', rf"\g<1>{args.device}", xml)
+        xml = pipeline_text("dainr", steps=args.max_steps, device=args.device)
         header, items = file_items(raw)
         # the metrics' scipy/skimage imports (~1.5 s) happen while this process only waits for images
         # (skimage.metrics loads its submodules lazily, so name the one psnr_ssim uses)

@@ -193,6 +193,18 @@ def available(folder: str = PIPELINES_DIR) -> Sequence[str]:
     return sorted(f for f in os.listdir(folder) if f.endswith(".xml")) if os.path.isdir(folder) else []
 
 
+def pipeline_text(name: str, folder: str = PIPELINES_DIR, **properties) -> str:
+    """The XML of a pipeline in ``folder`` with the values of some ``<property name=... value=.../>`` replaced
+    (the demo and benchmarks send it as CONFIG_TEXT); a property the file does not set is an error."""
+    with open(resolve_name(name, folder), encoding="utf-8") as fh:
+        xml = fh.read()
+    for key, value in properties.items():
+        xml, n = re.subn(rf'(<property\s+name="{re.escape(key)}"\s+value=")[^"]*', rf"\g<1>{value}", xml)
+        if not n:
+            raise PipelineError(f"pipeline {name!r} has no property {key!r}")
+    return xml
+
+
 def load_named(name: str, policy: Policy = Policy(), folder: str = PIPELINES_DIR, max_bytes: int = 1 << 20) -> Pipeline:
     path = resolve_name(name, folder)
     if os.path.getsize(path) > max_bytes:

@@ -9,7 +9,8 @@ import ismrmrd
 import numpy as np
 import pytest
 
-from dainr_app.pipeline import Distributed, External, PipelineError, Policy, load_named, parse_pipeline, resolve_name
+from dainr_app.pipeline import Distributed, External, PipelineError, Policy, load_named, parse_pipeline, pipeline_text, \
+    resolve_name
 from dainr_app.protocol import ACQUISITION, CLOSE, CONFIG_FILE, CONFIG_TEXT, ERROR, IMAGE, Frame, FrameReader, \
     Limits, ProtocolError, SocketSink, StreamEnded, encode, error_frame, query_frame, read_frame, response_frame, \
     text_frame
@@ -172,6 +173,16 @@ def test_gigabyte_acquisition_is_refused_before_reading_it():
 XML = ('<configuration><version>2</version><stream>{}</stream></configuration>')
 EXT = ('<external><execute name="gadgets.dainr_gadget" target="dainr_recon" type="python"/>'
        '<configuration><property name="steps" value="3"/></configuration></external>')
+
+
+def test_pipeline_text_replaces_property_values_and_refuses_missing_ones():
+    xml = pipeline_text("dainr", steps=7, device="cpu")
+    node = parse_pipeline(xml).nodes[0]
+    assert 'name="steps" value="7"' in node.configuration and 'name="device" value="cpu"' in node.configuration
+    with pytest.raises(PipelineError, match="no property 'nonsense'"):
+        pipeline_text("dainr", nonsense=1)
+    with pytest.raises(PipelineError, match="unknown pipeline"):
+        pipeline_text("no_such_pipeline", steps=1)
 
 
 def test_parse_pipeline_external_and_distributed():

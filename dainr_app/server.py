@@ -694,8 +694,9 @@ class Server:
             session.abort()
         finally:
             # recorded before CLOSE goes out, so a client that has its CLOSE also finds its session in the history
-            summary = dict(client=label, pipeline=pipeline_name, received=stats.received, acquisitions=stats.acquisitions,
-                           sent=session.sent, errors=list(session.errors), aborted=session.aborted.is_set(),
+            summary = dict(client=label, pipeline=pipeline_name, received=stats.received,
+                           acquisitions=stats.acquisitions, sent=session.sent, errors=list(session.errors),
+                           aborted=session.aborted.is_set(),
                            seconds=round(time.monotonic() - stats.t_start, 3))
             with self.lock:
                 self.sessions.pop(session, None)

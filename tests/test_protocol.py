@@ -9,8 +9,8 @@ import ismrmrd
 import numpy as np
 import pytest
 
-from dainr_app.pipeline import Distributed, External, PipelineError, Policy, load_named, parse_pipeline, pipeline_text, \
-    resolve_name
+from dainr_app.pipeline import Distributed, External, PipelineError, Policy, load_named, parse_pipeline, \
+    pipeline_text, resolve_name
 from dainr_app.protocol import ACQUISITION, CLOSE, CONFIG_FILE, CONFIG_TEXT, ERROR, IMAGE, Frame, FrameReader, \
     Limits, ProtocolError, SocketSink, StreamEnded, encode, error_frame, query_frame, read_frame, response_frame, \
     text_frame

@@ -14,13 +14,17 @@ import torch.nn.functional as F
 
 
 EIGH_CHUNK = 128  # pixels per batched eigh call (CUDA workspace ≈ 1.44 MB per 32-coil pixel, measured on an H100)
+COV_BUDGET = 1 << 22  # covariance entries (coils² × pixels) held at once: ≈ 32 MB per complex64 copy
 
 
-def walsh_coil_maps(coil_images: torch.Tensor, kernel: int = 7) -> torch.Tensor:
+def walsh_coil_maps(coil_images: torch.Tensor, kernel: int = 7, budget: int = COV_BUDGET) -> torch.Tensor:
     """Coil images (C, H, W) complex → maps (C, H, W), unit norm over coils at every pixel.
 
     The phase is referenced to the coil with the most energy, so maps are smooth where that
-    coil has signal.
+    coil has signal.  The (C, C) covariance per pixel is built, smoothed and decomposed in strips
+    of rows with ``budget`` entries at most (plus the kernel's halo rows), so memory stays bounded
+    (the whole image at once took 5 copies of C² × H × W complex values: 2.7 GB for 256² × 32 coils);
+    the maps equal those from the whole image at once (to float rounding).
     """
     if coil_images.ndim != 3 or not coil_images.is_complex():
         raise ValueError(f"coil_images must be complex (C, H, W), got {tuple(coil_images.shape)}")
@@ -28,19 +32,29 @@ def walsh_coil_maps(coil_images: torch.Tensor, kernel: int = 7) -> torch.Tensor:
     if C == 1:
         return torch.exp(1j * coil_images.angle()).to(coil_images.dtype)
     x = coil_images / coil_images.abs().amax().clamp_min(1e-30)
-    cov = x[:, None] * x[None].conj()  # (C, C, H, W)
-    flat = torch.view_as_real(cov.reshape(C * C, H, W)).permute(0, 3, 1, 2).reshape(1, C * C * 2, H, W)
-    smooth = F.avg_pool2d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
-    smooth = smooth.reshape(C * C, 2, H, W).permute(0, 2, 3, 1).contiguous()
-    cov = torch.view_as_complex(smooth).reshape(C, C, H * W).permute(2, 0, 1)  # (HW, C, C)
-    cov = 0.5 * (cov + cov.conj().transpose(-1, -2))
-    # dominant eigenvector per pixel, (HW, C); in chunks: batched eigh's workspace grows with the
-    # batch (measured on an H100: 24 GB for all 128² pixels of 32 coils at once)
-    maps = torch.cat([torch.linalg.eigh(c.to(torch.complex128))[1][..., -1] for c in cov.split(EIGH_CHUNK)])
+    rows = max(1, budget // (C * C * W))
+    maps = torch.cat([_dominant_eigenvectors(x, r, min(H, r + rows), kernel) for r in range(0, H, rows)])
     maps = maps.to(coil_images.dtype)
     ref = int(coil_images.abs().pow(2).sum((1, 2)).argmax())
     maps = maps * torch.exp(-1j * maps[:, ref].angle())[:, None]
     return maps.T.reshape(C, H, W).contiguous()
+
+
+def _dominant_eigenvectors(x: torch.Tensor, r0: int, r1: int, kernel: int) -> torch.Tensor:
+    """(pixels, C) dominant eigenvectors of the smoothed coil covariance of rows ``r0:r1`` of ``x`` (C, H, W)."""
+    C, H, W = x.shape
+    pad = kernel // 2
+    a, b = max(0, r0 - pad), min(H, r1 + pad)  # halo rows: every window of rows r0:r1 lies inside a:b
+    xs = x[:, a:b]
+    cov = xs[:, None] * xs[None].conj()  # (C, C, h, W)
+    flat = torch.view_as_real(cov.reshape(C * C, b - a, W)).permute(0, 3, 1, 2).reshape(1, C * C * 2, b - a, W)
+    smooth = F.avg_pool2d(flat, kernel, stride=1, padding=pad, count_include_pad=False)[..., r0 - a:r1 - a, :]
+    smooth = smooth.reshape(C * C, 2, r1 - r0, W).permute(0, 2, 3, 1).contiguous()
+    cov = torch.view_as_complex(smooth).reshape(C, C, (r1 - r0) * W).permute(2, 0, 1)  # (pixels, C, C)
+    cov = 0.5 * (cov + cov.conj().transpose(-1, -2))
+    # in chunks: batched eigh's workspace grows with the batch (measured on an H100: 24 GB for all
+    # 128² pixels of 32 coils at once)
+    return torch.cat([torch.linalg.eigh(c.to(torch.complex128))[1][..., -1] for c in cov.split(EIGH_CHUNK)])
 
 
 def noise_prewhitener(noise: torch.Tensor) -> torch.Tensor:

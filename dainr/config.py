@@ -135,6 +135,11 @@ class DAINRConfig:
     * ``canonical_coords``: the reference also feeds γ(x), γ(t) to the canonical MLP.
     * ``use_deformation``: ``False`` is the plain grid INR ablation (x' = x).
     * ``ema_decay``: render with an exponential moving average of the weights (0 = off).
+
+    Runtime: ``device`` (``auto``: CUDA when available), ``progress`` (a tqdm bar), ``preview_every`` (steps
+    between preview renders for the callback, 0 = none), ``check_memory`` (refuse a reconstruction whose
+    estimated peak memory exceeds what the device has available, :mod:`dainr.memory`, instead of letting the
+    kernel's OOM killer end it).
     """
 
     # --- encodings -------------------------------------------------------------------
@@ -181,6 +186,7 @@ class DAINRConfig:
     device: str = "auto"
     progress: bool = False
     preview_every: int = 0
+    check_memory: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.grid, dict):

@@ -23,11 +23,14 @@ from .coils import apply_prewhitener, noise_prewhitener, walsh_coil_maps
 from .config import DAINRConfig
 from .data import RadialData
 from .features import FrozenFeatureExtractor, neighbour_frames, normalise_for_extractor, sample_features
+from .memory import check_memory
 from .model import DAINR, GridUpsampling, pixel_grid
 from .nufft import MulticoilNUFFT
 from .optim import AdamW
 from .trajectory import omega_from_traj, ramp_dcf
 from .utils import resolve_device, seed_everything
+
+RENDER_PIXELS = 1 << 18  # output pixels rendered at once (4 frames of 256²): ≈ 1.2 kB each without autograd
 
 
 @dataclass
@@ -254,8 +257,9 @@ class Fitter:
         return loss.detach(), held, count
 
     @torch.no_grad()
-    def render(self, matrix: Optional[int] = None, batch: int = 4) -> torch.Tensor:
-        """All output frames (default: at the output matrix), in data units, (F_out, N, N) complex on CPU.
+    def render(self, matrix: Optional[int] = None) -> torch.Tensor:
+        """All output frames (default: at the output matrix), in data units, (F_out, N, N) complex on CPU, a few
+        frames at a time (up to 4, fewer for large matrices: :data:`RENDER_PIXELS`).
 
         Above the fitting matrix (spatial ×s) the output pixels lie between the fitted ones
         (:class:`~dainr.model.GridUpsampling`).  With ``cap_grid_at_matrix`` the network is evaluated once
@@ -271,7 +275,7 @@ class Fitter:
         xy = pixel_grid(min(N, n), min(N, n), p.device)
         up = GridUpsampling(n, N, p.device) if N > n else None
         frames = []
-        for sl in torch.arange(p.n_out, device=p.device).split(batch):
+        for sl in torch.arange(p.n_out, device=p.device).split(max(1, min(4, RENDER_PIXELS // N ** 2))):
             B = len(sl)
             coords, warped = self.model.encode(xy.expand(B, -1, -1), t_all[sl])
             feats = p.features_for(sl, (N, N))
@@ -310,10 +314,11 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
     cfg = cfg or DAINRConfig()
     cfg.validate()
     device = resolve_device(cfg.device)
+    t0 = time.perf_counter()
+    estimate = check_memory(data, cfg, device) if cfg.check_memory else None  # (its probe model draws random numbers)
     seed_everything(cfg.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
     problem = Problem(data, cfg, coil_maps, device)
     fitter = Fitter(problem, cfg)
     t_prep = time.perf_counter() - t0
@@ -374,6 +379,7 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
         grid_backend=type(fitter.model.grid).__name__, fit_matrix=problem.matrix,
         grid_finest_resolution=fitter.model.cfg.grid.finest_resolution,
         n_params=sum(p.numel() for p in fitter.model.parameters()),
+        memory_estimate_bytes=estimate.peak if estimate is not None else None,
     )
     if device.type == "cuda":
         info["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)

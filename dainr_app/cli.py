@@ -66,7 +66,7 @@ def cmd_simulate(args) -> int:
 def config_from_args(args) -> DAINRConfig:
     changes = dict(device=args.device, seed=args.seed, spatial_ratio=args.sr_ratio, temporal_ratio=args.down_ratio,
                    progress=not args.quiet, use_deformation=not args.no_deformation,
-                   cap_grid_at_matrix=not args.reference_grid)
+                   cap_grid_at_matrix=not args.reference_grid, check_memory=not args.no_memory_check)
     for name in ("use_features", "max_steps", "max_seconds", "frames_per_step", "holdout_spokes", "nufft_backend",
                  "golden_angle"):
         value = getattr(args, name, None)
@@ -354,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--features", dest="use_features", action=argparse.BooleanOptionalAction,
                    help="the reference's frozen CNN features of the neighbouring frames (default: off, see README)")
     r.add_argument("--no-deformation", action="store_true")
+    r.add_argument("--no-memory-check", action="store_true",
+                   help="fit even when the estimated peak memory exceeds what the device has available")
     r.add_argument("--reference-grid", action="store_true",
                    help="the reference's grid (finest level 2048 whatever the matrix) instead of capping it there")
     r.add_argument("--preview", type=_preview_path, help="write a .gif/.png preview")
@@ -439,7 +441,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
         return args.func(args)
-    except (ValueError, OSError) as exc:  # bad files and arguments: a clear message, no traceback
+    except (ValueError, OSError, MemoryError) as exc:  # bad files and arguments: a clear message, no traceback
         print(f"dainr {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

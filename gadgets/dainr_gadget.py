@@ -6,7 +6,8 @@ Gadgetron starts it as ``python -m gadgetron PORT gadgets.dainr_gadget dainr_rec
 ``preview`` (true/false), ``preview_series_index``, ``preview_steps``, ``output``
 (magnitude/complex), ``seed``, ``features`` (true/false: the reference's frozen CNN features of the
 neighbouring frames; default ``DAINRConfig.use_features``, off), ``max_buffer_mb`` (readouts buffered
-at once, all slices together; default 2048).
+at once, all slices together; default 2048), ``check_memory`` (true/false: refuse a slice whose estimated
+peak memory exceeds what the device has available; default true).
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def options_from_properties(props: Dict[str, str]) -> GadgetOptions:
     changes = dict(device=get("device", str, "auto"), seed=get("seed", int, 0),
                    spatial_ratio=get("sr_ratio", float, 1.0), temporal_ratio=get("down_ratio", int, 1))
     for prop, field, cast in (("steps", "max_steps", int), ("max_seconds", "max_seconds", float),
-                              ("features", "use_features", boolean)):
+                              ("features", "use_features", boolean), ("check_memory", "check_memory", boolean)):
         if prop in props:
             changes[field] = get(prop, cast)
     preview = get("preview", boolean, False)

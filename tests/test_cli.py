@@ -73,6 +73,7 @@ def test_recon_options_reach_the_config():
     default = cfg()
     assert default.cap_grid_at_matrix and default.use_features is DAINRConfig().use_features
     assert not cfg("--no-features").use_features
+    assert default.check_memory and not cfg("--no-memory-check").check_memory
 
 
 def _rewrite(src_path: str, dst_path: str, transform) -> str:
@@ -137,6 +138,18 @@ def test_bad_files_and_arguments(tmp_path, capsys):
         cli.main(["recon", missing, "-o", "x.h5", "--steps", "0"])
     with pytest.raises(SystemExit):  # rejected before any reconstruction work
         cli.main(["recon", missing, "-o", "x.h5", "--preview", "out.jpg"])
+
+
+def test_recon_refuses_a_scan_that_cannot_fit_in_memory(tmp_path, capsys):
+    from dainr import RadialData
+    from dainr.sim import simulate
+
+    d = simulate(matrix=32, frames=6, spokes=9, coils=3).data
+    path = str(tmp_path / "huge.h5")
+    write_raw(path, [RadialData(d.kdata, d.traj, 20000, d.spoke_mask)])  # a header claiming 20000²
+    assert cli.main(["recon", path, "-o", str(tmp_path / "o.h5"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "needs about" in err and "matrix 20000" in err and not os.path.exists(tmp_path / "o.h5")
 
 
 def test_repetitions_of_a_slice_are_reconstructed_separately(raw2, tmp_path):

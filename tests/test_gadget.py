@@ -102,11 +102,13 @@ def test_buffer_cap_drops_a_slice_that_never_ends_with_an_error(two_slices):
         options_from_properties({"max_buffer_mb": "0"})
 
 
-def test_features_property_and_bad_booleans():
+def test_boolean_properties_and_bad_booleans():
     assert options_from_properties({"features": "true"}).cfg.use_features
     assert not options_from_properties({"features": "no"}).cfg.use_features
     assert options_from_properties({}).cfg.use_features is DAINRConfig().use_features
-    for prop in ("features", "preview"):
+    assert options_from_properties({}).cfg.check_memory
+    assert not options_from_properties({"check_memory": "false"}).cfg.check_memory
+    for prop in ("features", "preview", "check_memory"):
         with pytest.raises(ValueError, match=f"property {prop}='maybe': not a boolean"):
             options_from_properties({prop: "maybe"})
 

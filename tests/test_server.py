@@ -214,6 +214,16 @@ def test_nan_data_is_reported_per_slice_and_other_slices_survive(server, raw):
     assert {im.slice for im in images(frames)} == {0} and len(images(frames)) == 6
 
 
+def test_header_claiming_a_huge_matrix_is_refused_per_slice_not_by_the_oom_killer(server, raw):
+    header, acqs = load(raw)
+    recon_space = header.index("<reconSpace>")
+    huge = header[:recon_space] + header[recon_space:].replace("<x>32</x>", "<x>20000</x>", 1)
+    t0 = time.monotonic()
+    frames = _expect_error(server, stream(ConfigText(small_pipeline()), huge, acqs), "matrix 20000")
+    assert time.monotonic() - t0 < 60 and images(frames) == []
+    assert sum("needs about" in e and "GiB" in e for e in errors(frames)) == 2  # one per slice
+
+
 def test_stream_without_last_in_slice_flag_is_still_reconstructed(server, raw):
     header, acqs = load(raw)
     for a in acqs:

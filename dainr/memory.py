@@ -1,0 +1,162 @@
+"""Memory preflight: what a reconstruction needs at its peak, checked against what the device has.
+
+A fit that does not fit must fail at once with the numbers, not after minutes of swapping or by the
+kernel's OOM killer (Linux overcommits, so a CPU allocation rarely fails cleanly; a header that claims a
+4096² matrix asks for ≈ 90 GB).  The network's share is measured, not modelled: one forward pass of
+the actual model on a few pixels under ``saved_tensors_hooks`` gives the bytes autograd keeps per
+pixel (5.25 kB with the defaults), which a fit keeps for every pixel of every frame of a step.  The rest
+(data, images, coil maps, NUFFT grids, features) follows from the shapes.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+
+from .coils import COV_BUDGET
+from .config import DAINRConfig
+from .data import RadialData
+from .model import DAINR, pixel_grid
+
+PROBE_SIDE = 32  # the probe's pixels: a 32 × 32 patch
+RUNTIME_BYTES = 128 << 20  # thread pools, FFT plans, libraries loaded on first use (measured on the CPU: ≈ 0.1 GiB)
+
+
+class InsufficientMemoryError(MemoryError):
+    """The reconstruction would need more memory than the device has available."""
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes at the peak of a reconstruction, and its parts (``parts``: name → bytes)."""
+
+    peak: int
+    parts: Dict[str, int]
+
+    def describe(self) -> str:
+        return ", ".join(f"{k} {v / 2 ** 30:.2f}" for k, v in self.parts.items() if v >= 2 ** 24)
+
+
+def autograd_bytes_per_pixel(cfg: DAINRConfig, fit_matrix: int, device: torch.device) -> float:
+    """Bytes autograd keeps per pixel and frame for one training forward pass of the model built for a fit at
+    ``fit_matrix`` (each saved storage counted once)."""
+    model = DAINR(cfg.model_config(fit_matrix), device)
+    xy = pixel_grid(PROBE_SIDE, PROBE_SIDE, device)[None]
+    feats = torch.zeros(1, PROBE_SIDE ** 2, 2 * cfg.feature_channels, device=device) if cfg.use_features else None
+    saved: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(xy, torch.zeros(1, device=device), feats)
+    return sum(saved.values()) / PROBE_SIDE ** 2
+
+
+def estimate_memory(data: RadialData, cfg: DAINRConfig, device: torch.device) -> MemoryEstimate:
+    """Peak bytes of ``reconstruct(data, cfg)`` on ``device``: what stays for the whole run plus the largest of
+    its phases (coil maps, features, a fit step, rendering)."""
+    from .recon import RENDER_PIXELS, lowres_matrix  # (recon imports this module)
+
+    Fa, C, S, R = data.kdata.shape
+    N = data.matrix
+    n = lowres_matrix(N, cfg.spatial_ratio) if cfg.spatial_ratio > 1 else N
+    F_out = (Fa - 1) * int(cfg.temporal_ratio) + 1
+    B = min(cfg.batch_frames(device.type), Fa)
+    c8, f4 = 8, 4  # bytes of complex64, float32
+    per_pixel = autograd_bytes_per_pixel(cfg, n, device)
+    render_pixels = max(1, min(4, RENDER_PIXELS // N ** 2)) * N ** 2
+    stays = {
+        "runtime": RUNTIME_BYTES,
+        "k-space": 3 * Fa * C * S * R * c8 + 8 * Fa * S * R * f4,  # input, whitened, scaled; trajectory, weights
+        "zero-filled": Fa * n * n * c8,
+        "coil maps": 2 * C * n * n * c8,
+        "features": Fa * cfg.feature_channels * n * n * f4 if cfg.use_features else 0,
+    }
+    phases = {
+        "coil estimation": 2 * C * n * n * c8 + 6 * min(COV_BUDGET, C * C * n * n) * c8,
+        "feature extraction": 3 * min(8, Fa) * cfg.feature_channels * n * n * f4 if cfg.use_features else 0,
+        "fit step": B * n * n * per_pixel + 3 * B * C * (2 * n) ** 2 * c8,  # autograd; oversampled NUFFT grids
+        # no autograd, but live intermediates (the 4 corner evaluations and the anti-ringing pass above the fit matrix)
+        "render": 2 * F_out * N * N * c8 + (F_out * n * n * c8 if n != N else 0)
+        + render_pixels * per_pixel * (0.6 if n == N else 0.8),
+    }
+    phase = max(phases, key=phases.get)
+    parts = {k: int(v) for k, v in dict(stays, **{phase: phases[phase]}).items() if v}
+    return MemoryEstimate(sum(parts.values()), parts)
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes this process can still allocate on ``device``: CUDA free memory plus what PyTorch holds cached; on
+    the CPU the kernel's ``MemAvailable``, or less where a cgroup (container) limit leaves less.  None if unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    found = [b for b in (_meminfo_available(), _cgroup_headroom()) if b is not None]
+    return min(found) if found else None
+
+
+def _meminfo_available() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _cgroup_headroom(root: str = "/sys/fs/cgroup", self_cgroup: str = "/proc/self/cgroup") -> Optional[int]:
+    """Limit minus usage, less reclaimable page cache, of this process's memory cgroup (v2, else v1); None
+    without a limit."""
+    v2 = ("memory.max", "memory.current", "inactive_file")
+    v1 = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+    layouts = []
+    for line in (_read(self_cgroup) or "").splitlines():  # "0::/path" (v2), "4:memory:/path" (v1)
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        path = path.strip().rstrip("/")
+        if controllers == "" and path:
+            layouts.append((root + path, *v2))
+        elif "memory" in controllers.split(",") and path:
+            layouts.append((os.path.join(root, "memory") + path, *v1))
+    layouts += [(root, *v2), (os.path.join(root, "memory"), *v1)]  # inside a container: its own cgroup is the root
+    for folder, limit_file, usage_file, cache_key in layouts:
+        limit, usage = _read(os.path.join(folder, limit_file)), _read(os.path.join(folder, usage_file))
+        if limit is None or usage is None:
+            continue
+        if not limit.strip().isdigit() or int(limit) >= 1 << 60:  # "max" (v2) or a huge number (v1): no limit
+            return None
+        stat = dict(line.split(None, 1) for line in (_read(os.path.join(folder, "memory.stat")) or "").splitlines()
+                    if " " in line)
+        cache = int(stat.get(cache_key, "0").strip() or 0)
+        return max(0, int(limit) - int(usage) + cache)
+    return None
+
+
+def check_memory(data: RadialData, cfg: DAINRConfig, device: torch.device) -> MemoryEstimate:
+    """The estimate (:func:`estimate_memory`); raises :class:`InsufficientMemoryError` when it exceeds
+    :func:`available_memory` (where that is known)."""
+    need, have = estimate_memory(data, cfg, device), available_memory(device)
+    if have is not None and need.peak > have:
+        Fa, C, S, R = data.kdata.shape
+        raise InsufficientMemoryError(
+            f"DA-INR needs about {need.peak / 2 ** 30:.1f} GiB on {device} for this scan (matrix {data.matrix}, "
+            f"{Fa} frames, {C} coils, {S} spokes × {R} samples, {min(cfg.batch_frames(device.type), Fa)} frame(s) "
+            f"per step; GiB: {need.describe()}) but {have / 2 ** 30:.1f} GiB is available. Check the matrix size, "
+            "or lower frames_per_step, fit at a lower resolution (spatial_ratio), or turn the features off; "
+            "check_memory=False skips this check")
+    return need

@@ -1,0 +1,107 @@
+"""Memory preflight: the estimate against a measured peak, the refusal, the override, the cgroup limits."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dainr import DAINRConfig, RadialData, reconstruct
+from dainr import memory
+from dainr.memory import InsufficientMemoryError, autograd_bytes_per_pixel, estimate_memory
+from dainr.sim import simulate
+
+
+CPU = torch.device("cpu")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+MEASURE = """
+import json, resource, sys, torch
+from dainr import DAINRConfig, RadialData, reconstruct
+from dainr.memory import estimate_memory
+from dainr.sim import simulate
+torch.set_num_threads(1)
+d = simulate(matrix=64, frames=6, spokes=8, coils=4).data
+data = RadialData(d.kdata, d.traj, int(sys.argv[1]), d.spoke_mask, d.noise)
+cfg = DAINRConfig(device="cpu", max_steps=2, check_memory=False)
+est = estimate_memory(data, cfg, torch.device("cpu")).peak
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+reconstruct(data, cfg)
+print(json.dumps(dict(estimate=est, measured=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)))
+"""
+
+
+def _tiny(matrix: int = 32) -> RadialData:
+    d = simulate(matrix=32, frames=6, spokes=8, coils=3).data
+    return RadialData(d.kdata, d.traj, matrix, d.spoke_mask, d.noise)
+
+
+def test_estimate_matches_the_measured_peak_of_a_fit():
+    """A 256² fit in a fresh process (the fit step and the render dominate): its peak RSS above the
+    baseline, against the estimate (measured 0.8–1.0 GiB, estimated 1.0–1.2× that for 128²–1024²)."""
+    out = subprocess.run([sys.executable, "-c", MEASURE, "256"], cwd=ROOT, capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert 0.5 * 2 ** 30 < r["measured"] < 2 * 2 ** 30
+    assert 0.8 < r["estimate"] / r["measured"] < 1.6, r
+
+
+def test_estimate_follows_the_configuration():
+    data = _tiny(128)
+    base = estimate_memory(data, DAINRConfig(), CPU)
+    assert base.peak == sum(base.parts.values())
+    three, six = (estimate_memory(data, DAINRConfig(frames_per_step=b), CPU) for b in (3, 6))  # 6 frames
+    assert six.parts["fit step"] == pytest.approx(2 * three.parts["fit step"]) and three.peak > base.peak
+    assert estimate_memory(data, DAINRConfig(use_features=True), CPU).parts["features"] > 0
+    # the model's autograd share is measured from the model itself: features widen the canonical MLP's input
+    assert autograd_bytes_per_pixel(DAINRConfig(use_features=True), 128, CPU) > autograd_bytes_per_pixel(
+        DAINRConfig(), 128, CPU) > autograd_bytes_per_pixel(DAINRConfig(use_deformation=False), 128, CPU)
+
+
+def test_a_scan_that_cannot_fit_is_refused_at_once_with_the_numbers():
+    # a header claiming a 20000² matrix for a small scan: terabytes, refused before anything is allocated
+    with pytest.raises(InsufficientMemoryError, match=r"needs about \d+\.\d GiB.*matrix 20000.*check_memory=False"):
+        reconstruct(_tiny(20000), DAINRConfig(device="cpu"))
+
+
+def test_check_memory_false_fits_anyway(monkeypatch):
+    monkeypatch.setattr(memory, "available_memory", lambda device: 1 << 20)  # 1 MiB left
+    data = _tiny()
+    with pytest.raises(InsufficientMemoryError):
+        reconstruct(data, DAINRConfig(device="cpu", max_steps=2))
+    result = reconstruct(data, DAINRConfig(device="cpu", max_steps=2, check_memory=False))
+    assert result.images.shape == (6, 32, 32) and result.info["memory_estimate_bytes"] is None
+    monkeypatch.undo()
+    checked = reconstruct(data, DAINRConfig(device="cpu", max_steps=2))
+    assert checked.info["memory_estimate_bytes"] > 0
+    assert torch.equal(checked.images, result.images)  # the check's probe model leaves the fit's seeding alone
+
+
+def test_available_memory_on_this_machine():
+    have = memory.available_memory(CPU)
+    if have is None:
+        pytest.skip("no /proc/meminfo")
+    assert 0 < have < 1 << 50
+
+
+def _cgroup(tmp_path, self_cgroup: str, files: dict):
+    for name, text in files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "self").write_text(self_cgroup)
+    return memory._cgroup_headroom(str(tmp_path), str(tmp_path / "self"))
+
+
+def test_cgroup_limits_v2_and_v1(tmp_path):
+    v2 = {"scan/memory.max": "1073741824\n", "scan/memory.current": "536870912\n",
+          "scan/memory.stat": "anon 1\ninactive_file 1048576\n"}
+    assert _cgroup(tmp_path / "a", "0::/scan\n", v2) == (1 << 29) + (1 << 20)  # limit - usage + reclaimable cache
+    assert _cgroup(tmp_path / "b", "0::/scan\n", {"scan/memory.max": "max\n", "scan/memory.current": "5\n"}) is None
+    v1 = {"memory/box/memory.limit_in_bytes": "2147483648\n", "memory/box/memory.usage_in_bytes": "1073741824\n",
+          "memory/box/memory.stat": "total_inactive_file 0\n"}
+    assert _cgroup(tmp_path / "c", "4:memory:/box\n1:cpu:/\n", v1) == 1 << 30
+    assert _cgroup(tmp_path / "d", "4:memory:/box\n", {"memory/box/memory.limit_in_bytes": "9223372036854771712\n",
+                                                      "memory/box/memory.usage_in_bytes": "1\n"}) is None
+    assert _cgroup(tmp_path / "e", "", {}) is None  # no cgroup files at all

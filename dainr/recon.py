@@ -30,7 +30,7 @@ from .optim import AdamW
 from .trajectory import omega_from_traj, ramp_dcf
 from .utils import resolve_device, seed_everything
 
-RENDER_PIXELS = 1 << 18  # output pixels rendered at once (4 frames of 256²): ≈ 1.2 kB each without autograd
+RENDER_PIXELS = 1 << 18  # output pixels rendered at once (4 frames of 256²), each holding a few kB of intermediates
 
 
 @dataclass

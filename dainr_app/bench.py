@@ -52,6 +52,8 @@ def _dainr(scan, cfg: DAINRConfig, gt=None) -> dict:
                seconds_per_step=info["seconds_per_step"], seconds_prepare=info["seconds_prepare"],
                seconds_fit=info["seconds_fit"], stop_reason=info["stop_reason"], device=info["device"],
                nufft=info["nufft_backend"], grid=info["grid_backend"])
+    if info["memory_estimate_bytes"] is not None:  # the preflight's estimate, to hold against the measured peak
+        out["memory_estimate_mb"] = info["memory_estimate_bytes"] / 2**20
     if "peak_gpu_bytes" in info:
         out["peak_gpu_mb"] = info["peak_gpu_bytes"] / 2**20
     return out, res

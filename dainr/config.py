@@ -230,6 +230,14 @@ class DAINRConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def fit_matrix(self, matrix: int) -> int:
+        """The matrix the network is fitted at: ``matrix``, or for spatial ×s ``int(matrix / s)`` rounded up to even
+        (the reference's rule)."""
+        if self.spatial_ratio <= 1:
+            return matrix
+        m = int(matrix / self.spatial_ratio)
+        return m + (m % 2)
+
     def model_config(self, fit_matrix: int) -> "DAINRConfig":
         """The configuration the network is built with for a fit at ``fit_matrix``: ``cap_grid_at_matrix`` caps the
         grid's finest level at the fitting matrix."""

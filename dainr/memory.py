@@ -22,6 +22,12 @@ from .model import DAINR, pixel_grid
 
 PROBE_SIDE = 32  # the probe's pixels: a 32 × 32 patch
 RUNTIME_BYTES = 128 << 20  # thread pools, FFT plans, libraries loaded on first use (measured on the CPU: ≈ 0.1 GiB)
+RENDER_PIXELS = 1 << 18  # output pixels rendered at once (4 frames of 256²), each holding a few kB of intermediates
+
+
+def render_batch(matrix: int) -> int:
+    """Frames rendered at once at an output ``matrix``: 4, fewer where they would exceed :data:`RENDER_PIXELS`."""
+    return max(1, min(4, RENDER_PIXELS // matrix ** 2))
 
 
 class InsufficientMemoryError(MemoryError):
@@ -59,16 +65,14 @@ def autograd_bytes_per_pixel(cfg: DAINRConfig, fit_matrix: int, device: torch.de
 def estimate_memory(data: RadialData, cfg: DAINRConfig, device: torch.device) -> MemoryEstimate:
     """Peak bytes of ``reconstruct(data, cfg)`` on ``device``: what stays for the whole run plus the largest of
     its phases (coil maps, features, a fit step, rendering)."""
-    from .recon import RENDER_PIXELS, lowres_matrix  # (recon imports this module)
-
     Fa, C, S, R = data.kdata.shape
     N = data.matrix
-    n = lowres_matrix(N, cfg.spatial_ratio) if cfg.spatial_ratio > 1 else N
+    n = cfg.fit_matrix(N)
     F_out = (Fa - 1) * int(cfg.temporal_ratio) + 1
     B = min(cfg.batch_frames(device.type), Fa)
     c8, f4 = 8, 4  # bytes of complex64, float32
     per_pixel = autograd_bytes_per_pixel(cfg, n, device)
-    render_pixels = max(1, min(4, RENDER_PIXELS // N ** 2)) * N ** 2
+    render_pixels = render_batch(N) * N ** 2
     stays = {
         "runtime": RUNTIME_BYTES,
         "k-space": 3 * Fa * C * S * R * c8 + 8 * Fa * S * R * f4,  # input, whitened, scaled; trajectory, weights
@@ -80,7 +84,8 @@ def estimate_memory(data: RadialData, cfg: DAINRConfig, device: torch.device) ->
         "coil estimation": 2 * C * n * n * c8 + 6 * min(COV_BUDGET, C * C * n * n) * c8,
         "feature extraction": 3 * min(8, Fa) * cfg.feature_channels * n * n * f4 if cfg.use_features else 0,
         "fit step": B * n * n * per_pixel + 3 * B * C * (2 * n) ** 2 * c8,  # autograd; oversampled NUFFT grids
-        # no autograd, but live intermediates (the 4 corner evaluations and the anti-ringing pass above the fit matrix)
+        # no autograd, but live intermediates (the 4 corner evaluations and the anti-ringing pass above the fit
+        # matrix); the factors are calibrated against the peak RSS of CPU runs (README, Performance)
         "render": 2 * F_out * N * N * c8 + (F_out * n * n * c8 if n != N else 0)
         + render_pixels * per_pixel * (0.6 if n == N else 0.8),
     }

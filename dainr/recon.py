@@ -23,14 +23,12 @@ from .coils import apply_prewhitener, noise_prewhitener, walsh_coil_maps
 from .config import DAINRConfig
 from .data import RadialData
 from .features import FrozenFeatureExtractor, neighbour_frames, normalise_for_extractor, sample_features
-from .memory import check_memory
+from .memory import check_memory, render_batch
 from .model import DAINR, GridUpsampling, pixel_grid
 from .nufft import MulticoilNUFFT
 from .optim import AdamW
 from .trajectory import omega_from_traj, ramp_dcf
 from .utils import resolve_device, seed_everything
-
-RENDER_PIXELS = 1 << 18  # output pixels rendered at once (4 frames of 256²), each holding a few kB of intermediates
 
 
 @dataclass
@@ -66,12 +64,6 @@ class ReconResult:
     lowres_images: Optional[torch.Tensor] = None  # spatial interpolation: the frames at the fitting matrix
 
 
-def lowres_matrix(n: int, ratio: float) -> int:
-    """Fitting matrix for spatial ×ratio: ``int(n / ratio)`` rounded up to even (the reference's rule)."""
-    m = int(n / ratio)
-    return m + (m % 2)
-
-
 class Problem:
     """Everything the fit needs, on one device, built once from :class:`RadialData`."""
 
@@ -85,7 +77,7 @@ class Problem:
             kdata = apply_prewhitener(kdata, noise_prewhitener(data.noise.to(device, torch.complex64)))
         self.matrix = data.matrix
         if cfg.spatial_ratio > 1:
-            self.matrix = lowres_matrix(data.matrix, cfg.spatial_ratio)
+            self.matrix = cfg.fit_matrix(data.matrix)
             keep = torch.linalg.vector_norm(traj, dim=-1).amax(dim=(0, 1)) < 0.5 * self.matrix / data.matrix
             kdata, traj = kdata[..., keep], traj[:, :, keep] * (data.matrix / self.matrix)
             if int(keep.sum()) < 2:
@@ -259,7 +251,7 @@ class Fitter:
     @torch.no_grad()
     def render(self, matrix: Optional[int] = None) -> torch.Tensor:
         """All output frames (default: at the output matrix), in data units, (F_out, N, N) complex on CPU, a few
-        frames at a time (up to 4, fewer for large matrices: :data:`RENDER_PIXELS`).
+        frames at a time (:func:`~dainr.memory.render_batch`: up to 4, fewer for large matrices).
 
         Above the fitting matrix (spatial ×s) the output pixels lie between the fitted ones
         (:class:`~dainr.model.GridUpsampling`).  With ``cap_grid_at_matrix`` the network is evaluated once
@@ -275,7 +267,7 @@ class Fitter:
         xy = pixel_grid(min(N, n), min(N, n), p.device)
         up = GridUpsampling(n, N, p.device) if N > n else None
         frames = []
-        for sl in torch.arange(p.n_out, device=p.device).split(max(1, min(4, RENDER_PIXELS // N ** 2))):
+        for sl in torch.arange(p.n_out, device=p.device).split(render_batch(N)):
             B = len(sl)
             coords, warped = self.model.encode(xy.expand(B, -1, -1), t_all[sl])
             feats = p.features_for(sl, (N, N))

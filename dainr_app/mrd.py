@@ -185,11 +185,12 @@ class ReconParameters:
             raise MRDFormatError("MRD header has no <encoding>")
         enc = header.encoding[0]
         try:
-            matrix = int(enc.reconSpace.matrixSize.x)
-            fov = enc.reconSpace.fieldOfView_mm
-            fov_mm = (float(fov.x), float(fov.y), float(fov.z))
+            matrix, fov = enc.reconSpace.matrixSize.x, enc.reconSpace.fieldOfView_mm
+            fov = (fov.x, fov.y, fov.z)
         except AttributeError as exc:
             raise MRDFormatError("MRD header lacks reconSpace matrixSize/fieldOfView_mm") from exc
+        matrix = _header_number(matrix, "reconSpace matrixSize x")
+        fov_mm = tuple(_header_number(v, f"reconSpace fieldOfView_mm {a}", float) for a, v in zip("xyz", fov))
         if matrix < 8:
             raise MRDFormatError(f"reconSpace matrix {matrix} is too small")
         kz = _partitions(enc)
@@ -201,26 +202,35 @@ class ReconParameters:
             raise MRDFormatError(f"header encoding trajectory is {traj!r}: DA-INR reconstructs radial k-space "
                                  "(trajectory radial or goldenangle, or other with acq.traj on every readout)")
         phase = enc.encodingLimits.phase if enc.encodingLimits is not None else None
-        from_phase = phase is not None and phase.maximum is not None and int(phase.maximum) > 0
+        from_phase = phase is not None and phase.maximum is not None and _header_number(phase.maximum, "phase maximum") > 0
         step = angle_step("true")
         desc = enc.trajectoryDescription
         if desc is not None:
             for p in desc.userParameterDouble or []:
                 if p.name == ANGLE_PARAM:
-                    step = float(p.value)
+                    step = _header_number(p.value, ANGLE_PARAM, float)
             for p in desc.userParameterLong or []:
                 if p.name == SPOKES_PARAM and spokes_per_frame is None:
-                    spokes_per_frame = int(p.value)
-        n_frames = int(phase.maximum) - int(phase.minimum or 0) + 1 if from_phase else None
+                    spokes_per_frame = _header_number(p.value, SPOKES_PARAM)
+        n_frames = int(phase.maximum) - _header_number(phase.minimum or 0, "phase minimum") + 1 if from_phase else None
         return cls(matrix, fov_mm, from_phase, n_frames, spokes_per_frame, step, traj)
+
+
+def _header_number(value, what: str, cast=int):
+    """A numeric header value (``cast``: int or float); a clear :class:`MRDFormatError` naming the element otherwise."""
+    try:
+        return cast(value)
+    except (TypeError, ValueError):
+        raise MRDFormatError(f"MRD header {what} is {value!r}, not {'an integer' if cast is int else 'a number'}") from None
 
 
 def _partitions(enc) -> int:
     """Partitions (kspace_encode_step_2 positions) of an encoding: the encoded z matrix, or the step-2 range."""
-    z = int(getattr(getattr(enc.encodedSpace, "matrixSize", None), "z", None) or 1)
+    z = _header_number(getattr(getattr(enc.encodedSpace, "matrixSize", None), "z", None) or 1, "encodedSpace matrixSize z")
     lim = getattr(enc.encodingLimits, "kspace_encoding_step_2", None)
     if lim is not None and lim.maximum is not None:
-        z = max(z, int(lim.maximum) - int(lim.minimum or 0) + 1)
+        z = max(z, _header_number(lim.maximum, "kspace_encoding_step_2 maximum")
+                - _header_number(lim.minimum or 0, "kspace_encoding_step_2 minimum") + 1)
     return z
 
 

@@ -207,3 +207,12 @@ def test_header_without_phase_range_uses_spokes_per_frame():
     hdr.encoding[0].trajectory = ismrmrd.xsd.trajectoryType.CARTESIAN  # radial only (tests/test_interop.py: C++ data)
     with pytest.raises(MRDFormatError, match="trajectory is 'cartesian'"):
         ReconParameters.from_header(hdr, spokes_per_frame=5)
+    # values the XML binding could not convert stay text (xsdata warns): the error names the element
+    text = ismrmrd.xsd.ToXML(build_header(32, 64, 2, 6, 10, 1))
+    limits = text.index("<encodingLimits>")
+    for old, new, element in (("<maximum>5</maximum>", "<maximum>nan</maximum>", "phase maximum"),
+                              ("<x>320.0</x>", "<x>wide</x>", "reconSpace fieldOfView_mm x")):
+        start = limits if element.startswith("phase") else text.index("<reconSpace>")
+        bad = text[:start] + text[start:].replace(old, new, 1)
+        with pytest.warns(Warning), pytest.raises(MRDFormatError, match=f"MRD header {element} is '"):
+            ReconParameters.from_header(parse_header(bad))

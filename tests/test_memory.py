@@ -74,7 +74,9 @@ def test_check_memory_false_fits_anyway(monkeypatch):
     monkeypatch.undo()
     checked = reconstruct(data, DAINRConfig(device="cpu", max_steps=2))
     assert checked.info["memory_estimate_bytes"] > 0
-    assert torch.equal(checked.images, result.images)  # the check's probe model leaves the fit's seeding alone
+    # the check's probe model leaves the fit's seeding alone (drawing from the seeded generator changed these images
+    # by 20-30 %; float rounding may differ in the last bits, as the heap differs)
+    assert (checked.images - result.images).abs().max() <= 1e-5 * result.images.abs().max()
 
 
 def test_available_memory_on_this_machine():

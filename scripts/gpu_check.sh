@@ -54,7 +54,8 @@ scan = simulate(128, 23, 13, 32, noise_level=0.02)
 torch.zeros(1, device="cuda")
 for _ in range(2):
     t0 = time.perf_counter(); res = reconstruct(scan.data, DAINRConfig(device="cuda"))
-    print("reconstruct", time.perf_counter() - t0, {k: res.info[k] for k in ("steps", "seconds_prepare", "seconds_fit", "seconds_per_step")})
+    print("reconstruct", time.perf_counter() - t0, {k: res.info[k] for k in ("steps", "seconds_prepare", "seconds_fit", "seconds_per_step",
+                                                                         "peak_gpu_bytes", "memory_estimate_bytes")})
 cfg = DAINRConfig(device="cuda")
 fit = R.Fitter(R.Problem(scan.data, cfg, None, torch.device("cuda")), cfg)
 for _ in range(20):

@@ -46,6 +46,15 @@ def test_estimate_matches_the_measured_peak_of_a_fit():
     assert 0.8 < r["estimate"] / r["measured"] < 1.6, r
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_estimate_matches_the_measured_peak_on_cuda():
+    """The issue's GPU case (128², 23 frames, 32 coils, 13 spokes; 4 frames per step on CUDA): the estimate
+    against PyTorch's peak allocation."""
+    scan = simulate(matrix=128, frames=23, spokes=13, coils=32)
+    info = reconstruct(scan.data, DAINRConfig(device="cuda", max_steps=4)).info
+    assert 0.7 < info["memory_estimate_bytes"] / info["peak_gpu_bytes"] < 1.6, info
+
+
 def test_estimate_follows_the_configuration():
     data = _tiny(128)
     base = estimate_memory(data, DAINRConfig(), CPU)

@@ -202,7 +202,8 @@ class ReconParameters:
             raise MRDFormatError(f"header encoding trajectory is {traj!r}: DA-INR reconstructs radial k-space "
                                  "(trajectory radial or goldenangle, or other with acq.traj on every readout)")
         phase = enc.encodingLimits.phase if enc.encodingLimits is not None else None
-        from_phase = phase is not None and phase.maximum is not None and _header_number(phase.maximum, "phase maximum") > 0
+        from_phase = phase is not None and phase.maximum is not None and \
+            _header_number(phase.maximum, "phase maximum") > 0
         step = angle_step("true")
         desc = enc.trajectoryDescription
         if desc is not None:
@@ -217,16 +218,19 @@ class ReconParameters:
 
 
 def _header_number(value, what: str, cast=int):
-    """A numeric header value (``cast``: int or float); a clear :class:`MRDFormatError` naming the element otherwise."""
+    """A numeric header value (``cast``: int or float); a clear :class:`MRDFormatError` naming the element
+    otherwise."""
     try:
         return cast(value)
     except (TypeError, ValueError):
-        raise MRDFormatError(f"MRD header {what} is {value!r}, not {'an integer' if cast is int else 'a number'}") from None
+        kind = "an integer" if cast is int else "a number"
+        raise MRDFormatError(f"MRD header {what} is {value!r}, not {kind}") from None
 
 
 def _partitions(enc) -> int:
     """Partitions (kspace_encode_step_2 positions) of an encoding: the encoded z matrix, or the step-2 range."""
-    z = _header_number(getattr(getattr(enc.encodedSpace, "matrixSize", None), "z", None) or 1, "encodedSpace matrixSize z")
+    z = getattr(getattr(enc.encodedSpace, "matrixSize", None), "z", None) or 1
+    z = _header_number(z, "encodedSpace matrixSize z")
     lim = getattr(enc.encodingLimits, "kspace_encoding_step_2", None)
     if lim is not None and lim.maximum is not None:
         z = max(z, _header_number(lim.maximum, "kspace_encoding_step_2 maximum")

@@ -7,8 +7,8 @@ Cases (``--list`` shows them): the 128² × 23 frames × 8 coils cine at 5/13/21
 spokes and, as an oracle that favours the baseline, against the truth), the ablations (the full model with
 the features, which are off by default; no features; plain grid INR without deformation; also with the
 reference's uncapped grid), temporal ×2, spatial ×2, the real-anatomy cine from ``../shared/data`` and its
-ablations (skipped when absent), the README demo timing, and on CUDA the 32-coil case and its per-part step
-profile.
+ablations (skipped when absent), the README demo timing, the memory preflight's estimates against measured
+peaks, and on CUDA the 32-coil case and its per-part step profile.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from dainr.metrics import psnr_ssim
 from dainr.sim import simulate
 
 from .bench_server import case_concurrent, case_ingest, case_overhead
+from .server import ROOT
 
 REAL_DATA = os.environ.get("DAINR_REAL_DATA", os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "cine_real_complex_110x110x10.npy"))
@@ -258,13 +259,57 @@ def _profile(device: torch.device, coils: int) -> dict:
     )
 
 
+_MEMORY_CHILD = """
+import json, resource, sys, torch
+from dainr import DAINRConfig, RadialData, reconstruct
+from dainr.memory import estimate_memory
+from dainr.sim import simulate
+a = json.loads(sys.argv[1])
+torch.set_num_threads(a["threads"])
+d = simulate(matrix=min(a["matrix"], 128), frames=a["frames"], spokes=a["spokes"], coils=a["coils"]).data
+data = RadialData(d.kdata, d.traj, a["matrix"], d.spoke_mask, d.noise)
+cfg = DAINRConfig(device="cpu", max_steps=2, check_memory=False, **a["config"])
+est = estimate_memory(data, cfg, torch.device("cpu"))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+reconstruct(data, cfg)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps(dict(estimate=est.peak, parts=est.parts, measured=peak - base)))
+"""
+
+
+def memory_peak(matrix: int, frames: int, coils: int = 8, spokes: int = 13, threads: int = 2, **config) -> dict:
+    """Peak RSS of one CPU ``reconstruct`` (2 steps) above the baseline of a fresh process, and the preflight's
+    estimate (bytes).  The data are a simulated scan of at most 128² declared at ``matrix``."""
+    arg = json.dumps(dict(matrix=matrix, frames=frames, coils=coils, spokes=spokes, threads=threads, config=config))
+    out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, arg], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+MEMORY_RUNS = [dict(matrix=128, frames=23), dict(matrix=256, frames=23), dict(matrix=512, frames=23),
+               dict(matrix=1024, frames=12), dict(matrix=256, frames=23, coils=32),
+               dict(matrix=256, frames=23, use_features=True), dict(matrix=512, frames=12, spatial_ratio=2.0),
+               dict(matrix=128, frames=23, frames_per_step=8)]
+
+
+def case_memory() -> dict:
+    """Peak RSS of CPU reconstructions (128² to 1024², coils, features, spatial ×2, frames per step) against
+    the memory preflight's estimate (GiB), each in a fresh process."""
+    runs = []
+    for run in MEMORY_RUNS:
+        r = memory_peak(**run)
+        runs.append(dict(run, measured_gib=r["measured"] / 2 ** 30, estimate_gib=r["estimate"] / 2 ** 30,
+                         ratio=r["estimate"] / r["measured"], parts_gib={k: v / 2 ** 30 for k, v in r["parts"].items()}))
+    return dict(runs=runs)
+
+
 CASES: Dict[str, Callable[[], dict]] = {
     "demo": case_demo, "spokes13": case_spokes13, "spokes5": case_spokes5, "spokes21": case_spokes21,
     "ablation": case_ablation, "ablation_real": case_ablation_real, "ablation_refgrid": case_ablation_refgrid,
     "ablation_paper": case_ablation_paper,
     "temporal2": case_temporal2, "spatial2": case_spatial2, "real": case_real,
     "gpu32": case_gpu32, "profile": case_profile, "gpu_profile": case_gpu_profile, "ingest": case_ingest, "overhead": case_overhead,
-    "concurrent": case_concurrent,
+    "concurrent": case_concurrent, "memory": case_memory,
 }
 
 

@@ -7,7 +7,9 @@ the replay client in this one, as a scanner integration would run them.
   median of 5 sessions, each session's rate listed); the
   ``passthrough`` gadget alone (a parent that does no parsing); and the same four TCP hops through three
   processes moving raw bytes with no protocol work (this machine's ceiling), run after each ``relay``
-  session so that the share of the ceiling reached is measured in the same minute.  Target ≥ 25k/s.
+  session so that the share of the ceiling reached is measured in the same minute; and ismrmrd's
+  ``ProtocolDeserializer`` alone, from memory and from a socket (the issue's yardstick for this CPU's speed).
+  Target ≥ 25k/s.
 * ``concurrent``: the demo data's two slices one after the other, side by side (two gadget processes
   fitting at once on the CPU), and two clients replaying them at once.
 * ``overhead``: the DA-INR pipeline on the README demo data: replay wall time vs the reconstruction time the
@@ -17,6 +19,7 @@ the replay client in this one, as a scanner integration would run them.
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import os
 import re
@@ -29,6 +32,7 @@ import time
 
 import numpy as np
 import torch
+from ismrmrd.serialization import ProtocolDeserializer
 
 from dainr.data import RadialData
 from dainr.sim import simulate
@@ -109,7 +113,34 @@ def case_ingest(repeats: int = 5) -> dict:
                                      bare_four_hops_readouts_per_s_runs=[round(r) for r in bare],
                                      relay_share_of_bare=float(np.median(np.divide(measured, bare))))
         rates["passthrough_gadget_alone_readouts_per_s"] = _gadget_alone(header, in_memory)
+        rates.update(_deserializer_alone(in_memory))
+    rates["relay_share_of_socket_deserializer"] = (rates["relay_from_memory_readouts_per_s"]
+                                                   / rates["deserializer_from_socket_readouts_per_s"])
     return dict(readouts=n, readout_bytes=_READOUT_BYTES, **rates)
+
+
+def _deserializer_alone(acqs) -> dict:
+    """The issue's yardstick ("ismrmrd's own deserializer alone does about 57k/s here"), measured in the same
+    run both ways it can be read: ``ProtocolDeserializer`` over the bytes in memory, and over a TCP socket fed
+    by another process (``sock.makefile('rb')``, the way a server reads), in readouts/s."""
+    data = b"".join(encode(a) for a in acqs) + Frame.of(CLOSE).raw
+
+    def rate(stream) -> float:
+        t0 = time.perf_counter()
+        n = sum(1 for _ in ProtocolDeserializer(stream).deserialize())  # stops at CLOSE
+        return n / (time.perf_counter() - t0)
+
+    from_memory = rate(io.BytesIO(data))
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        if os.fork() == 0:
+            with socket.create_connection(listener.getsockname()) as out:
+                out.sendall(data)
+            os._exit(0)
+        conn, _ = listener.accept()
+    with conn, conn.makefile("rb") as stream:
+        from_socket = rate(stream)
+    os.waitpid(-1, 0)
+    return dict(deserializer_from_memory_readouts_per_s=from_memory, deserializer_from_socket_readouts_per_s=from_socket)
 
 
 _READOUT_BYTES = 2 + 340 + 256 * 2 * 4 + 8 * 256 * 8

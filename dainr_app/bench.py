@@ -259,30 +259,29 @@ def _profile(device: torch.device, coils: int) -> dict:
     )
 
 
-_MEMORY_CHILD = """
-import json, resource, sys, torch
-from dainr import DAINRConfig, RadialData, reconstruct
-from dainr.memory import estimate_memory
-from dainr.sim import simulate
-a = json.loads(sys.argv[1])
-torch.set_num_threads(a["threads"])
-d = simulate(matrix=min(a["matrix"], 128), frames=a["frames"], spokes=a["spokes"], coils=a["coils"]).data
-data = RadialData(d.kdata, d.traj, a["matrix"], d.spoke_mask, d.noise)
-cfg = DAINRConfig(device="cpu", max_steps=2, check_memory=False, **a["config"])
-est = estimate_memory(data, cfg, torch.device("cpu"))
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-reconstruct(data, cfg)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps(dict(estimate=est.peak, parts=est.parts, measured=peak - base)))
-"""
+def _memory_child(arg: str) -> None:
+    """The fresh process of :func:`memory_peak`: one reconstruction, its result printed as JSON."""
+    from dainr import RadialData
+    from dainr.memory import estimate_memory
+
+    a = json.loads(arg)
+    torch.set_num_threads(a["threads"])
+    d = simulate(matrix=min(a["matrix"], 128), frames=a["frames"], spokes=a["spokes"], coils=a["coils"]).data
+    data = RadialData(d.kdata, d.traj, a["matrix"], d.spoke_mask, d.noise)
+    cfg = DAINRConfig(device="cpu", max_steps=2, check_memory=False, **a["config"])
+    est = estimate_memory(data, cfg, torch.device("cpu"))
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    reconstruct(data, cfg)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps(dict(estimate=est.peak, parts=est.parts, measured=peak - base)))
 
 
 def memory_peak(matrix: int, frames: int, coils: int = 8, spokes: int = 13, threads: int = 2, **config) -> dict:
     """Peak RSS of one CPU ``reconstruct`` (2 steps) above the baseline of a fresh process, and the preflight's
     estimate (bytes).  The data are a simulated scan of at most 128² declared at ``matrix``."""
     arg = json.dumps(dict(matrix=matrix, frames=frames, coils=coils, spokes=spokes, threads=threads, config=config))
-    out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, arg], cwd=ROOT, capture_output=True, text=True,
-                         check=True)
+    child = "import sys; from dainr_app.bench import _memory_child; _memory_child(sys.argv[1])"
+    out = subprocess.run([sys.executable, "-c", child, arg], cwd=ROOT, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

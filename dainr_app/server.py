@@ -93,6 +93,9 @@ def run_external(port: int, module: str, target: str) -> None:
     """What ``python -m gadgetron PORT MODULE TARGET`` runs (gadgetron.__main__.main)."""
     from gadgetron.__main__ import main
 
+    from gadgets.connection_eof import raise_on_eof
+
+    raise_on_eof()  # before the Connection reads its config and header
     main([str(port), module, target])
 
 

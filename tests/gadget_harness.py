@@ -55,20 +55,23 @@ def run_gadget(config_xml: str, header, items, module: str = "gadgets.dainr_gadg
     return run
 
 
-def connect_gadget(port: int, config_xml: str, header, items, timeout: float = 300.0) -> GadgetRun:
-    """Connect mode: Gadgetron connects to a resident gadget process on ``port`` (retrying while it starts)."""
+def dial(port: int) -> socket.socket:
+    """A connection to a resident gadget process on ``port`` (retrying while it starts)."""
     import time
 
     deadline = time.monotonic() + 60
     while True:
         try:
-            conn = socket.create_connection(("localhost", port), timeout=5)
-            break
+            return socket.create_connection(("localhost", port), timeout=5)
         except OSError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
-    return exchange(conn, config_xml, header, items, timeout)
+
+
+def connect_gadget(port: int, config_xml: str, header, items, timeout: float = 300.0) -> GadgetRun:
+    """Connect mode: Gadgetron connects to a resident gadget process on ``port``."""
+    return exchange(dial(port), config_xml, header, items, timeout)
 
 
 def exchange(conn: socket.socket, config_xml: str, header, items, timeout: float) -> GadgetRun:

@@ -127,23 +127,44 @@ def test_preview_series_comes_before_the_final_one(two_slices):
     assert preview_meta["ImageComment"] == "DA-INR preview"
 
 
+def _cpu_seconds(pid: int) -> float:
+    import os
+
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def test_connect_mode_resident_process_serves_two_scans(two_slices):
     import socket
     import subprocess
     import sys
+    import time
 
     from dainr_app.server import child_env
 
-    from .gadget_harness import connect_gadget
+    from ismrmrd.serialization import ConfigText, ProtocolSerializer
+
+    from .gadget_harness import connect_gadget, dial
 
     header, acqs = _load(two_slices[1])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "dainr_app.cli", "gadget-server", "--port", str(port),
-                             "--connections", "2"], env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             "--connections", "4"], env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
+        # a port probe, then a scan whose Gadgetron goes away without CLOSE: neither may wedge the process
+        # (gadgetron-python's reader spun on the closed socket forever: gadgets/connection_eof.py)
+        dial(port).close()
+        with dial(port) as gone, gone.makefile("wb") as wf:
+            ser = ProtocolSerializer(wf)
+            for item in [ConfigText(CONFIG.format(steps=5, extra="")), header] + acqs[:20]:
+                ser.serialize(item)
+        time.sleep(1)  # it notices and returns to waiting; it does not spin meanwhile
+        cpu = _cpu_seconds(proc.pid)
+        time.sleep(1)
+        assert _cpu_seconds(proc.pid) - cpu < 0.5
         for _ in range(2):  # the same process handles consecutive scans
             run = connect_gadget(port, CONFIG.format(steps=5, extra=""), header, acqs)
             assert run.errors == [] and len(run.images) == 12

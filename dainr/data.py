@@ -14,7 +14,8 @@ class RadialData:
     * ``kdata`` — (F, C, S, R) complex: frames × coils × spokes × readout samples.
     * ``traj`` — (F, S, R, 2) float: (kx, ky) in cycles/pixel of the ``matrix`` grid, in [-0.5, 0.5).
     * ``matrix`` — reconstruction matrix N (images are N × N).
-    * ``spoke_mask`` — (F, S) bool, False for padding when frames have different spoke counts.
+    * ``spoke_mask`` — (F, S) bool, False for padding when frames have different spoke counts (padding
+      k-space and trajectory are ignored: set to 0 in a copy).
     * ``noise`` — optional (C, n) complex noise-only samples for prewhitening.
     """
 
@@ -47,6 +48,10 @@ class RadialData:
         counts = self.spoke_mask.sum(1)
         if bool((counts == 0).any()):
             raise ValueError(f"frames {torch.nonzero(counts == 0).flatten().tolist()} have no spokes")
+        if not bool(self.spoke_mask.all()):  # padding spokes: whatever they hold, they must not reach the fit
+            pad = ~self.spoke_mask
+            self.kdata = self.kdata.masked_fill(pad[:, None, :, None], 0)
+            self.traj = self.traj.masked_fill(pad[:, :, None, None], 0)
         valid = self.spoke_mask[:, None, :, None].expand_as(self.kdata)
         if not torch.isfinite(torch.view_as_real(self.kdata[valid])).all():
             raise ValueError("kdata contains NaN or Inf")

@@ -58,7 +58,7 @@ class FitProgress:
 class ReconResult:
     images: torch.Tensor  # (F_out, N, N) complex64, CPU
     zero_filled: torch.Tensor  # (F_acq, n, n) complex64 at the fitting resolution
-    coil_maps: torch.Tensor  # (C, n, n)
+    coil_maps: torch.Tensor  # (C, n, n), in the data's coil space (before noise prewhitening)
     acquired_frames: List[int]  # positions of the acquired frames among the output frames
     info: dict = field(default_factory=dict)
     lowres_images: Optional[torch.Tensor] = None  # spatial interpolation: the frames at the fitting matrix
@@ -73,8 +73,10 @@ class Problem:
         self.out_matrix = data.matrix
         kdata, traj = data.kdata.to(device, torch.complex64), data.traj.to(device, torch.float32)
         spoke_mask = data.spoke_mask.to(device)
+        self.whitener = None  # W: the fit runs in whitened coil space (data W·y, coil maps W·S)
         if data.noise is not None:
-            kdata = apply_prewhitener(kdata, noise_prewhitener(data.noise.to(device, torch.complex64)))
+            self.whitener = noise_prewhitener(data.noise.to(device, torch.complex64))
+            kdata = apply_prewhitener(kdata, self.whitener)
         self.matrix = data.matrix
         if cfg.spatial_ratio > 1:
             self.matrix = cfg.fit_matrix(data.matrix)
@@ -115,6 +117,8 @@ class Problem:
             coil_maps = self._estimate_coil_maps()
         elif coil_maps.shape != (C, self.matrix, self.matrix):
             raise ValueError(f"coil_maps must be {(C, self.matrix, self.matrix)}, got {tuple(coil_maps.shape)}")
+        elif self.whitener is not None:  # given in the data's coil space
+            coil_maps = apply_prewhitener(coil_maps.to(device, torch.complex64), self.whitener, coil_dim=0)
         self.op = MulticoilNUFFT(coil_maps.to(device, torch.complex64), backend=cfg.nufft_backend)
 
         # zero-filled images, calibrated so that A(zf) best matches the data, then the data scale
@@ -137,6 +141,13 @@ class Problem:
             extractor = FrozenFeatureExtractor(cfg.feature_channels, cfg.feature_seed).to(device)
             self.feature_maps = torch.cat([extractor(x) for x in normalise_for_extractor(self.zero_filled).split(8)])
             self.neighbours = neighbour_frames(self.acquired, range(self.n_out)).to(device)
+
+    def coil_maps_in_data_space(self) -> torch.Tensor:
+        """The coil maps in the data's (unwhitened) coil space, as ``coil_maps`` arguments take them."""
+        maps = self.op.smaps
+        if self.whitener is None:
+            return maps
+        return apply_prewhitener(maps, torch.linalg.inv(self.whitener), coil_dim=0)
 
     def _batched(self, fn: Callable, batch: int = 8) -> torch.Tensor:
         return torch.cat([fn(slice(i, i + batch)) for i in range(0, self.n_acq, batch)])
@@ -298,6 +309,8 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
                 callback: Optional[Callable[[FitProgress], Optional[bool]]] = None) -> ReconResult:
     """Fit DA-INR to ``data`` and return every output frame.
 
+    ``coil_maps`` (C, n, n) at the fitting matrix, in the data's coil space (physical maps; with a noise scan
+    the fit whitens them as it whitens the data); None estimates Walsh maps from all spokes.
     ``callback(progress)`` is called at the end of every epoch of the stopping rule (with the held-out
     residual when spokes are held out; a fixed-budget fit is called too, so it can be stopped) and every
     ``cfg.preview_every`` steps (``progress.images`` renders the frames on those); returning True stops
@@ -376,7 +389,7 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
     if device.type == "cuda":
         info["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
     return ReconResult(images=images, zero_filled=(problem.zero_filled * problem.scale).cpu(),
-                       coil_maps=problem.op.smaps.cpu(), acquired_frames=problem.acquired, info=info,
+                       coil_maps=problem.coil_maps_in_data_space().cpu(), acquired_frames=problem.acquired, info=info,
                        lowres_images=lowres)
 
 

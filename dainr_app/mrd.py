@@ -24,8 +24,21 @@ from dainr.trajectory import angle_step, radial_trajectory
 ANGLE_PARAM = "angle_increment_rad"
 Key = Tuple[int, int, int, int]  # (slice, contrast, repetition, set): readouts reconstructed together
 SPOKES_PARAM = "spokes_per_frame"
-# readouts that are not image data: skipped by the file reader, passed through by the gadget
-SKIP_FLAGS = (ismrmrd.ACQ_IS_NAVIGATION_DATA, ismrmrd.ACQ_IS_PHASECORR_DATA, ismrmrd.ACQ_IS_DUMMYSCAN_DATA)
+# readouts that are not image data: skipped by the file reader, passed through by the gadget (navigators,
+# phase correction, dummy scans, real-time/HP feedback such as Siemens PACE, surface-coil correction, phase
+# stabilisation; pure parallel-imaging calibration unless it is also imaging data: :func:`is_skipped`)
+SKIP_FLAGS = (ismrmrd.ACQ_IS_NAVIGATION_DATA, ismrmrd.ACQ_IS_PHASECORR_DATA, ismrmrd.ACQ_IS_DUMMYSCAN_DATA,
+              ismrmrd.ACQ_IS_RTFEEDBACK_DATA, ismrmrd.ACQ_IS_HPFEEDBACK_DATA,
+              ismrmrd.ACQ_IS_SURFACECOILCORRECTIONSCAN_DATA, ismrmrd.ACQ_IS_PHASE_STABILIZATION,
+              ismrmrd.ACQ_IS_PHASE_STABILIZATION_REFERENCE)
+
+
+def is_skipped(acq: ismrmrd.Acquisition) -> bool:
+    """True for a readout that is not radial image data (:data:`SKIP_FLAGS`, calibration-only readouts)."""
+    if any(acq.is_flag_set(f) for f in SKIP_FLAGS):
+        return True
+    return acq.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION) and not acq.is_flag_set(
+        ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
 RADIAL_TRAJECTORIES = ("radial", "goldenangle")  # angles derivable from the spoke index when acq.traj is absent
 ACCEPTED_TRAJECTORIES = RADIAL_TRAJECTORIES + ("other",)  # the ramp DCF is radial; "other" needs acq.traj
 
@@ -300,7 +313,7 @@ def read_raw(path: str, group: str = "dataset", spokes_per_frame: Optional[int] 
     for acq in iter_acquisitions(path, group):
         if acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
             noise.append(acq.data.copy())
-        elif not any(acq.is_flag_set(f) for f in SKIP_FLAGS):
+        elif not is_skipped(acq):
             per_key.setdefault(acquisition_key(acq), []).append(acq)
     if not per_key:
         raise MRDFormatError(f"{path}: no imaging acquisitions")

@@ -23,8 +23,8 @@ import ismrmrd
 
 from dainr import DAINRConfig
 from dainr_app.cpu_share import reconstruct_sharing_cpu
-from dainr_app.mrd import SKIP_FLAGS, Key, MRDFormatError, ReconParameters, acquisition_key, make_images, \
-    noise_samples, slice_from_acquisitions
+from dainr_app.mrd import Key, MRDFormatError, ReconParameters, acquisition_key, make_images, \
+    is_skipped, noise_samples, slice_from_acquisitions
 from dainr_app.protocol import error_frame
 
 from .connection_eof import raise_on_eof
@@ -195,7 +195,7 @@ def dainr_recon(connection) -> None:
             log.exception("slice %s failed", key)
             send_error(connection, f"DA-INR slice {key[0]} (contrast {key[1]}, repetition {key[2]}, set {key[3]}): {exc}")
 
-    connection.filter(lambda item: isinstance(item, ismrmrd.Acquisition) and not any(item.is_flag_set(f) for f in SKIP_FLAGS))
+    connection.filter(lambda item: isinstance(item, ismrmrd.Acquisition) and not is_skipped(item))
     for acq in connection:
         if acq.number_of_samples == 0:  # nothing to reconstruct, but its flags still count
             s, contrast, rep, set_index = key = acquisition_key(acq)

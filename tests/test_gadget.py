@@ -225,11 +225,17 @@ def test_unconsumed_items_pass_through_unchanged(two_slices):
     nav = ismrmrd.Acquisition.from_array(acqs[-1].data * 2, acqs[-1].traj)
     nav.set_flag(ismrmrd.ACQ_IS_NAVIGATION_DATA)
     nav.idx.slice, nav.scan_counter = 1, 9999
-    run = run_gadget(CONFIG.format(steps=5, extra=""), header, acqs[:-1] + [nav, acqs[-1]])
+    # a real-time feedback readout (e.g. Siemens PACE: another length) and a calibration-only readout
+    feedback = ismrmrd.Acquisition.from_array(np.ones((acqs[-1].data.shape[0], 7), np.complex64))
+    feedback.set_flag(ismrmrd.ACQ_IS_RTFEEDBACK_DATA)
+    calibration = ismrmrd.Acquisition.from_array(acqs[-1].data, acqs[-1].traj)
+    calibration.set_flag(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
+    run = run_gadget(CONFIG.format(steps=5, extra=""), header, acqs[:-1] + [nav, feedback, calibration, acqs[-1]])
     assert run.errors == [] and len(run.images) == 12
-    [back] = run.passthrough
+    back, *others = run.passthrough
     assert back.scan_counter == 9999 and back.is_flag_set(ismrmrd.ACQ_IS_NAVIGATION_DATA)
     assert np.array_equal(back.data, nav.data)
+    assert [a.is_flag_set(ismrmrd.ACQ_IS_RTFEEDBACK_DATA) for a in others] == [True, False]
 
 
 def test_failing_reconstruction_is_reported_per_slice(two_slices):

@@ -98,6 +98,23 @@ def query(address: Tuple[str, int], queries: List[str], timeout: float = 30.0) -
     return answers
 
 
+class _InputFailed(Exception):
+    """Reading the next item to send failed (raised from the reader's exception)."""
+
+
+def _guarded(items):
+    """``items``, with a failure to produce the next one raised as :class:`_InputFailed`."""
+    it = iter(items)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except Exception as exc:
+            raise _InputFailed() from exc
+        yield item
+
+
 def replay(items, header: str, address: Tuple[str, int], config: Optional[str] = None,
            config_xml: Optional[str] = None, timeout: float = 600.0, limits: Limits = Limits(),
            on_image=None) -> ReplayResult:
@@ -107,7 +124,6 @@ def replay(items, header: str, address: Tuple[str, int], config: Optional[str] =
     sock = _connect(address, timeout)
     res = ReplayResult()
     t0 = time.monotonic()
-    send_failed: List[BaseException] = []
 
     def send():
         try:
@@ -115,7 +131,7 @@ def replay(items, header: str, address: Tuple[str, int], config: Optional[str] =
             ser = ProtocolSerializer(out)
             ser.serialize(ConfigFile(config) if config is not None else ConfigText(config_xml))
             out.write(text_frame(HEADER, header).raw)  # the file's header text, verbatim
-            for item in items:
+            for item in _guarded(items):
                 ser.serialize(item)
                 res.sent += 1
                 if isinstance(item, ismrmrd.Acquisition) and not (flags := item.flags) & NOISE_BIT:
@@ -127,8 +143,14 @@ def replay(items, header: str, address: Tuple[str, int], config: Optional[str] =
                     timing.last_sent = time.monotonic() - t0
             ser.close()  # CLOSE, flushed
             res.send_seconds = time.monotonic() - t0
-        except (OSError, ValueError) as exc:  # the server ended the session; the receiver reports why
-            send_failed.append(exc)
+        except _InputFailed as exc:  # a damaged file: say so and end the session now, without CLOSE
+            res.errors.append(f"replay stopped after {res.sent} items: {exc.__cause__!r}")
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        except (OSError, ValueError):  # the server ended the session; the receiver reports why
+            pass
 
     sender = threading.Thread(target=send, daemon=True)
     sender.start()

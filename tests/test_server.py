@@ -69,6 +69,20 @@ def test_replay_client_reconstructs_two_slices_and_times_them(server, raw):
         assert t.readouts == 48 and t.last_sent <= t.first_image <= t.last_image
 
 
+def test_replay_of_a_file_that_fails_mid_way_ends_at_once_with_the_reason(server, raw):
+    header, acqs = load(raw)
+
+    def damaged():
+        yield from acqs[:30]
+        raise OSError("Can't read data (wrong B-tree signature)")  # what h5py raises for a damaged record
+
+    t0 = time.monotonic()
+    res = replay(damaged(), header, ("127.0.0.1", server.port), config_xml=small_pipeline(), timeout=120)
+    assert time.monotonic() - t0 < 30 and res.sent == 30
+    assert "replay stopped after 30 items" in res.errors[0] and "B-tree" in res.errors[0], res.errors
+    assert replay(iter(acqs), header, ("127.0.0.1", server.port), config_xml=small_pipeline()).errors == []
+
+
 def test_next_slice_is_accepted_while_the_previous_one_reconstructs(server, raw):
     """The whole scan (both slices and CLOSE) is sent before the first slice's images come back."""
     header, acqs = load(raw)

@@ -221,7 +221,8 @@ def server_options(args):
         raise ValueError(f"pipelines folder {args.pipelines} does not exist")
     return ServerOptions(host=args.host, port=args.port, pipelines=os.path.abspath(args.pipelines), policy=policy,
                          limits=Limits(max_message=args.max_message_mb << 20), max_connections=args.max_connections,
-                         buffer_bytes=args.buffer_mb << 20, idle_timeout=args.idle_timeout, launcher=args.launcher)
+                         buffer_bytes=args.buffer_mb << 20, idle_timeout=args.idle_timeout, launcher=args.launcher,
+                         local_channels=args.local_channels)
 
 
 def cmd_serve(args) -> int:
@@ -400,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also allow <connect> to this host (default: localhost)")
     sv.add_argument("--max-connections", type=_positive_int, default=8)
     sv.add_argument("--buffer-mb", type=_positive_int, default=512, help="per session, data queued ahead of a gadget")
+    sv.add_argument("--local-channels", type=_positive_int, default=8,
+                    help="<distributed> without workers: at most this many local chains; further index values share them")
     sv.add_argument("--max-message-mb", type=_positive_int, default=256, help="largest accepted data message")
     sv.add_argument("--idle-timeout", type=float, default=600.0, help="seconds without a message before a session ends")
     sv.add_argument("--launcher", choices=("fork", "spawn"), default="fork",

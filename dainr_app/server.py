@@ -48,6 +48,7 @@ class ServerOptions:
     idle_timeout: float = 600.0       # seconds without a message before a session is ended
     start_timeout: float = 60.0       # for a gadget process to connect back / a worker to answer
     launcher: str = "fork"            # "fork": warm forkserver; "spawn": `python -m gadgetron` per gadget
+    local_channels: int = 8           # per <distributed> block without workers: index values beyond share chains
 
 
 # ---------------------------------------------------------------- gadget processes
@@ -410,6 +411,12 @@ class DistributedStage:
                 raise PipelineError(f"worker {address[0]}:{address[1]}: cannot connect: {exc}") from exc
             channel = Peer(self.session, sock, self.node.worker_config, self.header, self.emit,
                            f"worker {address[0]}:{address[1]} ({self.node.dimension} {key})")
+        elif len(self.channels) >= self.session.opts.local_channels:
+            # a bound on local gadget processes (a malformed stream could name 65536 slices): round robin, as
+            # channels go to workers; a chain's gadget reconstructs several index values one after another
+            channel = self._distinct()[len(self.channels) % self.session.opts.local_channels]
+            self.channels[key] = channel
+            return channel
         else:
             channel = Chain(self.session, self.node.nodes, self.emit)
             channel.start(self.header)
@@ -417,6 +424,9 @@ class DistributedStage:
             channel.put(list(self.noise))
         self.channels[key] = channel
         return channel
+
+    def _distinct(self) -> list:
+        return list({id(c): c for c in self.channels.values()}.values())
 
     def put(self, frames: List[Frame]) -> None:
         for frame in frames:
@@ -431,17 +441,17 @@ class DistributedStage:
         if head.flags & NOISE_BIT:
             frame = Frame(frame.mid, bytes(frame.raw))  # kept for the whole session: not a view into a buffer
             self.noise.append(frame)
-            for channel in self.channels.values():
+            for channel in self._distinct():
                 channel.put([frame])
             return
         key = int(getattr(head.idx, self.node.dimension))
         (self.channels.get(key) or self._open(key)).put([frame])
 
     def drain(self) -> None:
-        for channel in self.channels.values():
+        for channel in self._distinct():
             if isinstance(channel, Peer):
                 channel.finish()
-        for channel in self.channels.values():
+        for channel in self._distinct():
             if isinstance(channel, Peer):
                 channel.wait()
                 if not channel.closed_cleanly and not self.session.aborted.is_set():
@@ -450,7 +460,7 @@ class DistributedStage:
                 channel.drain()
 
     def abort(self) -> None:
-        for channel in self.channels.values():
+        for channel in self._distinct():
             channel.abort()
 
 

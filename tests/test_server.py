@@ -469,6 +469,31 @@ def test_distributed_without_workers_runs_the_inner_stream_locally(server, raw, 
         [(s, i) for s in (0, 1) for i in range(1, 7)]
 
 
+def test_distributed_locally_starts_at_most_local_channels_chains(raw, monkeypatch):
+    """Index values beyond ``local_channels`` share the chains round robin (a stream naming thousands of
+    slices must not fork thousands of gadget processes); every slice is still reconstructed."""
+    import copy
+
+    from dainr_app import server as server_module
+
+    monkeypatch.delenv("GADGETRON_REMOTE_WORKER_COMMAND", raising=False)
+    started = []
+    start = server_module.Chain.start
+    monkeypatch.setattr(server_module.Chain, "start", lambda self, header: (started.append(self), start(self, header)))
+    inner = small_pipeline()[len("<configuration><version>2</version><stream>"):-len("</stream></configuration>")]
+    xml = ("<configuration><version>2</version><stream><distributed><distributor>"
+           "<classname>AcquisitionDistributor</classname><property name='parallel_dimension' value='slice'/>"
+           f"</distributor><stream>{inner}</stream></distributed></stream></configuration>")
+    header, acqs = load(raw)
+    third = [copy.deepcopy(a) for a in acqs if a.idx.slice == 1 and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
+    for a in third:
+        a.idx.slice = 2
+    with running_server(local_channels=2) as srv:
+        res = replay(iter(acqs + third), header, ("127.0.0.1", srv.port), config_xml=xml)
+    assert res.errors == [] and sorted({im.slice for im in res.images[1]}) == [0, 1, 2]
+    assert len(res.images[1]) == 18 and len(started) == 1 + 2  # the session's chain and two local channels
+
+
 def test_session_queue_is_bounded_in_bytes():
     """A busy gadget back-pressures the client once --buffer-mb is queued, instead of growing memory."""
     from dainr_app.protocol import Frame

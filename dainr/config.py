@@ -87,8 +87,10 @@ class DAINRConfig:
       430 with 10 (30 visits are 8 steps there).  A short ``max_steps`` lowers the floor so that the
       decay schedule still fits twice into it (``dainr.recon.epoch_steps``): the demo's 300 steps keep
       its one-pass epochs of 12 steps (30.25 / 0.936; with 30-visit epochs 29.16 / 0.934).
-    * ``golden_angle`` defaults to the true golden angle (111.246°); ``"reference"``
-      reproduces the reference's 111.246-*radian* step (73.93° mod 180°) for paper comparisons.
+    * The golden angle is the acquisition's, not a fitting parameter: the library takes trajectories.
+      Where they are generated (``dainr.trajectory``, ``simulate``, and MRD readouts without ``acq.traj``)
+      the default is the true golden angle (111.246°); ``"reference"`` reproduces the reference's
+      111.246-*radian* step (73.93° mod 180°) for paper comparisons.
     * ``data_scale``: measured data are rescaled so the zero-filled image has its 99th
       magnitude percentile at 1 (the reference used raw simulated values).  Scanner data
       have arbitrary units; without this the fixed learning rate would not transfer.
@@ -175,7 +177,6 @@ class DAINRConfig:
     seed: int = 0
     # --- physics ---------------------------------------------------------------------
     nufft_backend: Literal["auto", "gather", "torchkbnufft", "finufft"] = "auto"
-    golden_angle: Literal["true", "reference"] = "true"
     coil_map_kernel: int = 7
     data_scale: Literal["p99", "none"] = "p99"
     # --- interpolation ---------------------------------------------------------------
@@ -214,7 +215,6 @@ class DAINRConfig:
         need(self.grid.num_levels >= 1 and self.grid.base_resolution >= 2, "grid levels/base resolution")
         need(self.grid.finest_resolution >= self.grid.base_resolution, "finest_resolution < base_resolution")
         need(0.0 <= self.dcf_power <= 2.0, "dcf_power must be in [0, 2]")
-        need(self.golden_angle in ("true", "reference"), f"unknown golden_angle {self.golden_angle!r}")
         need(self.nufft_backend in NUFFT_BACKENDS, f"unknown nufft_backend {self.nufft_backend!r}")
         need(self.grid.backend in ("auto", "torch", "tcnn"), f"unknown grid backend {self.grid.backend!r}")
         need(self.max_seconds is None or self.max_seconds > 0, "max_seconds must be > 0")

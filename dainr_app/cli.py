@@ -67,8 +67,7 @@ def config_from_args(args) -> DAINRConfig:
     changes = dict(device=args.device, seed=args.seed, spatial_ratio=args.sr_ratio, temporal_ratio=args.down_ratio,
                    progress=not args.quiet, use_deformation=not args.no_deformation,
                    cap_grid_at_matrix=not args.reference_grid, check_memory=not args.no_memory_check)
-    for name in ("use_features", "max_steps", "max_seconds", "frames_per_step", "holdout_spokes", "nufft_backend",
-                 "golden_angle"):
+    for name in ("use_features", "max_steps", "max_seconds", "frames_per_step", "holdout_spokes", "nufft_backend"):
         value = getattr(args, name, None)
         if value is not None:
             changes[name] = value
@@ -77,12 +76,13 @@ def config_from_args(args) -> DAINRConfig:
 
 def run_recon(raw: str, output: str, cfg: DAINRConfig, series: int = 1, preview: Optional[str] = None,
               output_type: str = "magnitude", truth: Optional[str] = None, group: str = "dataset",
-              spokes_per_frame: Optional[int] = None, quiet: bool = False) -> List[dict]:
+              spokes_per_frame: Optional[int] = None, quiet: bool = False,
+              golden_angle: Optional[str] = None) -> List[dict]:
     """Reconstruct every slice of an MRD raw file into MRD images; returns one summary per slice."""
     from .mrd import make_images, read_raw, write_images
     from .preview import write_preview
 
-    scan = read_raw(raw, group, spokes_per_frame)
+    scan = read_raw(raw, group, spokes_per_frame, golden_angle)
     truth_images = np.load(truth)["images"] if truth else None
     if os.path.exists(output):
         os.remove(output)
@@ -128,7 +128,7 @@ def cmd_recon(args) -> int:
     if truth is None and os.path.exists(truth_path(args.raw)):
         truth = truth_path(args.raw)
     run_recon(args.raw, args.output, cfg, args.series, args.preview, args.output_type, truth, args.group,
-              args.spokes_per_frame)
+              args.spokes_per_frame, golden_angle=args.golden_angle)
     print(f"wrote {args.output}" + (f" and {args.preview}" if args.preview else ""))
     return 0
 
@@ -351,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sr-ratio", type=_ratio, default=1.0, help="spatial interpolation: fit at N/ratio, query N")
     r.add_argument("--down-ratio", type=_positive_int, default=1, help="temporal interpolation: fit every r-th frame")
     r.add_argument("--nufft-backend", choices=NUFFT_BACKENDS)
-    r.add_argument("--golden-angle", choices=("true", "reference"))
+    r.add_argument("--golden-angle", choices=("true", "reference"),
+                   help="angle step for readouts without acq.traj (default: the header's, else the true golden angle)")
     r.add_argument("--features", dest="use_features", action=argparse.BooleanOptionalAction,
                    help="the reference's frozen CNN features of the neighbouring frames (default: off, see README)")
     r.add_argument("--no-deformation", action="store_true")

@@ -193,7 +193,10 @@ class ReconParameters:
     trajectory: str
 
     @classmethod
-    def from_header(cls, header, spokes_per_frame: Optional[int] = None) -> "ReconParameters":
+    def from_header(cls, header, spokes_per_frame: Optional[int] = None,
+                    golden_angle: Optional[str] = None) -> "ReconParameters":
+        """``golden_angle`` ("true" or "reference") overrides the header's angle step for readouts without
+        ``acq.traj``."""
         if not header.encoding:
             raise MRDFormatError("MRD header has no <encoding>")
         enc = header.encoding[0]
@@ -226,6 +229,8 @@ class ReconParameters:
             for p in desc.userParameterLong or []:
                 if p.name == SPOKES_PARAM and spokes_per_frame is None:
                     spokes_per_frame = _header_number(p.value, SPOKES_PARAM)
+        if golden_angle is not None:
+            step = angle_step(golden_angle)
         n_frames = int(phase.maximum) - _header_number(phase.minimum or 0, "phase minimum") + 1 if from_phase else None
         return cls(matrix, fov_mm, from_phase, n_frames, spokes_per_frame, step, traj)
 
@@ -305,10 +310,12 @@ def open_raw(path: str, group: str = "dataset") -> Tuple[str, int]:
     return (xml.decode("utf-8", errors="replace") if isinstance(xml, bytes) else xml), n_waveforms
 
 
-def read_raw(path: str, group: str = "dataset", spokes_per_frame: Optional[int] = None) -> RawScan:
-    """Read an MRD raw radial file into one :class:`RadialData` per slice (noise scans → prewhitening)."""
+def read_raw(path: str, group: str = "dataset", spokes_per_frame: Optional[int] = None,
+             golden_angle: Optional[str] = None) -> RawScan:
+    """Read an MRD raw radial file into one :class:`RadialData` per slice (noise scans → prewhitening);
+    ``golden_angle`` overrides the header's angle step where readouts carry no ``acq.traj``."""
     header = parse_header(open_raw(path, group)[0])
-    params = ReconParameters.from_header(header, spokes_per_frame)
+    params = ReconParameters.from_header(header, spokes_per_frame, golden_angle)
     noise, per_key = [], {}
     for acq in iter_acquisitions(path, group):
         if acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):

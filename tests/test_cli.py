@@ -105,7 +105,15 @@ def test_trajectory_from_golden_angle_index_matches_stored_traj(raw2, tmp_path):
     dst_path = _rewrite(raw2, str(tmp_path / "notraj.h5"), drop_traj)
     b = read_raw(dst_path).slices[(0, 0, 0, 0)].data
     assert torch.allclose(a.traj, b.traj, atol=1e-5) and torch.equal(a.kdata, b.kdata)
-    R = a.traj.shape[-2]
+    # `dainr recon --golden-angle reference`: the reference's 111.246-radian step instead of the header's
+    from dainr.trajectory import golden_angle_trajectory
+
+    ref = read_raw(dst_path, golden_angle="reference").slices[(0, 0, 0, 0)].data.traj
+    F_, S, R = ref.shape[:3]
+    assert torch.allclose(ref, golden_angle_trajectory(F_, S, R, "reference"), atol=1e-3)  # float32 angles
+    assert not torch.allclose(ref, a.traj, atol=1e-2)
+    assert cli.main(["recon", dst_path, "-o", str(tmp_path / "ref.h5"), "--golden-angle", "reference",
+                     "--steps", "2", "--quiet"]) == 0
     for centre in (R // 2, R // 2 - 5):  # the echo where the derived positions put it / an asymmetric echo
         def with_centre(acq):
             new = drop_traj(acq)

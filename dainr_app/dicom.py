@@ -29,6 +29,19 @@ def _first(meta, key, default=None):
     return value[0] if isinstance(value, list) and value else value
 
 
+def _magnitude(image) -> np.ndarray:
+    """The (y, x) magnitude of a single-channel 2D image; a clear error for anything this export would lose."""
+    data = np.asarray(image.data)
+    if data.ndim != 4 or data.shape[0] != 1 or data.shape[1] != 1:
+        raise ValueError(f"DICOM export takes single-channel 2D images; series {image.image_series_index} image "
+                         f"{image.image_index} has (channels, z, y, x) = {data.shape}")
+    mag = np.abs(data[0, 0].astype(np.complex64 if np.iscomplexobj(data) else np.float32))
+    if not np.isfinite(mag).all():
+        raise ValueError(f"series {image.image_series_index} image {image.image_index} (slice {image.slice}) has "
+                         f"{int((~np.isfinite(mag)).sum())} NaN/Inf pixels")
+    return mag
+
+
 def write_series(images: Sequence["ismrmrd.Image"], folder: str, study_uid: str, frame_uid: str,
                  description: str = "DA-INR") -> List[str]:
     """Write one series (images sharing ``image_series_index``) into ``folder``; returns the file paths."""
@@ -36,14 +49,15 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study_uid: str,
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+    # numbered in order within the series (MRD image_index restarts per slice, repetition, contrast, set)
+    images = sorted(images, key=lambda im: (im.slice, im.contrast, im.repetition, im.set, im.phase, im.image_index))
+    mags = [_magnitude(im) for im in images]
     os.makedirs(folder, exist_ok=True)
     series_uid = generate_uid()
-    mags = [np.abs(np.asarray(im.data, dtype=np.complex64 if np.iscomplexobj(im.data) else np.float32))[0, 0]
-            for im in images]
     peak = max(float(m.max()) for m in mags) if mags else 1.0
     slope = peak / 65535.0 if peak > 0 else 1.0
     paths = []
-    for im, mag in zip(images, mags):
+    for number, (im, mag) in enumerate(zip(images, mags), start=1):
         ny, nx = mag.shape
         fov = [float(v) for v in im.field_of_view]
         dx, dy = fov[0] / nx, fov[1] / ny
@@ -53,12 +67,12 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study_uid: str,
         fm.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
         fm.MediaStorageSOPInstanceUID = generate_uid()
         fm.TransferSyntaxUID = ExplicitVRLittleEndian
-        path = os.path.join(folder, f"IM_{im.image_index:05d}_s{im.slice:03d}.dcm")
+        path = os.path.join(folder, f"IM_{number:05d}_s{im.slice:03d}.dcm")
         ds = FileDataset(path, {}, file_meta=fm, preamble=b"\0" * 128)
         ds.SOPClassUID, ds.SOPInstanceUID = MR_IMAGE_STORAGE, fm.MediaStorageSOPInstanceUID
         ds.Modality, ds.ImageType = "MR", ["DERIVED", "PRIMARY", "M"]
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
-        ds.SeriesNumber, ds.InstanceNumber = int(im.image_series_index), int(im.image_index)
+        ds.SeriesNumber, ds.InstanceNumber = int(im.image_series_index), number
         ds.SeriesDescription = description
         ds.ImageComments = str(_first(_meta(im), "ImageComment", description))
         ds.PatientName, ds.PatientID = "DAINR^PHANTOM", "DAINR"

@@ -1,5 +1,6 @@
 import os
 
+import ismrmrd
 import numpy as np
 import pydicom
 import pytest
@@ -48,3 +49,32 @@ def test_dicom_command_converts_an_mrd_file(tmp_path, capsys):
     assert cli.main(["dicom", path, "-o", out]) == 0
     assert sorted(os.listdir(os.path.join(out, "series_004"))) == [f"IM_0000{i}_s002.dcm" for i in (1, 2, 3)]
     assert cli.main(["dicom", str(tmp_path / "missing.h5"), "-o", out]) == 2
+
+
+def test_images_of_several_slices_and_repetitions_get_their_own_files_and_numbers(tmp_path):
+    """MRD image_index restarts for every slice and repetition; no DICOM file may overwrite another."""
+    images = []
+    for repetition in (0, 1):
+        im = _images(7)[1]
+        for image in im:
+            image.repetition = repetition
+        images += im
+    paths = mrd_to_dicom({7: images}, str(tmp_path))[7]
+    assert len(set(paths)) == 6 and len(os.listdir(tmp_path / "series_007")) == 6
+    assert sorted(pydicom.dcmread(p).InstanceNumber for p in paths) == [1, 2, 3, 4, 5, 6]
+
+
+def _with_nan(im):
+    im.data[0, 0, 3, 4] = np.nan
+    return im
+
+
+@pytest.mark.parametrize("spoil, match", [
+    (_with_nan, "1 NaN/Inf pixels"),
+    (lambda im: ismrmrd.Image.from_array(np.ones((2, 1, 24, 32), np.float32)), "single-channel 2D"),  # 2 coils
+])
+def test_images_the_export_would_spoil_are_a_clear_error(tmp_path, spoil, match):
+    _, im = _images(5)
+    im[1] = spoil(im[1])
+    with pytest.raises(ValueError, match=match):
+        mrd_to_dicom({5: im}, str(tmp_path))

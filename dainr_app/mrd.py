@@ -209,6 +209,10 @@ class ReconParameters:
         fov_mm = tuple(_header_number(v, f"reconSpace fieldOfView_mm {a}", float) for a, v in zip("xyz", fov))
         if matrix < 8:
             raise MRDFormatError(f"reconSpace matrix {matrix} is too small")
+        matrix_y = _header_number(enc.reconSpace.matrixSize.y or matrix, "reconSpace matrixSize y")
+        if matrix_y != matrix or (fov_mm[1] > 0 and abs(fov_mm[1] - fov_mm[0]) > 0.01 * fov_mm[0]):
+            raise MRDFormatError(f"reconSpace is {matrix} x {matrix_y} pixels over {fov_mm[0]:g} x {fov_mm[1]:g} mm: "
+                                 "DA-INR reconstructs radial data on a square grid of square pixels")
         kz = _partitions(enc)
         if kz > 1:
             raise MRDFormatError(f"header encodes {kz} partitions (a 3D encoding): DA-INR reconstructs 2D radial "

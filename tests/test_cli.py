@@ -212,6 +212,12 @@ def test_header_without_phase_range_uses_spokes_per_frame():
     with pytest.raises(MRDFormatError, match="16 partitions"):
         ReconParameters.from_header(hdr, spokes_per_frame=5)
     hdr.encoding[0].encodedSpace.matrixSize.z = 1
+    for axis, size, match in (("matrixSize", 24, "32 x 24 pixels"), ("fieldOfView_mm", 240.0, "over 320 x 240 mm")):
+        original = getattr(hdr.encoding[0].reconSpace, axis).y
+        getattr(hdr.encoding[0].reconSpace, axis).y = size  # a rectangular grid would be labelled wrongly
+        with pytest.raises(MRDFormatError, match=match):
+            ReconParameters.from_header(hdr, spokes_per_frame=5)
+        getattr(hdr.encoding[0].reconSpace, axis).y = original
     hdr.encoding[0].trajectory = ismrmrd.xsd.trajectoryType.CARTESIAN  # radial only (tests/test_interop.py: C++ data)
     with pytest.raises(MRDFormatError, match="trajectory is 'cartesian'"):
         ReconParameters.from_header(hdr, spokes_per_frame=5)

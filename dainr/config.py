@@ -199,6 +199,14 @@ class DAINRConfig:
             if not cond:
                 raise ValueError(f"invalid DAINRConfig: {msg}")
 
+        for owner in (self, self.grid):
+            for f in dataclasses.fields(owner):
+                value = getattr(owner, f.name)
+                if f.type in ("int", "Optional[int]") and f.name != "temporal_ratio" and value is not None:
+                    need(isinstance(value, int) and not isinstance(value, bool), f"{f.name} must be an integer, got {value!r}")
+        need(min(self.deform_width, self.canonical_width, self.feature_channels, self.grid.features_per_level) >= 1,
+             "network widths, feature_channels and grid features_per_level must be >= 1")
+        need(min(self.freq_degree_xy, self.freq_degree_t) >= 0, "frequency encoding degrees must be >= 0")
         need(self.frames_per_step is None or self.frames_per_step >= 1, "frames_per_step must be >= 1 (or None = auto)")
         need(0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)")
         need(0 < self.lr_decay <= 1 and self.max_decays >= 0, "lr_decay must be in (0, 1] and max_decays >= 0")
@@ -207,7 +215,7 @@ class DAINRConfig:
         need(self.patience >= 1, "patience must be >= 1")
         need(self.min_epoch_frames >= 1, "min_epoch_frames must be >= 1")
         need(0 <= self.min_improvement < 1, "min_improvement must be in [0, 1)")
-        need(self.lr > 0, "lr must be > 0")
+        need(self.lr > 0 and math.isfinite(self.lr), "lr must be finite and > 0")
         need(self.spatial_ratio >= 1.0, "spatial_ratio must be >= 1 (fit low-res, query the full grid)")
         need(int(self.temporal_ratio) == self.temporal_ratio and self.temporal_ratio >= 1,
              "temporal_ratio must be an integer >= 1")
@@ -236,7 +244,11 @@ class DAINRConfig:
         if self.spatial_ratio <= 1:
             return matrix
         m = int(matrix / self.spatial_ratio)
-        return m + (m % 2)
+        m += m % 2
+        if m < 8:
+            raise ValueError(f"spatial_ratio {self.spatial_ratio:g} fits a {matrix}² scan at {m}², below the smallest "
+                             "matrix (8)")
+        return m
 
     def model_config(self, fit_matrix: int) -> "DAINRConfig":
         """The configuration the network is built with for a fit at ``fit_matrix``: ``cap_grid_at_matrix`` caps the

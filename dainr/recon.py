@@ -133,6 +133,9 @@ class Problem:
             self.scale = float(torch.quantile(zf.abs().flatten()[:: max(1, zf.numel() // 200000)], 0.99).clamp_min(1e-30))
         self.kdata = self.kdata / self.scale
         self.zero_filled = zf / self.scale
+        # outputs in the data units of the output grid: a pixel of the fitting grid covers (N/n)² output pixels,
+        # so its value is (N/n)² times theirs (spatial ×s: the k-space was cropped, not rescaled)
+        self.output_scale = self.scale * (self.matrix / self.out_matrix) ** 2
 
         self.feature_maps = None
         if cfg.use_features:
@@ -293,7 +296,7 @@ class Fitter:
                     low = self.model.canonical(warped, coords, p.features_for(sl, (n, n)))
                     img = up.antiring(img, low)
             frames.append(img.reshape(B, N, N).cpu())
-        return torch.cat(frames) * p.scale
+        return torch.cat(frames) * p.output_scale
 
 
 def epoch_steps(n_frames: int, batch: int, cfg: DAINRConfig) -> int:
@@ -388,7 +391,7 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
     )
     if device.type == "cuda":
         info["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
-    return ReconResult(images=images, zero_filled=(problem.zero_filled * problem.scale).cpu(),
+    return ReconResult(images=images, zero_filled=(problem.zero_filled * problem.output_scale).cpu(),
                        coil_maps=problem.coil_maps_in_data_space().cpu(), acquired_frames=problem.acquired, info=info,
                        lowres_images=lowres)
 
@@ -410,7 +413,7 @@ def zero_filled(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
     """Zero-filled (DCF gridding, coil-combined) images (F, N, N) in data units, no fitting."""
     cfg = (cfg or DAINRConfig()).replace(use_features=False, holdout_spokes=0, spatial_ratio=1.0, temporal_ratio=1)
     p = Problem(data, cfg, coil_maps, resolve_device(cfg.device))
-    return (p.zero_filled * p.scale).cpu()
+    return (p.zero_filled * p.output_scale).cpu()
 
 
 def upsample_bilinear(images: torch.Tensor, size: int) -> torch.Tensor:

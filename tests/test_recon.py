@@ -112,6 +112,10 @@ def test_spatial_interpolation_fits_low_res_and_queries_full_grid(small_scan, us
     assert res.lowres_images.shape == (8, 16, 16) and res.info["fit_matrix"] == 16
     assert res.coil_maps.shape[-1] == 16
     assert res.info["grid_finest_resolution"] == 16  # capped at the fitting matrix (cap_grid_at_matrix)
+    # in the units of the full-resolution data (not (32/16)² brighter): against the ×1 zero-filled images
+    full = zero_filled(small_scan.data, DAINRConfig(device="cpu")).abs().mean()
+    for images in (res.zero_filled, res.lowres_images, res.images):
+        assert 0.6 < float(images.abs().mean() / full) < 1.6  # 4× before; less aliasing energy at 16²
 
 
 def test_spatial_upsampling_geometry_is_the_fft_grid_of_the_cropped_k_space():
@@ -253,11 +257,19 @@ def test_fit_with_unequal_spokes_per_frame(small_scan):
     ("patience", 0, "patience must be >= 1"),
     ("nufft_backend", "bart", "unknown nufft_backend 'bart'"),
     ("max_steps", 0, "max_steps must be >= 1"),
+    ("max_steps", 2.5, "max_steps must be an integer, got 2.5"),
+    ("frames_per_step", 1.5, "frames_per_step must be an integer"),
+    ("grid_features_per_level", 0, "features_per_level must be >= 1"),
+    ("canonical_width", 0, "widths"),
+    ("freq_degree_xy", -1, "degrees must be >= 0"),
+    ("lr", float("inf"), "lr must be finite"),
 ])
 def test_config_rejects_bad_values(field, value, match):
     with pytest.raises(ValueError, match=match):
-        DAINRConfig(**{field: value})
+        DAINRConfig().replace(**{field: value})
     DAINRConfig(nufft_backend="gather", min_epoch_frames=1)  # the valid neighbours
+    with pytest.raises(ValueError, match="fits a 16² scan at 2², below the smallest matrix"):
+        DAINRConfig(spatial_ratio=9).fit_matrix(16)
 
 
 @pytest.mark.parametrize("spatial_ratio", [1.0, 2.0])

@@ -231,7 +231,8 @@ def test_nan_data_is_reported_per_slice_and_other_slices_survive(server, raw):
 def test_header_claiming_a_huge_matrix_is_refused_per_slice_not_by_the_oom_killer(server, raw):
     header, acqs = load(raw)
     recon_space = header.index("<reconSpace>")
-    huge = header[:recon_space] + header[recon_space:].replace("<x>32</x>", "<x>20000</x>", 1)
+    huge = header[:recon_space] + header[recon_space:].replace("<x>32</x>", "<x>20000</x>", 1).replace(
+        "<y>32</y>", "<y>20000</y>", 1)
     t0 = time.monotonic()
     frames = _expect_error(server, stream(ConfigText(small_pipeline()), huge, acqs), "matrix 20000")
     assert time.monotonic() - t0 < 60 and images(frames) == []

@@ -31,6 +31,8 @@ SKIP_FLAGS = (ismrmrd.ACQ_IS_NAVIGATION_DATA, ismrmrd.ACQ_IS_PHASECORR_DATA, ism
               ismrmrd.ACQ_IS_RTFEEDBACK_DATA, ismrmrd.ACQ_IS_HPFEEDBACK_DATA,
               ismrmrd.ACQ_IS_SURFACECOILCORRECTIONSCAN_DATA, ismrmrd.ACQ_IS_PHASE_STABILIZATION,
               ismrmrd.ACQ_IS_PHASE_STABILIZATION_REFERENCE)
+RADIAL_TRAJECTORIES = ("radial", "goldenangle")  # angles derivable from the spoke index when acq.traj is absent
+ACCEPTED_TRAJECTORIES = RADIAL_TRAJECTORIES + ("other",)  # the ramp DCF is radial; "other" needs acq.traj
 
 
 def is_skipped(acq: ismrmrd.Acquisition) -> bool:
@@ -39,8 +41,6 @@ def is_skipped(acq: ismrmrd.Acquisition) -> bool:
         return True
     return acq.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION) and not acq.is_flag_set(
         ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
-RADIAL_TRAJECTORIES = ("radial", "goldenangle")  # angles derivable from the spoke index when acq.traj is absent
-ACCEPTED_TRAJECTORIES = RADIAL_TRAJECTORIES + ("other",)  # the ramp DCF is radial; "other" needs acq.traj
 
 
 class MRDFormatError(ValueError):

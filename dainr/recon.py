@@ -95,8 +95,8 @@ class Problem:
         self.omega = omega_from_traj(traj.reshape(Fa, S * R, 2))  # (Fa, 2, M)
         self.kdata = kdata.reshape(Fa, C, S * R)
         sample_valid = spoke_mask[:, :, None].expand(Fa, S, R)
-        self.dcf = ramp_dcf(traj) * sample_valid / spoke_mask.sum(1).clamp_min(1)[:, None, None].float()
-        self.dcf = self.dcf.reshape(Fa, S * R)
+        counts = spoke_mask.sum(1).clamp_min(1).float()
+        self.dcf = (ramp_dcf(traj) * sample_valid).reshape(Fa, S * R) / counts[:, None]  # per frame: one image scale
         # held-out spokes: never in the loss, only in the stopping rule
         holdout = torch.zeros(Fa, S, dtype=torch.bool, device=device)
         if cfg.holdout_spokes > 0:
@@ -109,8 +109,10 @@ class Problem:
         self.has_holdout = bool(holdout.any())
         self.train_w = (spoke_mask & ~holdout)[:, :, None].expand(Fa, S, R).reshape(Fa, S * R).float()
         self.hold_w = holdout[:, :, None].expand(Fa, S, R).reshape(Fa, S * R).float()
-        # gradient weighting (reference: the ramp DCF, normalised to a mean of 1 over the samples)
-        grad_w = self.dcf.clamp_min(0) ** cfg.dcf_power * self.train_w
+        # gradient weighting (reference: the ramp DCF, normalised to a mean of 1 over the samples), without the
+        # division by the frame's spoke count, which the loss's mean over the frame's samples already makes
+        # (exactly the previous weights when every frame has as many spokes)
+        grad_w = (self.dcf.clamp_min(0) * (counts / counts.mean())[:, None]) ** cfg.dcf_power * self.train_w
         self.dcf_grad = grad_w / (grad_w.sum() / self.train_w.sum().clamp_min(1)).clamp_min(1e-30)
 
         if coil_maps is None:

@@ -247,6 +247,13 @@ def test_fit_with_unequal_spokes_per_frame(small_scan):
     traj = d.traj.reshape(-1, *d.traj.shape[-2:])[:-4]
     data = frames_from_spokes(spokes, traj, None, 32, spokes_per_frame=9, noise=d.noise)
     assert data.spoke_mask.sum(1).tolist() == [9] * 7 + [5]
+    # a sample's gradient weight does not depend on how many spokes its frame has (the per-frame loss mean
+    # already scales by them; dividing the weights too gave the 5-spoke frame 9/5 of the others' weight)
+    from dainr.recon import Problem
+
+    p = Problem(data, DAINRConfig(device="cpu", holdout_spokes=0), None, torch.device("cpu"))
+    per_sample = p.dcf_grad.sum(1) / p.train_w.sum(1)
+    assert torch.allclose(per_sample, per_sample.mean(), rtol=1e-3), per_sample
     res = reconstruct(data, DAINRConfig(max_steps=60, device="cpu"))
     assert res.images.shape == (8, 32, 32) and torch.isfinite(torch.view_as_real(res.images)).all()
     assert psnr_ssim(res.images, small_scan.ground_truth)["psnr"] > psnr_ssim(res.zero_filled, small_scan.ground_truth)["psnr"]

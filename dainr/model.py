@@ -87,14 +87,16 @@ class GridUpsampling:
     """Where the pixels of an ``N``² output grid lie on an ``n``² fitted grid of the same FOV (spatial ×s).
 
     Both are FFT grids: the fit sees k-space cropped to its central ``n`` samples, so fitted pixel ``i`` sits
-    at ``(i − n/2)`` fitted pixels from the centre, the same point as output pixel ``i·N/n``.  Output pixel
-    ``p`` is therefore at ``u = p·n/N`` fitted pixels (pixel 0 and the centre coincide).  Corner alignment
-    (``linspace``, ``align_corners=True``) would misplace the output by up to a pixel towards the far edges.
+    at ``(i − n//2)`` fitted pixels from the centre (pixel ``n//2``, as the NUFFT places it), the same point as
+    output pixel ``(i − n//2)·N/n + N//2``.  Output pixel ``p`` is therefore at ``u = (p − N//2)·n/N + n//2``
+    fitted pixels (for even sizes ``p·n/N``: pixel 0 and the centre coincide; for an odd ``N`` the centre
+    pixels do).  Corner alignment (``linspace``, ``align_corners=True``) would misplace the output by up to a
+    pixel towards the far edges.
     """
 
     def __init__(self, n: int, N: int, device=None):
         self.n, self.N = n, N
-        u = torch.arange(N, device=device, dtype=torch.float32) * (n / N)
+        u = (torch.arange(N, device=device, dtype=torch.float32) - N // 2) * (n / N) + n // 2
         i0 = u.floor().long().clamp(max=n - 1)
         w = u - u.floor()
         self.taps = ((i0, 1 - w), ((i0 + 1).clamp(max=n - 1), w))  # 1-D bilinear taps (index, weight)

@@ -131,6 +131,8 @@ def test_spatial_upsampling_geometry_is_the_fft_grid_of_the_cropped_k_space():
     assert torch.equal(up.bilinear(x)[:, ::2, ::2], x)
     assert torch.allclose(up.bilinear(x)[:, 1:-1:2, ::2], (x[:, :-1] + x[:, 1:]) / 2)
     assert torch.allclose(up.xy.reshape(32, 32, 2)[::2, ::2].reshape(-1, 2), pixel_grid(16, 16))
+    odd = GridUpsampling(16, 33)  # an odd output matrix: the NUFFT's centre pixels (33 // 2, 16 // 2) coincide
+    assert torch.allclose(odd.bilinear(x)[:, 16, 16], x[:, 8, 8])
 
     scan = simulate(matrix=32, frames=2, spokes=48, coils=4, noise_level=0.0, n_noise_samples=0)
     scan.data.noise = None

@@ -167,7 +167,7 @@ def cmd_demo(args) -> int:
         raise ValueError(f"the server reported: {res.errors or 'no images'}")
     out, gif, dicom = (os.path.join(args.outdir, f) for f in ("images.h5", "preview.gif", "dicom"))
     save_images(res.images, out, "dataset")
-    written = mrd_to_dicom(res.images, dicom)
+    written = mrd_to_dicom(res.images, dicom, header)
     frames = np.stack([im.data[0, 0] for im in sorted(res.images[1], key=lambda im: im.image_index)])
     truth = np.load(truth_path(raw))["images"][0]
     zf = zero_filled(next(iter(read_raw(raw).slices.values())).data).numpy()
@@ -295,7 +295,7 @@ def cmd_replay(args) -> int:
     if args.dicom and res.images:
         from .dicom import mrd_to_dicom
 
-        written = mrd_to_dicom(res.images, args.dicom)
+        written = mrd_to_dicom(res.images, args.dicom, header)  # the raw data's patient and study
         print("wrote DICOM: " + ", ".join(f"series {s}: {len(p)} files" for s, p in sorted(written.items()))
               + f" under {args.dicom}")
     for text in res.errors:

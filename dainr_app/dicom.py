@@ -8,7 +8,7 @@ the rescaled values (and the window from the meta) are in the image's own units.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -42,9 +42,43 @@ def _magnitude(image) -> np.ndarray:
     return mag
 
 
-def write_series(images: Sequence["ismrmrd.Image"], folder: str, study_uid: str, frame_uid: str,
-                 description: str = "DA-INR") -> List[str]:
-    """Write one series (images sharing ``image_series_index``) into ``folder``; returns the file paths."""
+def _dicom_date(value) -> str:
+    return str(value or "").replace("-", "")[:8]
+
+
+def study_attributes(header: Optional[str]) -> Dict[str, str]:
+    """Patient, study and frame-of-reference attributes from the raw data's MRD header (``subjectInformation``,
+    ``studyInformation``, ``measurementInformation``), so the images file with their source study; new UIDs and
+    empty type-2 values where the header has none."""
+    from pydicom.uid import generate_uid
+
+    from .mrd import parse_header
+
+    hdr = parse_header(header) if header else None
+    subject = getattr(hdr, "subjectInformation", None)
+    study = getattr(hdr, "studyInformation", None)
+    measurement = getattr(hdr, "measurementInformation", None)
+    get = lambda obj, name: getattr(obj, name, None) if obj is not None else None  # noqa: E731
+    gender = get(subject, "patientGender")
+    time = str(get(study, "studyTime") or "").replace(":", "").split(".")[0]
+    position = get(measurement, "patientPosition")
+    return dict(
+        PatientName=str(get(subject, "patientName") or "DAINR^ANONYMOUS"), PatientID=str(get(subject, "patientID") or ""),
+        PatientBirthDate=_dicom_date(get(subject, "patientBirthdate")),
+        PatientSex={"M": "M", "F": "F", "O": "O"}.get(str(getattr(gender, "value", gender) or "")[:1].upper(), ""),
+        StudyInstanceUID=str(get(study, "studyInstanceUID") or generate_uid()),
+        StudyDate=_dicom_date(get(study, "studyDate")), StudyTime=time, StudyID=str(get(study, "studyID") or ""),
+        AccessionNumber=str(get(study, "accessionNumber") or ""),
+        ReferringPhysicianName=str(get(study, "referringPhysicianName") or ""),
+        StudyDescription=str(get(study, "studyDescription") or ""),
+        FrameOfReferenceUID=str(get(measurement, "frameOfReferenceUID") or generate_uid()),
+        PatientPosition=str(getattr(position, "value", position) or ""),
+    )
+
+
+def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str, str]) -> List[str]:
+    """Write one series (images sharing ``image_series_index``) into ``folder``; returns the file paths.
+    ``study``: :func:`study_attributes`; the series is described by its images' ``ImageComment``."""
     import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -54,6 +88,7 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study_uid: str,
     mags = [_magnitude(im) for im in images]
     os.makedirs(folder, exist_ok=True)
     series_uid = generate_uid()
+    description = str(_first(_meta(images[0]), "ImageComment", "DA-INR")) if images else "DA-INR"
     peak = max(float(m.max()) for m in mags) if mags else 1.0
     slope = peak / 65535.0 if peak > 0 else 1.0
     paths = []
@@ -71,11 +106,13 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study_uid: str,
         ds = FileDataset(path, {}, file_meta=fm, preamble=b"\0" * 128)
         ds.SOPClassUID, ds.SOPInstanceUID = MR_IMAGE_STORAGE, fm.MediaStorageSOPInstanceUID
         ds.Modality, ds.ImageType = "MR", ["DERIVED", "PRIMARY", "M"]
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+        for key, value in study.items():
+            setattr(ds, key, value)
+        ds.SeriesInstanceUID = series_uid
         ds.SeriesNumber, ds.InstanceNumber = int(im.image_series_index), number
         ds.SeriesDescription = description
         ds.ImageComments = str(_first(_meta(im), "ImageComment", description))
-        ds.PatientName, ds.PatientID = "DAINR^PHANTOM", "DAINR"
+        ds.ScanningSequence, ds.SequenceVariant = "GR", "NONE"  # type 1 in MR Image; radial gradient echo
         ds.Rows, ds.Columns = ny, nx
         ds.PixelSpacing = [f"{dy:.6g}", f"{dx:.6g}"]  # row spacing, column spacing
         ds.SliceThickness = f"{fov[2]:.6g}"
@@ -95,10 +132,10 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study_uid: str,
     return paths
 
 
-def mrd_to_dicom(images_by_series: Dict[int, Sequence["ismrmrd.Image"]], outdir: str) -> Dict[int, List[str]]:
-    """Every series to ``outdir/series_<n>/``; one study and frame of reference for the file."""
-    from pydicom.uid import generate_uid
-
-    study, frame = generate_uid(), generate_uid()
-    return {series: write_series(imgs, os.path.join(outdir, f"series_{series:03d}"), study, frame)
+def mrd_to_dicom(images_by_series: Dict[int, Sequence["ismrmrd.Image"]], outdir: str,
+                 header: Optional[str] = None) -> Dict[int, List[str]]:
+    """Every series to ``outdir/series_<n>/``, in one study and frame of reference: the raw data's (its MRD
+    ``header`` text, when given), else new ones."""
+    study = study_attributes(header)
+    return {series: write_series(imgs, os.path.join(outdir, f"series_{series:03d}"), study)
             for series, imgs in sorted(images_by_series.items())}

@@ -78,3 +78,24 @@ def test_images_the_export_would_spoil_are_a_clear_error(tmp_path, spoil, match)
     im[1] = spoil(im[1])
     with pytest.raises(ValueError, match=match):
         mrd_to_dicom({5: im}, str(tmp_path))
+
+
+def test_patient_and_study_come_from_the_raw_header(tmp_path):
+    from ismrmrd import xsd
+    from xsdata.models.datatype import XmlDate
+
+    from dainr_app.mrd import build_header
+
+    hdr = build_header(32, 64, 2, 6, 10, 1)
+    hdr.subjectInformation = xsd.subjectInformationType(patientName="DOE^JANE", patientID="P123",
+                                                        patientBirthdate=XmlDate(1970, 5, 17),
+                                                        patientGender="F")
+    hdr.studyInformation = xsd.studyInformationType(studyInstanceUID="1.2.3.4", accessionNumber=42)
+    _, im = _images(3)
+    paths = mrd_to_dicom({3: im}, str(tmp_path), xsd.ToXML(hdr))[3]
+    ds = pydicom.dcmread(paths[0])
+    assert (str(ds.PatientName), ds.PatientID, ds.PatientBirthDate, ds.PatientSex) == ("DOE^JANE", "P123", "19700517", "F")
+    assert ds.StudyInstanceUID == "1.2.3.4" and ds.AccessionNumber == "42" and ds.StudyDate == ""
+    assert ds.SeriesDescription == "DA-INR" and ds.ScanningSequence == "GR"
+    anonymous = pydicom.dcmread(mrd_to_dicom({3: im}, str(tmp_path / "no_header"))[3][0])  # no header: new UIDs
+    assert anonymous.PatientID == "" and anonymous.StudyInstanceUID not in ("", "1.2.3.4")

@@ -20,7 +20,11 @@ REFERENCE_ANGLE_RAD = 111.246
 
 @dataclass
 class GridConfig:
-    """Multiresolution grid ("hash") encoding of the deformed coordinate (torch-ngp ``GridEncoder``)."""
+    """Multiresolution grid ("hash") encoding of the deformed coordinate (torch-ngp ``GridEncoder``).
+
+    ``backend``: ``torch`` is the reference's encoding on any device; ``tcnn`` (tiny-cuda-nn, CUDA only) is a
+    different function of the same size (hashed fine levels, its own initialisation: see
+    :class:`~dainr.encodings.TcnnGridEncoding`); ``auto`` picks ``tcnn`` on CUDA where it imports."""
 
     num_levels: int = 16
     features_per_level: int = 2

@@ -60,12 +60,13 @@ def study_attributes(header: Optional[str]) -> Dict[str, str]:
     measurement = getattr(hdr, "measurementInformation", None)
     get = lambda obj, name: getattr(obj, name, None) if obj is not None else None  # noqa: E731
     gender = get(subject, "patientGender")
+    sex = str(getattr(gender, "value", gender) or "")[:1].upper()
     time = str(get(study, "studyTime") or "").replace(":", "").split(".")[0]
     position = get(measurement, "patientPosition")
     return dict(
         PatientName=str(get(subject, "patientName") or "DAINR^ANONYMOUS"), PatientID=str(get(subject, "patientID") or ""),
         PatientBirthDate=_dicom_date(get(subject, "patientBirthdate")),
-        PatientSex={"M": "M", "F": "F", "O": "O"}.get(str(getattr(gender, "value", gender) or "")[:1].upper(), ""),
+        PatientSex=sex if sex in ("M", "F", "O") else "",
         StudyInstanceUID=str(get(study, "studyInstanceUID") or generate_uid()),
         StudyDate=_dicom_date(get(study, "studyDate")), StudyTime=time, StudyID=str(get(study, "studyID") or ""),
         AccessionNumber=str(get(study, "accessionNumber") or ""),
@@ -111,7 +112,8 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str
         ds.SeriesInstanceUID = series_uid
         ds.SeriesNumber, ds.InstanceNumber = int(im.image_series_index), number
         ds.SeriesDescription = description
-        ds.ImageComments = str(_first(_meta(im), "ImageComment", description))
+        meta = _meta(im)
+        ds.ImageComments = str(_first(meta, "ImageComment", description))
         ds.ScanningSequence, ds.SequenceVariant = "GR", "NONE"  # type 1 in MR Image; radial gradient echo
         ds.Rows, ds.Columns = ny, nx
         ds.PixelSpacing = [f"{dy:.6g}", f"{dx:.6g}"]  # row spacing, column spacing
@@ -123,7 +125,6 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = f"{slope:.10g}", "0", "US"
-        meta = _meta(im)
         if _first(meta, "WindowCenter") is not None and _first(meta, "WindowWidth") is not None:
             ds.WindowCenter, ds.WindowWidth = str(_first(meta, "WindowCenter")), str(_first(meta, "WindowWidth"))
         ds.PixelData = np.round(mag / slope).clip(0, 65535).astype("<u2").tobytes()

@@ -22,10 +22,7 @@ def serve(port: int, connections: Optional[int] = None) -> None:
     import torch
     from gadgetron.external.connection import Connection
 
-    from .connection_eof import raise_on_eof
-    from .dainr_gadget import dainr_recon
-
-    raise_on_eof()  # a client that leaves without CLOSE (or a port probe) must not wedge this process
+    from .dainr_gadget import dainr_recon  # its import makes a closed connection raise (connection_eof)
     server = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)  # dual stack: IPv4 clients too
     try:
         server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -68,6 +68,16 @@ def test_holdout_rule_decays_lr_then_stops_and_restores_best(small_scan):
     assert min(h[2] for h in info["history"]) >= at_best * (1 - 0.05)
 
 
+def test_holdout_residual_is_a_mean_over_frames_not_over_the_epochs_visits(small_scan):
+    """Epochs of 11 visits over 8 frames visit different frames, whose residuals differ: with the model held
+    still (a vanishing lr) every epoch must still report the same number, the mean of the frames' residuals."""
+    cfg = DAINRConfig(max_steps=55, min_steps=55, lr=1e-12, min_epoch_frames=11, patience=2, max_decays=0, device="cpu")
+    history = reconstruct(small_scan.data, cfg).info["history"]
+    res = np.array([h[2] for h in history])
+    assert [h[0] for h in history] == [11, 22, 33, 44, 55]
+    assert np.ptp(res) < 1e-5 * res.mean(), res
+
+
 def test_callback_previews_and_stop(small_scan):
     seen = []
 

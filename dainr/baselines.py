@@ -76,7 +76,9 @@ def temporal_tv(data: RadialData, lam: float = 0.02, iterations: int = 100, cfg:
 
     norm = 1.0
     with torch.no_grad():
-        v = torch.randn_like(p.zero_filled)
+        # power iteration for ‖A‖ from a fixed start: the step sizes, hence the images, are reproducible
+        v = torch.randn(p.zero_filled.shape, dtype=p.zero_filled.dtype, generator=torch.Generator().manual_seed(0))
+        v = v.to(p.zero_filled.device)
         for _ in range(power_iterations):
             v = AH(A(v))
             norm_a2 = float(torch.linalg.vector_norm(v))
@@ -85,7 +87,7 @@ def temporal_tv(data: RadialData, lam: float = 0.02, iterations: int = 100, cfg:
         L = math.sqrt(1.0 + 4.0)
         sigma = tau = 1.0 / L
         y = p.kdata * sqrt_w / norm
-        x = p.zero_filled.clone()
+        x = p.zero_filled_from(p.train_w)  # held-out spokes judge λ: they must not seed the image either
         x_bar = x.clone()
         dual_k = torch.zeros_like(y)
         dual_t = torch.zeros_like(x[1:])

@@ -123,13 +123,7 @@ class Problem:
             coil_maps = apply_prewhitener(coil_maps.to(device, torch.complex64), self.whitener, coil_dim=0)
         self.op = MulticoilNUFFT(coil_maps.to(device, torch.complex64), backend=cfg.nufft_backend)
 
-        # zero-filled images, calibrated so that A(zf) best matches the data, then the data scale
-        zf = self._batched(lambda sl: self.op.adjoint(self.kdata[sl], self.omega[sl], self.dcf[sl]))
-        pred = self._batched(lambda sl: self.op.forward(zf[sl], self.omega[sl]))
-        w = self.train_w[:, None, :] + self.hold_w[:, None, :]
-        num = (pred.conj() * self.kdata * w).sum().real
-        den = (pred.abs() ** 2 * w).sum().clamp_min(1e-30)
-        zf = zf * (num / den)
+        zf = self.zero_filled_from(self.train_w + self.hold_w)
         self.scale = 1.0
         if cfg.data_scale == "p99":
             self.scale = float(torch.quantile(zf.abs().flatten()[:: max(1, zf.numel() // 200000)], 0.99).clamp_min(1e-30))
@@ -153,6 +147,14 @@ class Problem:
         if self.whitener is None:
             return maps
         return apply_prewhitener(maps, torch.linalg.inv(self.whitener), coil_dim=0)
+
+    def zero_filled_from(self, w: torch.Tensor) -> torch.Tensor:
+        """Zero-filled images (F_acq, n, n) of the samples weighted by ``w`` (F_acq, M), DCF gridding calibrated
+        so that A(zf) best matches those samples (least squares, one scalar)."""
+        zf = self._batched(lambda sl: self.op.adjoint(self.kdata[sl], self.omega[sl], self.dcf[sl] * w[sl]))
+        pred = self._batched(lambda sl: self.op.forward(zf[sl], self.omega[sl]))
+        w = w[:, None, :]
+        return zf * ((pred.conj() * self.kdata * w).sum().real / (pred.abs() ** 2 * w).sum().clamp_min(1e-30))
 
     def _batched(self, fn: Callable, batch: int = 8) -> torch.Tensor:
         return torch.cat([fn(slice(i, i + batch)) for i in range(0, self.n_acq, batch)])

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -6,7 +8,7 @@ from dainr import DAINRConfig, RadialData, reconstruct, zero_filled
 from dainr.baselines import cg_sense, cg_sense_holdout_iterations, temporal_tv
 from dainr.data import frames_from_spokes
 from dainr.metrics import psnr_ssim
-from dainr.recon import epoch_steps
+from dainr.recon import Problem, epoch_steps
 
 FAST = dict(max_steps=120, device="cpu", holdout_spokes=1, patience=100)
 
@@ -191,6 +193,18 @@ def test_temporal_tv_improves_on_zero_filled(small_scan):
     tv = psnr_ssim(out["images"], small_scan.ground_truth)["psnr"]
     zf = psnr_ssim(zero_filled(small_scan.data), small_scan.ground_truth)["psnr"]
     assert tv > zf + 2
+
+
+def test_temporal_tv_images_do_not_see_the_held_out_spokes(small_scan):
+    """λ is judged on the held-out spokes, so they must neither enter the data term nor seed the starting image."""
+    data, maps = small_scan.data, torch.from_numpy(small_scan.coil_maps)
+    cfg = DAINRConfig(device="cpu", data_scale="none", use_features=False)
+    F, C, S, R = data.kdata.shape
+    hold = Problem(data, cfg.replace(holdout_spokes=1), maps, torch.device("cpu")).hold_w.reshape(F, S, R)[:, :, 0] > 0
+    changed = dataclasses.replace(data, kdata=torch.where(hold[:, None, :, None], 3 * data.kdata, data.kdata))
+    a, b = (temporal_tv(d, lam=0.01, iterations=20, cfg=cfg, coil_maps=maps, holdout_spokes=1) for d in (data, changed))
+    assert torch.allclose(a["images"], b["images"], rtol=0, atol=1e-5 * float(a["images"].abs().max()))
+    assert b["holdout_residual"] > 1.5 * a["holdout_residual"]
 
 
 def test_cg_sense_converges_and_its_iteration_count_needs_no_ground_truth(small_scan):

@@ -37,6 +37,7 @@ class ReplayResult:
     errors: List[str] = field(default_factory=list)
     texts: List[str] = field(default_factory=list)
     returned: int = 0                     # non-image data messages sent back (pass-through pipelines)
+    undecodable: int = 0                  # IMAGE messages that ismrmrd could not decode (each also in errors)
     sent: int = 0
     readouts: int = 0
     send_seconds: float = 0.0             # until CLOSE was flushed
@@ -162,7 +163,13 @@ def replay(items, header: str, address: Tuple[str, int], config: Optional[str] =
             if frame.mid == CLOSE:
                 break
             if frame.mid == IMAGE:
-                image = frame.decode()
+                try:
+                    image = frame.decode()
+                except Exception as exc:  # one bad image must not cost the others already received
+                    res.errors.append(f"image message {res.n_images + res.undecodable + 1} could not be decoded "
+                                      f"and was skipped: {exc!r}")
+                    res.undecodable += 1
+                    continue
                 now = time.monotonic() - t0
                 res.images.setdefault(image.image_series_index, []).append(image)
                 timing = res.slices.setdefault(_image_key(image), SliceTiming())

@@ -1,4 +1,5 @@
 """The embedded server: sessions, pipelines, bad input, concurrency, shutdown, stream mode, fuzzing."""
+import ctypes
 import os
 import random
 import signal
@@ -81,6 +82,27 @@ def test_replay_of_a_file_that_fails_mid_way_ends_at_once_with_the_reason(server
     assert time.monotonic() - t0 < 30 and res.sent == 30
     assert "replay stopped after 30 items" in res.errors[0] and "B-tree" in res.errors[0], res.errors
     assert replay(iter(acqs), header, ("127.0.0.1", server.port), config_xml=small_pipeline()).errors == []
+
+
+def test_replay_keeps_the_images_around_one_it_cannot_decode(raw):
+    """A server that sends an image ismrmrd cannot decode (an attribute string that is not UTF-8) between two
+    good ones: replay reports it and keeps both good images."""
+    header = open_raw(raw)[0]
+    good = [ismrmrd.Image.from_array(np.full((4, 4), v, np.float32)) for v in (1, 2)]
+    raw_good = [encode(im) for im in good]
+    cut = 2 + ctypes.sizeof(ismrmrd.ImageHeader)  # message id + image header, then the attribute length
+    bad = raw_good[0][:cut] + struct.pack("<Q", 2) + b"\xff\xfe" + raw_good[0][cut + 8:]
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def serve():
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(raw_good[0] + bad + raw_good[1] + struct.pack("<H", CLOSE))
+                conn.recv(1 << 16)
+
+        threading.Thread(target=serve, daemon=True).start()
+        res = replay(iter([]), header, listener.getsockname(), config="x", timeout=30)
+    assert [float(im.data.max()) for im in res.images[0]] == [1.0, 2.0]
+    assert res.undecodable == 1 and len(res.errors) == 1 and "image message 2 could not be decoded" in res.errors[0]
 
 
 def test_next_slice_is_accepted_while_the_previous_one_reconstructs(server, raw):

@@ -17,6 +17,7 @@ import collections
 import json
 import logging
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -514,9 +515,11 @@ class Stats:
 
 
 def run_session(session: Session, next_frames: Callable[[], List[Frame]], pipeline: Pipeline, header: str,
-                stats: Stats, on_disconnect: Callable[[], bool] = lambda: False) -> None:
+                stats: Stats, on_disconnect: Callable[[], bool] = lambda: False,
+                on_close: Callable[[], None] = lambda: None) -> None:
     """Start the pipeline, relay the client's messages into it until CLOSE, then drain its output.
-    ``next_frames`` returns the next message, or a run of acquisitions (:meth:`FrameReader.frames`).
+    ``next_frames`` returns the next message, or a run of acquisitions (:meth:`FrameReader.frames`);
+    ``on_close`` is called when the client's CLOSE arrives, before the drain.
 
     A bad message ends the input with an ERROR; what arrived before it is still processed and returned,
     unless the client is gone (``on_disconnect`` says so), in which case the gadgets are stopped."""
@@ -532,6 +535,7 @@ def run_session(session: Session, next_frames: Callable[[], List[Frame]], pipeli
             frames = next_frames()
             frame = frames[0]
             if frame.mid == CLOSE:
+                on_close()
                 break
             if frame.mid in DATA_IDS:
                 stats.received += len(frames)
@@ -681,6 +685,7 @@ class Server:
         session = Session(self.opts, out, label, self.launcher)
         stats = Stats()
         pipeline_name = "?"
+        closed = threading.Event()  # the session is over: stops the watch after the client's CLOSE
         with self.lock:
             busy = len(self.sessions) >= self.opts.max_connections
             if not busy:
@@ -700,7 +705,10 @@ class Server:
             except (ProtocolError, PipelineError, StreamEnded, OSError) as exc:
                 session.error(str(exc) if not isinstance(exc, socket.timeout) else "no configuration received")
                 return
-            run_session(session, reader.frames, pipeline, header, stats, on_disconnect=lambda: _client_gone(conn))
+            watch = threading.Thread(target=_watch_after_close, args=(conn, reader, session, closed),
+                                     daemon=True)
+            run_session(session, reader.frames, pipeline, header, stats, on_disconnect=lambda: _client_gone(conn),
+                        on_close=watch.start)
         except Exception as exc:  # never let one session take the server down
             log.exception("%s: internal error", label)
             session.error(f"internal server error: {exc!r}")
@@ -714,11 +722,33 @@ class Server:
             with self.lock:
                 self.sessions.pop(session, None)
                 self.history.append(summary)
+            closed.set()
             out.close()
             conn.close()
             log.info("%s pipeline=%s: %d messages in (%d acquisitions), %d out, %d error(s), %.2f s%s", label,
                      pipeline_name, stats.received, stats.acquisitions, session.sent, len(session.errors),
                      summary["seconds"], " [aborted]" if summary["aborted"] else "")
+
+
+def _watch_after_close(conn: socket.socket, reader: FrameReader, session: Session, closed: threading.Event) -> None:
+    """While the images of a closed stream are still coming: anything the client sends after its CLOSE is
+    reported (one ERROR) and discarded.  Its end of stream ends the watch: it may have shut only its sending
+    side and still be reading."""
+    pending, reported = reader.buffered > 0, False  # (bytes the reader received beyond CLOSE)
+    while True:
+        if pending and not reported:
+            session.error("data after CLOSE ignored: CLOSE must be the client's last message")
+            reported = True
+        if closed.is_set():
+            return
+        try:
+            if not select.select([conn], [], [], 0.2)[0]:
+                continue
+            pending = bool(conn.recv(1 << 16))
+        except (OSError, ValueError):  # the session closed the socket meanwhile
+            return
+        if not pending:
+            return
 
 
 def _client_gone(conn: socket.socket) -> bool:

@@ -215,6 +215,25 @@ def test_unknown_message_id_after_data_keeps_what_was_received(server, raw):
     assert sum(f.mid == ACQUISITION for f in frames) == 4  # nothing received is silently dropped
 
 
+def test_data_after_close_gets_an_error_and_the_stream_before_it_is_kept(server, raw):
+    header, acqs = load(raw)
+    # sent with the rest: already in the server's receive buffer when CLOSE is read
+    frames = _expect_error(server, stream(ConfigFile("passthrough"), header, acqs[:4]) + encode(acqs[4]),
+                           "data after CLOSE ignored")
+    assert sum(f.mid == ACQUISITION for f in frames) == 4 and len(errors(frames)) == 1
+    # sent later, while the gadget still reconstructs the closed stream
+    spokes = [a for a in acqs if not a.flags & 1 and a.idx.slice == 0]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=120) as sock, sock.makefile("rb") as rf:
+        sock.sendall(stream(ConfigText(small_pipeline(steps=10)), header, spokes))
+        time.sleep(0.3)
+        sock.sendall(encode(spokes[0]))
+        got = []
+        while not got or got[-1].mid != CLOSE:
+            got.append(read_frame(rf.read))
+    assert errors(got) == ["data after CLOSE ignored: CLOSE must be the client's last message"]
+    assert len(images(got)) == 6  # the closed stream's frames
+
+
 def test_truncated_message(server, raw):
     header, acqs = load(raw)
     data = stream(ConfigFile("passthrough"), header, acqs[:3], close=False) + encode(acqs[3])[:100]

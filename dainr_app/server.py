@@ -59,15 +59,21 @@ class Child:
 
     def __init__(self, proc, tail: Optional[collections.deque] = None):
         self.proc, self.tail = proc, tail if tail is not None else collections.deque(maxlen=1)
+        self._lock = threading.Lock()
+        self._closed_rc: Optional[tuple] = None  # (exit code,) once closed
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     def alive(self) -> bool:
+        if self._closed_rc is not None:
+            return False
         return self.proc.poll() is None if isinstance(self.proc, subprocess.Popen) else self.proc.is_alive()
 
     def wait(self, timeout: float) -> Optional[int]:
+        if self._closed_rc is not None:
+            return self._closed_rc[0]
         if isinstance(self.proc, subprocess.Popen):
             try:
                 return self.proc.wait(timeout)
@@ -80,6 +86,19 @@ class Child:
         if self.alive():
             self.proc.kill()
         self.wait(10)
+
+    def close(self) -> None:
+        """Kill the process if it still runs and free its file descriptors now (a multiprocessing process
+        holds two pipes until it is closed or garbage collected; the session's objects form reference
+        cycles, so without this a long-running server held them until the cyclic collector ran)."""
+        with self._lock:
+            if self._closed_rc is not None:
+                return
+            self.kill()
+            rc = self.wait(0)
+            if not isinstance(self.proc, subprocess.Popen) and rc is not None:
+                self.proc.close()
+            self._closed_rc = (rc,)
 
     def last_lines(self) -> str:
         return " | ".join(self.tail)
@@ -110,9 +129,10 @@ class SpawnLauncher:
         tail = collections.deque(maxlen=20)
 
         def pump():
-            for line in proc.stdout:
-                tail.append(line.rstrip())
-                log.info("[gadget %d] %s", proc.pid, line.rstrip())
+            with proc.stdout:  # closed at the gadget's end of output, not left to the garbage collector
+                for line in proc.stdout:
+                    tail.append(line.rstrip())
+                    log.info("[gadget %d] %s", proc.pid, line.rstrip())
 
         threading.Thread(target=pump, daemon=True).start()
         return Child(proc, tail)
@@ -363,14 +383,14 @@ class ExternalStage:
         elif self.peer.queue.dropped:
             self.session.error(f"gadget {self.node.label} closed before reading all input: "
                                f"{self.peer.queue.dropped} message(s) not delivered")
-        if self.child and rc is None:
-            self.child.kill()
+        if self.child:
+            self.child.close()
 
     def abort(self) -> None:
         if self.peer:
             self.peer.abort()
         if self.child:
-            self.child.kill()
+            self.child.close()
 
 
 def discover_workers() -> List[tuple]:

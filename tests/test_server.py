@@ -1,5 +1,6 @@
 """The embedded server: sessions, pipelines, bad input, concurrency, shutdown, stream mode, fuzzing."""
 import ctypes
+import gc
 import os
 import random
 import signal
@@ -297,6 +298,22 @@ def test_client_disconnect_mid_stream_does_not_affect_the_next_client(server, ra
     assert server.history[-1]["aborted"] and server.history[-1]["sent"] == 0
     frames = raw_session(server.port, stream(ConfigFile("passthrough"), header, acqs[:3]))
     assert errors(frames) == [] and sum(f.mid == ACQUISITION for f in frames) == 3
+
+
+def test_finished_sessions_leave_no_file_descriptors_for_the_garbage_collector(server, raw):
+    header, acqs = load(raw)
+    data = stream(ConfigFile("passthrough"), header, acqs[:3])
+    raw_session(server.port, data)  # (the first session may start the fork server)
+    gc.collect()
+    gc.disable()  # a long-running server must not depend on the cyclic collector for its descriptors
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(4):
+            assert raw_session(server.port, data)[-1].mid == CLOSE
+        assert wait_until(lambda: len(os.listdir("/proc/self/fd")) <= before, timeout=5), \
+            (before, len(os.listdir("/proc/self/fd")))
+    finally:
+        gc.enable()
 
 
 def test_concurrent_clients_one_crashing(server, raw):

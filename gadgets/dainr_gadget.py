@@ -27,10 +27,7 @@ from dainr_app.mrd import Key, MRDFormatError, ReconParameters, acquisition_key,
     is_skipped, noise_samples, slice_from_acquisitions
 from dainr_app.protocol import error_frame
 
-from .connection_eof import raise_on_eof
-
 log = logging.getLogger("dainr.gadget")
-raise_on_eof()  # in a real Gadgetron, from the first read after the import of this module
 
 
 @dataclass

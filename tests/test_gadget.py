@@ -281,3 +281,20 @@ def test_cpu_fits_run_under_the_hosts_cpu_share(two_slices, tmp_path, monkeypatc
     worker.join()
     assert runs[0].errors == [] and len(runs[0].images) == 12, runs[0].log[-2000:]
     assert len(seen) == 2 and os.listdir(tmp_path) == []  # one fit per slice, each under its own lock
+
+
+@pytest.mark.parametrize("module", ["gadgets.passthrough", "gadgets.dainr_gadget", "gadgets.resident"])
+def test_every_gadget_module_makes_the_connection_raise_at_end_of_stream(module):
+    """A real Gadgetron (and ``--launcher spawn``) imports the gadget's module and nothing of ours before it:
+    the import alone must replace gadgetron-python's spinning reader (gadgets/connection_eof.py)."""
+    import subprocess
+    import sys
+
+    from dainr_app.server import child_env
+
+    code = ("import socket, importlib; importlib.import_module(%r)\n"
+            "from gadgetron.external.connection import Connection\n"
+            "a, b = socket.socketpair(); b.close()\n"
+            "try:\n    Connection.SocketWrapper(a).read(4)\nexcept ConnectionResetError:\n    print('raised')\n" % module)
+    out = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=20)
+    assert out.stdout.strip() == "raised", out.stderr[-2000:]

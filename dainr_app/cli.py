@@ -231,7 +231,7 @@ def cmd_serve(args) -> int:
     import signal
 
     from .pipeline import PipelineError, load_named, parse_pipeline
-    from .server import Server, run_stream
+    from .server import Server, Terminated, run_stream
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -247,6 +247,11 @@ def cmd_serve(args) -> int:
                 pipeline = load_named(args.config, opts.policy, opts.pipelines)
         except PipelineError as exc:
             raise ValueError(str(exc)) from exc
+        def terminate(signum, _frame):
+            raise Terminated(signal.Signals(signum).name)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, terminate)
         with contextlib.ExitStack() as files:
             inp = files.enter_context(open(args.input, "rb")) if args.input else sys.stdin.buffer
             outp = files.enter_context(open(args.output, "wb")) if args.output else sys.stdout.buffer

@@ -781,9 +781,14 @@ def _client_gone(conn: socket.socket) -> bool:
         return True
 
 
+class Terminated(BaseException):
+    """Raised in the main thread by ``dainr serve --from_stream``'s SIGTERM/SIGINT handler (the signal name)."""
+
+
 def run_stream(pipeline: Pipeline, inp, outp, opts: ServerOptions = ServerOptions()) -> int:
     """``--from_stream``: MRD stream (HEADER first, no CONFIG) on ``inp``, the header echoed then images on
-    ``outp``, CLOSE at the end.  Returns 0, or 1 when an ERROR was written."""
+    ``outp``, CLOSE at the end.  Returns 0, or 1 when an ERROR was written.  :class:`Terminated` (a signal)
+    stops the gadgets and ends the output with an ERROR and CLOSE."""
     out = FrameWriter(outp)
     session = Session(opts, out, "stream", make_launcher(opts.launcher, opts.policy))
     try:
@@ -793,6 +798,9 @@ def run_stream(pipeline: Pipeline, inp, outp, opts: ServerOptions = ServerOption
         run_session(session, lambda: [read_frame(inp.read, opts.limits)], pipeline, header, Stats())
     except (ProtocolError, StreamEnded) as exc:
         session.error(str(exc))
+    except Terminated as exc:
+        session.error(f"terminated by {exc}: the stream's gadgets were stopped")
+        session.abort()
     finally:
         out.close()
     return 1 if session.errors else 0

@@ -449,6 +449,25 @@ def test_from_stream_mode_in_a_shell_pipe(raw, tmp_path):
     assert len(images(frames)) == 12 and rf.read() == b""
 
 
+def test_from_stream_mode_ends_with_an_error_and_close_on_sigterm(raw):
+    header, acqs = load(raw)
+    proc = _cli("serve", "--from_stream", "-c", "dainr", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE)
+    try:
+        proc.stdin.write(text_frame(HEADER, header).raw + b"".join(encode(a) for a in acqs[:20]))
+        proc.stdin.flush()  # no CLOSE: the stream is still open when the signal comes
+        assert read_frame(proc.stdout.read).mid == HEADER
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        frames = [read_frame(proc.stdout.read)]
+        while frames[-1].mid != CLOSE:
+            frames.append(read_frame(proc.stdout.read))
+        assert proc.wait(30) == 1
+    finally:
+        proc.kill()
+    assert errors(frames) == ["terminated by SIGTERM: the stream's gadgets were stopped"]
+
+
 def _fire_style_server(reply: bytes):
     """A python-ismrmrd-server stand-in: reads a whole session, answers with ``reply`` (no ERROR message type)."""
     listener = socket.create_server(("127.0.0.1", 0))

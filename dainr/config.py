@@ -144,7 +144,9 @@ class DAINRConfig:
       ``w ** dcf_power``: 1 reproduces the reference, 0 is the plain autograd adjoint.
     * ``canonical_coords``: the reference also feeds γ(x), γ(t) to the canonical MLP.
     * ``use_deformation``: ``False`` is the plain grid INR ablation (x' = x).
-    * ``ema_decay``: render with an exponential moving average of the weights (0 = off).
+    * ``ema_decay``: render with an exponential moving average of the weights (0 = off).  The stopping rule
+      still judges the live weights (their held-out residual comes free with the training pass; the
+      average's would cost a forward pass per step); the average kept at the best epoch is returned.
 
     Runtime: ``device`` (``auto``: CUDA when available), ``progress`` (a tqdm bar), ``preview_every`` (steps
     between preview renders for the callback, 0 = none), ``check_memory`` (refuse a reconstruction whose

@@ -79,20 +79,17 @@ def sample_features(features: torch.Tensor, out_hw: Sequence[int], pixel_centred
     """Bilinearly resample square feature maps (B, C, n, n) onto an ``out_hw`` pixel grid of the same FOV → (B, H, W, C).
 
     ``pixel_centred``: at the pixels themselves, on a finer output grid where they lie on the fitted FFT grid
-    (:class:`~dainr.model.GridUpsampling`).  Otherwise the reference's sampling: ``align_corners=False`` at
-    ``linspace(-1, 1, N)`` (a sub-pixel shift at the same size)."""
+    (:class:`~dainr.model.GridUpsampling`).  Otherwise the reference's sampling: ``grid_sample`` with
+    ``align_corners=False`` at ``linspace(-1, 1, N)`` (a sub-pixel shift at the same size)."""
     H, W = out_hw
-    if features.shape[-2:] != (H, W):
-        if pixel_centred:
-            if H != W or features.shape[-1] != features.shape[-2]:
-                raise ValueError("feature resampling needs square grids")
-            features = GridUpsampling(features.shape[-1], H, features.device).bilinear(features)
-        else:
-            features = F.interpolate(features, size=(H, W), mode="bilinear", align_corners=False)
-    elif not pixel_centred:
-        # the reference samples at linspace(-1, 1, N) with align_corners=False: a sub-pixel shift
+    if not pixel_centred:
+        # the reference samples at linspace(-1, 1, N) with align_corners=False, whatever the maps' size
         ys = torch.linspace(-1, 1, H, device=features.device)
         xs = torch.linspace(-1, 1, W, device=features.device)
         grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None].expand(features.shape[0], -1, -1, -1)
         features = F.grid_sample(features, grid, mode="bilinear", align_corners=False)
+    elif features.shape[-2:] != (H, W):
+        if H != W or features.shape[-1] != features.shape[-2]:
+            raise ValueError("feature resampling needs square grids")
+        features = GridUpsampling(features.shape[-1], H, features.device).bilinear(features)
     return features.permute(0, 2, 3, 1)

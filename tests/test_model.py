@@ -1,7 +1,7 @@
 import torch
 
 from dainr.config import DAINRConfig
-from dainr.features import FrozenFeatureExtractor, neighbour_frames, normalise_for_extractor
+from dainr.features import FrozenFeatureExtractor, neighbour_frames, normalise_for_extractor, sample_features
 from dainr.model import DAINR, pixel_grid
 
 
@@ -63,3 +63,23 @@ def test_extractor_input_normalisation():
     z = torch.randn(3, 8, 8, dtype=torch.complex64)
     n = normalise_for_extractor(z)
     assert float(n.min()) == -1.0 and float(n.max()) == 1.0
+
+
+def test_reference_feature_sampling_is_grid_sample_at_linspace_whatever_the_size():
+    """``pixel_centred_features=False`` reproduces the reference: grid_sample(align_corners=False) at
+    linspace(-1, 1, N), on the fitting grid and on a finer output grid alike (an edge sample blends with zero)."""
+    maps = torch.rand(2, 3, 8, 8)
+    for n in (8, 16):
+        got = sample_features(maps, (n, n), pixel_centred=False)
+        u = torch.linspace(-1, 1, n)
+        # by hand: pixel j of an 8-pixel map sits at (2j + 1) / 8 - 1; bilinear weights, zero outside
+        pos = (u + 1) * 8 / 2 - 0.5
+        lo = pos.floor().long()
+        frac = pos - lo
+        W = torch.zeros(n, 8)
+        for i in range(n):
+            for j, w in ((lo[i], 1 - frac[i]), (lo[i] + 1, frac[i])):
+                if 0 <= j < 8:
+                    W[i, j] += w
+        expected = torch.einsum("yj,bcjk,xk->byxc", W, maps, W)
+        assert torch.allclose(got, expected, atol=1e-5), n

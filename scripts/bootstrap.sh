@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
 stamp="$VENV/.dainr-installed"
-want="$(cat setup.py scripts/bootstrap.sh | sha1sum | cut -d' ' -f1)"
+want="$(cat setup.py constraints.txt scripts/bootstrap.sh | sha1sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
   exit 0
 fi
@@ -22,7 +22,7 @@ if [ -z "${TORCH_SPEC:-}" ]; then
 fi
 # shellcheck disable=SC2086  # TORCH_SPEC may carry pip options, e.g. --index-url
 "$VENV/bin/python" -c "import torch" 2>/dev/null || pip install $TORCH_SPEC
-pip install -e ".[test,fast]"
+pip install -c constraints.txt -e ".[test,fast]"  # the tested versions (constraints.txt)
 # Optional: the C++ ISMRMRD tools (Debian/Ubuntu ismrmrd-tools) that tests/test_interop.py checks us against.
 # Installed only when this runs as root with apt-get (CI containers), unless DAINR_NO_APT=1; else those tests skip.
 if ! command -v ismrmrd_test_xml >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \

@@ -51,7 +51,8 @@ def _dainr(scan, cfg: DAINRConfig, gt=None) -> dict:
     info = res.info
     out = dict(psnr=m["psnr"], ssim=m["ssim"], seconds=wall, steps=info["steps"], frame_visits=info["frame_visits"],
                seconds_per_step=info["seconds_per_step"], seconds_prepare=info["seconds_prepare"],
-               seconds_fit=info["seconds_fit"], stop_reason=info["stop_reason"], device=info["device"],
+               seconds_fit=info["seconds_fit"], stop_reason=info["stop_reason"], best_step=info["best_step"],
+               lr_decays=info["lr_decays"], device=info["device"],
                nufft=info["nufft_backend"], grid=info["grid_backend"])
     if info["memory_estimate_bytes"] is not None:  # the preflight's estimate, to hold against the measured peak
         out["memory_estimate_mb"] = info["memory_estimate_bytes"] / 2**20

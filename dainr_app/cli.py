@@ -247,6 +247,7 @@ def cmd_serve(args) -> int:
                 pipeline = load_named(args.config, opts.policy, opts.pipelines)
         except PipelineError as exc:
             raise ValueError(str(exc)) from exc
+
         def terminate(signum, _frame):
             raise Terminated(signal.Signals(signum).name)
 

@@ -60,7 +60,7 @@ class Child:
     def __init__(self, proc, tail: Optional[collections.deque] = None):
         self.proc, self.tail = proc, tail if tail is not None else collections.deque(maxlen=1)
         self._lock = threading.Lock()
-        self._closed_rc: Optional[tuple] = None  # (exit code,) once closed
+        self._closed_rc: Optional[int] = None  # the exit code, once closed
 
     @property
     def pid(self) -> int:
@@ -73,7 +73,7 @@ class Child:
 
     def wait(self, timeout: float) -> Optional[int]:
         if self._closed_rc is not None:
-            return self._closed_rc[0]
+            return self._closed_rc
         if isinstance(self.proc, subprocess.Popen):
             try:
                 return self.proc.wait(timeout)
@@ -96,9 +96,11 @@ class Child:
                 return
             self.kill()
             rc = self.wait(0)
-            if not isinstance(self.proc, subprocess.Popen) and rc is not None:
+            if rc is None:  # not dead 10 s after SIGKILL (uninterruptible I/O): a later close tries again
+                return
+            if not isinstance(self.proc, subprocess.Popen):
                 self.proc.close()
-            self._closed_rc = (rc,)
+            self._closed_rc = rc
 
     def last_lines(self) -> str:
         return " | ".join(self.tail)

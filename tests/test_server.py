@@ -222,17 +222,19 @@ def test_data_after_close_gets_an_error_and_the_stream_before_it_is_kept(server,
     frames = _expect_error(server, stream(ConfigFile("passthrough"), header, acqs[:4]) + encode(acqs[4]),
                            "data after CLOSE ignored")
     assert sum(f.mid == ACQUISITION for f in frames) == 4 and len(errors(frames)) == 1
-    # sent later, while the gadget still reconstructs the closed stream
+    # sent later, while the gadget still reconstructs the closed stream (after its first preview, at step 5 of
+    # at least 40: the rule's min_steps)
     spokes = [a for a in acqs if not a.flags & 1 and a.idx.slice == 0]
     with socket.create_connection(("127.0.0.1", server.port), timeout=120) as sock, sock.makefile("rb") as rf:
-        sock.sendall(stream(ConfigText(small_pipeline(steps=10)), header, spokes))
-        time.sleep(0.3)
+        sock.sendall(stream(ConfigText(small_pipeline(steps=200, preview="true", preview_steps=5)), header, spokes))
+        got = [read_frame(rf.read)]
+        while got[-1].mid != IMAGE:
+            got.append(read_frame(rf.read))
         sock.sendall(encode(spokes[0]))
-        got = []
-        while not got or got[-1].mid != CLOSE:
+        while got[-1].mid != CLOSE:
             got.append(read_frame(rf.read))
     assert errors(got) == ["data after CLOSE ignored: CLOSE must be the client's last message"]
-    assert len(images(got)) == 6  # the closed stream's frames
+    assert sum(im.image_series_index == 1 for im in images(got)) == 6  # the closed stream's frames
 
 
 def test_truncated_message(server, raw):

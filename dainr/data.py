@@ -70,6 +70,14 @@ class RadialData:
         idx = list(frames)
         return RadialData(self.kdata[idx], self.traj[idx], self.matrix, self.spoke_mask[idx], self.noise)
 
+    def every_rth_frame(self, r: int) -> "RadialData":
+        """Frames 0, r, 2r, …: what a temporal ×r fit sees; it then renders (fitted − 1)·r + 1 frames, so the
+        last frame must be among them, or the frames after the last fitted one would get no image."""
+        if (self.n_frames - 1) % r:
+            raise ValueError(f"temporal ratio {r} needs (frames − 1) divisible by {r}: with {self.n_frames} frames "
+                             f"the last {(self.n_frames - 1) % r} would not be reconstructed")
+        return self.select_frames(range(0, self.n_frames, r))
+
     @property
     def n_frames(self) -> int:
         return self.kdata.shape[0]

@@ -124,6 +124,12 @@ class Problem:
         self.op = MulticoilNUFFT(coil_maps.to(device, torch.complex64), backend=cfg.nufft_backend)
 
         zf = self.zero_filled_from(self.train_w + self.hold_w)
+        if not bool(torch.isfinite(zf).all()) or not bool(zf.abs().amax() > 0):
+            peak = float(self.kdata.abs().amax())
+            raise ValueError("the k-space is all zero: nothing to reconstruct" if peak == 0 else
+                             f"the k-space values (max |k| {peak:.3g} after prewhitening) are beyond what the fit's "
+                             "float32 sums of squares hold (the zero-filled images came out "
+                             f"{'all zero' if bool(torch.isfinite(zf).all()) else 'not finite'}); rescale the data")
         self.scale = 1.0
         if cfg.data_scale == "p99":
             self.scale = float(torch.quantile(zf.abs().flatten()[:: max(1, zf.numel() // 200000)], 0.99).clamp_min(1e-30))

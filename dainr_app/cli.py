@@ -78,27 +78,63 @@ def run_recon(raw: str, output: str, cfg: DAINRConfig, series: int = 1, preview:
               output_type: str = "magnitude", truth: Optional[str] = None, group: str = "dataset",
               spokes_per_frame: Optional[int] = None, quiet: bool = False,
               golden_angle: Optional[str] = None) -> List[dict]:
-    """Reconstruct every slice of an MRD raw file into MRD images; returns one summary per slice."""
-    from .mrd import make_images, read_raw, write_images
+    """Reconstruct every slice of an MRD raw file into MRD images; returns one summary per slice.  ``output`` is
+    replaced only when every slice has been reconstructed."""
+    from .mrd import read_raw
     from .preview import write_preview
 
+    check_output(output, raw)
+    if preview:
+        check_output(preview, raw)
     scan = read_raw(raw, group, spokes_per_frame, golden_angle)
-    truth_images = np.load(truth)["images"] if truth else None
-    if os.path.exists(output):
-        os.remove(output)
+    truth_images = load_truth(truth) if truth else None
+    partial = f"{output}.partial-{os.getpid()}"  # renamed onto ``output`` once every slice is written
+    try:
+        summaries, panels = _recon_slices(scan, partial, cfg, series, output_type, truth_images, quiet)
+        os.replace(partial, output)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    if preview:
+        write_preview(preview, panels)
+    return summaries
+
+
+def check_output(path: str, *inputs: str) -> None:
+    """Before any work: the folder must exist and be writable, and the output must not be one of the inputs."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ValueError(f"cannot write {path}: folder {folder} {'is not writable' if os.path.isdir(folder) else 'does not exist'}")
+    for src in inputs:
+        if os.path.exists(path) and os.path.exists(src) and os.path.samefile(path, src):
+            raise ValueError(f"output {path} is the input file {src}: writing it would destroy the raw data")
+
+
+def load_truth(path: str) -> np.ndarray:
+    with np.load(path) as npz:
+        if "images" not in npz:
+            raise ValueError(f"{path} has no 'images' array (a ground truth written by `dainr simulate` has)")
+        return npz["images"]
+
+
+def _recon_slices(scan, output: str, cfg: DAINRConfig, series: int, output_type: str,
+                  truth_images: Optional[np.ndarray], quiet: bool):
+    from .mrd import make_images, write_images
+
     summaries, panels = [], []
     r = cfg.temporal_ratio
     for (s, contrast, repetition, set_index), raw_slice in scan.slices.items():
         data = raw_slice.data
         if r > 1:  # paper protocol: fit every r-th frame of the file, query all frames
-            data = data.select_frames(range(0, data.n_frames, r))
+            data = data.every_rth_frame(r)
         t0 = time.perf_counter()
         result = reconstruct_sharing_cpu(data, cfg)  # several `dainr recon` at once share the cores
         seconds = time.perf_counter() - t0
         info = result.info
         history = [f"DA-INR {info['steps']} steps ({info['stop_reason']}), {seconds:.1f} s on {info['device']}"]
         images = make_images(result.images.numpy(), series, s, scan.fov_mm, raw_slice.geometry, output_type,
-                             history=history, repetition=repetition, contrast=contrast, set_index=set_index)
+                             history=history, repetition=repetition, contrast=contrast, set_index=set_index,
+                             first_phase=raw_slice.first_phase)
         write_images(output, images)
         summary = dict(slice=s, contrast=contrast, repetition=repetition, set=set_index, frames=len(images), seconds=round(seconds, 2), steps=info["steps"],
                        stop_reason=info["stop_reason"], seconds_per_step=round(info["seconds_per_step"], 4),
@@ -117,9 +153,7 @@ def run_recon(raw: str, output: str, cfg: DAINRConfig, series: int = 1, preview:
         summaries.append(summary)
         if not quiet:
             print(json.dumps(summary))
-    if preview:
-        write_preview(preview, panels)
-    return summaries
+    return summaries, panels
 
 
 def cmd_recon(args) -> int:
@@ -282,6 +316,8 @@ def cmd_replay(args) -> int:
             return 0
     if args.raw is None:
         raise ValueError("give a raw MRD file to replay (or -Q / --query to only ask the server)")
+    check_output(args.output, args.raw)
+    check_image_group(args.output, args.out_group)
     header, items = file_items(args.raw, args.in_group)
     config_xml = None
     if args.config_local:
@@ -309,6 +345,17 @@ def cmd_replay(args) -> int:
     return 1 if res.errors else 0
 
 
+def check_image_group(path: str, group: str) -> None:
+    """``save_images`` replaces ``group`` of ``path``: refuse where that group holds raw acquisitions."""
+    import h5py
+
+    if os.path.exists(path):
+        with h5py.File(path, "r") as h5:
+            if group in h5 and isinstance(h5[group], h5py.Group) and ("data" in h5[group] or "xml" in h5[group]):
+                raise ValueError(f"group {group!r} of {path} holds raw MRD data (data/xml): choose another output "
+                                 "group (-G) or file; it would be replaced by the images")
+
+
 def save_images(images: dict, path: str, group: str) -> None:
     """Write received images to ``path``/``group``/image_<series>, replacing that group if it exists."""
     import h5py
@@ -317,6 +364,7 @@ def save_images(images: dict, path: str, group: str) -> None:
 
     if not images:
         return
+    check_image_group(path, group)
     if os.path.exists(path):
         with h5py.File(path, "a") as h5:
             if group in h5:

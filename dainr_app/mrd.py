@@ -69,6 +69,7 @@ class RawSlice:
     data: RadialData
     geometry: Geometry
     n_spokes: int
+    first_phase: int = 0  # idx.phase of frame 0 (frames from idx.phase), the images' phase labels start there
 
 
 def acquisition_key(acq) -> Key:
@@ -375,7 +376,8 @@ def slice_from_acquisitions(acqs: List, params: ReconParameters, noise: Optional
         data = frames_from_spokes(kdata, traj, frame_index, params.matrix, params.spokes_per_frame, noise)
     except ValueError as exc:
         raise MRDFormatError(f"slice {s}: {exc}") from exc
-    return RawSlice(s, data, Geometry.from_acquisition(acqs[-1]), len(acqs))
+    first_phase = int(frame_index.min()) if frame_index is not None else 0
+    return RawSlice(s, data, Geometry.from_acquisition(acqs[-1]), len(acqs), first_phase)
 
 
 def make_images(frames: np.ndarray, series: int, slice_index: int, fov_mm: Sequence[float], geometry: Geometry,

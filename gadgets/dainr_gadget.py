@@ -141,14 +141,13 @@ def reconstruct_slice(connection, key: Key, acqs: list, params: ReconParameters,
     raw = slice_from_acquisitions(acqs, params, noise, s)
     data = raw.data
     if opts.cfg.temporal_ratio > 1:  # fit every r-th frame, query all
-        data = data.select_frames(range(0, data.n_frames, opts.cfg.temporal_ratio))
-    first_phase = int(min(a.idx.phase for a in acqs)) if params.frames_from_phase else 0
+        data = data.every_rth_frame(opts.cfg.temporal_ratio)
     sent_preview = []
 
     def emit(images, series, history):
         for im in make_images(images.numpy(), series, s, params.fov_mm, raw.geometry, opts.output,
                               comment="DA-INR" if series == opts.series else "DA-INR preview", history=history,
-                              repetition=rep, contrast=contrast, set_index=set_index, first_phase=first_phase):
+                              repetition=rep, contrast=contrast, set_index=set_index, first_phase=raw.first_phase):
             connection.send(im)
 
     def on_progress(progress):
@@ -193,7 +192,9 @@ def dainr_recon(connection) -> None:
             send_error(connection, f"DA-INR slice {key[0]} (contrast {key[1]}, repetition {key[2]}, set {key[3]}): {exc}")
 
     connection.filter(lambda item: isinstance(item, ismrmrd.Acquisition) and not is_skipped(item))
+    imaging = 0
     for acq in connection:
+        imaging += not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
         if acq.number_of_samples == 0:  # nothing to reconstruct, but its flags still count
             s, contrast, rep, set_index = key = acquisition_key(acq)
             send_error(connection, f"readout {acq.scan_counter} (slice {s}, contrast {contrast}, repetition {rep}, "
@@ -209,3 +210,6 @@ def dainr_recon(connection) -> None:
                 flush(k)
     for k in buffers.keys():  # end of stream: reconstruct whatever is still buffered
         flush(k)
+    if not imaging:
+        send_error(connection, f"DA-INR: the stream held no imaging readouts ({len(buffers.noise)} noise readouts): "
+                               "nothing to reconstruct")

@@ -230,3 +230,48 @@ def test_header_without_phase_range_uses_spokes_per_frame():
         bad = text[:start] + text[start:].replace(old, new, 1)
         with pytest.warns(Warning), pytest.raises(MRDFormatError, match=f"MRD header {element} is '"):
             ReconParameters.from_header(parse_header(bad))
+
+
+def test_outputs_that_would_destroy_data_or_waste_a_fit_are_refused_first(raw2, tmp_path, capsys):
+    import shutil
+
+    raw = str(tmp_path / "raw.h5")
+    shutil.copy(raw2, raw)
+    before = read_raw(raw).slices.keys()
+    assert cli.main(["recon", raw, "-o", raw, "--steps", "2", "--quiet"]) == 2  # the raw file as the output
+    assert "is the input file" in capsys.readouterr().err and read_raw(raw).slices.keys() == before
+    assert cli.main(["replay", raw, "-o", raw, "-p", "1"]) == 2  # refused before connecting anywhere
+    assert "is the input file" in capsys.readouterr().err and read_raw(raw).slices.keys() == before
+    other = str(tmp_path / "copy.h5")
+    shutil.copy(raw2, other)  # replay's output group is the raw group of another file
+    assert cli.main(["replay", raw, "-o", other, "-G", "dataset", "-p", "1"]) == 2
+    assert "holds raw MRD data" in capsys.readouterr().err and read_raw(other).slices.keys() == before
+    assert cli.main(["recon", raw, "-o", str(tmp_path / "nodir" / "o.h5"), "--quiet"]) == 2  # before the fit
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["recon", raw, "-o", str(tmp_path / "o.h5"), "--preview", str(tmp_path / "nodir" / "p.gif"),
+                     "--quiet"]) == 2
+    assert "does not exist" in capsys.readouterr().err and not os.path.exists(tmp_path / "o.h5")
+    kept = str(tmp_path / "kept.h5")
+    assert cli.main(["recon", raw, "-o", kept, "--steps", "2", "--quiet"]) == 0
+    size = os.path.getsize(kept)
+    assert cli.main(["recon", raw, "-o", kept, "--steps", "2", "--device", "foo", "--quiet"]) == 2  # a failed run
+    assert "is not a device" in capsys.readouterr().err
+    assert os.path.getsize(kept) == size and len(read_images(kept)[1]) == 12  # keeps the previous output
+    np.savez(tmp_path / "t.npz", other=np.zeros(3))
+    assert cli.main(["recon", raw, "-o", kept, "--truth", str(tmp_path / "t.npz"), "--quiet"]) == 2
+    assert "no 'images' array" in capsys.readouterr().err
+
+
+def test_phase_labels_and_temporal_ratio_follow_the_file(raw2, tmp_path, capsys):
+    def shift_phase(acq):
+        acq.idx.phase += 3
+        return acq
+    path = _rewrite(raw2, str(tmp_path / "phase3.h5"), shift_phase)  # phases 3..8, as a scanner may number them
+    out = str(tmp_path / "o.h5")
+    assert cli.main(["recon", path, "-o", out, "--steps", "2", "--quiet"]) == 0
+    assert sorted({int(im.phase) for im in read_images(out)[1]}) == list(range(3, 9))
+    # 6 frames: ×2 would fit 0, 2, 4 and render 5 frames, losing the last; ×5 fits 0 and 5
+    assert cli.main(["recon", path, "-o", out, "--steps", "2", "--down-ratio", "2", "--quiet"]) == 2
+    assert "the last 1 would not be reconstructed" in capsys.readouterr().err
+    assert cli.main(["recon", path, "-o", out, "--steps", "2", "--down-ratio", "5", "--quiet"]) == 0
+    assert len(read_images(out)[1]) == 12

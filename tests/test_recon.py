@@ -251,6 +251,14 @@ def test_bad_config_is_rejected():
                     DAINRConfig(device="cuda")) if not torch.cuda.is_available() else (_ for _ in ()).throw(ValueError("CUDA"))
 
 
+@pytest.mark.parametrize("factor, match", [(0.0, "all zero"), (1e15, "beyond what"), (1e20, "beyond what")])
+def test_k_space_that_is_zero_or_overflows_float32_sums_is_a_clear_error(small_scan, factor, match):
+    """Without the check, ×1e15 gave images of ~1e-32 and ×1e20 NaN images, both returned as a result."""
+    data = dataclasses.replace(small_scan.data, kdata=small_scan.data.kdata * factor, noise=None)
+    with pytest.raises(ValueError, match=match):
+        reconstruct(data, DAINRConfig(max_steps=2, device="cpu"))
+
+
 def test_single_frame_with_features_is_a_clear_error(small_scan):
     one = small_scan.data.select_frames([0])
     with pytest.raises(ValueError, match="at least 2 acquired frames"):

@@ -237,6 +237,13 @@ def test_data_after_close_gets_an_error_and_the_stream_before_it_is_kept(server,
     assert sum(im.image_series_index == 1 for im in images(got)) == 6  # the closed stream's frames
 
 
+def test_a_stream_without_imaging_readouts_gets_an_error(server, raw):
+    header, acqs = load(raw)
+    noise = [a for a in acqs if a.flags & 1]  # ACQ_IS_NOISE_MEASUREMENT
+    frames = _expect_error(server, stream(ConfigText(small_pipeline()), header, noise), "no imaging readouts")
+    assert not images(frames)
+
+
 def test_truncated_message(server, raw):
     header, acqs = load(raw)
     data = stream(ConfigFile("passthrough"), header, acqs[:3], close=False) + encode(acqs[3])[:100]

@@ -355,13 +355,21 @@ def slice_from_acquisitions(acqs: List, params: ReconParameters, noise: Optional
         raise MRDFormatError(f"slice {s}: readouts have {R} samples")
     if noise is not None and noise.shape[0] != C:
         raise MRDFormatError(f"slice {s}: {C} channels but the noise scan has {noise.shape[0]}")
-    kdata = torch.from_numpy(np.stack([a.data for a in acqs]).astype(np.complex64))
+    discards = {(int(a.discard_pre), int(a.discard_post)) for a in acqs}  # samples the scanner marks as unusable
+    if len(discards) != 1:
+        raise MRDFormatError(f"slice {s}: readouts discard different samples (discard_pre, discard_post): "
+                             f"{sorted(discards)}")
+    pre, post = discards.pop()
+    if R - pre - post < 2:
+        raise MRDFormatError(f"slice {s}: discard_pre {pre} + discard_post {post} leave {R - pre - post} of {R} samples")
+    keep = slice(pre, R - post)
+    kdata = torch.from_numpy(np.stack([a.data[:, keep] for a in acqs]).astype(np.complex64))
     finite = torch.isfinite(torch.view_as_real(kdata)).flatten(1).all(1)
     if not finite.all():
         bad = (~finite).nonzero().flatten().tolist()
         raise MRDFormatError(f"slice {s}: {len(bad)} readout(s) contain NaN/Inf samples "
                              f"(scan counters {[int(acqs[i].scan_counter) for i in bad[:5]]})")
-    traj = torch.from_numpy(np.stack([spoke_trajectory(a, params, R) for a in acqs]))
+    traj = torch.from_numpy(np.stack([spoke_trajectory(a, params, R)[keep] for a in acqs]))
     frame_index = torch.tensor([a.idx.phase for a in acqs]) if params.frames_from_phase else None
     if frame_index is not None and params.n_frames:
         if len(acqs) < params.n_frames:

@@ -275,3 +275,23 @@ def test_phase_labels_and_temporal_ratio_follow_the_file(raw2, tmp_path, capsys)
     assert "the last 1 would not be reconstructed" in capsys.readouterr().err
     assert cli.main(["recon", path, "-o", out, "--steps", "2", "--down-ratio", "5", "--quiet"]) == 0
     assert len(read_images(out)[1]) == 12
+
+
+@pytest.mark.parametrize("with_traj", [True, False])
+def test_samples_the_scanner_marks_as_discarded_are_dropped(raw2, tmp_path, with_traj):
+    def mark(acq):
+        if not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            data = acq.data.copy()
+            data[:, :4] = data[:, -3:] = 1e3  # what the scanner says not to use
+            traj = acq.traj.copy()
+            acq.resize(acq.number_of_samples, acq.active_channels, 2 if with_traj else 0)
+            acq.data[:] = data
+            if with_traj:
+                acq.traj[:] = traj
+            acq.discard_pre, acq.discard_post = 4, 3
+        return acq
+    header_angle = None if with_traj else "true"
+    ref = read_raw(raw2, golden_angle=header_angle).slices[(0, 0, 0, 0)].data
+    got = read_raw(_rewrite(raw2, str(tmp_path / "discard.h5"), mark), golden_angle=header_angle).slices[(0, 0, 0, 0)].data
+    assert got.kdata.shape[-1] == ref.kdata.shape[-1] - 7
+    assert torch.equal(got.kdata, ref.kdata[..., 4:-3]) and torch.allclose(got.traj, ref.traj[:, :, 4:-3], atol=1e-3)  # (a sample is 1/64)

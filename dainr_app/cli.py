@@ -31,6 +31,22 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _series(text: str) -> int:
+    from .mrd import series_index
+
+    try:
+        return series_index(int(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _nonnegative(text: str) -> float:
+    v = float(text)
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
 def _preview_path(text: str) -> str:
     if not text.lower().endswith((".gif", ".png")):
         raise argparse.ArgumentTypeError(f"preview must end in .gif or .png, got {text!r}")
@@ -389,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spokes", type=int, default=13, help="spokes per frame")
     s.add_argument("--coils", type=int, default=4)
     s.add_argument("--slices", type=int, default=1)
-    s.add_argument("--noise", type=float, default=0.02, help="noise std relative to k-space RMS")
+    s.add_argument("--noise", type=_nonnegative, default=0.02, help="noise std relative to k-space RMS")
     s.add_argument("--golden-angle", choices=("true", "reference"), default="true")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_simulate)
@@ -415,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--reference-grid", action="store_true",
                    help="the reference's grid (finest level 2048 whatever the matrix) instead of capping it there")
     r.add_argument("--preview", type=_preview_path, help="write a .gif/.png preview")
-    r.add_argument("--series", type=int, default=1, help="output image_series_index")
+    r.add_argument("--series", type=_series, default=1, help="output image_series_index (0..65535)")
     r.add_argument("--output-type", choices=("magnitude", "complex"), default="magnitude")
     r.add_argument("--truth", help="ground truth .npz (default: <raw>_truth.npz when present)")
     r.add_argument("--group", default="dataset")

@@ -388,12 +388,20 @@ def slice_from_acquisitions(acqs: List, params: ReconParameters, noise: Optional
     return RawSlice(s, data, Geometry.from_acquisition(acqs[-1]), len(acqs), first_phase)
 
 
+def series_index(value: int) -> int:
+    """``value`` if it fits ``image_series_index`` (uint16), else ValueError (it would wrap silently)."""
+    if not 0 <= value <= 0xFFFF:
+        raise ValueError(f"image series index must be 0..65535, got {value}")
+    return value
+
+
 def make_images(frames: np.ndarray, series: int, slice_index: int, fov_mm: Sequence[float], geometry: Geometry,
                 output: str = "magnitude", comment: str = "DA-INR", history: Sequence[str] = (),
                 repetition: int = 0, contrast: int = 0, set_index: int = 0, first_phase: int = 0) -> List["ismrmrd.Image"]:
     """One ``ismrmrd.Image`` per frame with series/index/geometry/meta set (both meta key families)."""
     if output not in ("magnitude", "complex"):
         raise ValueError(f"output must be 'magnitude' or 'complex', got {output!r}")
+    series_index(series)
     frames = np.asarray(frames)
     arr = np.abs(frames).astype(np.float32) if output == "magnitude" else frames.astype(np.complex64)
     mag = np.abs(frames)

@@ -23,8 +23,8 @@ import ismrmrd
 
 from dainr import DAINRConfig
 from dainr_app.cpu_share import reconstruct_sharing_cpu
-from dainr_app.mrd import Key, MRDFormatError, ReconParameters, acquisition_key, make_images, \
-    is_skipped, noise_samples, slice_from_acquisitions
+from dainr_app.mrd import Key, MRDFormatError, ReconParameters, acquisition_key, is_skipped, make_images, \
+    noise_samples, series_index, slice_from_acquisitions
 from dainr_app.protocol import error_frame
 
 log = logging.getLogger("dainr.gadget")
@@ -77,15 +77,19 @@ def options_from_properties(props: Dict[str, str]) -> GadgetOptions:
     preview = get("preview", boolean, False)
     if preview:
         changes["preview_every"] = get("preview_steps", int, 50)
-    series = get("image_series_index", int, 1)
+    series = get("image_series_index", lambda v: series_index(int(v)), 1)
     output = get("output", str, "magnitude")
     if output not in ("magnitude", "complex"):
         raise ValueError(f"property output={output!r}: must be magnitude or complex")
     max_buffer_mb = get("max_buffer_mb", float, 2048.0)
     if not max_buffer_mb > 0:
         raise ValueError(f"property max_buffer_mb={max_buffer_mb}: must be > 0")
+    preview_series = get("preview_series_index", lambda v: series_index(int(v)), series + 100)
+    if preview and preview_series > 0xFFFF:
+        raise ValueError(f"property preview_series_index: the default image_series_index + 100 = {preview_series} "
+                         "is above 65535; set it")
     return GadgetOptions(DAINRConfig().replace(**changes), get("spokes_per_frame", int), series, preview,
-                         get("preview_series_index", int, series + 100), output, max_buffer_mb)
+                         preview_series, output, max_buffer_mb)
 
 
 def send_error(connection, text: str) -> None:

@@ -146,6 +146,10 @@ def test_bad_files_and_arguments(tmp_path, capsys):
         cli.main(["recon", missing, "-o", "x.h5", "--steps", "0"])
     with pytest.raises(SystemExit):  # rejected before any reconstruction work
         cli.main(["recon", missing, "-o", "x.h5", "--preview", "out.jpg"])
+    for argv in (["recon", missing, "-o", "x.h5", "--series", "-1"], ["recon", missing, "-o", "x.h5", "--series", "70000"],
+                 ["simulate", "-o", "x.h5", "--noise", "-1"]):  # a wrapped series index; negative noise
+        with pytest.raises(SystemExit):
+            cli.main(argv)
 
 
 def test_recon_refuses_a_scan_that_cannot_fit_in_memory(tmp_path, capsys):

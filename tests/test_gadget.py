@@ -113,6 +113,16 @@ def test_boolean_properties_and_bad_booleans():
             options_from_properties({prop: "maybe"})
 
 
+def test_series_indices_must_fit_the_image_header():
+    """image_series_index is a uint16: -1 wrote series 65535 and 70000 series 4464, silently."""
+    for prop, value in (("image_series_index", "-1"), ("image_series_index", "70000"), ("preview_series_index", "-5")):
+        with pytest.raises(ValueError, match=f"property {prop}={value!r}: image series index must be 0..65535"):
+            options_from_properties({prop: value})
+    assert options_from_properties({"image_series_index": "65535"}).series == 65535  # preview off: no clash
+    with pytest.raises(ValueError, match="preview_series_index"):
+        options_from_properties({"image_series_index": "65535", "preview": "true"})
+
+
 def test_preview_series_comes_before_the_final_one(two_slices):
     opts = options_from_properties({"preview": "true", "preview_steps": "3", "image_series_index": "2"})
     assert opts.preview and opts.cfg.preview_every == 3 and opts.preview_series == 102

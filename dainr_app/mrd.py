@@ -262,7 +262,8 @@ def _partitions(enc) -> int:
 
 
 def spoke_trajectory(acq, params: ReconParameters, n_samples: int) -> np.ndarray:
-    """(samples, 2) trajectory of one readout: ``acq.traj`` when present, else golden-angle index."""
+    """(samples, 2) trajectory of one readout: ``acq.traj`` when present (it gives every stored sample's position,
+    so it already accounts for a reversed readout), else from the golden-angle index."""
     if acq.trajectory_dimensions >= 2:
         return np.asarray(acq.traj[:, :2], dtype=np.float32)
     if params.trajectory not in RADIAL_TRAJECTORIES:
@@ -272,7 +273,9 @@ def spoke_trajectory(acq, params: ReconParameters, n_samples: int) -> np.ndarray
         raise MRDFormatError(f"readout {acq.scan_counter} has its echo at sample {acq.center_sample} of {n_samples} "
                              "(asymmetric echo) and no acq.traj: the sample positions cannot be derived")
     angle = acq.idx.kspace_encode_step_1 * params.angle_step_rad
-    return radial_trajectory(torch.tensor([angle]), n_samples)[0].numpy()
+    traj = radial_trajectory(torch.tensor([angle]), n_samples)[0].numpy()
+    # ACQ_IS_REVERSE: the samples are stored in acquisition order, which ran the spoke backwards
+    return np.ascontiguousarray(traj[::-1]) if acq.is_flag_set(ismrmrd.ACQ_IS_REVERSE) else traj
 
 
 def iter_acquisitions(path: str, group: str = "dataset", chunk: int = 2048) -> Iterator["ismrmrd.Acquisition"]:

@@ -299,3 +299,19 @@ def test_samples_the_scanner_marks_as_discarded_are_dropped(raw2, tmp_path, with
     got = read_raw(_rewrite(raw2, str(tmp_path / "discard.h5"), mark), golden_angle=header_angle).slices[(0, 0, 0, 0)].data
     assert got.kdata.shape[-1] == ref.kdata.shape[-1] - 7
     assert torch.equal(got.kdata, ref.kdata[..., 4:-3]) and torch.allclose(got.traj, ref.traj[:, :, 4:-3], atol=1e-3)  # (a sample is 1/64)
+
+
+def test_reversed_readouts_without_trajectory_get_the_reversed_positions(raw2, tmp_path):
+    def strip(acq, reverse=False):
+        if acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            return acq
+        data = acq.data.copy()
+        acq.resize(acq.number_of_samples, acq.active_channels, 0)  # no acq.traj: positions from the angle index
+        acq.data[:] = data[:, ::-1] if reverse else data
+        if reverse:
+            acq.set_flag(ismrmrd.ACQ_IS_REVERSE)
+        return acq
+    ref = read_raw(_rewrite(raw2, str(tmp_path / "fwd.h5"), strip), golden_angle="true").slices[(0, 0, 0, 0)].data
+    got = read_raw(_rewrite(raw2, str(tmp_path / "rev.h5"), lambda a: strip(a, True)),
+                   golden_angle="true").slices[(0, 0, 0, 0)].data
+    assert torch.equal(got.kdata.flip(-1), ref.kdata) and torch.equal(got.traj.flip(-2), ref.traj)

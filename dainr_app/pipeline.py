@@ -95,20 +95,33 @@ def parse_pipeline(text: str, policy: Policy = Policy(), source: str = "<text>")
     if root.tag != "configuration" or version != "2":
         raise PipelineError(f"pipeline {source}: expected <configuration><version>2</version>, "
                             f"got <{root.tag}> version {version or 'none'}")
-    stream = root.find("stream")
-    if stream is None:
-        raise PipelineError(f"pipeline {source}: no <stream>")
-    nodes = _parse_stream(stream, policy, source)
+    nodes = _parse_stream(_one_stream(root, source), policy, source, [0], 0)
     return Pipeline(nodes, source)
 
 
-def _parse_stream(stream: ET.Element, policy: Policy, source: str) -> List[Node]:
+MAX_NODES = 64   # <external> nodes in a whole pipeline: each is a gadget process (or a connection) per session
+MAX_NESTING = 4  # <distributed> inside <distributed>
+
+
+def _one_stream(el: ET.Element, source: str) -> ET.Element:
+    streams = el.findall("stream")
+    if len(streams) != 1:
+        raise PipelineError(f"pipeline {source}: <{el.tag}> must hold one <stream>, it has {len(streams)}")
+    return streams[0]
+
+
+def _parse_stream(stream: ET.Element, policy: Policy, source: str, count: List[int], depth: int) -> List[Node]:
     nodes: List[Node] = []
     for el in stream:
         if el.tag == "external":
+            count[0] += 1
+            if count[0] > MAX_NODES:
+                raise PipelineError(f"pipeline {source}: more than {MAX_NODES} <external> nodes")
             nodes.append(_parse_external(el, policy, source))
         elif el.tag == "distributed":
-            nodes.append(_parse_distributed(el, policy, source))
+            if depth >= MAX_NESTING:
+                raise PipelineError(f"pipeline {source}: <distributed> nested more than {MAX_NESTING} deep")
+            nodes.append(_parse_distributed(el, policy, source, count, depth + 1))
         elif el.tag == "gadget":
             raise PipelineError(
                 f"pipeline {source}: <gadget> {el.findtext('name') or ''} ({el.findtext('dll')}/"
@@ -126,6 +139,8 @@ def _parse_external(el: ET.Element, policy: Policy, source: str) -> External:
     conf = el.find("configuration")
     configuration = ET.tostring(conf, encoding="unicode") if conf is not None else "<configuration/>"
     execute, connect = el.find("execute"), el.find("connect")
+    if len(el.findall("execute")) + len(el.findall("connect")) > 1:
+        raise PipelineError(f"pipeline {source}: an <external> takes one <execute> or one <connect>, not several")
     if execute is not None:
         module, target = execute.get("name", "").strip(), execute.get("target", "").strip()
         kind = execute.get("type", "python").strip().lower()
@@ -154,20 +169,24 @@ def _parse_external(el: ET.Element, policy: Policy, source: str) -> External:
     raise PipelineError(f"pipeline {source}: <external> needs <execute> or <connect>")
 
 
-def _parse_distributed(el: ET.Element, policy: Policy, source: str) -> Distributed:
+def _parse_distributed(el: ET.Element, policy: Policy, source: str, count: List[int], depth: int) -> Distributed:
     dist = el.find("distributor")
     classname = (dist.findtext("classname") or "").strip() if dist is not None else ""
     if classname != "AcquisitionDistributor":
         raise PipelineError(f"pipeline {source}: <distributor> {classname or '(none)'} is not supported "
                             "(AcquisitionDistributor only)")
-    props = {p.get("name"): p.get("value") for p in dist.iter("property")}
-    dimension = (props.get("parallel_dimension") or "slice").strip()
+    props = {}
+    for p in dist.iter("property"):  # <property name= value=/>, or the older <property><name/><value/></property>
+        name, value = p.get("name", p.findtext("name")), p.get("value", p.findtext("value"))
+        if (name or "").strip() != "parallel_dimension":
+            raise PipelineError(f"pipeline {source}: distributor property {name!r} is not supported "
+                                "(parallel_dimension only)")
+        props["parallel_dimension"] = (value or "").strip()
+    dimension = props.get("parallel_dimension", "slice")
     if dimension not in DIMENSIONS:
         raise PipelineError(f"pipeline {source}: parallel_dimension {dimension!r} is not one of {DIMENSIONS}")
-    inner = el.find("stream")
-    if inner is None:
-        raise PipelineError(f"pipeline {source}: <distributed> has no inner <stream>")
-    nodes = _parse_stream(inner, policy, source)
+    inner = _one_stream(el, source)
+    nodes = _parse_stream(inner, policy, source, count, depth)
     parts = ["<configuration><version>2</version>"]
     for tag in ("readers", "writers"):
         if el.find(tag) is not None:

@@ -1,4 +1,5 @@
 """Wire framing (limits, truncation, text conventions) and pipeline XML parsing / name resolution."""
+import functools
 import io
 import random
 import socket
@@ -175,6 +176,10 @@ EXT = ('<external><execute name="gadgets.dainr_gadget" target="dainr_recon" type
        '<configuration><property name="steps" value="3"/></configuration></external>')
 
 
+DIST = ('<distributed><distributor><classname>AcquisitionDistributor</classname>{}</distributor>'
+        '<stream>{}</stream></distributed>')
+
+
 def test_pipeline_text_replaces_property_values_and_refuses_missing_ones():
     xml = pipeline_text("dainr", steps=7, device="cpu")
     node = parse_pipeline(xml).nodes[0]
@@ -208,10 +213,30 @@ def test_parse_pipeline_external_and_distributed():
     ("<configuration><version>2</version><stream>", "malformed XML"),
     ('<?xml version="1.0"?><!DOCTYPE lol [<!ENTITY a "aaaa"><!ENTITY b "&a;&a;&a;">]>'
      '<configuration>&b;</configuration>', "DTDs and entities"),
+    # parts that were silently ignored, and sizes that were unbounded
+    (XML.format(EXT), None),  # (valid: the control)
+    (XML.format(EXT).replace("</configuration>", "<stream>" + EXT + "</stream></configuration>"), "one <stream>"),
+    (XML.format(EXT.replace("</external>", '<connect address="evil.example" port="80"/></external>')), "not several"),
+    (XML.format(DIST.format('<property><name>parallel_dimension</name><value>phase</value></property>', EXT)), None),
+    (XML.format(DIST.format('<property name="paralel_dimension" value="phase"/>', EXT)), "not supported"),
+    (XML.format(DIST.format('<property name="parallel_dimension" value=""/>', EXT)), "is not one of"),
+    (XML.format(EXT * 65), "more than 64 <external>"),
+    (XML.format(functools.reduce(lambda inner, _: DIST.format("", inner), range(5), EXT)), "nested more than 4"),
 ])
 def test_unrunnable_pipelines_are_refused(xml, reason):
+    if reason is None:  # a valid neighbour of the refused cases
+        assert parse_pipeline(xml).nodes
+        return
     with pytest.raises(PipelineError, match=reason):
         parse_pipeline(xml)
+
+
+def test_old_style_distributor_property_is_read():
+    d = parse_pipeline(XML.format(DIST.format('<property><name>parallel_dimension</name><value>phase</value>'
+                                              '</property>', EXT))).nodes[0]
+    assert d.dimension == "phase"
+    nested = functools.reduce(lambda inner, _: DIST.format("", inner), range(4), EXT)  # 4 deep: allowed
+    assert isinstance(parse_pipeline(XML.format(nested)).nodes[0], Distributed)
 
 
 def test_allowlist_is_extendable_by_the_operator():

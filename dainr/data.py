@@ -26,8 +26,9 @@ class RadialData:
     noise: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
-        self.kdata = torch.as_tensor(self.kdata)
-        self.traj = torch.as_tensor(self.traj)
+        # measured data, not parameters: detached, so a caller's autograd graph never reaches the fit
+        self.kdata = torch.as_tensor(self.kdata).detach()
+        self.traj = torch.as_tensor(self.traj).detach()
         if not self.kdata.is_complex():
             raise ValueError(f"kdata must be complex, got {self.kdata.dtype}")
         if self.kdata.ndim != 4:
@@ -61,7 +62,7 @@ class RadialData:
         if float(t.abs().max()) > 0.5 + 1e-3:
             raise ValueError(f"trajectory must be in cycles/pixel within [-0.5, 0.5]; max |k| = {float(t.abs().max()):.3f}")
         if self.noise is not None:
-            self.noise = torch.as_tensor(self.noise)
+            self.noise = torch.as_tensor(self.noise).detach()
             if self.noise.ndim != 2 or self.noise.shape[0] != C:
                 raise ValueError(f"noise must be (coils={C}, samples), got {tuple(self.noise.shape)}")
 

@@ -107,6 +107,10 @@ class Problem:
                     pick = valid[torch.randperm(valid.numel(), generator=gen)[: cfg.holdout_spokes]]
                     holdout[f, pick.to(device)] = True
         self.has_holdout = bool(holdout.any())
+        if cfg.holdout_spokes > 0 and not self.has_holdout:
+            raise ValueError(f"holdout_spokes={cfg.holdout_spokes} leaves no frame with a spoke to fit "
+                             f"(at most {int(spoke_mask.sum(1).max())} spokes per frame): the stopping rule cannot "
+                             "run; hold out fewer, or set holdout_spokes=0 for a fixed budget (max_steps/max_seconds)")
         self.train_w = (spoke_mask & ~holdout)[:, :, None].expand(Fa, S, R).reshape(Fa, S * R).float()
         self.hold_w = holdout[:, :, None].expand(Fa, S, R).reshape(Fa, S * R).float()
         # gradient weighting (reference: the ramp DCF, normalised to a mean of 1 over the samples), without the
@@ -117,10 +121,14 @@ class Problem:
 
         if coil_maps is None:
             coil_maps = self._estimate_coil_maps()
-        elif coil_maps.shape != (C, self.matrix, self.matrix):
-            raise ValueError(f"coil_maps must be {(C, self.matrix, self.matrix)}, got {tuple(coil_maps.shape)}")
-        elif self.whitener is not None:  # given in the data's coil space
-            coil_maps = apply_prewhitener(coil_maps.to(device, torch.complex64), self.whitener, coil_dim=0)
+        else:
+            coil_maps = torch.as_tensor(coil_maps).detach().to(device, torch.complex64)
+            if coil_maps.shape != (C, self.matrix, self.matrix):
+                raise ValueError(f"coil_maps must be {(C, self.matrix, self.matrix)}, got {tuple(coil_maps.shape)}")
+            if not bool(torch.isfinite(coil_maps).all()) or not bool(coil_maps.abs().amax() > 0):
+                raise ValueError("coil_maps must be finite and not all zero")
+            if self.whitener is not None:  # given in the data's coil space
+                coil_maps = apply_prewhitener(coil_maps, self.whitener, coil_dim=0)
         self.op = MulticoilNUFFT(coil_maps.to(device, torch.complex64), backend=cfg.nufft_backend)
 
         zf = self.zero_filled_from(self.train_w + self.hold_w)

@@ -2,7 +2,7 @@
 
 Gadgetron starts it as ``python -m gadgetron PORT gadgets.dainr_gadget dainr_recon``.  Properties
 (``<property name=... value=.../>`` in the ``<configuration>`` block): ``spokes_per_frame``,
-``steps``, ``max_seconds``, ``device``, ``sr_ratio``, ``down_ratio``, ``image_series_index``,
+``steps``, ``max_seconds``, ``holdout_spokes``, ``device``, ``sr_ratio``, ``down_ratio``, ``image_series_index``,
 ``preview`` (true/false), ``preview_series_index``, ``preview_steps``, ``output``
 (magnitude/complex), ``seed``, ``features`` (true/false: the reference's frozen CNN features of the
 neighbouring frames; default ``DAINRConfig.use_features``, off), ``max_buffer_mb`` (readouts buffered
@@ -71,7 +71,8 @@ def options_from_properties(props: Dict[str, str]) -> GadgetOptions:
     changes = dict(device=get("device", str, "auto"), seed=get("seed", int, 0),
                    spatial_ratio=get("sr_ratio", float, 1.0), temporal_ratio=get("down_ratio", int, 1))
     for prop, field, cast in (("steps", "max_steps", int), ("max_seconds", "max_seconds", float),
-                              ("features", "use_features", boolean), ("check_memory", "check_memory", boolean)):
+                              ("features", "use_features", boolean), ("check_memory", "check_memory", boolean),
+                              ("holdout_spokes", "holdout_spokes", int)):
         if prop in props:
             changes[field] = get(prop, cast)
     preview = get("preview", boolean, False)

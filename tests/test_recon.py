@@ -259,6 +259,21 @@ def test_k_space_that_is_zero_or_overflows_float32_sums_is_a_clear_error(small_s
         reconstruct(data, DAINRConfig(max_steps=2, device="cpu"))
 
 
+def test_inputs_the_fit_cannot_use_are_clear_errors(small_scan):
+    data, cfg = small_scan.data, DAINRConfig(max_steps=2, device="cpu")
+    C, n = data.n_coils, data.matrix
+    for maps, match in ((torch.zeros(C, n, n, dtype=torch.complex64), "finite and not all zero"),
+                        (torch.full((C, n, n), float("nan"), dtype=torch.complex64), "finite and not all zero")):
+        with pytest.raises(ValueError, match=match):  # (it blamed the k-space's scale)
+            reconstruct(data, cfg, coil_maps=maps)
+    with pytest.raises(ValueError, match="leaves no frame with a spoke to fit"):  # (it silently ran a fixed budget)
+        reconstruct(data, cfg.replace(holdout_spokes=9))
+    # numpy maps work like tensors; data that carries an autograd graph is taken as measured values
+    assert reconstruct(data, cfg, coil_maps=small_scan.coil_maps).images.shape == (8, 32, 32)
+    grad = dataclasses.replace(data, kdata=data.kdata.clone().requires_grad_(True))
+    assert torch.isfinite(reconstruct(grad, cfg.replace(max_steps=3)).images).all()
+
+
 def test_single_frame_with_features_is_a_clear_error(small_scan):
     one = small_scan.data.select_frames([0])
     with pytest.raises(ValueError, match="at least 2 acquired frames"):

@@ -73,7 +73,9 @@ class RadialData:
 
     def every_rth_frame(self, r: int) -> "RadialData":
         """Frames 0, r, 2r, …: what a temporal ×r fit sees; it then renders (fitted − 1)·r + 1 frames, so the
-        last frame must be among them, or the frames after the last fitted one would get no image."""
+        last frame must be among them, or the frames after the last fitted one would get no image.  r = 1: self."""
+        if r == 1:
+            return self
         if (self.n_frames - 1) % r:
             raise ValueError(f"temporal ratio {r} needs (frames − 1) divisible by {r}: with {self.n_frames} frames "
                              f"the last {(self.n_frames - 1) % r} would not be reconstructed")

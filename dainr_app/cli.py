@@ -138,11 +138,8 @@ def _recon_slices(scan, output: str, cfg: DAINRConfig, series: int, output_type:
     from .mrd import make_images, write_images
 
     summaries, panels = [], []
-    r = cfg.temporal_ratio
     for (s, contrast, repetition, set_index), raw_slice in scan.slices.items():
-        data = raw_slice.data
-        if r > 1:  # paper protocol: fit every r-th frame of the file, query all frames
-            data = data.every_rth_frame(r)
+        data = raw_slice.data.every_rth_frame(cfg.temporal_ratio)  # the paper's protocol: fit every r-th, query all
         t0 = time.perf_counter()
         result = reconstruct_sharing_cpu(data, cfg)  # several `dainr recon` at once share the cores
         seconds = time.perf_counter() - t0

@@ -144,9 +144,7 @@ def reconstruct_slice(connection, key: Key, acqs: list, params: ReconParameters,
     s, contrast, rep, set_index = key
     t0 = time.perf_counter()
     raw = slice_from_acquisitions(acqs, params, noise, s)
-    data = raw.data
-    if opts.cfg.temporal_ratio > 1:  # fit every r-th frame, query all
-        data = data.every_rth_frame(opts.cfg.temporal_ratio)
+    data = raw.data.every_rth_frame(opts.cfg.temporal_ratio)  # fit every r-th frame, query all
     sent_preview = []
 
     def emit(images, series, history):

@@ -152,16 +152,22 @@ def _cgroup_headroom(root: str = "/sys/fs/cgroup", self_cgroup: str = "/proc/sel
     return None
 
 
-def check_memory(data: RadialData, cfg: DAINRConfig, device: torch.device) -> MemoryEstimate:
+def check_memory(data: RadialData, cfg: DAINRConfig, device: torch.device,
+                 reserved_elsewhere: int = 0) -> MemoryEstimate:
     """The estimate (:func:`estimate_memory`); raises :class:`InsufficientMemoryError` when it exceeds
-    :func:`available_memory` (where that is known)."""
+    :func:`available_memory` (where that is known) less ``reserved_elsewhere``, the bytes other fits running
+    at the same time will still allocate on the device."""
     need, have = estimate_memory(data, cfg, device), available_memory(device)
+    if have is not None:
+        have = max(0, have - reserved_elsewhere)
     if have is not None and need.peak > have:
         Fa, C, S, R = data.kdata.shape
         raise InsufficientMemoryError(
             f"DA-INR needs about {need.peak / 2 ** 30:.1f} GiB on {device} for this scan (matrix {data.matrix}, "
             f"{Fa} frames, {C} coils, {S} spokes × {R} samples, {min(cfg.batch_frames(device.type), Fa)} frame(s) "
-            f"per step; GiB: {need.describe()}) but {have / 2 ** 30:.1f} GiB is available. Check the matrix size, "
+            f"per step; GiB: {need.describe()}) but {have / 2 ** 30:.1f} GiB is available"
+            + (f" ({reserved_elsewhere / 2 ** 30:.1f} GiB more is promised to other fits running on this host)"
+               if reserved_elsewhere else "") + ". Check the matrix size, "
             "or lower frames_per_step, fit at a lower resolution (spatial_ratio), or turn the features off; "
             "check_memory=False skips this check")
     return need

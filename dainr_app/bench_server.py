@@ -248,7 +248,7 @@ def case_concurrent(steps: int = 150) -> dict:
     """The demo data's 2 slices one after the other (``dainr``), side by side (``dainr_distributed``: two local
     channels, each with its own gadget process) and two clients replaying them at once (``dainr`` each),
     ``steps`` fixed steps per slice: replay wall times.  Fits running at the same time share the cores
-    (:class:`dainr_app.cpu_share.CpuShare`)."""
+    (:class:`dainr_app.host_share.HostShare`)."""
     with tempfile.TemporaryDirectory() as work:
         path = os.path.join(work, "raw.h5")
         _demo_raw(path)

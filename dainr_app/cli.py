@@ -15,7 +15,7 @@ from dainr import DAINRConfig
 from dainr.config import NUFFT_BACKENDS
 from dainr.metrics import psnr_ssim
 
-from .cpu_share import reconstruct_sharing_cpu
+from .host_share import reconstruct_shared
 from .pipeline import PIPELINES_DIR, pipeline_text
 
 
@@ -141,7 +141,7 @@ def _recon_slices(scan, output: str, cfg: DAINRConfig, series: int, output_type:
     for (s, contrast, repetition, set_index), raw_slice in scan.slices.items():
         data = raw_slice.data.every_rth_frame(cfg.temporal_ratio)  # the paper's protocol: fit every r-th, query all
         t0 = time.perf_counter()
-        result = reconstruct_sharing_cpu(data, cfg)  # several `dainr recon` at once share the cores
+        result = reconstruct_shared(data, cfg)  # several `dainr recon` at once share the host
         seconds = time.perf_counter() - t0
         info = result.info
         history = [f"DA-INR {info['steps']} steps ({info['stop_reason']}), {seconds:.1f} s on {info['device']}"]

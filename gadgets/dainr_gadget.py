@@ -22,7 +22,7 @@ import torch
 import ismrmrd
 
 from dainr import DAINRConfig
-from dainr_app.cpu_share import reconstruct_sharing_cpu
+from dainr_app.host_share import reconstruct_shared
 from dainr_app.mrd import Key, MRDFormatError, ReconParameters, acquisition_key, is_skipped, make_images, \
     noise_samples, series_index, slice_from_acquisitions
 from dainr_app.protocol import error_frame
@@ -160,7 +160,7 @@ def reconstruct_slice(connection, key: Key, acqs: list, params: ReconParameters,
             log.info("slice %s: preview sent %.2f s after the last readout", key, sent_preview[0])
 
     # other CPU fits on this host (other slices' gadget processes, other clients) share the cores
-    result = reconstruct_sharing_cpu(data, opts.cfg, callback=on_progress if opts.preview else None)
+    result = reconstruct_shared(data, opts.cfg, callback=on_progress if opts.preview else None)
     info = result.info
     emit(result.images, opts.series,
          [f"DA-INR {info['steps']} steps ({info['stop_reason']}), {time.perf_counter() - t0:.2f} s on {info['device']}"])

@@ -315,3 +315,23 @@ def test_reversed_readouts_without_trajectory_get_the_reversed_positions(raw2, t
     got = read_raw(_rewrite(raw2, str(tmp_path / "rev.h5"), lambda a: strip(a, True)),
                    golden_angle="true").slices[(0, 0, 0, 0)].data
     assert torch.equal(got.kdata.flip(-1), ref.kdata) and torch.equal(got.traj.flip(-2), ref.traj)
+
+
+def test_bench_lists_every_case_with_its_description(capsys):
+    from dainr_app.bench import CASES
+
+    assert cli.main(["bench", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    described = {line.split()[0]: line.split(None, 1)[1] for line in lines if len(line.split()) > 1}
+    assert set(described) == set(CASES)
+
+
+def test_bench_paper_protocol_keeps_the_best_scored_checkpoint():
+    from dainr.sim import simulate
+    from dainr_app.bench import _paper_protocol
+
+    scan = simulate(24, 4, 9, 2, noise_level=0.02)
+    out = _paper_protocol(scan, DAINRConfig(device="cpu"), steps=30, every=10)
+    assert [c["step"] for c in out["curve"]] == [10, 20, 30]
+    assert out["psnr"] == max(c["psnr"] for c in out["curve"])
+    assert len({round(c["psnr"], 6) for c in out["curve"]}) == 3  # scored on the live images of each checkpoint

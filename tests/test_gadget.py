@@ -274,13 +274,13 @@ def test_gadget_server_on_a_busy_port_fails_clearly(capsys):
     assert f"cannot listen on port {port}" in capsys.readouterr().err
 
 
-def test_cpu_fits_run_under_the_hosts_cpu_share(two_slices, tmp_path, monkeypatch):
-    """While the gadget fits on the CPU its lock file is in the share folder; none is left afterwards."""
+def test_fits_run_under_the_hosts_share(two_slices, tmp_path, monkeypatch):
+    """While the gadget fits, its lock file is in the share folder; none is left afterwards."""
     import os
     import threading
     import time
 
-    monkeypatch.setenv("DAINR_CPU_SHARE_DIR", str(tmp_path))  # the gadget process inherits it
+    monkeypatch.setenv("DAINR_SHARE_DIR", str(tmp_path))  # the gadget process inherits it
     header, acqs = _load(two_slices[1])
     runs, seen = [], set()
     worker = threading.Thread(target=lambda: runs.append(run_gadget(
@@ -291,7 +291,7 @@ def test_cpu_fits_run_under_the_hosts_cpu_share(two_slices, tmp_path, monkeypatc
         time.sleep(0.01)
     worker.join()
     assert runs[0].errors == [] and len(runs[0].images) == 12, runs[0].log[-2000:]
-    assert len(seen) == 2 and os.listdir(tmp_path) == []  # one fit per slice, each under its own lock
+    assert len(seen) == 2 and os.listdir(tmp_path) == [".lock"]  # one fit per slice, each under its own lock
 
 
 @pytest.mark.parametrize("module", ["gadgets.passthrough", "gadgets.dainr_gadget", "gadgets.resident"])

@@ -1,0 +1,181 @@
+"""HostShare: concurrent fits on one host split the cores instead of oversubscribing them, and the memory
+preflight counts what the other fits on the same device will still allocate."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dainr import DAINRConfig
+from dainr.sim import simulate
+from dainr.memory import InsufficientMemoryError
+from dainr_app.host_share import HostShare, default_directory, reconstruct_shared
+from dainr_app.server import ROOT, child_env
+
+
+@pytest.fixture
+def four_threads():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(4)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_fits_split_the_cores_and_get_them_back(tmp_path, four_threads):
+    d = str(tmp_path)
+    with HostShare(d, cores=4) as a:
+        assert a.running() == 1 and a.threads == 4 and torch.get_num_threads() == 4
+        with HostShare(d, cores=4) as b, HostShare(d, cores=4) as c:
+            assert b.threads == 2 and c.threads == 1  # each sees the fits running when it starts
+            assert a.update() == 1 and b.update() == 1 and torch.get_num_threads() == 1
+        assert a.update() == 4 and torch.get_num_threads() == 4  # the others ended
+    assert torch.get_num_threads() == 4 and os.listdir(d) == [".lock"]
+
+
+def test_the_folder_can_be_set_for_the_host(monkeypatch, tmp_path):
+    monkeypatch.delenv("DAINR_SHARE_DIR", raising=False)
+    monkeypatch.setenv("DAINR_CPU_SHARE_DIR", str(tmp_path / "old"))  # the earlier name still works
+    assert HostShare().directory == str(tmp_path / "old") == default_directory()
+    monkeypatch.setenv("DAINR_SHARE_DIR", str(tmp_path))
+    assert HostShare().directory == str(tmp_path) == default_directory()
+
+
+def test_a_fit_never_gets_more_threads_than_the_process_had(tmp_path, four_threads):
+    with HostShare(str(tmp_path), cores=64) as share:
+        assert share.threads == 4
+
+
+def test_files_of_fits_that_are_gone_are_not_counted(tmp_path):
+    (tmp_path / "123-0.fit").write_text("")  # nobody holds its lock
+    (tmp_path / "notes.txt").write_text("")
+    with HostShare(str(tmp_path), cores=2) as share:
+        assert share.running() == 1
+    assert sorted(os.listdir(tmp_path)) == [".lock", "notes.txt"]
+
+
+def test_an_unusable_folder_leaves_the_threads_alone(tmp_path, four_threads, caplog):
+    (tmp_path / "file").write_text("")
+    with HostShare(str(tmp_path / "file" / "share"), cores=1) as share:  # its parent is a file
+        assert share.update() == 4 and torch.get_num_threads() == 4
+    assert torch.get_num_threads() == 4 and "host share off" in caplog.text
+
+
+def test_a_fit_in_another_process_counts_until_that_process_is_killed(tmp_path):
+    code = (f"from dainr_app.host_share import HostShare\nimport time\n"
+            f"with HostShare({str(tmp_path)!r}):\n    time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=child_env())
+    try:
+        deadline = time.monotonic() + 60
+        while not any(n.endswith(".fit") for n in os.listdir(tmp_path)):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        share = HostShare(str(tmp_path), cores=2)
+        with share:
+            assert share.running() == 2 and share.threads == 1
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+            assert share.running() == 1  # the kernel dropped the killed fit's lock
+    finally:
+        proc.kill()
+        proc.wait(30)
+    assert os.listdir(tmp_path) == [".lock"]
+
+
+def test_a_cpu_fit_runs_with_its_share_and_calls_the_callback(monkeypatch, tmp_path, four_threads):
+    monkeypatch.setenv("DAINR_SHARE_DIR", str(tmp_path))
+    monkeypatch.setattr("dainr_app.host_share.os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    scan = simulate(32, 4, 5, 2, seed=0)
+    seen = []
+    cfg = DAINRConfig(device="cpu", max_steps=3, preview_every=1, progress=False)
+    with HostShare():  # another fit on this host
+        result = reconstruct_shared(scan.data, cfg, callback=lambda p: seen.append(torch.get_num_threads()))
+    assert seen == [1, 1, 1] and result.info["steps"] == 3
+    assert torch.get_num_threads() == 4 and os.listdir(tmp_path) == [".lock"]
+
+
+GIB = 2 ** 30
+
+
+def test_a_fit_counts_what_the_others_on_its_device_have_reserved_but_not_yet_allocated(tmp_path):
+    d = str(tmp_path)
+    seen = []
+
+    def preflight(reserve):
+        def check(elsewhere):
+            seen.append(elsewhere)
+            return reserve
+        return check
+
+    with HostShare(d, preflight=preflight(3 * GIB)) as a:
+        with HostShare(d, preflight=preflight(GIB)):
+            assert seen == [0, 3 * GIB]  # a has allocated nothing of its estimate yet
+            os.pwrite(a._fd, a._record(2 * GIB), 0)  # a reports 2 GiB in use
+            assert a.reserved_elsewhere() == GIB  # the second fit's whole reservation
+            with HostShare(d, preflight=preflight(0)) as c:
+                assert seen[-1] == GIB + GIB and c.reserved_elsewhere() == 2 * GIB
+        os.pwrite(a._fd, a._record(5 * GIB), 0)  # more in use than it reserved: nothing outstanding
+        with HostShare(d, preflight=preflight(0)):
+            assert seen[-1] == 0
+    # another device's reservation and a fit that has gone do not count
+    with HostShare(d, preflight=preflight(GIB), device=torch.device("meta")):
+        (tmp_path / "1-gone.fit").write_text(f"cpu {4 * GIB} 0\n")
+        with HostShare(d, preflight=preflight(0)) as e:
+            assert seen[-1] == 0 and e.running() == 1  # the meta fit does not take a CPU thread share either
+    assert os.listdir(d) == [".lock"]
+
+
+def test_the_preflight_refuses_what_the_running_fits_leave_too_little_room_for(tmp_path, monkeypatch):
+    """Two fits that each fit alone: the second is refused while the first has not allocated its share."""
+    monkeypatch.setenv("DAINR_SHARE_DIR", str(tmp_path))
+    scan = simulate(32, 4, 5, 2, seed=0)
+    cfg = DAINRConfig(device="cpu", max_steps=2)
+    from dainr.memory import estimate_memory
+
+    need = estimate_memory(scan.data, cfg, torch.device("cpu")).peak
+    monkeypatch.setattr("dainr.memory.available_memory", lambda device: int(1.5 * need))
+    assert reconstruct_shared(scan.data, cfg).info["steps"] == 2  # alone it fits
+    with HostShare(preflight=lambda elsewhere: need):  # a fit that has just started
+        with pytest.raises(InsufficientMemoryError, match="promised to other fits"):
+            reconstruct_shared(scan.data, cfg)
+        assert reconstruct_shared(scan.data, cfg.replace(check_memory=False)).info["steps"] == 2
+    assert reconstruct_shared(scan.data, cfg).info["steps"] == 2  # its reservation went with it
+    assert os.listdir(tmp_path) == [".lock"]
+
+
+def test_preflights_that_start_together_take_turns(tmp_path, monkeypatch):
+    """The check and the reservation are one step: a fit whose preflight is running holds the others back."""
+    import threading
+
+    monkeypatch.setattr("dainr_app.host_share._in_use", lambda device: 0)  # the two fits share this process
+
+    d = str(tmp_path)
+    entered, release, order = threading.Event(), threading.Event(), []
+
+    def slow(elsewhere):
+        entered.set()
+        release.wait(10)
+        order.append(("first", elsewhere))
+        return GIB
+
+    def fast(elsewhere):
+        order.append(("second", elsewhere))
+        return GIB
+
+    def first():
+        with HostShare(d, preflight=slow):
+            time.sleep(0.5)
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert entered.wait(10)
+    second = threading.Thread(target=lambda: HostShare(d, preflight=fast).__enter__().__exit__())
+    second.start()
+    time.sleep(0.3)
+    assert order == []  # the second waits for the folder's lock
+    release.set()
+    t.join(10)
+    second.join(10)
+    assert order == [("first", 0), ("second", GIB)]

@@ -24,6 +24,7 @@ plain preflight, and a warning is logged.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -116,36 +117,51 @@ class HostShare:
 
     def __enter__(self) -> "HostShare":
         self.threads = self.base = torch.get_num_threads()
-        name = f"{os.getpid()}-{uuid.uuid4().hex}"  # unique across PID namespaces sharing the folder
-        partial = os.path.join(self.directory, name + ".new")
-        self._path = os.path.join(self.directory, name + ".fit")
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
             folder = os.open(os.path.join(self.directory, ".lock"), os.O_CREAT | os.O_RDWR, 0o600)
         except OSError as exc:
-            log.warning("host share off, the fit keeps %d threads and its own memory check: %s", self.base, exc)
-            if self.preflight is not None:
-                self.reserved = self.preflight(0)
-            return self
+            return self._alone(exc)
         try:
             fcntl.flock(folder, fcntl.LOCK_EX)  # preflight and reservation as one step among the host's fits
+            try:
+                elsewhere = self.reserved_elsewhere()
+            except OSError as exc:
+                return self._alone(exc)
             if self.preflight is not None:
-                self.reserved = self.preflight(self.reserved_elsewhere())
-            self._base_in_use = _in_use(self.device)
-            self._fd = os.open(partial, os.O_CREAT | os.O_RDWR, 0o600)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)  # locked before it is visible as a running fit
-            os.pwrite(self._fd, self._record(0), 0)
-            os.rename(partial, self._path)
-        except OSError as exc:
-            log.warning("host share off, the fit keeps %d threads: %s", self.base, exc)
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
-            return self
+                self.reserved = self.preflight(elsewhere)
+            self._register()
         finally:
             os.close(folder)  # releases the folder's lock
         self.update()
         return self
+
+    def _alone(self, exc: OSError) -> "HostShare":
+        log.warning("host share off, the fit keeps %d threads and counts no other fit's memory: %s", self.base, exc)
+        if self.preflight is not None:
+            self.reserved = self.preflight(0)
+        return self
+
+    def _register(self) -> None:
+        name = f"{os.getpid()}-{uuid.uuid4().hex}"  # unique across PID namespaces sharing the folder
+        partial, path = (os.path.join(self.directory, name + ext) for ext in (".new", ".fit"))
+        self._base_in_use = _in_use(self.device)
+        try:
+            fd = os.open(partial, os.O_CREAT | os.O_RDWR, 0o600)
+        except OSError as exc:
+            log.warning("host share off, the fit keeps %d threads: %s", self.base, exc)
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # locked before it is visible as a running fit
+            os.pwrite(fd, self._record(0), 0)
+            os.rename(partial, path)
+        except OSError as exc:
+            log.warning("host share off, the fit keeps %d threads: %s", self.base, exc)
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
+            return
+        self._fd, self._path = fd, path
 
     def __exit__(self, *exc) -> None:
         if self._fd is None:
@@ -175,10 +191,8 @@ class HostShare:
             except BlockingIOError:
                 found.append(_parse(os.pread(fd, 256, 0).decode("ascii", "replace")))
             else:
-                try:
+                with contextlib.suppress(FileNotFoundError):  # another fit may have removed it first
                     os.unlink(path)
-                except FileNotFoundError:  # another fit removed it first
-                    pass
             finally:
                 os.close(fd)
         return found

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from dainr.config import DAINRConfig
@@ -18,11 +19,15 @@ def test_model_shapes_and_parameter_count():
     assert DAINR(DAINRConfig()).sigma_net[0].in_features == 32 + 42 + 13  # features off by default
 
 
-def test_grid_cap_stops_the_finest_level_at_the_fitting_matrix():
+def test_grid_cap_stops_the_finest_level_below_the_fitting_matrix():
     cfg = DAINRConfig()
     assert cfg.grid.finest_resolution == 2048  # the reference's value stays the configured one
-    assert cfg.model_config(128).grid.finest_resolution == 128
+    assert cfg.model_config(128).grid.finest_resolution == 96  # cap_grid_ratio 0.75
+    assert cfg.model_config(110).grid.finest_resolution == 82
+    assert cfg.replace(cap_grid_ratio=1.0).model_config(128).grid.finest_resolution == 128
     assert cfg.model_config(8).grid.finest_resolution == 16  # never below the base resolution
+    with pytest.raises(ValueError, match="cap_grid_ratio"):
+        cfg.replace(cap_grid_ratio=0)
     assert cfg.replace(cap_grid_at_matrix=False).model_config(128).grid.finest_resolution == 2048  # the reference
     assert cfg.replace(grid_finest_resolution=64).model_config(128).grid.finest_resolution == 64
     capped, ref = (sum(p.numel() for p in DAINR(c.model_config(128)).grid.parameters())

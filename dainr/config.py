@@ -125,15 +125,13 @@ class DAINRConfig:
       but the features from the nearest fitted pixel).
     * ``use_features`` defaults to off (the reference feeds the frozen features of the neighbouring
       frames' zero-filled images to the canonical MLP; ``True`` restores that).  With the capped grid
-      (above) the features lowered quality on every data set and setting we measured, converged fits,
-      PSNR dB / SSIM, features on vs off: phantom at 5 / 13 / 21 spokes 30.37 / 0.807 vs 31.46 / 0.812,
-      34.42 / 0.909 vs 34.41 / 0.927, 34.72 / 0.937 vs 35.51 / 0.949; real cine 26.93 / 0.844 vs
-      27.33 / 0.862; temporal ×2 (trained / interpolated frames) 33.84 / 33.47 dB vs 34.72 / 34.14;
-      spatial ×2 27.84 / 0.891 vs 28.13 / 0.893; the demo's 300 steps 30.25 / 0.936 vs 30.73 / 0.949.
-      Off is also 15–20 % faster and needs no second frame.  The frozen random encoder passes the
-      neighbours' streaks on.  With the reference's uncapped grid, which fits noise, the features do
-      pay (32.71 / 0.824 vs 32.15 / 0.807, real cine 26.91 / 0.821 vs 26.74 / 0.823), but every
-      uncapped model is below the capped ones.
+      (above) the features lowered quality on every data set and setting we measured, PSNR dB / SSIM,
+      features on vs off: phantom at 13 spokes 34.19 / 0.937 vs 35.00 / 0.952, real cine 27.27 / 0.864
+      vs 27.69 / 0.883; also at 5 and 21 spokes, for temporal and spatial ×2, in the demo, under the
+      reference's ground-truth checkpoint pick and in the paper's acquisition setting (README,
+      Performance).  Off is also 15–20 % faster and needs no second frame.  The frozen random encoder
+      passes the neighbours' streaks on.  With the reference's uncapped grid, which fits noise, the
+      features do pay, but every uncapped model is below the capped ones.
     * ``spatial_antiring`` (not in the reference): the spatial ×s output's magnitude is clamped to the range of
       the 4 fitted pixels around each output pixel, as image scalers' anti-ringing does; the fit has no data
       beyond its k-space band to support new extrema between its pixels.  Measured with features on,

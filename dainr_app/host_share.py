@@ -86,7 +86,7 @@ def _parse(text: str) -> RunningFit:
     parts = text.split()
     try:
         return RunningFit(parts[0], int(parts[1]), int(parts[2]))
-    except (IndexError, ValueError):  # a file being written: counted as a CPU fit that reserved nothing
+    except (IndexError, ValueError):  # an older version's empty file, or one read mid-rewrite
         return RunningFit("cpu", 0, 0)
 
 

@@ -60,6 +60,13 @@ def _ratio(text: str) -> float:
     return v
 
 
+def _fraction(text: str) -> float:
+    v = float(text)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return v
+
+
 def cmd_simulate(args) -> int:
     from dainr.sim import simulate
 
@@ -83,7 +90,8 @@ def config_from_args(args) -> DAINRConfig:
     changes = dict(device=args.device, seed=args.seed, spatial_ratio=args.sr_ratio, temporal_ratio=args.down_ratio,
                    progress=not args.quiet, use_deformation=not args.no_deformation,
                    cap_grid_at_matrix=not args.reference_grid, check_memory=not args.no_memory_check)
-    for name in ("use_features", "max_steps", "max_seconds", "frames_per_step", "holdout_spokes", "nufft_backend"):
+    for name in ("use_features", "max_steps", "max_seconds", "frames_per_step", "holdout_spokes", "nufft_backend",
+                 "cap_grid_ratio"):
         value = getattr(args, name, None)
         if value is not None:
             changes[name] = value
@@ -426,7 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-memory-check", action="store_true",
                    help="fit even when the estimated peak memory exceeds what the device has available")
     r.add_argument("--reference-grid", action="store_true",
-                   help="the reference's grid (finest level 2048 whatever the matrix) instead of capping it there")
+                   help="the reference's grid (finest level 2048 whatever the matrix) instead of capping it below")
+    r.add_argument("--cap-grid-ratio", type=_fraction,
+                   help="the capped grid's finest level as a fraction of the fitting matrix (default 0.75; 1 = the matrix)")
     r.add_argument("--preview", type=_preview_path, help="write a .gif/.png preview")
     r.add_argument("--series", type=_series, default=1, help="output image_series_index (0..65535)")
     r.add_argument("--output-type", choices=("magnitude", "complex"), default="magnitude")

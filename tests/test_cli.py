@@ -74,6 +74,10 @@ def test_recon_options_reach_the_config():
     assert default.cap_grid_at_matrix and default.use_features is DAINRConfig().use_features
     assert not cfg("--no-features").use_features
     assert default.check_memory and not cfg("--no-memory-check").check_memory
+    assert default.cap_grid_ratio == DAINRConfig().cap_grid_ratio and cfg("--cap-grid-ratio", "1").cap_grid_ratio == 1
+    for bad in ("0", "1.5", "nan"):
+        with pytest.raises(SystemExit):
+            cfg("--cap-grid-ratio", bad)
 
 
 def _rewrite(src_path: str, dst_path: str, transform) -> str:

@@ -109,6 +109,9 @@ def test_boolean_properties_and_bad_booleans():
     assert options_from_properties({}).cfg.check_memory
     assert not options_from_properties({"check_memory": "false"}).cfg.check_memory
     assert options_from_properties({"holdout_spokes": "0"}).cfg.holdout_spokes == 0  # a fixed budget
+    assert options_from_properties({"cap_grid_ratio": "1"}).cfg.cap_grid_ratio == 1
+    with pytest.raises(ValueError, match="cap_grid_ratio"):
+        options_from_properties({"cap_grid_ratio": "2"})
     for prop in ("features", "preview", "check_memory"):
         with pytest.raises(ValueError, match=f"property {prop}='maybe': not a boolean"):
             options_from_properties({prop: "maybe"})

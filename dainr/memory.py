@@ -157,9 +157,8 @@ def check_memory(data: RadialData, cfg: DAINRConfig, device: torch.device,
     """The estimate (:func:`estimate_memory`); raises :class:`InsufficientMemoryError` when it exceeds
     :func:`available_memory` (where that is known) less ``reserved_elsewhere``, the bytes other fits running
     at the same time will still allocate on the device."""
-    need, have = estimate_memory(data, cfg, device), available_memory(device)
-    if have is not None:
-        have = max(0, have - reserved_elsewhere)
+    need, free = estimate_memory(data, cfg, device), available_memory(device)
+    have = None if free is None else max(0, free - reserved_elsewhere)
     if have is not None and need.peak > have:
         Fa, C, S, R = data.kdata.shape
         raise InsufficientMemoryError(

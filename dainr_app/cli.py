@@ -24,11 +24,22 @@ def truth_path(raw_path: str) -> str:
     return os.path.splitext(raw_path)[0] + "_truth.npz"
 
 
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+def _number(cast, ok, what: str, name: str):
+    """An argparse type: ``cast(text)``, which must pass ``ok`` (else: "must be ``what``")."""
+    def parse(text: str):
+        v = cast(text)
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return v
+
+    parse.__name__ = name  # argparse names it when ``cast`` fails: "invalid <name> value"
+    return parse
+
+
+_positive_int = _number(int, lambda v: v >= 1, ">= 1", "positive integer")
+_nonnegative = _number(float, lambda v: v >= 0, ">= 0", "non-negative number")
+_ratio = _number(float, lambda v: v >= 1, ">= 1", "ratio")
+_fraction = _number(float, lambda v: 0 < v <= 1, "in (0, 1]", "fraction")
 
 
 def _series(text: str) -> int:
@@ -40,31 +51,10 @@ def _series(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-def _nonnegative(text: str) -> float:
-    v = float(text)
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return v
-
-
 def _preview_path(text: str) -> str:
     if not text.lower().endswith((".gif", ".png")):
         raise argparse.ArgumentTypeError(f"preview must end in .gif or .png, got {text!r}")
     return text
-
-
-def _ratio(text: str) -> float:
-    v = float(text)
-    if not v >= 1.0:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return v
-
-
-def _fraction(text: str) -> float:
-    v = float(text)
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return v
 
 
 def cmd_simulate(args) -> int:

@@ -73,9 +73,16 @@ def _level_geometry(cfg: GridConfig, layout: str) -> List[dict]:
 
 
 class TorchGridEncoding(nn.Module):
-    """Pure-PyTorch 2D multiresolution grid encoding (bilinear interpolation, gather-based).
+    """Pure-PyTorch 2D multiresolution grid encoding (bilinear interpolation).
 
     Input: coordinates in [-1, 1] (``(..., 2)``).  Output: ``(..., num_levels * F)``, level-major.
+
+    Two paths, the same function: the levels stored densely (torch-ngp layout, not wrapped: the first
+    :attr:`n_dense`, all of them with the grid capped below the matrix) are rows of an image that
+    ``F.grid_sample`` reads, one batch entry per level; the rest (levels wrapped modulo the table, and every
+    level of the ``tcnn`` layout) gather their four corners with ``index_select``.  On 2 CPU cores, 16 levels at
+    16 384 points, forward and backward took 5 ms on the first path and 30 ms on the second, whose backward is
+    a scatter-add of 4 corners × 16 levels per point.
     """
 
     def __init__(self, cfg: GridConfig, layout: str = "ngp"):
@@ -93,6 +100,8 @@ class TorchGridEncoding(nn.Module):
         self.register_buffer("hashed", as_t("hashed", torch.bool), persistent=False)
         wrapped = [i for i, g in enumerate(geo) if g["stride"] ** 2 > g["size"]]
         self.first_wrapped = wrapped[0] if wrapped else len(geo)  # levels grow, so wrapped ones are a suffix
+        self.n_dense = self.first_wrapped if layout == "ngp" else 0
+        self._dense_geo = [(g["stride"], g["size"]) for g in geo[: self.n_dense]]
         # corner offsets (dx, dy) in the order torch-ngp / tcnn enumerate them
         self.register_buffer("corners", torch.tensor([[0, 0], [1, 0], [0, 1], [1, 1]], dtype=torch.int64), persistent=False)
 
@@ -106,35 +115,60 @@ class TorchGridEncoding(nn.Module):
         if self.layout == "ngp":  # torch-ngp: inputs outside [0, 1] get zero features and gradient
             inside = ((u >= 0) & (u <= 1)).all(dim=-1)
             u = torch.where(inside[:, None], u, u.detach().clamp(0, 1))
-        pos = u[:, None, :] * self.scales[None, :, None] + 0.5  # (N, L, 2)
+        k = self.n_dense
+        parts = ([self._sample_dense(u)] if k > 0 else []) + ([self._gather(u, k)] if k < len(self.scales) else [])
+        out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (N, L, F)
+        if self.layout == "ngp":
+            out = out * inside[:, None, None]
+        return out.reshape(*lead, self.out_dim)
+
+    def _sample_dense(self, u: torch.Tensor) -> torch.Tensor:
+        """Levels ``[0, n_dense)`` at ``u`` (N, 2) in [0, 1] → (N, n_dense, F).
+
+        Level ``l`` is a ``stride × stride`` image (row ``y``, column ``x``: table row ``x + y·stride``), padded
+        to the largest level's size ``W``; the corner-aligned sampling position ``u·scale + 0.5`` (pixels) is
+        grid_sample's ``align_corners=True`` coordinate ``2·pos / (W − 1) − 1``.  It never exceeds
+        ``res − 0.5 < stride − 1``, so the padding is never read."""
+        k, F = self.n_dense, self.table.shape[1]
+        W = self._dense_geo[-1][0]
+        sizes = [size for _, size in self._dense_geo]
+        levels = self.table[: sum(sizes)].split(sizes)
+        images = torch.stack([nn.functional.pad(rows[: s * s].reshape(s, s, F).permute(2, 0, 1), (0, W - s, 0, W - s))
+                              for rows, (s, _) in zip(levels, self._dense_geo)])  # (k, F, W, W)
+        pos = u[None] * self.scales[:k, None, None] + 0.5  # (k, N, 2)
+        out = nn.functional.grid_sample(images, (pos * (2.0 / (W - 1)) - 1)[:, None], mode="bilinear",
+                                        padding_mode="zeros", align_corners=True)  # (k, F, 1, N)
+        return out[:, :, 0].permute(2, 0, 1)
+
+    def _gather(self, u: torch.Tensor, k: int) -> torch.Tensor:
+        """Levels ``[k, L)`` at ``u`` (N, 2) in [0, 1] by gathering their four corners → (N, L − k, F)."""
+        pos = u[:, None, :] * self.scales[None, k:, None] + 0.5  # (N, L - k, 2)
         base = torch.floor(pos.detach())
         frac = pos - base
         fx, fy = frac[..., 0], frac[..., 1]
         gx, fx1 = 1 - fx, fx
-        w = torch.stack((gx * (1 - fy), fx1 * (1 - fy), gx * fy, fx1 * fy), dim=-1)  # (N, L, 4)
-        if self.layout == "ngp":
-            w = w * inside[:, None, None]
-        idx = self._corner_index(base.long())
-        vals = self.table.index_select(0, idx.reshape(-1)).reshape(*idx.shape, -1)  # (N, L, 4, F)
-        out = (vals * w.unsqueeze(-1)).sum(dim=2)
-        return out.reshape(*lead, self.out_dim)
+        w = torch.stack((gx * (1 - fy), fx1 * (1 - fy), gx * fy, fx1 * fy), dim=-1)  # (N, L - k, 4)
+        idx = self._corner_index(base.long(), k)
+        vals = self.table.index_select(0, idx.reshape(-1)).reshape(*idx.shape, -1)  # (N, L - k, 4, F)
+        return (vals * w.unsqueeze(-1)).sum(dim=2)
 
-    def _corner_index(self, base: torch.Tensor) -> torch.Tensor:
-        """Table rows (N, L, 4) of the four corners (x, y), (x+1, y), (x, y+1), (x+1, y+1)."""
+    def _corner_index(self, base: torch.Tensor, k: int) -> torch.Tensor:
+        """Table rows (N, L − k, 4) of the four corners (x, y), (x+1, y), (x, y+1), (x+1, y+1) of levels k…"""
         bx, by = base[..., 0], base[..., 1]
+        strides, sizes, offsets = self.strides[k:], self.sizes[k:], self.offsets[k:]
         if self.layout == "ngp":
-            i00 = bx + by * self.strides
-            idx = torch.stack((i00, i00 + 1, i00 + self.strides, i00 + self.strides + 1), dim=-1)
-            if self.first_wrapped < len(self.sizes):  # only the levels larger than the table wrap
-                k = self.first_wrapped
-                idx[:, k:] = idx[:, k:] % self.sizes[k:, None]
-            return idx + self.offsets[:, None]
+            i00 = bx + by * strides
+            idx = torch.stack((i00, i00 + 1, i00 + strides, i00 + strides + 1), dim=-1)
+            wrap = self.first_wrapped - k  # only the levels larger than the table wrap
+            if wrap < len(sizes):
+                idx[:, wrap:] = idx[:, wrap:] % sizes[wrap:, None]
+            return idx + offsets[:, None]
         cx = bx[..., None] + self.corners[:, 0]
         cy = by[..., None] + self.corners[:, 1]
-        dense = cx + cy * self.strides[:, None]
+        dense = cx + cy * strides[:, None]
         hashed = torch.bitwise_xor(cx, (cy * _TCNN_PRIME) & 0xFFFFFFFF)
-        idx = torch.where(self.hashed[:, None], hashed, dense)
-        return idx % self.sizes[:, None] + self.offsets[:, None]
+        idx = torch.where(self.hashed[k:, None], hashed, dense)
+        return idx % sizes[:, None] + offsets[:, None]
 
 
 class TcnnGridEncoding(nn.Module):

@@ -2,16 +2,16 @@
 
 A fit that does not fit must fail at once with the numbers, not after minutes of swapping or by the
 kernel's OOM killer (Linux overcommits, so a CPU allocation rarely fails cleanly; a header that claims a
-4096² matrix asks for ≈ 90 GB).  The network's share is measured, not modelled: one forward pass of
-the actual model on a few pixels under ``saved_tensors_hooks`` gives the bytes autograd keeps per
-pixel (5.25 kB with the defaults), which a fit keeps for every pixel of every frame of a step.  The rest
-(data, images, coil maps, NUFFT grids, features) follows from the shapes.
+4096² matrix asks for ≈ 90 GB).  The network's share is measured, not modelled: forward passes of the
+actual model on two small patches under ``saved_tensors_hooks`` give the bytes autograd keeps per pixel
+(3.78 kB with the defaults), which a fit keeps for every pixel of every frame of a step, and per pass.  The
+rest (data, images, coil maps, NUFFT grids, features) follows from the shapes.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -20,7 +20,7 @@ from .config import DAINRConfig
 from .data import RadialData
 from .model import DAINR, pixel_grid
 
-PROBE_SIDE = 32  # the probe's pixels: a 32 × 32 patch
+PROBE_SIDES = (16, 32)  # the probes' pixels: 16 × 16 and 32 × 32 patches
 RUNTIME_BYTES = 128 << 20  # thread pools, FFT plans, libraries loaded on first use (measured on the CPU: ≈ 0.1 GiB)
 RENDER_PIXELS = 1 << 18  # output pixels rendered at once (4 frames of 256²), each holding a few kB of intermediates
 
@@ -45,12 +45,19 @@ class MemoryEstimate:
         return ", ".join(f"{k} {v / 2 ** 30:.2f}" for k, v in self.parts.items() if v >= 2 ** 24)
 
 
-def autograd_bytes_per_pixel(cfg: DAINRConfig, fit_matrix: int, device: torch.device) -> float:
-    """Bytes autograd keeps per pixel and frame for one training forward pass of the model built for a fit at
-    ``fit_matrix`` (each saved storage counted once)."""
+def autograd_bytes(cfg: DAINRConfig, fit_matrix: int, device: torch.device) -> Tuple[float, float]:
+    """Bytes autograd keeps for one training forward pass of the model built for a fit at ``fit_matrix``: (per
+    pixel and frame, per pass whatever the pixels).  Measured at two probe sizes (each saved storage counted
+    once): the per-pass part is the grid's level images, which ``grid_sample`` keeps once per pass."""
     model = DAINR(cfg.model_config(fit_matrix), device)
-    xy = pixel_grid(PROBE_SIDE, PROBE_SIDE, device)[None]
-    feats = torch.zeros(1, PROBE_SIDE ** 2, 2 * cfg.feature_channels, device=device) if cfg.use_features else None
+    small, large = (_saved_bytes(model, cfg, side, device) for side in PROBE_SIDES)
+    per_pixel = (large - small) / (PROBE_SIDES[1] ** 2 - PROBE_SIDES[0] ** 2)
+    return per_pixel, max(0.0, small - per_pixel * PROBE_SIDES[0] ** 2)
+
+
+def _saved_bytes(model: DAINR, cfg: DAINRConfig, side: int, device: torch.device) -> int:
+    xy = pixel_grid(side, side, device)[None]
+    feats = torch.zeros(1, side ** 2, 2 * cfg.feature_channels, device=device) if cfg.use_features else None
     saved: Dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -59,7 +66,7 @@ def autograd_bytes_per_pixel(cfg: DAINRConfig, fit_matrix: int, device: torch.de
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(xy, torch.zeros(1, device=device), feats)
-    return sum(saved.values()) / PROBE_SIDE ** 2
+    return sum(saved.values())
 
 
 def estimate_memory(data: RadialData, cfg: DAINRConfig, device: torch.device) -> MemoryEstimate:
@@ -71,7 +78,8 @@ def estimate_memory(data: RadialData, cfg: DAINRConfig, device: torch.device) ->
     F_out = (Fa - 1) * int(cfg.temporal_ratio) + 1
     B = min(cfg.batch_frames(device.type), Fa)
     c8, f4 = 8, 4  # bytes of complex64, float32
-    per_pixel = autograd_bytes_per_pixel(cfg, n, device)
+    per_pixel, per_pass = autograd_bytes(cfg, n, device)
+    widest = max(cfg.deform_width if cfg.use_deformation else 0, cfg.canonical_width)
     render_pixels = render_batch(N) * N ** 2
     stays = {
         "runtime": RUNTIME_BYTES,
@@ -83,11 +91,13 @@ def estimate_memory(data: RadialData, cfg: DAINRConfig, device: torch.device) ->
     phases = {
         "coil estimation": 2 * C * n * n * c8 + 6 * min(COV_BUDGET, C * C * n * n) * c8,
         "feature extraction": 3 * min(8, Fa) * cfg.feature_channels * n * n * f4 if cfg.use_features else 0,
-        "fit step": B * n * n * per_pixel + 3 * B * C * (2 * n) ** 2 * c8,  # autograd; oversampled NUFFT grids
+        # autograd's saved tensors, plus the gradient of the widest layer's output that the backward pass
+        # allocates while they are still held; the NUFFT's oversampled grids
+        "fit step": B * n * n * (per_pixel + widest * f4) + per_pass + 3 * B * C * (2 * n) ** 2 * c8,
         # no autograd, but live intermediates (the 4 corner evaluations and the anti-ringing pass above the fit
         # matrix); the factors are calibrated against the peak RSS of CPU runs (README, Performance)
         "render": 2 * F_out * N * N * c8 + (F_out * n * n * c8 if n != N else 0)
-        + render_pixels * per_pixel * (0.6 if n == N else 0.8),
+        + render_pixels * per_pixel * (0.65 if n == N else 0.5) + per_pass,
     }
     phase = max(phases, key=phases.get)
     parts = {k: int(v) for k, v in dict(stays, **{phase: phases[phase]}).items() if v}

@@ -78,6 +78,34 @@ def test_grid_input_gradient_matches_finite_difference():
         assert x.grad[0, d].item() == pytest.approx(fd.item(), rel=1e-3)
 
 
+@pytest.mark.parametrize("cfg, dense", [
+    (GridConfig(num_levels=16, finest_resolution=96, init_std=1.0), 16),  # the default grid capped at 0.75 × 128
+    (GridConfig(num_levels=6, finest_resolution=300, log2_table_size=14, init_std=1.0), 4),  # two levels wrap
+])
+def test_dense_levels_sampled_like_the_gathered_corners(cfg, dense):
+    """The grid_sample path of the dense levels is the same function as gathering their corners: values,
+    the table's gradient and the input's gradient, including points outside [-1, 1]."""
+    torch.manual_seed(0)
+    fast = TorchGridEncoding(cfg).double()
+    slow = TorchGridEncoding(cfg).double()
+    with torch.no_grad():
+        slow.table.copy_(fast.table)
+    slow.n_dense = 0  # every level through the gather path
+    assert fast.n_dense == dense
+    x0 = torch.cat((torch.rand(3000, 2, dtype=torch.float64) * 2 - 1, torch.tensor([[1.2, 0.0], [-0.3, -1.5]],
+                    dtype=torch.float64)))
+    go = torch.randn(len(x0), cfg.out_dim, dtype=torch.float64)
+    outs = []
+    for enc in (fast, slow):
+        x = x0.clone().requires_grad_(True)
+        out = enc(x)
+        (out * go).sum().backward()
+        outs.append((out.detach(), enc.table.grad, x.grad))
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, atol=1e-9, rtol=1e-7)
+    assert torch.all(outs[0][0][-2:] == 0) and torch.all(outs[0][2][-2:] == 0)
+
+
 def test_auto_backend_is_torch_on_cpu():
     assert isinstance(make_grid_encoding(GridConfig(), torch.device("cpu")), TorchGridEncoding)
     with pytest.raises(RuntimeError, match="tcnn"):

@@ -330,12 +330,13 @@ def test_bench_lists_every_case_with_its_description(capsys):
     assert set(described) == set(CASES)
 
 
-def test_bench_paper_protocol_keeps_the_best_scored_checkpoint():
+def test_bench_paper_protocol_keeps_the_best_scored_checkpoints():
     from dainr.sim import simulate
     from dainr_app.bench import _paper_protocol
 
     scan = simulate(24, 4, 9, 2, noise_level=0.02)
     out = _paper_protocol(scan, DAINRConfig(device="cpu"), steps=30, every=10)
     assert [c["step"] for c in out["curve"]] == [10, 20, 30]
-    assert out["psnr"] == max(c["psnr"] for c in out["curve"])
+    assert out["psnr"] == max(c["psnr"] for c in out["curve"]) and out["ssim"] == max(c["ssim"] for c in out["curve"])
+    assert {out["psnr_step"], out["ssim_step"]} <= {10, 20, 30}
     assert len({round(c["psnr"], 6) for c in out["curve"]}) == 3  # scored on the live images of each checkpoint

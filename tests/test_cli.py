@@ -330,6 +330,22 @@ def test_bench_lists_every_case_with_its_description(capsys):
     assert set(described) == set(CASES)
 
 
+def test_bench_seeded_ablations_pair_the_models_by_seed(monkeypatch):
+    from dainr.sim import simulate
+    from dainr_app import bench
+
+    monkeypatch.setattr(bench, "SEEDS", (0, 1))
+    scan = simulate(24, 4, 9, 2, noise_level=0.02)
+    out = bench._seeded_ablations(scan, device="cpu", max_steps=5)
+    psnr = out["psnr"]
+    full, nofeat = psnr["full"]["values"], psnr["no_features"]["values"]
+    assert out["seeds"] == [0, 1] and len(full) == 2 and full[0] != full[1]  # the seed reaches the fit
+    assert psnr["full - no_features"]["values"] == pytest.approx([a - b for a, b in zip(full, nofeat)])
+    assert psnr["full"]["mean"] == pytest.approx(sum(full) / 2)
+    assert psnr["full"]["sd"] == pytest.approx(abs(full[0] - full[1]) / 2 ** 0.5)
+    assert set(out["ssim"]) == set(psnr)
+
+
 def test_bench_paper_protocol_keeps_the_best_scored_checkpoints():
     from dainr.sim import simulate
     from dainr_app.bench import _paper_protocol

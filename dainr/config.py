@@ -125,11 +125,13 @@ class DAINRConfig:
       but the features from the nearest fitted pixel).
     * ``use_features`` defaults to off (the reference feeds the frozen features of the neighbouring
       frames' zero-filled images to the canonical MLP; ``True`` restores that).  With the capped grid
-      (above) the features lowered quality on every data set and setting we measured, PSNR dB / SSIM,
-      features on vs off: phantom at 13 spokes 34.19 / 0.937 vs 35.00 / 0.952, real cine 27.27 / 0.864
-      vs 27.69 / 0.883; also at 5 and 21 spokes, for temporal and spatial ×2, in the demo, under the
-      reference's ground-truth checkpoint pick and in the paper's acquisition setting (README,
-      Performance).  Off is also 15–20 % faster and needs no second frame.  The frozen random encoder
+      (above) the features lowered SSIM on every data set and setting we measured, and PSNR on all but
+      two.  Features on vs off, mean over the fit's seeds 0–3, PSNR dB / SSIM: phantom at 13 spokes
+      34.58 / 0.933 vs 34.85 / 0.951 (PSNR a tie: −0.26 ± 0.51 dB paired by seed), real cine 26.95 / 0.855
+      vs 27.50 / 0.874 (lower for every seed); also lower at 5 and 21 spokes, for temporal and spatial ×2,
+      in the demo and in the paper's acquisition setting; under the reference's ground-truth checkpoint
+      pick the phantom's best PSNR is higher with them, its SSIM lower (README, Performance).  Off is also
+      ≈ 17 % faster and needs no second frame.  The frozen random encoder
       passes the neighbours' streaks on.  With the reference's uncapped grid, which fits noise, the
       features do pay, but every uncapped model is below the capped ones.
     * ``spatial_antiring`` (not in the reference): the spatial ×s output's magnitude is clamped to the range of

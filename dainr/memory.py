@@ -56,6 +56,7 @@ def autograd_bytes(cfg: DAINRConfig, fit_matrix: int, device: torch.device) -> T
 
 
 def _saved_bytes(model: DAINR, cfg: DAINRConfig, side: int, device: torch.device) -> int:
+    """Bytes of the storages autograd saves in one forward pass over a ``side × side`` patch of one frame."""
     xy = pixel_grid(side, side, device)[None]
     feats = torch.zeros(1, side ** 2, 2 * cfg.feature_channels, device=device) if cfg.use_features else None
     saved: Dict[int, int] = {}

@@ -101,7 +101,8 @@ class TorchGridEncoding(nn.Module):
         wrapped = [i for i, g in enumerate(geo) if g["stride"] ** 2 > g["size"]]
         self.first_wrapped = wrapped[0] if wrapped else len(geo)  # levels grow, so wrapped ones are a suffix
         self.n_dense = self.first_wrapped if layout == "ngp" else 0
-        self._dense_geo = [(g["stride"], g["size"]) for g in geo[: self.n_dense]]
+        self._dense_strides = [g["stride"] for g in geo[: self.n_dense]]
+        self._dense_sizes = [g["size"] for g in geo[: self.n_dense]]
         # corner offsets (dx, dy) in the order torch-ngp / tcnn enumerate them
         self.register_buffer("corners", torch.tensor([[0, 0], [1, 0], [0, 1], [1, 1]], dtype=torch.int64), persistent=False)
 
@@ -129,12 +130,10 @@ class TorchGridEncoding(nn.Module):
         to the largest level's size ``W``; the corner-aligned sampling position ``u·scale + 0.5`` (pixels) is
         grid_sample's ``align_corners=True`` coordinate ``2·pos / (W − 1) − 1``.  It never exceeds
         ``res − 0.5 < stride − 1``, so the padding is never read."""
-        k, F = self.n_dense, self.table.shape[1]
-        W = self._dense_geo[-1][0]
-        sizes = [size for _, size in self._dense_geo]
-        levels = self.table[: sum(sizes)].split(sizes)
+        k, F, W = self.n_dense, self.table.shape[1], self._dense_strides[-1]
+        levels = self.table[: sum(self._dense_sizes)].split(self._dense_sizes)
         images = torch.stack([nn.functional.pad(rows[: s * s].reshape(s, s, F).permute(2, 0, 1), (0, W - s, 0, W - s))
-                              for rows, (s, _) in zip(levels, self._dense_geo)])  # (k, F, W, W)
+                              for rows, s in zip(levels, self._dense_strides)])  # (k, F, W, W)
         pos = u[None] * self.scales[:k, None, None] + 0.5  # (k, N, 2)
         out = nn.functional.grid_sample(images, (pos * (2.0 / (W - 1)) - 1)[:, None], mode="bilinear",
                                         padding_mode="zeros", align_corners=True)  # (k, F, 1, N)

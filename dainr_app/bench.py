@@ -173,11 +173,10 @@ SEEDS = (0, 1, 2, 3)
 def _seeded_ablations(scan, **common) -> dict:
     """The three models fitted with each of :data:`SEEDS` (the data fixed): per seed, mean and s.d. per model,
     and the paired differences full − no features and no features − plain per seed."""
-    runs = {name: [_dainr(scan, DAINRConfig(seed=seed, **common, **kw))[0] for seed in SEEDS]
-            for name, kw in ABLATIONS}
+    runs = [_ablations(scan, seed=seed, **common) for seed in SEEDS]
     out = {}
     for metric in ("psnr", "ssim"):
-        per = {name: np.array([r[metric] for r in rs]) for name, rs in runs.items()}
+        per = {name: np.array([r[name][metric] for r in runs]) for name, _ in ABLATIONS}
         diffs = {"full - no_features": per["full"] - per["no_features"],
                  "no_features - plain_grid_inr": per["no_features"] - per["plain_grid_inr"]}
         out[metric] = {name: dict(values=v.tolist(), mean=float(v.mean()), sd=float(v.std(ddof=1)))

@@ -130,17 +130,16 @@ class DAINRConfig:
       frequencies alias on the fitting grid), and blends the 4 outputs bilinearly (``Fitter.render``).
       ``cap_grid_at_matrix=False`` restores the reference in both respects (its query takes every input
       but the features from the nearest fitted pixel).
-    * ``use_features`` defaults to off (the reference feeds the frozen features of the neighbouring
-      frames' zero-filled images to the canonical MLP; ``True`` restores that).  With the capped grid
-      (above) the features lowered SSIM on every data set and setting we measured, and PSNR on all but
-      one.  Features on vs off, mean over the fit's seeds 0–3, PSNR dB / SSIM: phantom at 13 spokes
-      34.63 / 0.933 vs 34.93 / 0.950 (−0.29 ± 0.30 dB paired by seed), real cine 26.98 / 0.854 vs
-      27.67 / 0.876 (−0.69 ± 0.10 dB), lower for every seed in both metrics; also lower at 5 and 21
-      spokes, for temporal and spatial ×2, in the demo and in the paper's acquisition setting; under the reference's ground-truth checkpoint
-      pick the phantom's best PSNR is higher with them, its SSIM lower (README, Performance).  Off is also
-      ≈ 17 % faster and needs no second frame.  The frozen random encoder
-      passes the neighbours' streaks on.  With the reference's uncapped grid, which fits noise, the
-      features do pay, but every uncapped model is below the capped ones.
+    * ``use_features`` defaults to off (the reference feeds the frozen features of the neighbouring frames'
+      zero-filled images to the canonical MLP; ``True`` restores that). With the capped grid (above) the
+      features lowered SSIM on every data set and setting we measured, and PSNR on all but one. Features on vs
+      off, mean over the fit's seeds 0–3, PSNR dB / SSIM: phantom at 13 spokes 34.63 / 0.933 vs 34.93 / 0.950
+      (−0.29 ± 0.30 dB paired by seed), real cine 26.98 / 0.854 vs 27.67 / 0.876 (−0.69 ± 0.10 dB), lower for
+      every seed in both metrics; also lower at 5 and 21 spokes, for temporal and spatial ×2, in the demo and
+      in the paper's acquisition setting; under the reference's ground-truth checkpoint pick the phantom's
+      best PSNR is higher with them, its SSIM lower (README, Performance). Off is also ≈ 17 % faster and needs
+      no second frame. The frozen random encoder passes the neighbours' streaks on. With the reference's
+      uncapped grid, which fits noise, the features do pay, but every uncapped model is below the capped ones.
     * ``spatial_antiring`` (not in the reference): the spatial ×s output's magnitude is clamped to the range of
       the 4 fitted pixels around each output pixel, as image scalers' anti-ringing does; the fit has no data
       beyond its k-space band to support new extrema between its pixels.  Measured with features on,

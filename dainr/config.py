@@ -61,7 +61,14 @@ class DAINRConfig:
       as shuffled epochs so every frame is visited equally often.  ``None`` = auto: 4 on
       CUDA, where extra frames are almost free, and 1 on CPU, where the cost is linear in
       frames and more, smaller updates converge faster per FLOP (measured: 128², 13 spokes,
-      28.3 dB after 100 frame visits with 1 frame/step vs 23.7 dB after 200 with 4).
+      28.3 dB after 100 frame visits with 1 frame/step vs 23.7 dB after 200 with 4).  On CUDA
+      the 4 buys time, not quality: an H100 step takes ≈ 10 ms at 1, 2 or 4 frames (launch
+      bound), and fewer frames per step reach better images in more steps.  Mean PSNR dB over
+      the fit's seeds 0–3 at 1 / 2 / 4 frames (time for 128², 23 frames, 32 coils): phantom,
+      32 coils 35.69 / 35.28 / 35.05 (10–16 / 7–8 / 4–5 s); 8 coils 34.87 / 34.70 / 34.19;
+      real cine 27.65 / 26.97 / 26.36 (the CPU's 1 frame/step: 34.93 and 27.67).  4 keeps the
+      issue's 32-coil case under its 10 s with room (2 measured 10.5 s on a slower machine);
+      ``frames_per_step=1`` gives the CPU's quality for 2–3× the time.
       ``max_steps`` counts steps; frame visits = steps × frames_per_step.
     * ``max_steps``/``holdout_spokes``/``patience`` (reference: 1001 fixed steps, best
       checkpoint chosen against the *ground truth*, which a scanner does not have).  We
@@ -96,7 +103,7 @@ class DAINRConfig:
       real cine (10 frames) 26.34 / 0.839 vs 26.93 / 0.844; 128² phantom (23 frames) at 5 spokes
       30.25 / 0.804 vs 30.37 / 0.807, at 13 34.43 / 0.909 vs 34.42 / 0.909, at 21 34.47 / 0.937
       vs 34.72 / 0.937; the fits then run to about the 1001-step cap (13 spokes: 920 → 1001
-      steps).  At 4 frames/step (the CUDA default) the real cine stopped after 108 steps at
+      steps).  At 4 frames/step (then the CUDA default) the real cine stopped after 108 steps at
       20.45 / 0.631 with one pass (3 steps) per epoch and reached 25.84 / 0.809 with 10-step
       epochs; the phantom gave 33.43 / 0.910 in 282 steps with 6-step epochs and 33.77 / 0.908 in
       430 with 10 (30 visits are 8 steps there).  A short ``max_steps`` lowers the floor so that the

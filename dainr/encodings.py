@@ -174,8 +174,8 @@ class TcnnGridEncoding(nn.Module):
     """tiny-cuda-nn ``HashGrid`` in fp32 (CUDA only).  Same interface as :class:`TorchGridEncoding`, not the same
     function: tcnn hashes the levels whose grid exceeds the table (torch-ngp tiles them), initialises its table
     itself (``GridConfig.init_std`` and the fit's seed do not apply), and, by our reading of its source (not run
-    here: no GPU in the sessions since it was written), does not zero coordinates outside [0, 1] as torch-ngp
-    does.  ``backend="torch"`` gives the reference's encoding on CUDA too."""
+    here: tinycudann could not be installed on the GPU machines we were lent), does not zero coordinates outside
+    [0, 1] as torch-ngp does.  ``backend="torch"`` gives the reference's encoding on CUDA too."""
 
     def __init__(self, cfg: GridConfig):
         super().__init__()

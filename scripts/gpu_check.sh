@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # GPU checks for a lent CUDA machine (no network there): installs wheels carried in .whl/ (see README,
-# "GPU"), then runs the CUDA tests, the 32-coil benchmark and a per-kernel profile of a fit step.
-# Usage: bash scripts/gpu_check.sh [tests|bench|profile|all]   (logs and JSON under $OUT, default gpu-out/)
+# "GPU"), then runs the CUDA tests, the 32-coil benchmark and a per-kernel profile of a fit step; `frames` (not
+# in `all`, about 5 minutes) runs the frames-per-step sweep (with the real cine where DAINR_REAL_DATA points to it).
+# Usage: bash scripts/gpu_check.sh [tests|bench|profile|frames|all]   (logs and JSON under $OUT, default gpu-out/)
 set -u
 what=${1:-all}
-case "$what" in tests|bench|profile|all) ;; *) echo "usage: $0 [tests|bench|profile|all]" >&2; exit 2;; esac
+case "$what" in tests|bench|profile|frames|all) ;; *) echo "usage: $0 [tests|bench|profile|frames|all]" >&2; exit 2;; esac
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -24,6 +25,9 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
     for i in $(seq "${BENCH_RUNS:-2}"); do python3 -m dainr_app.cli bench --case gpu32 --case gpu_profile --threads 8 --out "$OUT/run$i"; done
+fi
+if [ "$what" = frames ]; then
+    python3 -m dainr_app.cli bench --case gpu_frames_per_step --threads 8 --out "$OUT/frames"
 fi
 if [ "$what" = profile ] || [ "$what" = all ]; then
     # a cold process: where the one-time CUDA start-up goes

@@ -112,6 +112,10 @@ def test_boolean_properties_and_bad_booleans():
     assert options_from_properties({"cap_grid_ratio": "1"}).cfg.cap_grid_ratio == 1
     with pytest.raises(ValueError, match="cap_grid_ratio"):
         options_from_properties({"cap_grid_ratio": "2"})
+    assert options_from_properties({"frames_per_step": "1"}).cfg.batch_frames("cuda") == 1
+    assert options_from_properties({}).cfg.batch_frames("cuda") == 4
+    with pytest.raises(ValueError, match="frames_per_step"):
+        options_from_properties({"frames_per_step": "0"})
     for prop in ("features", "preview", "check_memory"):
         with pytest.raises(ValueError, match=f"property {prop}='maybe': not a boolean"):
             options_from_properties({prop: "maybe"})

@@ -10,11 +10,11 @@ from dainr.optim import AdamW
 
 
 def _grads(model, seed):
-    gen = torch.Generator().manual_seed(seed)
+    gen, dev = torch.Generator().manual_seed(seed), next(model.parameters()).device
     xy = pixel_grid(8, 8)[None].expand(2, -1, -1)
     t = torch.rand(2, generator=gen)
     feats = torch.randn(2, 64, 2 * model.cfg.feature_channels, generator=gen)
-    model(xy, t, feats).abs().sum().backward()
+    model(xy.to(dev), t.to(dev), feats.to(dev)).abs().sum().backward()
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

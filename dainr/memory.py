@@ -116,15 +116,16 @@ def available_memory(device: torch.device) -> Optional[int]:
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if device.type != "cpu":
         return None
-    found = [b for b in (_meminfo_available(), _cgroup_headroom()) if b is not None]
+    found = [b for b in (proc_bytes("/proc/meminfo", "MemAvailable"), _cgroup_headroom()) if b is not None]
     return min(found) if found else None
 
 
-def _meminfo_available() -> Optional[int]:
+def proc_bytes(path: str, key: str) -> Optional[int]:
+    """A ``key:  N kB`` line of a /proc file (``/proc/meminfo``, ``/proc/self/status``) in bytes; None if absent."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass

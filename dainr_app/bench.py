@@ -27,6 +27,7 @@ import torch
 
 from dainr import DAINRConfig, reconstruct, upsample_bilinear
 from dainr.baselines import cg_sense, temporal_tv, temporal_tv_holdout_lambda
+from dainr.memory import proc_bytes
 from dainr.metrics import psnr_ssim
 from dainr.sim import simulate
 
@@ -43,14 +44,8 @@ def peak_rss_bytes() -> int:
     """This process's peak resident set size since it started (Linux: ``VmHWM``).  Not ``ru_maxrss``: that
     keeps the high-water mark of the image an ``exec`` replaced, so a child started by a large parent (a
     pytest process holding a CUDA context, say) reports the parent's peak as its own."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = proc_bytes("/proc/self/status", "VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _dainr(scan, cfg: DAINRConfig, gt=None) -> dict:

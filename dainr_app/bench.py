@@ -282,7 +282,7 @@ def case_gpu32() -> dict:
 
 
 def _frames_per_step(scans: dict, device: str, batches=(1, 2, 4), seeds=SEEDS, **config) -> dict:
-    """Per scan and frames per step: PSNR, SSIM, seconds and steps over the fit's seeds (mean, s.d., range)."""
+    """Per scan and frames per step: PSNR, SSIM, seconds and steps over the fit's seeds (values, mean, s.d.)."""
     out = {}
     for name, scan in scans.items():
         for b in batches:
@@ -411,7 +411,8 @@ CASES: Dict[str, Callable[[], dict]] = {
     "ablation_paper": case_ablation_paper, "ablation_paper_refgrid": case_ablation_paper_refgrid,
     "ablation_oracle": case_ablation_oracle, "ablation_seeds": case_ablation_seeds,
     "temporal2": case_temporal2, "spatial2": case_spatial2, "real": case_real,
-    "gpu32": case_gpu32, "gpu_frames_per_step": case_gpu_frames_per_step, "profile": case_profile, "gpu_profile": case_gpu_profile, "ingest": case_ingest, "overhead": case_overhead,
+    "gpu32": case_gpu32, "gpu_frames_per_step": case_gpu_frames_per_step, "profile": case_profile,
+    "gpu_profile": case_gpu_profile, "ingest": case_ingest, "overhead": case_overhead,
     "concurrent": case_concurrent, "memory": case_memory,
 }
 

@@ -281,17 +281,18 @@ def case_gpu32() -> dict:
                 first_peak_gpu_mb=first["peak_gpu_mb"])
 
 
-def _frames_per_step(scans: dict, device: str, batches=(1, 2, 4), seeds=SEEDS, **config) -> dict:
-    """Per scan and frames per step: PSNR, SSIM, seconds and steps over the fit's seeds (values, mean, s.d.)."""
+def _sweep(scans: dict, device: str, settings: Dict[str, dict], seeds=SEEDS, **config) -> dict:
+    """Per scan and setting (name → config changes): PSNR, SSIM, seconds and steps over the fit's seeds
+    (values, mean, s.d.)."""
     out = {}
     for name, scan in scans.items():
-        for b in batches:
-            runs = [_dainr(scan, DAINRConfig(device=device, frames_per_step=b, seed=s, **config))[0] for s in seeds]
+        for label, changes in settings.items():
+            runs = [_dainr(scan, DAINRConfig(device=device, seed=s, **config, **changes))[0] for s in seeds]
             row = {}
             for key in ("psnr", "ssim", "seconds", "steps"):
                 v = np.array([r[key] for r in runs], dtype=float)
                 row[key] = dict(values=v.tolist(), mean=float(v.mean()), sd=float(v.std(ddof=1)) if len(v) > 1 else 0.0)
-            out[f"{name}, {b} frames/step"] = row
+            out[f"{name}, {label}"] = row
     return out
 
 
@@ -304,7 +305,16 @@ def case_gpu_frames_per_step() -> dict:
     if _real_missing() is None:
         scans["real cine, 8 coils"] = _real_scan()
     reconstruct(scans["phantom, 8 coils"].data, DAINRConfig(device="cuda", max_steps=20))  # CUDA start-up
-    return _frames_per_step(scans, "cuda")
+    return _sweep(scans, "cuda", {f"{b} frames/step": dict(frames_per_step=b) for b in (1, 2, 4)})
+
+
+def case_lr() -> dict:
+    """Learning rate (1, 2, 4, 8 × 10⁻³; the reference's is 1e-3) on the CPU, 1 frame per step, fit seeds 0–3: the
+    128² phantom and the real cine, 13 spokes, 8 coils."""
+    scans = {"phantom": _phantom_scan()}
+    if _real_missing() is None:
+        scans["real cine"] = _real_scan()
+    return _sweep(scans, "cpu", {f"lr {lr:g}": dict(lr=lr) for lr in (1e-3, 2e-3, 4e-3, 8e-3)})
 
 
 def case_profile() -> dict:
@@ -411,7 +421,7 @@ CASES: Dict[str, Callable[[], dict]] = {
     "ablation_paper": case_ablation_paper, "ablation_paper_refgrid": case_ablation_paper_refgrid,
     "ablation_oracle": case_ablation_oracle, "ablation_seeds": case_ablation_seeds,
     "temporal2": case_temporal2, "spatial2": case_spatial2, "real": case_real,
-    "gpu32": case_gpu32, "gpu_frames_per_step": case_gpu_frames_per_step, "profile": case_profile,
+    "gpu32": case_gpu32, "gpu_frames_per_step": case_gpu_frames_per_step, "lr": case_lr, "profile": case_profile,
     "gpu_profile": case_gpu_profile, "ingest": case_ingest, "overhead": case_overhead,
     "concurrent": case_concurrent, "memory": case_memory,
 }

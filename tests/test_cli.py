@@ -346,14 +346,15 @@ def test_bench_seeded_ablations_pair_the_models_by_seed(monkeypatch):
     assert set(out["ssim"]) == set(psnr)
 
 
-def test_bench_frames_per_step_sweep_reaches_the_fit():
+def test_bench_sweep_reaches_the_fit():
     from dainr.sim import simulate
     from dainr_app import bench
 
     scan = simulate(24, 4, 9, 2, noise_level=0.02)
-    out = bench._frames_per_step({"s": scan}, "cpu", batches=(1, 2), seeds=(0, 1), max_steps=5)
-    one, two = out["s, 1 frames/step"], out["s, 2 frames/step"]
-    assert set(out) == {"s, 1 frames/step", "s, 2 frames/step"} and set(one) == {"psnr", "ssim", "seconds", "steps"}
+    settings = {"a": dict(frames_per_step=1), "b": dict(frames_per_step=2)}
+    out = bench._sweep({"s": scan}, "cpu", settings, seeds=(0, 1), max_steps=5)
+    one, two = out["s, a"], out["s, b"]
+    assert set(out) == {"s, a", "s, b"} and set(one) == {"psnr", "ssim", "seconds", "steps"}
     assert one["steps"]["values"] == [5, 5] and one["psnr"]["values"] != two["psnr"]["values"]
     assert one["psnr"]["values"][0] != one["psnr"]["values"][1]  # the seed reaches the fit
     assert one["psnr"]["mean"] == pytest.approx(sum(one["psnr"]["values"]) / 2)

@@ -91,7 +91,8 @@ def estimate_memory(data: RadialData, cfg: DAINRConfig, device: torch.device) ->
     }
     phases = {
         # maps, the covariance strip's copies and, on CUDA, cuSOLVER's workspace for one chunk of batched eigh
-        # (taken to grow with the C × C matrices' size): the preparation's peak on an H100, 32 coils, 128² (0.44–0.48 GiB)
+        # (taken to grow with the C × C matrices' size): the preparation's peak on an H100, 32 coils, 128²
+        # (0.44–0.48 GiB)
         "coil estimation": 2 * C * n * n * c8 + 6 * min(COV_BUDGET, C * C * n * n) * c8
         + (EIGH_CHUNK * EIGH_WORKSPACE_32 * (C / 32) ** 2 if device.type == "cuda" else 0),
         "feature extraction": 3 * min(8, Fa) * cfg.feature_channels * n * n * f4 if cfg.use_features else 0,

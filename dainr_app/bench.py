@@ -175,6 +175,12 @@ def case_ablation_paper_refgrid() -> dict:
 SEEDS = (0, 1, 2, 3)
 
 
+def _spread(values) -> dict:
+    """Values over the fit's seeds, their mean and sample s.d. (0 for a single value)."""
+    v = np.asarray(values, dtype=float)
+    return dict(values=v.tolist(), mean=float(v.mean()), sd=float(v.std(ddof=1)) if len(v) > 1 else 0.0)
+
+
 def _seeded_ablations(scan, **common) -> dict:
     """The three models fitted with each of :data:`SEEDS` (the data fixed): per seed, mean and s.d. per model,
     and the paired differences full − no features and no features − plain per seed."""
@@ -184,8 +190,7 @@ def _seeded_ablations(scan, **common) -> dict:
         per = {name: np.array([r[name][metric] for r in runs]) for name, _ in ABLATIONS}
         diffs = {"full - no_features": per["full"] - per["no_features"],
                  "no_features - plain_grid_inr": per["no_features"] - per["plain_grid_inr"]}
-        out[metric] = {name: dict(values=v.tolist(), mean=float(v.mean()), sd=float(v.std(ddof=1)))
-                       for name, v in {**per, **diffs}.items()}
+        out[metric] = {name: _spread(v) for name, v in {**per, **diffs}.items()}
     return dict(seeds=list(SEEDS), **out)
 
 
@@ -288,11 +293,8 @@ def _sweep(scans: dict, device: str, settings: Dict[str, dict], seeds=SEEDS, **c
     for name, scan in scans.items():
         for label, changes in settings.items():
             runs = [_dainr(scan, DAINRConfig(device=device, seed=s, **config, **changes))[0] for s in seeds]
-            row = {}
-            for key in ("psnr", "ssim", "seconds", "steps"):
-                v = np.array([r[key] for r in runs], dtype=float)
-                row[key] = dict(values=v.tolist(), mean=float(v.mean()), sd=float(v.std(ddof=1)) if len(v) > 1 else 0.0)
-            out[f"{name}, {label}"] = row
+            out[f"{name}, {label}"] = {key: _spread([r[key] for r in runs])
+                                       for key in ("psnr", "ssim", "seconds", "steps")}
     return out
 
 

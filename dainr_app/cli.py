@@ -40,6 +40,7 @@ _positive_int = _number(int, lambda v: v >= 1, ">= 1", "positive integer")
 _nonnegative = _number(float, lambda v: v >= 0, ">= 0", "non-negative number")
 _ratio = _number(float, lambda v: v >= 1, ">= 1", "ratio")
 _fraction = _number(float, lambda v: 0 < v <= 1, "in (0, 1]", "fraction")
+_positive = _number(float, lambda v: 0 < v < float("inf"), "> 0 and finite", "positive number")
 
 
 def _series(text: str) -> int:
@@ -81,7 +82,7 @@ def config_from_args(args) -> DAINRConfig:
                    progress=not args.quiet, use_deformation=not args.no_deformation,
                    cap_grid_at_matrix=not args.reference_grid, check_memory=not args.no_memory_check)
     for name in ("use_features", "max_steps", "max_seconds", "frames_per_step", "holdout_spokes", "nufft_backend",
-                 "cap_grid_ratio"):
+                 "cap_grid_ratio", "lr"):
         value = getattr(args, name, None)
         if value is not None:
             changes[name] = value
@@ -412,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", dest="max_steps", type=_positive_int)
     r.add_argument("--max-seconds", type=float)
     r.add_argument("--frames-per-step", type=_positive_int)
+    r.add_argument("--lr", type=_positive, help=f"initial learning rate (default {DAINRConfig.lr:g})")
     r.add_argument("--holdout-spokes", type=int)
     r.add_argument("--sr-ratio", type=_ratio, default=1.0, help="spatial interpolation: fit at N/ratio, query N")
     r.add_argument("--down-ratio", type=_positive_int, default=1, help="temporal interpolation: fit every r-th frame")

@@ -9,7 +9,8 @@ neighbouring frames; default ``DAINRConfig.use_features``, off), ``max_buffer_mb
 at once, all slices together; default 2048), ``check_memory`` (true/false: refuse a slice whose estimated
 peak memory exceeds what the device has available; default true), ``cap_grid_ratio`` (the grid's finest
 level as a fraction of the fitting matrix; default ``DAINRConfig.cap_grid_ratio``, 0.75),
-``frames_per_step`` (default: 4 on CUDA, 1 on CPU; 1 on CUDA gives the CPU's image quality for 2–3× the time).
+``frames_per_step`` (default: 4 on CUDA, 1 on CPU; 1 on CUDA gives the CPU's image quality for 2–3× the time),
+``lr`` (the initial learning rate; default ``DAINRConfig.lr``, 4e-3).
 """
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def options_from_properties(props: Dict[str, str]) -> GadgetOptions:
     for prop, field, cast in (("steps", "max_steps", int), ("max_seconds", "max_seconds", float),
                               ("features", "use_features", boolean), ("check_memory", "check_memory", boolean),
                               ("holdout_spokes", "holdout_spokes", int), ("cap_grid_ratio", "cap_grid_ratio", float),
-                              ("frames_per_step", "frames_per_step", int)):
+                              ("frames_per_step", "frames_per_step", int), ("lr", "lr", float)):
         if prop in props:
             changes[field] = get(prop, cast)
     preview = get("preview", boolean, False)

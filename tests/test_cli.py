@@ -78,6 +78,10 @@ def test_recon_options_reach_the_config():
     for bad in ("0", "1.5", "nan"):
         with pytest.raises(SystemExit):
             cfg("--cap-grid-ratio", bad)
+    assert default.lr == DAINRConfig().lr and cfg("--lr", "1e-3").lr == 1e-3
+    for bad in ("0", "-1e-3", "nan", "inf", "fast"):
+        with pytest.raises(SystemExit):
+            cfg("--lr", bad)
 
 
 def _rewrite(src_path: str, dst_path: str, transform) -> str:

@@ -116,6 +116,10 @@ def test_boolean_properties_and_bad_booleans():
     assert options_from_properties({}).cfg.batch_frames("cuda") == 4
     with pytest.raises(ValueError, match="frames_per_step"):
         options_from_properties({"frames_per_step": "0"})
+    assert options_from_properties({"lr": "1e-3"}).cfg.lr == 1e-3
+    for bad in ("0", "nan", "fast"):
+        with pytest.raises(ValueError, match="lr"):
+            options_from_properties({"lr": bad})
     for prop in ("features", "preview", "check_memory"):
         with pytest.raises(ValueError, match=f"property {prop}='maybe': not a boolean"):
             options_from_properties({prop: "maybe"})

@@ -142,19 +142,20 @@ class DAINRConfig:
       SSIM at 1e-3 / 2e-3 / 4e-3 / 8e-3: phantom at 13 spokes 34.93 / 0.950, 35.50 / 0.953, 36.03 / 0.953,
       35.50 / 0.969 (scattered: 0.944–0.984); real cine 27.67 / 0.876, 28.41 / 0.893, 28.65 / 0.896,
       28.23 / 0.876 (``dainr bench --case lr``); phantom at 5 spokes (1e-3 / 2e-3 / 4e-3) 31.76 / 0.855,
-      32.45 / 0.845, 31.95 / 0.863, where 4e-3 scatters most (30.90–32.39 dB).  4e-3 also makes up what the
-      4-frame CUDA step lost at 1e-3 (README, Learning rate).  The measurements in the other bullets were taken
-      at 1e-3.
+      32.45 / 0.845, 31.95 / 0.863, where 4e-3 scatters most (30.90–32.39 dB).  At 4 frames per step (the
+      CUDA default) the same fits on the CPU gain 1.2–1.8 dB (seeds 0, 1; README, Learning rate).  The
+      measurements in the other bullets were taken at 1e-3 unless they say otherwise.
     * ``use_features`` defaults to off (the reference feeds the frozen features of the neighbouring frames'
       zero-filled images to the canonical MLP; ``True`` restores that). With the capped grid (above) the
       features lowered SSIM on every data set and setting we measured, and PSNR on all but one. Features on vs
-      off, mean over the fit's seeds 0–3, PSNR dB / SSIM: phantom at 13 spokes 34.63 / 0.933 vs 34.93 / 0.950
-      (−0.29 ± 0.30 dB paired by seed), real cine 26.98 / 0.854 vs 27.67 / 0.876 (−0.69 ± 0.10 dB), lower for
-      every seed in both metrics; also lower at 5 and 21 spokes, for temporal and spatial ×2, in the demo and
-      in the paper's acquisition setting; under the reference's ground-truth checkpoint pick the phantom's
-      best PSNR is higher with them, its SSIM lower (README, Performance). Off is also ≈ 17 % faster and needs
-      no second frame. The frozen random encoder passes the neighbours' streaks on. With the reference's
-      uncapped grid, which fits noise, the features do pay, but every uncapped model is below the capped ones.
+      off, mean over the fit's seeds 0–3, PSNR dB / SSIM, lr 4e-3: phantom at 13 spokes 35.07 / 0.936 vs
+      36.03 / 0.953 (−0.96 ± 0.38 dB paired by seed), real cine 27.51 / 0.868 vs 28.65 / 0.896 (−1.15 ± 0.23
+      dB), lower for every seed in both metrics (at 1e-3: −0.29 ± 0.30 and −0.69 ± 0.10 dB); at 1e-3 also
+      lower at 5 and 21 spokes, for temporal and spatial ×2, in the demo and in the paper's acquisition
+      setting; under the reference's ground-truth checkpoint pick the phantom's best PSNR is higher with them,
+      its SSIM lower (README, Performance). Off is also ≈ 17 % faster and needs no second frame. The frozen
+      random encoder passes the neighbours' streaks on. With the reference's uncapped grid, which fits noise,
+      the features pay in PSNR on the phantom, but every uncapped model is below the capped ones.
     * ``spatial_antiring`` (not in the reference): the spatial ×s output's magnitude is clamped to the range of
       the 4 fitted pixels around each output pixel, as image scalers' anti-ringing does; the fit has no data
       beyond its k-space band to support new extrema between its pixels.  Measured with features on,

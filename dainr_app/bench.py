@@ -311,8 +311,8 @@ def case_gpu_frames_per_step() -> dict:
 
 
 def case_lr() -> dict:
-    """Learning rate (1, 2, 4, 8 × 10⁻³; the reference's is 1e-3) on the CPU, 1 frame per step, fit seeds 0–3: the
-    128² phantom and the real cine, 13 spokes, 8 coils."""
+    """Learning rate (1, 2, 4, 8 × 10⁻³; the reference's is 1e-3, the default 4e-3) on the CPU, 1 frame per step,
+    fit seeds 0–3: the 128² phantom and the real cine, 13 spokes, 8 coils."""
     scans = {"phantom": _phantom_scan()}
     if _real_missing() is None:
         scans["real cine"] = _real_scan()

@@ -312,10 +312,11 @@ def case_gpu_frames_per_step() -> dict:
 
 def case_lr() -> dict:
     """Learning rate (1, 2, 4, 8 × 10⁻³; the reference's is 1e-3, the default 4e-3) on the CPU, 1 frame per step,
-    fit seeds 0–3: the 128² phantom and the real cine, 13 spokes, 8 coils."""
+    fit seeds 0–3, 8 coils: the 128² phantom at 13 and 5 spokes and the real cine at 13."""
     scans = {"phantom": _phantom_scan()}
     if _real_missing() is None:
         scans["real cine"] = _real_scan()
+    scans["phantom, 5 spokes"] = _phantom_scan(spokes=5)
     return _sweep(scans, "cpu", {f"lr {lr:g}": dict(lr=lr) for lr in (1e-3, 2e-3, 4e-3, 8e-3)})
 
 

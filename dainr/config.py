@@ -142,9 +142,9 @@ class DAINRConfig:
       SSIM at 1e-3 / 2e-3 / 4e-3 / 8e-3: phantom at 13 spokes 34.93 / 0.950, 35.50 / 0.953, 36.03 / 0.953,
       35.50 / 0.969 (scattered: 0.944–0.984); real cine 27.67 / 0.876, 28.41 / 0.893, 28.65 / 0.896,
       28.23 / 0.876; phantom at 5 spokes 31.76 / 0.855, 32.45 / 0.845, 31.95 / 0.863, 30.51 / 0.894
-      (``dainr bench --case lr``), where the rates above 2e-3 scatter (4e-3: 30.90–32.39 dB, 0.826–0.932).  At 4 frames per step (the
-      CUDA default) the same fits on the CPU gain 1.2–1.8 dB (seeds 0, 1; README, Learning rate).  The
-      measurements in the other bullets were taken at 1e-3 unless they say otherwise.
+      (``dainr bench --case lr``), where the rates above 2e-3 scatter (4e-3: 30.90–32.39 dB, 0.826–0.932).
+      At 4 frames per step (the CUDA default) the same fits on the CPU gain 1.2–1.8 dB (seeds 0, 1; README,
+      Learning rate).  The measurements in the other bullets were taken at 1e-3 unless they say otherwise.
     * ``use_features`` defaults to off (the reference feeds the frozen features of the neighbouring frames'
       zero-filled images to the canonical MLP; ``True`` restores that). With the capped grid (above) the
       features lowered SSIM on every data set and setting we measured, and PSNR on all but one. Features on vs

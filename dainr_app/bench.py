@@ -202,9 +202,9 @@ def case_ablation_seeds() -> dict:
 
 def _paper_protocol(scan, cfg: DAINRConfig, steps: int = 1001, every: int = 100) -> dict:
     """The reference's protocol: a fixed budget of 1001 steps on every spoke at its constant learning rate 1e-3
-    (nothing held out, so no decay), the images scored against the truth every 100 steps and the best kept: an oracle no
-    scanner has.  Like the reference, the best PSNR and the best SSIM are kept apart (they may come from
-    different checkpoints)."""
+    (nothing held out, so no decay), the images scored against the truth every 100 steps and the best kept: an
+    oracle no scanner has.  Like the reference, the best PSNR and the best SSIM are kept apart (they may come
+    from different checkpoints)."""
     curve = []
 
     def score(progress) -> None:
@@ -212,7 +212,8 @@ def _paper_protocol(scan, cfg: DAINRConfig, steps: int = 1001, every: int = 100)
             m = psnr_ssim(progress.images, scan.ground_truth)
             curve.append(dict(step=progress.step, psnr=m["psnr"], ssim=m["ssim"]))
 
-    reconstruct(scan.data, cfg.replace(holdout_spokes=0, max_steps=steps, preview_every=every, lr=1e-3), callback=score)
+    run = cfg.replace(holdout_spokes=0, max_steps=steps, preview_every=every, lr=1e-3)
+    reconstruct(scan.data, run, callback=score)
     best = {m: max(curve, key=lambda c: c[m]) for m in ("psnr", "ssim")}
     return dict(psnr=best["psnr"]["psnr"], psnr_step=best["psnr"]["step"], ssim=best["ssim"]["ssim"],
                 ssim_step=best["ssim"]["step"], curve=curve)

@@ -30,7 +30,7 @@ def _time_diff(x: torch.Tensor) -> torch.Tensor:
 
 
 def _time_diff_adjoint(q: torch.Tensor) -> torch.Tensor:
-    zero = torch.zeros_like(q[:1])
+    zero = q.new_zeros((1,) + q.shape[1:])
     return torch.cat((zero, q)) - torch.cat((q, zero))
 
 
@@ -64,6 +64,9 @@ def temporal_tv(data: RadialData, lam: float = 0.02, iterations: int = 100, cfg:
     choice DA-INR's stopping rule makes) are left out and their mean L1 k-space residual is
     returned, so λ can be chosen without ground truth (:func:`temporal_tv_holdout_lambda`).
     """
+    if not (lam >= 0 and math.isfinite(lam)) or iterations < 0 or power_iterations < 1:
+        raise ValueError(f"temporal_tv needs a finite lam >= 0, iterations >= 0 and power_iterations >= 1 (got {lam!r}, "
+                         f"{iterations!r}, {power_iterations!r})")
     t0 = time.perf_counter()
     p = _problem(data, cfg, coil_maps, holdout_spokes)
     sqrt_w = (p.dcf * p.train_w).sqrt()[:, None, :]  # zero on padding and held-out spokes
@@ -119,6 +122,8 @@ def cg_sense(data: RadialData, iterations: int = 10, cfg: Optional[DAINRConfig] 
     holdout_residuals, iterates)``: images in data units after ``iterations`` CG steps, the held-out
     residual after each step (with ``holdout_spokes`` > 0), and every iterate if ``keep_iterates``.
     """
+    if iterations < 1:
+        raise ValueError(f"cg_sense needs iterations >= 1, got {iterations!r}")
     t0 = time.perf_counter()
     p = _problem(data, cfg, coil_maps, holdout_spokes)
     w = (p.dcf * p.train_w)[:, None, :]  # zero on padding and held-out spokes

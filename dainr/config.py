@@ -242,6 +242,9 @@ class DAINRConfig:
                 value = getattr(owner, f.name)
                 if f.type in ("int", "Optional[int]") and f.name != "temporal_ratio" and value is not None:
                     need(isinstance(value, int) and not isinstance(value, bool), f"{f.name} must be an integer, got {value!r}")
+                if f.type in ("float", "Optional[float]") and value is not None:
+                    need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                         f"{f.name} must be a finite number, got {value!r}")
         need(min(self.deform_width, self.canonical_width, self.feature_channels, self.grid.features_per_level) >= 1,
              "network widths, feature_channels and grid features_per_level must be >= 1")
         need(min(self.freq_degree_xy, self.freq_degree_t) >= 0, "frequency encoding degrees must be >= 0")
@@ -253,7 +256,9 @@ class DAINRConfig:
         need(self.patience >= 1, "patience must be >= 1")
         need(self.min_epoch_frames >= 1, "min_epoch_frames must be >= 1")
         need(0 <= self.min_improvement < 1, "min_improvement must be in [0, 1)")
-        need(self.lr > 0 and math.isfinite(self.lr), "lr must be finite and > 0")
+        need(self.lr > 0, "lr must be finite and > 0")
+        need(self.weight_decay >= 0, "weight_decay must be >= 0")
+        need(self.grid.init_std > 0, "grid init_std must be > 0")
         need(self.spatial_ratio >= 1.0, "spatial_ratio must be >= 1 (fit low-res, query the full grid)")
         need(int(self.temporal_ratio) == self.temporal_ratio and self.temporal_ratio >= 1,
              "temporal_ratio must be an integer >= 1")

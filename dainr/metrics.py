@@ -28,12 +28,12 @@ def minmax(frames) -> np.ndarray:
 
 
 def psnr_ssim(recon, reference) -> Dict[str, float]:
-    """Mean PSNR (dB) and SSIM over frames, plus per-frame lists."""
+    """Mean PSNR (dB) and SSIM over frames (F, H, W), plus per-frame lists."""
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
     a, b = minmax(recon), minmax(reference)
-    if a.shape != b.shape:
-        raise ValueError(f"recon {a.shape} and reference {b.shape} differ in shape")
+    if a.shape != b.shape or a.ndim != 3:
+        raise ValueError(f"recon {a.shape} and reference {b.shape} must be frames of the same shape (F, H, W)")
     psnr = [peak_signal_noise_ratio(r, x, data_range=1.0) for r, x in zip(b, a)]
     ssim = [structural_similarity(r, x, data_range=1.0) for r, x in zip(b, a)]
     return dict(psnr=float(np.mean(psnr)), ssim=float(np.mean(ssim)), psnr_frames=psnr, ssim_frames=ssim)

@@ -36,7 +36,7 @@ class _FinufftForward(torch.autograd.Function):
 
         B, C, H, W = coil_images.shape
         om = np.ascontiguousarray(omega.detach().cpu().numpy(), dtype=np.float32)
-        img = np.ascontiguousarray(coil_images.detach().cpu().numpy(), dtype=np.complex64)
+        img = np.ascontiguousarray(coil_images.detach().cpu().resolve_conj().numpy(), dtype=np.complex64)
         out = np.empty((B, C, om.shape[-1]), dtype=np.complex64)
         nthreads = torch.get_num_threads()
         for b in range(B):
@@ -56,7 +56,7 @@ def _finufft_adjoint(kdata: torch.Tensor, omega: torch.Tensor, shape, eps: float
 
     B, C, M = kdata.shape
     om = np.ascontiguousarray(omega.detach().cpu().numpy(), dtype=np.float32)
-    k = np.ascontiguousarray(kdata.detach().cpu().numpy(), dtype=np.complex64)
+    k = np.ascontiguousarray(kdata.detach().cpu().resolve_conj().numpy(), dtype=np.complex64)
     out = np.empty((B, C) + tuple(shape), dtype=np.complex64)
     nthreads = torch.get_num_threads()
     for b in range(B):

@@ -74,9 +74,14 @@ class Problem:
         kdata, traj = data.kdata.to(device, torch.complex64), data.traj.to(device, torch.float32)
         spoke_mask = data.spoke_mask.to(device)
         self.whitener = None  # W: the fit runs in whitened coil space (data W·y, coil maps W·S)
-        if data.noise is not None:
+        if data.noise is not None:  # (its covariance is computed in float64)
             self.whitener = noise_prewhitener(data.noise.to(device, torch.complex64))
             kdata = apply_prewhitener(kdata, self.whitener)
+        # divided by a power of two near the peak |k|: exact in float32, so results do not change, but the
+        # calibration's sums of squares hold for data at any scale float32 holds
+        peak = float(kdata.abs().amax())
+        self.scale = 2.0 ** round(math.log2(peak)) if 0 < peak < math.inf else 1.0  # network units → data units
+        kdata = kdata / self.scale
         self.matrix = data.matrix
         if cfg.spatial_ratio > 1:
             self.matrix = cfg.fit_matrix(data.matrix)
@@ -119,6 +124,7 @@ class Problem:
         grad_w = (self.dcf.clamp_min(0) * (counts / counts.mean())[:, None]) ** cfg.dcf_power * self.train_w
         self.dcf_grad = grad_w / (grad_w.sum() / self.train_w.sum().clamp_min(1)).clamp_min(1e-30)
 
+        given_maps = coil_maps is not None
         if coil_maps is None:
             coil_maps = self._estimate_coil_maps()
         else:
@@ -130,19 +136,24 @@ class Problem:
             if self.whitener is not None:  # given in the data's coil space
                 coil_maps = apply_prewhitener(coil_maps, self.whitener, coil_dim=0)
         self.op = MulticoilNUFFT(coil_maps.to(device, torch.complex64), backend=cfg.nufft_backend)
+        # the coil combination's normalisation Σ|S_c|²: 1 for Walsh maps; given maps (and whitened ones) need it
+        self.combine_norm = None
+        if given_maps:
+            norm = self.op.sens_norm
+            self.combine_norm = norm.clamp_min(1e-3 * float(norm.amax()))
 
         zf = self.zero_filled_from(self.train_w + self.hold_w)
         if not bool(torch.isfinite(zf).all()) or not bool(zf.abs().amax() > 0):
             peak = float(self.kdata.abs().amax())
             raise ValueError("the k-space is all zero: nothing to reconstruct" if peak == 0 else
-                             f"the k-space values (max |k| {peak:.3g} after prewhitening) are beyond what the fit's "
-                             "float32 sums of squares hold (the zero-filled images came out "
-                             f"{'all zero' if bool(torch.isfinite(zf).all()) else 'not finite'}); rescale the data")
-        self.scale = 1.0
+                             f"the zero-filled images came out {'all zero' if bool(torch.isfinite(zf).all()) else 'not finite'}"
+                             f" (max |k| {peak:.3g} after scaling and prewhitening): check the noise scan and the data")
+        fit_scale = 1.0  # network units → self.kdata's units
         if cfg.data_scale == "p99":
-            self.scale = float(torch.quantile(zf.abs().flatten()[:: max(1, zf.numel() // 200000)], 0.99).clamp_min(1e-30))
-        self.kdata = self.kdata / self.scale
-        self.zero_filled = zf / self.scale
+            fit_scale = float(torch.quantile(zf.abs().flatten()[:: max(1, zf.numel() // 200000)], 0.99).clamp_min(1e-30))
+        self.kdata = self.kdata / fit_scale
+        self.zero_filled = zf / fit_scale
+        self.scale *= fit_scale  # network units → data units
         # outputs in the data units of the output grid: a pixel of the fitting grid covers (N/n)² output pixels,
         # so its value is (N/n)² times theirs (spatial ×s: the k-space was cropped, not rescaled)
         self.output_scale = self.scale * (self.matrix / self.out_matrix) ** 2
@@ -166,6 +177,8 @@ class Problem:
         """Zero-filled images (F_acq, n, n) of the samples weighted by ``w`` (F_acq, M), DCF gridding calibrated
         so that A(zf) best matches those samples (least squares, one scalar)."""
         zf = self._batched(lambda sl: self.op.adjoint(self.kdata[sl], self.omega[sl], self.dcf[sl] * w[sl]))
+        if self.combine_norm is not None:
+            zf = zf / self.combine_norm
         pred = self._batched(lambda sl: self.op.forward(zf[sl], self.omega[sl]))
         w = w[:, None, :]
         return zf * ((pred.conj() * self.kdata * w).sum().real / (pred.abs() ** 2 * w).sum().clamp_min(1e-30))
@@ -214,7 +227,7 @@ class Fitter:
         self.xy = pixel_grid(n, n, problem.device)
         self.train_frames = torch.arange(problem.n_acq)
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self._queue: List[int] = []
+        self._queue = torch.empty(0, dtype=torch.long, device=problem.device)
         self.batch = min(cfg.batch_frames(problem.device.type), problem.n_acq)
         self.params = [q for q in self.model.parameters() if q.requires_grad]
         self.ema = [q.detach().clone() for q in self.params] if cfg.ema_decay > 0 else None
@@ -246,11 +259,16 @@ class Fitter:
         self.opt.lr *= factor
 
     def _next_batch(self) -> torch.Tensor:
+        """The next frames (B,) on the device: the queue of shuffled passes lives there, refilled once per pass
+        from pinned memory without blocking (a per-step host-to-device copy would wait for the previous step)."""
         B = self.batch
         while len(self._queue) < B:
-            self._queue.extend(self.train_frames[torch.randperm(self.p.n_acq, generator=self.gen)].tolist())
+            order = self.train_frames[torch.randperm(self.p.n_acq, generator=self.gen)]
+            if self.p.device.type == "cuda":
+                order = order.pin_memory()
+            self._queue = torch.cat([self._queue, order.to(self.p.device, non_blocking=True)])
         batch, self._queue = self._queue[:B], self._queue[B:]
-        return torch.tensor(batch, device=self.p.device)
+        return batch
 
     def predict_acquired(self, acq: torch.Tensor) -> torch.Tensor:
         """Images (B, n, n) of acquired frames ``acq`` at the fitting resolution."""
@@ -373,12 +391,19 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
         loss_t = fitter.step()
         elapsed = time.perf_counter() - t_fit0
         res = None
-        if problem.has_holdout and step % epoch == 0:  # the only per-epoch device sync
-            res = fitter.heldout_residual()
+        if step % epoch == 0:  # the only per-epoch device syncs
+            res = fitter.heldout_residual() if problem.has_holdout else None
+            improved = res is not None and res < best_res * (1 - cfg.min_improvement)
+            state = fitter.weights() if improved else None
+            if not (math.isfinite(float(loss_t)) and (res is None or math.isfinite(res)) and _finite(state)):
+                if best_state is None:
+                    raise _diverged(step, cfg)
+                reason = "diverged"  # keep the last good checkpoint
+                break
+        if res is not None:
             history.append((step, float(loss_t), res))
-            if res < best_res * (1 - cfg.min_improvement):
-                best_res, best_step, bad_epochs = res, step, 0
-                best_state = fitter.weights()
+            if improved:
+                best_res, best_step, bad_epochs, best_state = res, step, 0, state
             else:
                 bad_epochs += 1
                 if bad_epochs >= cfg.patience and decays < cfg.max_decays:
@@ -405,7 +430,11 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
     if bar is not None:
         bar.close()
     t_fit = time.perf_counter() - t_fit0
-    fitter.model.load_state_dict(best_state if best_state is not None else fitter.weights())
+    if best_state is None:
+        best_state = fitter.weights()
+        if not _finite(best_state):
+            raise _diverged(step, cfg)
+    fitter.model.load_state_dict(best_state)
     images = fitter.render()
     lowres = fitter.render(problem.matrix) if problem.matrix != problem.out_matrix else None
     total = time.perf_counter() - t0
@@ -424,6 +453,18 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
     return ReconResult(images=images, zero_filled=(problem.zero_filled * problem.output_scale).cpu(),
                        coil_maps=problem.coil_maps_in_data_space().cpu(), acquired_frames=problem.acquired, info=info,
                        lowres_images=lowres)
+
+
+def _finite(state: Optional[dict]) -> bool:
+    """Whether every float tensor of a state dict is finite (True for None; one device sync)."""
+    if state is None:
+        return True
+    return bool(torch.stack([torch.isfinite(v).all() for v in state.values() if v.is_floating_point()]).all())
+
+
+def _diverged(step: int, cfg: DAINRConfig) -> ValueError:
+    return ValueError(f"the fit diverged (non-finite loss, held-out residual or weights by step {step}) before any "
+                      f"checkpoint; lower lr (now {cfg.lr:g})")
 
 
 def _render_live(fitter: Fitter) -> torch.Tensor:

@@ -63,8 +63,9 @@ def cmd_simulate(args) -> int:
 
     from .mrd import write_raw
 
-    if args.spokes < 1 or args.frames < 2 or args.coils < 1 or args.slices < 1 or args.matrix < 16:
-        raise SystemExit("simulate: need --matrix >= 16, --frames >= 2, --spokes/--coils/--slices >= 1")
+    if args.spokes < 2 or args.frames < 2 or args.coils < 1 or args.slices < 1 or args.matrix < 16:
+        raise ValueError("need --matrix >= 16, --frames >= 2, --spokes >= 2 (one is held out by the default "
+                         "stopping rule), --coils/--slices >= 1")
     scans = [simulate(args.matrix, args.frames, args.spokes, args.coils, args.noise, args.golden_angle, args.seed + s)
              for s in range(args.slices)]
     noise = scans[0].data.noise  # None without noise: no noise scan
@@ -95,10 +96,13 @@ def run_recon(raw: str, output: str, cfg: DAINRConfig, series: int = 1, preview:
               golden_angle: Optional[str] = None) -> List[dict]:
     """Reconstruct every slice of an MRD raw file into MRD images; returns one summary per slice.  ``output`` is
     replaced only when every slice has been reconstructed."""
-    from .mrd import read_raw
+    from .mrd import read_raw, write_header
     from .preview import write_preview
 
     check_output(output, raw)
+    if raw_groups(output):  # the whole file is replaced
+        raise ValueError(f"{output} holds raw MRD data (group {raw_groups(output)[0]!r}): it would be replaced by "
+                         "the images; choose another output file")
     if preview:
         check_output(preview, raw)
     scan = read_raw(raw, group, spokes_per_frame, golden_angle)
@@ -106,6 +110,7 @@ def run_recon(raw: str, output: str, cfg: DAINRConfig, series: int = 1, preview:
     partial = f"{output}.partial-{os.getpid()}"  # renamed onto ``output`` once every slice is written
     try:
         summaries, panels = _recon_slices(scan, partial, cfg, series, output_type, truth_images, quiet)
+        write_header(partial, scan.header_text)  # the patient and study, for `dainr dicom`
         os.replace(partial, output)
     finally:
         if os.path.exists(partial):
@@ -118,6 +123,8 @@ def run_recon(raw: str, output: str, cfg: DAINRConfig, series: int = 1, preview:
 def check_output(path: str, *inputs: str) -> None:
     """Before any work: the folder must exist and be writable, and the output must not be one of the inputs."""
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"cannot write {path}: it is a folder")
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise ValueError(f"cannot write {path}: folder {folder} {'is not writable' if os.path.isdir(folder) else 'does not exist'}")
     for src in inputs:
@@ -212,7 +219,7 @@ def cmd_demo(args) -> int:
     if res.errors or 1 not in res.images:
         raise ValueError(f"the server reported: {res.errors or 'no images'}")
     out, gif, dicom = (os.path.join(args.outdir, f) for f in ("images.h5", "preview.gif", "dicom"))
-    save_images(res.images, out, "dataset")
+    save_images(res.images, out, "dataset", header)
     written = mrd_to_dicom(res.images, dicom, header)
     frames = np.stack([im.data[0, 0] for im in sorted(res.images[1], key=lambda im: im.image_index)])
     truth = np.load(truth_path(raw))["images"][0]
@@ -239,9 +246,12 @@ def cmd_demo(args) -> int:
 
 def cmd_dicom(args) -> int:
     from .dicom import mrd_to_dicom
-    from .mrd import read_images
+    from .mrd import read_header_text, read_images
 
-    written = mrd_to_dicom(read_images(args.images, args.group), args.outdir)
+    images = read_images(args.images, args.group)
+    if not images:
+        raise ValueError(f"{args.images} has no image_<series> groups in {args.group!r}")
+    written = mrd_to_dicom(images, args.outdir, read_header_text(args.images, args.group))
     for series, paths in written.items():
         print(f"series {series}: {len(paths)} files in {os.path.dirname(paths[0]) if paths else args.outdir}")
     return 0
@@ -337,7 +347,7 @@ def cmd_replay(args) -> int:
             config_xml = fh.read()
     res = replay(items, header, (args.address, args.port), None if config_xml else args.config, config_xml,
                  timeout=args.timeout)
-    save_images(res.images, args.output, args.out_group)
+    save_images(res.images, args.output, args.out_group, header)
     print(f"sent {res.sent} messages ({res.readouts} readouts) in {res.send_seconds:.2f} s; received "
           f"{res.n_images} images in {len(res.images)} series"
           + (f" and {res.returned} other messages" if res.returned else "") + f" in {res.total_seconds:.2f} s")
@@ -359,20 +369,27 @@ def cmd_replay(args) -> int:
 
 def check_image_group(path: str, group: str) -> None:
     """``save_images`` replaces ``group`` of ``path``: refuse where that group holds raw acquisitions."""
+    if group in raw_groups(path):
+        raise ValueError(f"group {group!r} of {path} holds raw MRD data (acquisitions): choose another output "
+                         "group (-G) or file; it would be replaced by the images")
+
+
+def raw_groups(path: str) -> List[str]:
+    """The groups of an existing HDF5 file that hold MRD acquisitions ([] for no file, or not HDF5)."""
     import h5py
 
-    if os.path.exists(path):
-        with h5py.File(path, "r") as h5:
-            if group in h5 and isinstance(h5[group], h5py.Group) and ("data" in h5[group] or "xml" in h5[group]):
-                raise ValueError(f"group {group!r} of {path} holds raw MRD data (data/xml): choose another output "
-                                 "group (-G) or file; it would be replaced by the images")
+    if not os.path.isfile(path) or not h5py.is_hdf5(path):
+        return []
+    with h5py.File(path, "r") as h5:
+        return [name for name, g in h5.items() if isinstance(g, h5py.Group) and "data" in g]
 
 
-def save_images(images: dict, path: str, group: str) -> None:
-    """Write received images to ``path``/``group``/image_<series>, replacing that group if it exists."""
+def save_images(images: dict, path: str, group: str, header: Optional[str] = None) -> None:
+    """Write received images to ``path``/``group``/image_<series>, replacing that group if it exists, with the raw
+    data's MRD ``header`` (the patient and study, for `dainr dicom`)."""
     import h5py
 
-    from .mrd import write_images
+    from .mrd import write_header, write_images
 
     if not images:
         return
@@ -382,6 +399,7 @@ def save_images(images: dict, path: str, group: str) -> None:
             if group in h5:
                 del h5[group]
     write_images(path, [im for series in sorted(images) for im in images[series]], group)
+    write_header(path, header, group)
 
 
 def cmd_bench(args) -> int:
@@ -419,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--down-ratio", type=_positive_int, default=1, help="temporal interpolation: fit every r-th frame")
     r.add_argument("--nufft-backend", choices=NUFFT_BACKENDS)
     r.add_argument("--golden-angle", choices=("true", "reference"),
-                   help="angle step for readouts without acq.traj (default: the header's, else the true golden angle)")
+                   help="angle step for readouts without acq.traj (default: the header's; a goldenangle header "
+                        "without one: the true golden angle)")
     r.add_argument("--features", dest="use_features", action=argparse.BooleanOptionalAction,
                    help="the reference's frozen CNN features of the neighbouring frames (default: off, see README)")
     r.add_argument("--no-deformation", action="store_true")
@@ -436,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--group", default="dataset")
     r.add_argument("--spokes-per-frame", type=_positive_int, help="when the header has no phase range")
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--quiet", action="store_true")
+    r.add_argument("--quiet", action="store_true", help="no progress bar (the per-slice JSON lines stay)")
     r.set_defaults(func=cmd_recon)
 
     d = sub.add_parser("demo", help="simulate a small cine, replay it through the embedded server, write MRD "

@@ -8,6 +8,7 @@ the rescaled values (and the window from the meta) are in the image's own units.
 from __future__ import annotations
 
 import os
+import re
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -15,6 +16,10 @@ import numpy as np
 import ismrmrd
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+FILE_NAME = re.compile(r"IM_\d{5}_s\d{3}\.dcm")  # what write_series names its files
+# the value representations' maximum lengths (characters) of the text attributes taken from the MRD header
+MAX_LENGTH = dict(PatientName=64, PatientID=64, StudyID=16, AccessionNumber=16, ReferringPhysicianName=64,
+                  StudyDescription=64, SeriesDescription=64, PatientPosition=16)
 
 
 def _meta(image) -> "ismrmrd.Meta":
@@ -88,6 +93,9 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str
     images = sorted(images, key=lambda im: (im.slice, im.contrast, im.repetition, im.set, im.phase, im.image_index))
     mags = [_magnitude(im) for im in images]
     os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):  # an earlier export of this series number: replaced, not mixed in
+        if FILE_NAME.fullmatch(name):
+            os.remove(os.path.join(folder, name))
     series_uid = generate_uid()
     description = str(_first(_meta(images[0]), "ImageComment", "DA-INR")) if images else "DA-INR"
     peak = max(float(m.max()) for m in mags) if mags else 1.0
@@ -106,12 +114,13 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str
         path = os.path.join(folder, f"IM_{number:05d}_s{im.slice:03d}.dcm")
         ds = FileDataset(path, {}, file_meta=fm, preamble=b"\0" * 128)
         ds.SOPClassUID, ds.SOPInstanceUID = MR_IMAGE_STORAGE, fm.MediaStorageSOPInstanceUID
+        ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: names from the MRD header keep every character
         ds.Modality, ds.ImageType = "MR", ["DERIVED", "PRIMARY", "M"]
         for key, value in study.items():
-            setattr(ds, key, value)
+            setattr(ds, key, value[:MAX_LENGTH.get(key, len(value))])
         ds.SeriesInstanceUID = series_uid
         ds.SeriesNumber, ds.InstanceNumber = int(im.image_series_index), number
-        ds.SeriesDescription = description
+        ds.SeriesDescription = description[:MAX_LENGTH["SeriesDescription"]]
         meta = _meta(im)
         ds.ImageComments = str(_first(meta, "ImageComment", description))
         ds.ScanningSequence, ds.SequenceVariant = "GR", "NONE"  # type 1 in MR Image; radial gradient echo

@@ -85,6 +85,7 @@ class RawScan:
     slices: Dict[Key, RawSlice]
     noise: Optional[torch.Tensor]
     header: object = field(repr=False, default=None)
+    header_text: Optional[str] = field(repr=False, default=None)
 
 
 def build_header(matrix: int, n_samples: int, n_coils: int, n_frames: int, n_spokes: int, n_slices: int,
@@ -131,7 +132,7 @@ def write_raw(path: str, slices: Sequence[RadialData], noise: Optional[np.ndarra
     header = build_header(first.matrix, R, C, F_, F_ * S, len(slices), fov_mm, slice_thickness_mm, golden_angle, S)
     ds = ismrmrd.Dataset(path, "dataset", create_if_needed=True)
     try:
-        ds.write_xml_header(ismrmrd.xsd.ToXML(header))
+        ds.write_xml_header(ismrmrd.xsd.ToXML(header, encoding="utf-8"))  # (its default, ascii, breaks on names)
         counter = 0
         if noise is not None:
             noise = np.asarray(noise, dtype=np.complex64)
@@ -190,8 +191,9 @@ class ReconParameters:
     frames_from_phase: bool
     n_frames: Optional[int]
     spokes_per_frame: Optional[int]
-    angle_step_rad: float
+    angle_step_rad: Optional[float]  # None: not derivable (uniform "radial" without the angle parameter)
     trajectory: str
+    encoded_fov_x: Optional[float] = None  # mm: with the readout's samples, their spacing in k-space
 
     @classmethod
     def from_header(cls, header, spokes_per_frame: Optional[int] = None,
@@ -225,7 +227,7 @@ class ReconParameters:
         phase = enc.encodingLimits.phase if enc.encodingLimits is not None else None
         from_phase = phase is not None and phase.maximum is not None and \
             _header_number(phase.maximum, "phase maximum") > 0
-        step = angle_step("true")
+        step = angle_step("true") if traj == "goldenangle" else None
         desc = enc.trajectoryDescription
         if desc is not None:
             for p in desc.userParameterDouble or []:
@@ -237,7 +239,9 @@ class ReconParameters:
         if golden_angle is not None:
             step = angle_step(golden_angle)
         n_frames = int(phase.maximum) - _header_number(phase.minimum or 0, "phase minimum") + 1 if from_phase else None
-        return cls(matrix, fov_mm, from_phase, n_frames, spokes_per_frame, step, traj)
+        enc_fov = getattr(getattr(enc.encodedSpace, "fieldOfView_mm", None), "x", None)
+        enc_fov = _header_number(enc_fov, "encodedSpace fieldOfView_mm x", float) if enc_fov else None
+        return cls(matrix, fov_mm, from_phase, n_frames, spokes_per_frame, step, traj, enc_fov)
 
 
 def _header_number(value, what: str, cast=int):
@@ -269,13 +273,26 @@ def spoke_trajectory(acq, params: ReconParameters, n_samples: int) -> np.ndarray
     if params.trajectory not in RADIAL_TRAJECTORIES:
         raise MRDFormatError(f"acquisition has no trajectory and the header trajectory type is {params.trajectory!r}; "
                              "cannot derive radial angles")
+    if params.angle_step_rad is None:
+        raise MRDFormatError(f"readouts have no acq.traj and the header trajectory is {params.trajectory!r} without "
+                             f"the {ANGLE_PARAM!r} trajectory parameter: the spokes' angles are unknown (give "
+                             "--golden-angle true|reference if the spokes are golden-angle ordered)")
     if acq.center_sample not in (0, n_samples // 2):  # 0: not set by the converter
         raise MRDFormatError(f"readout {acq.scan_counter} has its echo at sample {acq.center_sample} of {n_samples} "
                              "(asymmetric echo) and no acq.traj: the sample positions cannot be derived")
     angle = acq.idx.kspace_encode_step_1 * params.angle_step_rad
-    traj = radial_trajectory(torch.tensor([angle]), n_samples)[0].numpy()
-    # ACQ_IS_REVERSE: the samples are stored in acquisition order, which ran the spoke backwards
-    return np.ascontiguousarray(traj[::-1]) if acq.is_flag_set(ismrmrd.ACQ_IS_REVERSE) else traj
+    traj = radial_trajectory(torch.tensor([angle]), n_samples)[0].numpy()  # sample i at (i − n/2)/n cycles/pixel
+    if params.encoded_fov_x:  # the samples are 1/FOV_encoded apart: (FOV_recon/N)/FOV_encoded cycles/pixel
+        factor = n_samples * params.fov_mm[0] / (params.matrix * params.encoded_fov_x)
+        if factor > 1.001:
+            raise MRDFormatError(f"{n_samples} readout samples over an encoded FOV of {params.encoded_fov_x:g} mm reach "
+                                 f"{0.5 * factor:.3g} cycles/pixel of the {params.matrix}-pixel, {params.fov_mm[0]:g} mm "
+                                 "reconSpace: its matrix is coarser than the acquisition (give acq.traj)")
+        if factor < 0.999:  # reconSpace finer than acquired (scanner interpolation): the samples span less
+            traj = traj * np.float32(factor)
+    # ACQ_IS_REVERSE: the samples are stored in acquisition order, which ran the spoke backwards through the same
+    # echo sample: the spoke at angle + π
+    return -traj if acq.is_flag_set(ismrmrd.ACQ_IS_REVERSE) else traj
 
 
 def iter_acquisitions(path: str, group: str = "dataset", chunk: int = 2048) -> Iterator["ismrmrd.Acquisition"]:
@@ -322,19 +339,23 @@ def read_raw(path: str, group: str = "dataset", spokes_per_frame: Optional[int] 
              golden_angle: Optional[str] = None) -> RawScan:
     """Read an MRD raw radial file into one :class:`RadialData` per slice (noise scans → prewhitening);
     ``golden_angle`` overrides the header's angle step where readouts carry no ``acq.traj``."""
-    header = parse_header(open_raw(path, group)[0])
+    text = open_raw(path, group)[0]
+    header = parse_header(text)
     params = ReconParameters.from_header(header, spokes_per_frame, golden_angle)
     noise, per_key = [], {}
     for acq in iter_acquisitions(path, group):
         if acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
             noise.append(acq.data.copy())
+        elif acq.encoding_space_ref != 0 and not is_skipped(acq):
+            raise MRDFormatError(f"{path}: readout {acq.scan_counter} belongs to encoding space "
+                                 f"{acq.encoding_space_ref}: DA-INR reconstructs the header's first encoding only")
         elif not is_skipped(acq):
             per_key.setdefault(acquisition_key(acq), []).append(acq)
     if not per_key:
         raise MRDFormatError(f"{path}: no imaging acquisitions")
     noise_t = noise_samples(noise)
     slices = {key: slice_from_acquisitions(acqs, params, noise_t, key[0]) for key, acqs in sorted(per_key.items())}
-    return RawScan(params.matrix, params.fov_mm, slices, noise_t, header)
+    return RawScan(params.matrix, params.fov_mm, slices, noise_t, header, text)
 
 
 def noise_samples(scans: Sequence[np.ndarray]) -> Optional[torch.Tensor]:
@@ -452,6 +473,27 @@ def write_images(path: str, images: Sequence["ismrmrd.Image"], group: str = "dat
             ds.append_image(f"image_{im.image_series_index}", im)
     finally:
         ds.close()
+
+
+def write_header(path: str, header: Optional[str], group: str = "dataset") -> None:
+    """Store the raw data's MRD header text beside images (``<group>/xml``; nothing for None)."""
+    if header is None:
+        return
+    ds = ismrmrd.Dataset(path, group, create_if_needed=True)
+    try:
+        ds.write_xml_header(header)
+    finally:
+        ds.close()
+
+
+def read_header_text(path: str, group: str = "dataset") -> Optional[str]:
+    """The MRD header text stored in ``<group>/xml`` of a file (None without one)."""
+    import h5py
+
+    with h5py.File(path, "r") as h5:
+        if group not in h5 or "xml" not in h5[group]:
+            return None
+    return open_raw(path, group)[0]
 
 
 def read_images(path: str, group: str = "dataset") -> Dict[int, List["ismrmrd.Image"]]:

@@ -202,10 +202,15 @@ def dainr_recon(connection) -> None:
     imaging = 0
     for acq in connection:
         imaging += not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
-        if acq.number_of_samples == 0:  # nothing to reconstruct, but its flags still count
+        unusable = None
+        if acq.number_of_samples == 0:
+            unusable = "has 0 samples"
+        elif acq.encoding_space_ref != 0 and not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            unusable = f"belongs to encoding space {acq.encoding_space_ref} (DA-INR reconstructs the first)"
+        if unusable:  # nothing to reconstruct, but its flags still count
             s, contrast, rep, set_index = key = acquisition_key(acq)
             send_error(connection, f"readout {acq.scan_counter} (slice {s}, contrast {contrast}, repetition {rep}, "
-                                   f"set {set_index}) has 0 samples; ignored")
+                                   f"set {set_index}) {unusable}; ignored")
             if not acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE):
                 key = None
         else:

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import h5py
 import ismrmrd
@@ -84,12 +85,15 @@ def test_recon_options_reach_the_config():
             cfg("--lr", bad)
 
 
-def _rewrite(src_path: str, dst_path: str, transform) -> str:
-    """Copy an MRD raw file, passing each acquisition through ``transform`` (None drops it)."""
+def _rewrite(src_path: str, dst_path: str, transform, header=None) -> str:
+    """Copy an MRD raw file, passing each acquisition through ``transform`` (None drops it) and the header's XML
+    through ``header``."""
     src = ismrmrd.Dataset(src_path, "dataset", create_if_needed=False, mode="r")
     dst = ismrmrd.Dataset(dst_path, "dataset", create_if_needed=True)
     try:
-        dst.write_xml_header(src.read_xml_header())
+        xml = src.read_xml_header()
+        xml = xml.decode() if isinstance(xml, bytes) else xml
+        dst.write_xml_header(header(xml) if header else xml)
         for i in range(src.number_of_acquisitions()):
             acq = transform(src.read_acquisition(i))
             if acq is not None:
@@ -258,6 +262,12 @@ def test_outputs_that_would_destroy_data_or_waste_a_fit_are_refused_first(raw2, 
     shutil.copy(raw2, other)  # replay's output group is the raw group of another file
     assert cli.main(["replay", raw, "-o", other, "-G", "dataset", "-p", "1"]) == 2
     assert "holds raw MRD data" in capsys.readouterr().err and read_raw(other).slices.keys() == before
+    assert cli.main(["recon", raw, "-o", other, "--steps", "2", "--quiet"]) == 2  # recon replaces the whole file
+    assert "holds raw MRD data" in capsys.readouterr().err and read_raw(other).slices.keys() == before
+    assert cli.main(["recon", raw, "-o", str(tmp_path), "--quiet"]) == 2  # a folder: refused before the fit
+    assert "it is a folder" in capsys.readouterr().err
+    assert cli.main(["simulate", "-o", str(tmp_path / "s.h5"), "--spokes", "1"]) == 2  # not SystemExit's 1
+    assert "dainr simulate: error: need" in capsys.readouterr().err
     assert cli.main(["recon", raw, "-o", str(tmp_path / "nodir" / "o.h5"), "--quiet"]) == 2  # before the fit
     assert "does not exist" in capsys.readouterr().err
     assert cli.main(["recon", raw, "-o", str(tmp_path / "o.h5"), "--preview", str(tmp_path / "nodir" / "p.gif"),
@@ -310,19 +320,75 @@ def test_samples_the_scanner_marks_as_discarded_are_dropped(raw2, tmp_path, with
 
 
 def test_reversed_readouts_without_trajectory_get_the_reversed_positions(raw2, tmp_path):
+    """A reversed readout runs the spoke backwards through the same echo sample (``center_sample`` = n/2): stored
+    sample i lies where the forward spoke's sample n − i does (the old rule, the forward positions reversed, put
+    k = 0 one sample off)."""
     def strip(acq, reverse=False):
         if acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
             return acq
         data = acq.data.copy()
         acq.resize(acq.number_of_samples, acq.active_channels, 0)  # no acq.traj: positions from the angle index
-        acq.data[:] = data[:, ::-1] if reverse else data
-        if reverse:
+        if reverse:  # sample 0 (+0.5 cycles/pixel) is not on the forward spoke: left zero
+            acq.data[:] = 0
+            acq.data[:, 1:] = data[:, :0:-1]
             acq.set_flag(ismrmrd.ACQ_IS_REVERSE)
+        else:
+            acq.data[:] = data
+        assert acq.center_sample == acq.number_of_samples // 2
         return acq
     ref = read_raw(_rewrite(raw2, str(tmp_path / "fwd.h5"), strip), golden_angle="true").slices[(0, 0, 0, 0)].data
     got = read_raw(_rewrite(raw2, str(tmp_path / "rev.h5"), lambda a: strip(a, True)),
                    golden_angle="true").slices[(0, 0, 0, 0)].data
-    assert torch.equal(got.kdata.flip(-1), ref.kdata) and torch.equal(got.traj.flip(-2), ref.traj)
+    assert torch.equal(got.kdata[..., 1:].flip(-1), ref.kdata[..., 1:])
+    assert torch.allclose(got.traj[..., 1:, :].flip(-2), ref.traj[..., 1:, :], atol=1e-6)
+    centre = ref.kdata.shape[-1] // 2
+    assert float(got.traj[..., centre, :].abs().max()) < 1e-6  # the echo sample is k = 0
+
+
+def test_readouts_of_a_second_encoding_space_are_refused(raw2, tmp_path):
+    def second(acq):
+        if acq.idx.slice == 1 and not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            acq.encoding_space_ref = 1
+        return acq
+    with pytest.raises(MRDFormatError, match="belongs to encoding space 1"):
+        read_raw(_rewrite(raw2, str(tmp_path / "enc.h5"), second))
+
+
+def test_uniform_radial_without_trajectory_needs_the_angle_step(raw2, tmp_path):
+    """A uniform ``radial`` header without acq.traj and without the angle parameter was read with golden angles."""
+    def strip(acq):
+        if not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            data = acq.data.copy()
+            acq.resize(acq.number_of_samples, acq.active_channels, 0)
+            acq.data[:] = data
+        return acq
+
+    def radial(xml):
+        return re.sub(r"<trajectory>goldenangle</trajectory>", "<trajectory>radial</trajectory>",
+                      re.sub(r"<trajectoryDescription>.*</trajectoryDescription>", "", xml, flags=re.S))
+    path = _rewrite(raw2, str(tmp_path / "radial.h5"), strip, header=radial)
+    with pytest.raises(MRDFormatError, match="the spokes' angles are unknown"):
+        read_raw(path)
+    assert read_raw(path, golden_angle="true").slices[(0, 0, 0, 0)].data.kdata.shape[-1] == 64
+
+
+def test_a_finer_recon_space_than_acquired_scales_the_derived_positions(raw2, tmp_path):
+    """Scanner interpolation: 2× the reconSpace matrix over the same FOV; the samples then span ±0.25 cycles/pixel."""
+    def strip(acq):
+        if not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            data = acq.data.copy()
+            acq.resize(acq.number_of_samples, acq.active_channels, 0)
+            acq.data[:] = data
+        return acq
+
+    def finer(xml, n=64):
+        recon = re.search(r"<reconSpace>.*?</reconSpace>", xml, re.S).group(0)
+        return xml.replace(recon, re.sub(r"<x>32</x>", f"<x>{n}</x>", re.sub(r"<y>32</y>", f"<y>{n}</y>", recon)))
+    ref = read_raw(_rewrite(raw2, str(tmp_path / "a.h5"), strip), golden_angle="true").slices[(0, 0, 0, 0)].data
+    got = read_raw(_rewrite(raw2, str(tmp_path / "b.h5"), strip, header=finer), golden_angle="true").slices[(0, 0, 0, 0)].data
+    assert got.matrix == 64 and torch.allclose(got.traj, ref.traj / 2)
+    with pytest.raises(MRDFormatError, match="coarser than the acquisition"):
+        read_raw(_rewrite(raw2, str(tmp_path / "c.h5"), strip, header=lambda x: finer(x, 16)), golden_angle="true")
 
 
 def test_bench_lists_every_case_with_its_description(capsys):
@@ -374,3 +440,13 @@ def test_bench_paper_protocol_keeps_the_best_scored_checkpoints():
     assert out["psnr"] == max(c["psnr"] for c in out["curve"]) and out["ssim"] == max(c["ssim"] for c in out["curve"])
     assert {out["psnr_step"], out["ssim_step"]} <= {10, 20, 30}
     assert len({round(c["psnr"], 6) for c in out["curve"]}) == 3  # scored on the live images of each checkpoint
+
+
+def test_preview_panels_of_any_size_ratio_line_up():
+    """Spatial ×1.5 fits 22² of a 32² scan: the integer repeat made 22 → 22 rows and the concatenation failed."""
+    from dainr_app.preview import side_by_side
+
+    big, small = np.random.default_rng(0).random((2, 32, 32)), np.ones((2, 22, 22))
+    out = side_by_side([big, small, np.ones((2, 16, 16))])
+    assert out.shape == (2, 32, 96) and out.dtype == np.uint8
+    assert (out[:, :, 32:] == 255).all()  # the constant panels stay constant after resizing

@@ -99,3 +99,51 @@ def test_patient_and_study_come_from_the_raw_header(tmp_path):
     assert ds.SeriesDescription == "DA-INR" and ds.ScanningSequence == "GR"
     anonymous = pydicom.dcmread(mrd_to_dicom({3: im}, str(tmp_path / "no_header"))[3][0])  # no header: new UIDs
     assert anonymous.PatientID == "" and anonymous.StudyInstanceUID not in ("", "1.2.3.4")
+
+
+def test_names_keep_every_character_and_long_values_fit_their_representation(tmp_path):
+    """Without a character set pydicom wrote '?' for 'Ł' and Cyrillic (a warning only) and over-long SH values."""
+    from ismrmrd import xsd
+
+    from dainr_app.mrd import build_header
+
+    hdr = build_header(32, 64, 2, 6, 10, 1)
+    hdr.subjectInformation = xsd.subjectInformationType(patientName="Łukasiewicz^Jan Иванов")
+    hdr.studyInformation = xsd.studyInformationType(studyID="S" * 20)
+    _, im = _images(3)
+    ds = pydicom.dcmread(mrd_to_dicom({3: im}, str(tmp_path), xsd.ToXML(hdr, encoding="utf-8"))[3][0])
+    assert ds.SpecificCharacterSet == "ISO_IR 192" and str(ds.PatientName) == "Łukasiewicz^Jan Иванов"
+    assert ds.StudyID == "S" * 16
+
+
+def test_exporting_again_replaces_the_series_files(tmp_path):
+    """A 3-frame export over an earlier 5-frame one of the same series number left 2 files of the old series."""
+    out = str(tmp_path / "dcm")
+    mrd_to_dicom({6: _images(6, n=5)[1]}, out)
+    keep = tmp_path / "dcm" / "series_006" / "notes.txt"
+    keep.write_text("not ours")
+    paths = mrd_to_dicom({6: _images(6, n=3)[1]}, out)[6]
+    assert sorted(os.listdir(tmp_path / "dcm" / "series_006")) == sorted([os.path.basename(p) for p in paths] + ["notes.txt"])
+    assert len({pydicom.dcmread(p).SeriesInstanceUID for p in paths}) == 1
+
+
+def test_recon_then_dicom_files_the_images_with_their_study(tmp_path, capsys):
+    """`dainr recon` stores the raw header beside the images, so `dainr dicom` gets the patient and study."""
+    import re
+
+    raw, img = str(tmp_path / "raw.h5"), str(tmp_path / "img.h5")
+    assert cli.main(["simulate", "-o", raw, "--matrix", "16", "--frames", "3", "--spokes", "4", "--coils", "2"]) == 0
+    ds = ismrmrd.Dataset(raw, "dataset", create_if_needed=False)
+    xml = ds.read_xml_header()
+    xml = xml.decode() if isinstance(xml, bytes) else xml
+    xml = re.sub(r"(<ismrmrdHeader[^>]*>)", r"\1<subjectInformation><patientName>DOE^JANE</patientName>"
+                 r"</subjectInformation><studyInformation><studyInstanceUID>1.2.3.4</studyInstanceUID>"
+                 r"</studyInformation>", xml, count=1)
+    ds.write_xml_header(xml)
+    ds.close()
+    assert cli.main(["recon", raw, "-o", img, "--steps", "2", "--quiet", "--holdout-spokes", "0"]) == 0
+    assert cli.main(["dicom", img, "-o", str(tmp_path / "dcm")]) == 0
+    first = pydicom.dcmread(sorted((tmp_path / "dcm" / "series_001").iterdir())[0])
+    assert (str(first.PatientName), first.StudyInstanceUID) == ("DOE^JANE", "1.2.3.4")
+    assert cli.main(["dicom", raw, "-o", str(tmp_path / "none")]) == 2  # a raw file has no images
+    assert "has no image_<series> groups" in capsys.readouterr().err

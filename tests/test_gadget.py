@@ -242,6 +242,17 @@ def test_mismatched_channel_counts_are_an_error(two_slices):
     assert {im.slice for im in run.images} == {1}
 
 
+def test_readouts_of_a_second_encoding_space_are_reported_not_merged(two_slices):
+    """They joined slice 0's buffer: one cine of two encodings' spokes."""
+    header, acqs = _load(two_slices[1])
+    other = [a for a in acqs if a.idx.slice == 0 and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)][:2]
+    for a in other:
+        a.encoding_space_ref = 1
+    run = run_gadget(CONFIG.format(steps=5, extra=""), header, acqs)
+    assert len(run.errors) == 2 and all("belongs to encoding space 1" in e for e in run.errors), run.errors
+    assert len(run.images) == 12  # slice 0 from the readouts of encoding 0
+
+
 def test_unconsumed_items_pass_through_unchanged(two_slices):
     header, acqs = _load(two_slices[1])
     nav = ismrmrd.Acquisition.from_array(acqs[-1].data * 2, acqs[-1].traj)

@@ -69,6 +69,14 @@ def test_backends_agree():
     assert float((ya - yb).norm() / ya.norm()) < 2e-3
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lazily_conjugated_inputs_are_read_as_their_values(backend):
+    """torch's ``.conj()`` is a view with a conjugate bit that ``.numpy()`` refuses (finufft raised)."""
+    op, omega, x, y = _setup(backend)
+    assert torch.equal(op.coil_adjoint(y.conj(), omega), op.coil_adjoint(y.conj().resolve_conj(), omega))
+    assert torch.equal(op.forward(x.conj(), omega), op.forward(x.conj().resolve_conj(), omega))
+
+
 def test_bad_backend_and_maps():
     with pytest.raises(ValueError, match="unknown NUFFT backend"):
         MulticoilNUFFT(torch.ones(1, 8, 8, dtype=torch.complex64), backend="bart")

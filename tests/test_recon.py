@@ -33,6 +33,23 @@ def test_deterministic_on_cpu(small_scan):
     assert not torch.equal(a, c)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_frame_order_reaches_the_gpu_without_a_sync(small_scan):
+    """The training step must not wait for the device: the shuffled frame order was a blocking host-to-device
+    copy of a Python list on every step."""
+    from dainr.recon import Fitter
+
+    cfg = DAINRConfig(device="cuda")
+    fitter = Fitter(Problem(small_scan.data, cfg, None, torch.device("cuda")), cfg)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batches = [fitter._next_batch() for _ in range(20)]  # 80 frame visits: 10 passes over the 8 frames
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    order = torch.cat(batches).cpu()
+    assert all(sorted(order[i:i + 8].tolist()) == list(range(8)) for i in range(0, 80, 8))
+
+
 def test_batched_frames_per_step(small_scan):
     res = reconstruct(small_scan.data, DAINRConfig(max_steps=4, frames_per_step=3, device="cpu"))
     assert res.info["frame_visits"] == 12
@@ -195,6 +212,19 @@ def test_temporal_tv_improves_on_zero_filled(small_scan):
     assert tv > zf + 2
 
 
+def test_baselines_take_a_single_frame_and_refuse_bad_arguments(small_scan):
+    one = small_scan.data.select_frames([0])
+    assert temporal_tv(one, iterations=3)["images"].shape == (1, 32, 32)  # (the time difference of 1 frame is empty)
+    for kwargs, match in ((dict(lam=-0.1), "lam >= 0"), (dict(lam=float("nan")), "finite lam"),
+                          (dict(power_iterations=0), "power_iterations >= 1")):
+        with pytest.raises(ValueError, match=match):
+            temporal_tv(one, **kwargs)
+    with pytest.raises(ValueError, match="iterations >= 1"):
+        cg_sense_holdout_iterations(one, max_iterations=0)
+    with pytest.raises(ValueError, match=r"must be frames of the same shape \(F, H, W\)"):
+        psnr_ssim(small_scan.ground_truth[0], small_scan.ground_truth[0])  # one image is not 32 one-row frames
+
+
 def test_temporal_tv_images_do_not_see_the_held_out_spokes(small_scan):
     """λ is judged on the held-out spokes, so they must neither enter the data term nor seed the starting image."""
     data, maps = small_scan.data, torch.from_numpy(small_scan.coil_maps)
@@ -246,17 +276,68 @@ def test_bad_config_is_rejected():
         DAINRConfig(spatial_ratio=0.5)
     with pytest.raises(ValueError, match="temporal_ratio"):
         DAINRConfig(temporal_ratio=1.5)
+    if not torch.cuda.is_available():
+        from dainr.utils import resolve_device
+
+        for device in ("cuda", torch.device("cuda")):  # (a torch.device got torch's AssertionError)
+            with pytest.raises(ValueError, match="CUDA is not available"):
+                resolve_device(device)
     with pytest.raises(ValueError, match="CUDA"):
         reconstruct(RadialData(torch.ones(2, 1, 2, 8, dtype=torch.complex64), torch.zeros(2, 2, 8, 2), 8),
                     DAINRConfig(device="cuda")) if not torch.cuda.is_available() else (_ for _ in ()).throw(ValueError("CUDA"))
 
 
-@pytest.mark.parametrize("factor, match", [(0.0, "all zero"), (1e15, "beyond what"), (1e20, "beyond what")])
-def test_k_space_that_is_zero_or_overflows_float32_sums_is_a_clear_error(small_scan, factor, match):
-    """Without the check, ×1e15 gave images of ~1e-32 and ×1e20 NaN images, both returned as a result."""
-    data = dataclasses.replace(small_scan.data, kdata=small_scan.data.kdata * factor, noise=None)
-    with pytest.raises(ValueError, match=match):
+def test_all_zero_k_space_is_a_clear_error(small_scan):
+    data = dataclasses.replace(small_scan.data, kdata=small_scan.data.kdata * 0, noise=None)
+    with pytest.raises(ValueError, match="all zero"):
         reconstruct(data, DAINRConfig(max_steps=2, device="cpu"))
+
+
+@pytest.mark.parametrize("noise", [False, True])
+def test_k_space_at_any_float32_scale_gives_the_same_images_in_its_units(small_scan, noise):
+    """×1e20 used to overflow the float32 sums of squares (NaN images, then a refusal), ×1e-20 to underflow them;
+    a power-of-two prescale makes every scale fit the same model bit for bit."""
+    cfg = DAINRConfig(max_steps=4, device="cpu")
+    base = dataclasses.replace(small_scan.data, noise=small_scan.data.noise if noise else None)
+    ref = reconstruct(base, cfg)
+    for factor in (2.0 ** 66, 2.0 ** -70):  # ≈ 7e19 and 8e-22: powers of two, so the inputs scale exactly
+        scaled = dataclasses.replace(base, kdata=base.kdata * factor,
+                                     noise=base.noise * factor if noise else None)
+        res = reconstruct(scaled, cfg)
+        expect = 1.0 if noise else factor  # prewhitened data are in units of the noise's standard deviation
+        assert torch.equal(res.images / expect, ref.images) and torch.equal(res.zero_filled / expect, ref.zero_filled)
+
+
+def test_given_coil_maps_give_an_unshaded_zero_filled_image_with_a_noise_scan(small_scan):
+    """The adjoint's coil combination Σ conj(S_c)·y_c is normalised by Σ|S_c|² for given maps: whitened (W·S)
+    they are no longer unit norm, which shaded the zero-filled image (PSNR 28.7 → 24.8 dB at 32² without it)."""
+    truth, maps = small_scan.ground_truth, small_scan.coil_maps
+    without = psnr_ssim(zero_filled(dataclasses.replace(small_scan.data, noise=None), coil_maps=maps), truth)["psnr"]
+    with_noise = psnr_ssim(zero_filled(small_scan.data, coil_maps=maps), truth)["psnr"]
+    estimated = psnr_ssim(zero_filled(small_scan.data), truth)["psnr"]
+    assert abs(with_noise - without) < 0.5 and abs(with_noise - estimated) < 1.0, (with_noise, without, estimated)
+
+
+def test_a_diverging_fit_is_a_clear_error_not_nan_images(small_scan):
+    for holdout in (1, 0):
+        with pytest.raises(ValueError, match=r"the fit diverged \(non-finite .* lower lr \(now 1e\+30\)"):
+            reconstruct(small_scan.data, DAINRConfig(max_steps=200, device="cpu", lr=1e30, holdout_spokes=holdout))
+
+
+def test_a_fit_diverging_after_a_checkpoint_keeps_it(small_scan, monkeypatch):
+    from dainr.recon import Fitter
+
+    calls = []
+    real = Fitter.heldout_residual
+
+    def residual(self):  # the second epoch comes out non-finite
+        calls.append(1)
+        return real(self) if len(calls) == 1 else float("nan")
+
+    monkeypatch.setattr(Fitter, "heldout_residual", residual)
+    res = reconstruct(small_scan.data, DAINRConfig(max_steps=200, device="cpu", min_epoch_frames=8))
+    assert res.info["stop_reason"] == "diverged" and res.info["steps"] == 2 * res.info["best_step"]
+    assert torch.isfinite(torch.view_as_real(res.images)).all()
 
 
 def test_inputs_the_fit_cannot_use_are_clear_errors(small_scan):
@@ -318,7 +399,14 @@ def test_fit_with_unequal_spokes_per_frame(small_scan):
     ("grid_features_per_level", 0, "features_per_level must be >= 1"),
     ("canonical_width", 0, "widths"),
     ("freq_degree_xy", -1, "degrees must be >= 0"),
-    ("lr", float("inf"), "lr must be finite"),
+    ("lr", float("inf"), "lr must be a finite number, got inf"),
+    ("lr", "1e-3", "lr must be a finite number, got '1e-3'"),
+    ("lr", 0.0, "lr must be finite and > 0"),
+    ("weight_decay", float("nan"), "weight_decay must be a finite number"),
+    ("weight_decay", -0.1, "weight_decay must be >= 0"),
+    ("grid_init_std", float("nan"), "init_std must be a finite number"),
+    ("grid_init_std", 0.0, "init_std must be > 0"),
+    ("max_seconds", float("inf"), "max_seconds must be a finite number"),
 ])
 def test_config_rejects_bad_values(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -375,7 +463,7 @@ def test_coil_maps_are_in_the_data_coil_space_with_a_noise_scan(small_scan):
     misfit = {}
     for name, data in [("whitened", d), ("raw", RadialData(d.kdata, d.traj, d.matrix, d.spoke_mask))]:
         p = Problem(data, cfg, maps, torch.device("cpu"))
-        pred = p.op.forward(truth.to(torch.complex64), p.omega)
+        pred = p.op.forward(truth.to(torch.complex64) / p.scale, p.omega)  # p.kdata is in units of p.scale
         misfit[name] = float((pred - p.kdata).norm() / p.kdata.norm())
     assert misfit["whitened"] < 1.5 * misfit["raw"] + 0.02, misfit  # 0.72 when the maps were left unwhitened
     res = reconstruct(d, DAINRConfig(max_steps=3, device="cpu"))

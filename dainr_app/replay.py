@@ -89,7 +89,10 @@ def query(address: Tuple[str, int], queries: List[str], timeout: float = 30.0) -
     with _connect(address, timeout) as sock, sock.makefile("rb") as rf:
         sock.sendall(b"".join(query_frame(q, i).raw for i, q in enumerate(queries)) + Frame.of(CLOSE).raw)
         while len(answers) < len(queries):
-            frame = read_frame(rf.read)
+            try:
+                frame = read_frame(rf.read)
+            except StreamEnded:  # e.g. a python-ismrmrd-server, which closes on an id it does not know
+                raise ProtocolError("server closed the connection without answering") from None
             if frame.mid == RESPONSE:
                 if frame.correlation_id >= len(queries):
                     raise ProtocolError(f"RESPONSE to an unknown correlation id {frame.correlation_id}")

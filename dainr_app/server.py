@@ -31,7 +31,7 @@ from .pipeline import PIPELINES_DIR, Distributed, External, Pipeline, PipelineEr
     load_named, parse_pipeline, parse_xml
 from .protocol import ACQUISITION, CLOSE, CONFIG_FILE, CONFIG_TEXT, DATA_IDS, ERROR, HEADER, NOISE_BIT, QUERY, TEXT, \
     Frame, FrameReader, FrameWriter, Limits, ProtocolError, SocketSink, StreamEnded, config_text, read_frame, \
-    response_frame, send_buffers, text_frame
+    error_frame, response_frame, send_buffers, text_frame
 
 log = logging.getLogger("dainr.server")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,13 +113,30 @@ def child_env() -> dict:
 
 
 def run_external(port: int, module: str, target: str) -> None:
-    """What ``python -m gadgetron PORT MODULE TARGET`` runs (gadgetron.__main__.main)."""
-    from gadgetron.__main__ import main
+    """What ``python -m gadgetron PORT MODULE TARGET`` runs (gadgetron.__main__.main), except that a target that
+    fails to load or raises also sends its reason as an ERROR before the CLOSE (there it reaches only the log)."""
+    import gadgetron.__main__ as entry
 
     from gadgets.connection_eof import raise_on_eof
 
     raise_on_eof()  # before the Connection reads its config and header
-    main([str(port), module, target])
+    load = entry.load_target
+
+    def load_target(args):
+        def run(connection):
+            try:
+                load(args)(connection)
+            except Exception as exc:
+                try:
+                    connection.socket.write(error_frame(f"gadget {module}.{target} failed: "
+                                                        f"{type(exc).__name__}: {exc}").raw)
+                except OSError:
+                    pass
+                raise
+        return run
+
+    entry.load_target = load_target
+    entry.main([str(port), module, target])
 
 
 class SpawnLauncher:
@@ -310,10 +327,10 @@ class Peer:
                     log.info("%s: %s: %s", self.session.label, self.label, frame.text())
                 elif frame.mid in DATA_IDS:
                     self.emit(frames)
-                    if not reader.buffered:  # nothing more here yet: push what was relayed to the client
-                        self.session.out.flush()
                 else:
                     raise ProtocolError(f"unexpected {frame.name} message")
+                if not reader.buffered:  # nothing more here yet: push what was relayed to the client
+                    self.session.out.flush()
         except (ProtocolError, StreamEnded, OSError) as exc:
             if not self.session.aborted.is_set():
                 self.problem = f"{exc}"
@@ -381,7 +398,8 @@ class ExternalStage:
                                f"{self.peer.queue.dropped} message(s) not delivered"
                                + (f": {self.child.last_lines()}" if self.child and self.child.last_lines() else "") + ")")
         elif rc not in (0, None) and not self.peer.remote_error:
-            self.session.error(f"gadget {self.node.label} exited with code {rc}")
+            self.session.error(f"gadget {self.node.label} exited with code {rc}"
+                               + (f": {self.child.last_lines()}" if self.child.last_lines() else ""))
         elif self.peer.queue.dropped:
             self.session.error(f"gadget {self.node.label} closed before reading all input: "
                                f"{self.peer.queue.dropped} message(s) not delivered")
@@ -568,8 +586,9 @@ def run_session(session: Session, next_frames: Callable[[], List[Frame]], pipeli
             else:
                 raise ProtocolError(f"unexpected {frame.name} message in the data stream")
     except (ProtocolError, StreamEnded, socket.timeout, OSError) as exc:
-        reason = f"no message for {session.opts.idle_timeout:g} s" if isinstance(exc, socket.timeout) else str(exc)
-        session.error(f"input ended: {reason} (after {stats.received} data messages; those are processed)")
+        if not session.aborted.is_set():  # (else its reason is out already)
+            reason = f"no message for {session.opts.idle_timeout:g} s" if isinstance(exc, socket.timeout) else str(exc)
+            session.error(f"input ended: {reason} (after {stats.received} data messages; those are processed)")
         if isinstance(exc, (ConnectionError, socket.timeout)) or on_disconnect():
             session.abort()
     except PipelineError as exc:
@@ -670,11 +689,15 @@ class Server:
         self.listener.close()
         with self.lock:
             sessions = list(self.sessions.items())
-        for session, thread in sessions:
+        for session, (thread, conn) in sessions:
             if not session.aborted.is_set():
                 session.error("server is shutting down")
                 session.abort()
-        for _, thread in sessions:
+            try:
+                conn.shutdown(socket.SHUT_RD)  # a session waiting for its client's next message: ends its input
+            except OSError:
+                pass
+        for _, (thread, _) in sessions:
             thread.join(grace)
         log.info("dainr serve: stopped")
 
@@ -711,7 +734,7 @@ class Server:
         with self.lock:
             busy = len(self.sessions) >= self.opts.max_connections
             if not busy:
-                self.sessions[session] = threading.current_thread()
+                self.sessions[session] = (threading.current_thread(), conn)
         try:
             if busy:
                 session.error(f"server busy: {self.opts.max_connections} sessions running; try again later")
@@ -725,7 +748,8 @@ class Server:
                 pipeline_name = pipeline.source
                 header = check_header(self._after_queries(reader.frame, session))
             except (ProtocolError, PipelineError, StreamEnded, OSError) as exc:
-                session.error(str(exc) if not isinstance(exc, socket.timeout) else "no configuration received")
+                if not session.aborted.is_set():  # (else the reason is out: the server is shutting down)
+                    session.error(str(exc) if not isinstance(exc, socket.timeout) else "no configuration received")
                 return
             watch = threading.Thread(target=_watch_after_close, args=(conn, reader, session, closed),
                                      daemon=True)
@@ -805,4 +829,6 @@ def run_stream(pipeline: Pipeline, inp, outp, opts: ServerOptions = ServerOption
         session.abort()
     finally:
         out.close()
-    return 1 if session.errors else 0
+    if out.broken:
+        log.error("--from_stream: the output's reader went away; the stream's gadgets were stopped")
+    return 1 if session.errors or out.broken else 0

@@ -18,7 +18,7 @@ from ismrmrd.serialization import ConfigFile, ConfigText
 
 from dainr.sim import simulate
 from dainr_app.mrd import iter_acquisitions, open_raw, write_raw
-from dainr_app.protocol import ACQUISITION, CLOSE, CONFIG_TEXT, HEADER, IMAGE, encode, read_frame, text_frame
+from dainr_app.protocol import ACQUISITION, CLOSE, CONFIG_TEXT, HEADER, IMAGE, TEXT, encode, read_frame, text_frame
 from dainr_app.replay import replay
 
 from dainr_app.server import child_env
@@ -611,3 +611,101 @@ def test_idle_client_gets_a_clear_error(raw):
                 frames.append(read_frame(rf.read))
         sock.close()
     assert any("no message for 1 s" in e for e in errors(frames))
+
+
+def _pipeline_xml(external: str) -> str:
+    return f"<configuration><version>2</version><stream><external>{external}</external></stream></configuration>"
+
+
+@pytest.mark.parametrize("module, target, reason", [
+    ("gadgets.nosuch", "run", "ModuleNotFoundError: No module named 'gadgets.nosuch'"),
+    ("gadgets.passthrough", "nosuch", "TypeError: Unable to initialize suitable target using symbol 'nosuch'"),
+])
+def test_a_gadget_that_fails_to_load_says_why(server, raw, module, target, reason):
+    """The client got only "exited with code 1" (the reason reached the server's log alone)."""
+    header, acqs = load(raw)
+    xml = _pipeline_xml(f'<execute name="{module}" target="{target}" type="python"/>')
+    frames = raw_session(server.port, stream(ConfigText(xml), header, acqs[:3]))
+    assert any(reason in e for e in errors(frames)), errors(frames)
+    assert frames[-1].mid == CLOSE
+
+
+def test_shutdown_ends_a_session_waiting_for_its_client_at_once(raw):
+    """A client mid-stream (connected, no CLOSE yet) kept the shutdown waiting 10 s, and never got its CLOSE."""
+    header, acqs = load(raw)
+    with running_server() as srv:
+        sock = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+        sock.sendall(stream(ConfigFile("passthrough"), header, acqs[:3], close=False))
+        assert wait_until(lambda: srv.sessions, 10)
+        t0 = time.monotonic()
+        srv.stopping.set()  # what SIGTERM does
+        with sock, sock.makefile("rb") as rf:
+            frames = [read_frame(rf.read)]
+            while frames[-1].mid != CLOSE:
+                frames.append(read_frame(rf.read))
+        assert time.monotonic() - t0 < 5
+    assert errors(frames) == ["server is shutting down"] and sum(f.mid == ACQUISITION for f in frames) == 3
+
+
+def test_a_relayed_image_followed_by_a_text_message_is_not_held_back(raw):
+    """Images went out only when no more bytes were buffered after a data message; a TEXT (python-ismrmrd-server's
+    log channel) right after the image kept it back until the gadget's CLOSE."""
+    header, acqs = load(raw)
+    image = ismrmrd.Image.from_array(np.ones((8, 8), np.float32))
+    release = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def gadget():  # sends IMAGE + TEXT at its first acquisition, then waits to be released before its CLOSE
+        conn, _ = listener.accept()
+        with conn, conn.makefile("rb") as rf:
+            while read_frame(rf.read).mid != ACQUISITION:
+                pass
+            conn.sendall(encode(image) + text_frame(TEXT, "log line").raw)
+            release.wait(20)
+            conn.sendall(struct.pack("<H", CLOSE))
+            while read_frame(rf.read).mid != CLOSE:
+                pass
+    threading.Thread(target=gadget, daemon=True).start()
+    xml = _pipeline_xml(f'<connect address="localhost" port="{listener.getsockname()[1]}"/>')
+    with running_server() as srv, socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
+        sock.sendall(stream(ConfigText(xml), header, acqs[:3]))
+        t0 = time.monotonic()
+        with sock.makefile("rb") as rf:
+            first = read_frame(rf.read)
+            waited = time.monotonic() - t0
+            release.set()
+            while read_frame(rf.read).mid != CLOSE:
+                pass
+    listener.close()
+    assert first.mid == IMAGE and waited < 10, (first.name, waited)
+
+
+def test_from_stream_mode_fails_when_its_output_reader_goes_away(raw):
+    header, acqs = load(raw)
+    proc = _cli("serve", "--from_stream", "-c", "passthrough", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE)
+    try:
+        proc.stdin.write(text_frame(HEADER, header).raw)
+        proc.stdin.flush()
+        assert read_frame(proc.stdout.read).mid == HEADER
+        proc.stdout.close()  # the consumer is gone
+        try:
+            for _ in range(20):
+                proc.stdin.write(b"".join(encode(a) for a in acqs))
+            proc.stdin.write(struct.pack("<H", CLOSE))
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        assert proc.wait(60) == 1
+    finally:
+        proc.kill()
+    assert "output's reader went away" in proc.stderr.read().decode()
+
+
+def test_query_to_a_server_that_closes_without_answering_is_a_clear_error(capsys):
+    """A python-ismrmrd-server closes on an id it does not know: the client crashed with a traceback."""
+    from dainr_app import cli
+
+    port, _ = _fire_style_server(b"")
+    assert cli.main(["replay", "-Q", "gadgetron::info", "-p", str(port)]) == 1
+    assert "server closed the connection without answering" in capsys.readouterr().err

@@ -235,6 +235,7 @@ class ByteQueue:
     def drop_all(self) -> None:
         with self.cond:
             self.closed = True
+            self.dropped += sum(item is not None for item in self.items)
             self.items.clear()
             self.items.append(None)
             self.used = 0
@@ -274,6 +275,12 @@ class Session:
         for stage in list(self._stages):
             stage.abort()
 
+    def release(self) -> None:
+        """At the session's end: break its reference cycles (stages ↔ session, writer → session), so its
+        buffers are freed now, not at the next cyclic garbage collection."""
+        self._stages.clear()
+        self.out.on_broken = None
+
 
 class Peer:
     """A gadget process or worker server at the other end of a socket: CONFIG + HEADER + frames out on a
@@ -300,6 +307,7 @@ class Peer:
         self.queue.put([None])
 
     def _send(self) -> None:
+        batch = []
         try:
             self.sock.sendall(self._preamble)
             while True:  # batches: one sendmsg for everything queued meanwhile
@@ -309,6 +317,7 @@ class Peer:
                 if done:
                     break
         except OSError:  # the receiver reports the peer's end; drain so producers never block
+            self.queue.dropped += sum(f is not None for f in batch)  # (some of it may have gone out)
             self.queue.drop_all()
 
     def _receive(self) -> None:
@@ -319,6 +328,10 @@ class Peer:
                 frame = frames[0]
                 if frame.mid == CLOSE:
                     self.closed_cleanly = True
+                    try:  # it reads no more: a sender blocked on its full buffers must not wait forever
+                        self.sock.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
                     return
                 if frame.mid == ERROR:
                     self.remote_error = True
@@ -334,6 +347,9 @@ class Peer:
         except (ProtocolError, StreamEnded, OSError) as exc:
             if not self.session.aborted.is_set():
                 self.problem = f"{exc}"
+        except PipelineError as exc:  # a stage after this one failed (a <distributed> opening a channel)
+            self.session.error(str(exc))
+            self.session.abort()
         finally:
             self.queue.drop_all()
 
@@ -436,6 +452,7 @@ class DistributedStage:
     def __init__(self, session: Session, node: Distributed, emit: Callable[[List[Frame]], None]):
         self.session, self.node, self.emit = session, node, emit
         self.channels, self.noise, self.workers = {}, [], []
+        self.noise_bytes, self.noise_dropped = 0, 0  # the noise kept for later channels: within --buffer-mb
         self.header = ""
         session.register(self)
 
@@ -480,8 +497,12 @@ class DistributedStage:
             return
         head = frame.acquisition_header()
         if head.flags & NOISE_BIT:
+            if self.noise_bytes + len(frame.raw) > self.session.opts.buffer_bytes:
+                self.noise_dropped += 1
+                return
             frame = Frame(frame.mid, bytes(frame.raw))  # kept for the whole session: not a view into a buffer
             self.noise.append(frame)
+            self.noise_bytes += len(frame.raw)
             for channel in self._distinct():
                 channel.put([frame])
             return
@@ -489,6 +510,10 @@ class DistributedStage:
         (self.channels.get(key) or self._open(key)).put([frame])
 
     def drain(self) -> None:
+        if self.noise_dropped:
+            self.session.error(f"distributor: {self.noise_dropped} noise readouts past --buffer-mb "
+                               f"({self.session.opts.buffer_bytes / 2 ** 20:g} MiB) were dropped; the channels "
+                               f"prewhiten with the first {len(self.noise)}")
         for channel in self._distinct():
             if isinstance(channel, Peer):
                 channel.finish()
@@ -771,6 +796,7 @@ class Server:
             closed.set()
             out.close()
             conn.close()
+            session.release()
             log.info("%s pipeline=%s: %d messages in (%d acquisitions), %d out, %d error(s), %.2f s%s", label,
                      pipeline_name, stats.received, stats.acquisitions, session.sent, len(session.errors),
                      summary["seconds"], " [aborted]" if summary["aborted"] else "")
@@ -829,6 +855,7 @@ def run_stream(pipeline: Pipeline, inp, outp, opts: ServerOptions = ServerOption
         session.abort()
     finally:
         out.close()
+        session.release()
     if out.broken:
         log.error("--from_stream: the output's reader went away; the stream's gadgets were stopped")
     return 1 if session.errors or out.broken else 0

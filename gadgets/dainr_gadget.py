@@ -61,8 +61,24 @@ def boolean(value: str) -> bool:
     return BOOLEAN_WORDS[word]
 
 
+# properties that set a DAINRConfig field of another name (property, field, type)
+FIT_PROPERTIES = (("steps", "max_steps", int), ("max_seconds", "max_seconds", float), ("features", "use_features", boolean),
+                  ("check_memory", "check_memory", boolean), ("holdout_spokes", "holdout_spokes", int),
+                  ("cap_grid_ratio", "cap_grid_ratio", float), ("frames_per_step", "frames_per_step", int),
+                  ("lr", "lr", float))
+PROPERTIES = ("device", "seed", "sr_ratio", "down_ratio", *(p for p, _, _ in FIT_PROPERTIES), "preview",
+              "preview_steps", "image_series_index", "preview_series_index", "output", "max_buffer_mb",
+              "spokes_per_frame")
+
+
 def options_from_properties(props: Dict[str, str]) -> GadgetOptions:
-    """Typed options; a bad value raises ValueError naming the property."""
+    """Typed options; a bad value or an unknown name (a misspelt ``step`` would run the default budget) raises
+    ValueError naming the property."""
+    unknown = sorted(set(props) - set(PROPERTIES))
+    if unknown:
+        raise ValueError(f"unknown property {', '.join(map(repr, unknown))}; the DA-INR gadget takes "
+                         f"{', '.join(PROPERTIES)}")
+
     def get(name, cast, default=None):
         if name not in props:
             return default
@@ -73,10 +89,7 @@ def options_from_properties(props: Dict[str, str]) -> GadgetOptions:
 
     changes = dict(device=get("device", str, "auto"), seed=get("seed", int, 0),
                    spatial_ratio=get("sr_ratio", float, 1.0), temporal_ratio=get("down_ratio", int, 1))
-    for prop, field, cast in (("steps", "max_steps", int), ("max_seconds", "max_seconds", float),
-                              ("features", "use_features", boolean), ("check_memory", "check_memory", boolean),
-                              ("holdout_spokes", "holdout_spokes", int), ("cap_grid_ratio", "cap_grid_ratio", float),
-                              ("frames_per_step", "frames_per_step", int), ("lr", "lr", float)):
+    for prop, field, cast in FIT_PROPERTIES:
         if prop in props:
             changes[field] = get(prop, cast)
     preview = get("preview", boolean, False)
@@ -116,11 +129,16 @@ class SliceBuffers:
         self.buffers: Dict[Key, list] = {}
         self.max_bytes, self.used = max_bytes, 0
         self.dropped: Dict[Key, int] = {}
+        self.noise_dropped = 0  # noise readouts past the cap (prewhitening uses those before it)
 
     def add(self, acq) -> Optional[Key]:
         """Buffer one readout; returns its key when it closes the slice."""
         if acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
-            self.noise.append(acq.data.copy())
+            if self.used + acq.data.nbytes > self.max_bytes:
+                self.noise_dropped += 1
+            else:
+                self.noise.append(acq.data.copy())
+                self.used += acq.data.nbytes
             return None
         key = acquisition_key(acq)
         if key in self.dropped:
@@ -222,6 +240,10 @@ def dainr_recon(connection) -> None:
                 flush(k)
     for k in buffers.keys():  # end of stream: reconstruct whatever is still buffered
         flush(k)
+    if buffers.noise_dropped:
+        send_error(connection, f"DA-INR: {buffers.noise_dropped} noise readouts past max_buffer_mb="
+                               f"{opts.max_buffer_mb:g} were dropped; the prewhitening used the first "
+                               f"{len(buffers.noise)}")
     if not imaging:
         send_error(connection, f"DA-INR: the stream held no imaging readouts ({len(buffers.noise)} noise readouts): "
                                "nothing to reconstruct")

@@ -92,14 +92,39 @@ def test_buffer_cap_drops_a_slice_that_never_ends_with_an_error(two_slices):
         for flag in (ismrmrd.ACQ_LAST_IN_SLICE, ismrmrd.ACQ_LAST_IN_REPETITION, ismrmrd.ACQ_LAST_IN_MEASUREMENT):
             a.clear_flag(flag)
     n1 = 2 * len(again)  # slice 1 sent twice before its last readout: 2 x 54 readouts of 1.5 kB
-    assert 0.1 * 2 ** 20 < n1 * again[0].data.nbytes and len(again) * again[0].data.nbytes < 0.1 * 2 ** 20
-    run = run_gadget(CONFIG.format(steps=5, extra='<property name="max_buffer_mb" value="0.1"/>'), header,
+    noise = sum(a.data.nbytes for a in acqs if a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT))  # counted too
+    assert noise + len(again) * again[0].data.nbytes < 0.12 * 2 ** 20 < noise + n1 * again[0].data.nbytes
+    run = run_gadget(CONFIG.format(steps=5, extra='<property name="max_buffer_mb" value="0.12"/>'), header,
                      acqs + again)
     assert len(run.errors) == 1 and f"slice 1 (contrast 0, repetition 0, set 0): {n1} readouts dropped" in run.errors[0]
-    assert "max_buffer_mb=0.1" in run.errors[0] and {im.slice for im in run.images} == {0} and len(run.images) == 6
+    assert "max_buffer_mb=0.12" in run.errors[0] and {im.slice for im in run.images} == {0} and len(run.images) == 6
     assert options_from_properties({}).max_buffer_mb == 2048
     with pytest.raises(ValueError, match="max_buffer_mb"):
         options_from_properties({"max_buffer_mb": "0"})
+
+
+def test_noise_readouts_count_against_the_buffer_cap():
+    """The noise scan was kept outside ``max_buffer_mb`` (200 MB of noise under a 1 MB cap)."""
+    from gadgets.dainr_gadget import SliceBuffers
+
+    buffers = SliceBuffers(max_bytes=10_000)
+    for _ in range(10):  # 1.5 kB each: 6 fit
+        noise = ismrmrd.Acquisition.from_array(np.ones((3, 64), np.complex64))
+        noise.set_flag(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
+        buffers.add(noise)
+    assert (len(buffers.noise), buffers.noise_dropped, buffers.used) == (6, 4, 6 * 1536)
+
+
+def test_a_misspelt_property_is_an_error_not_the_default():
+    """``step``, ``max_second`` or ``devices`` ran the default 3000-step fit on the default device."""
+    for props in ({"step": "5"}, {"steps": "5", "max_second": "3", "devices": "cpu"}):
+        with pytest.raises(ValueError, match="unknown property 'step'" if "step" in props else
+                           "unknown property 'devices', 'max_second'; the DA-INR gadget takes device, seed"):
+            options_from_properties(props)
+    opts = options_from_properties({"steps": "5", "max_seconds": "3", "device": "cpu", "spokes_per_frame": "9",
+                                    "preview": "true", "preview_steps": "7", "preview_series_index": "9"})
+    assert (opts.cfg.max_steps, opts.cfg.max_seconds, opts.cfg.device, opts.spokes_per_frame,
+            opts.cfg.preview_every, opts.preview_series) == (5, 3.0, "cpu", 9, 7, 9)
 
 
 def test_boolean_properties_and_bad_booleans():

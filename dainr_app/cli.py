@@ -263,7 +263,7 @@ def cmd_gadget_server(args) -> int:
     from gadgets.resident import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(args.port, args.connections)
+    serve(args.port, args.connections, args.start_timeout)
     return 0
 
 
@@ -478,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("gadget-server", help="resident DA-INR gadget for <connect port=.../> pipelines")
     g.add_argument("-p", "--port", type=int, default=18000)
     g.add_argument("--connections", type=_positive_int, help="exit after this many scans (default: serve forever)")
+    g.add_argument("--start-timeout", type=_positive, default=60.0,
+                   help="seconds a connection may take to send CONFIG and HEADER before it is closed (default 60)")
     g.set_defaults(func=cmd_gadget_server)
 
     sv = sub.add_parser("serve", help="Gadgetron-protocol server running the XML pipelines (or --from_stream)")

@@ -28,6 +28,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import stat
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -46,8 +47,19 @@ _FIELD = 20  # digits of the byte counts: a file keeps its length when a fit rew
 def default_directory() -> str:
     """``$DAINR_SHARE_DIR`` (e.g. a folder mounted into several containers on one host; the older name
     ``$DAINR_CPU_SHARE_DIR`` is read too), else a folder of this user's in the temporary directory."""
-    return (os.environ.get("DAINR_SHARE_DIR") or os.environ.get("DAINR_CPU_SHARE_DIR")
-            or os.path.join(tempfile.gettempdir(), f"dainr-share-{os.getuid()}"))
+    return os.environ.get("DAINR_SHARE_DIR") or os.environ.get("DAINR_CPU_SHARE_DIR") or _private_directory()
+
+
+def _private_directory() -> str:
+    return os.path.join(tempfile.gettempdir(), f"dainr-share-{os.getuid()}")
+
+
+def _check_private(directory: str) -> None:
+    """The per-user folder in the shared temporary directory must be this user's own: another user who made it
+    first could plant fits that claim every byte (each of ours would then be refused)."""
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise OSError(f"{directory} is not a folder of this user's that only it can write to")
 
 
 def device_key(device: torch.device) -> str:
@@ -119,6 +131,8 @@ class HostShare:
         self.threads = self.base = torch.get_num_threads()
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            if self.directory == _private_directory():
+                _check_private(self.directory)
             folder = os.open(os.path.join(self.directory, ".lock"), os.O_CREAT | os.O_RDWR, 0o600)
         except OSError as exc:
             return self._alone(exc)

@@ -25,7 +25,9 @@ def _pipelines_dir() -> str:
 
 
 PIPELINES_DIR = _pipelines_dir()
-DIMENSIONS = ("slice", "contrast", "phase", "repetition", "set", "average", "segment")
+# AcquisitionDistributor's parallel_dimension values (Gadgetron's: the encoding counters and user_0 … user_7)
+DIMENSIONS = ("slice", "contrast", "phase", "repetition", "set", "average", "segment", "kspace_encode_step_1",
+              "kspace_encode_step_2", *(f"user_{i}" for i in range(8)))
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 

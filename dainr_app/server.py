@@ -506,7 +506,8 @@ class DistributedStage:
             for channel in self._distinct():
                 channel.put([frame])
             return
-        key = int(getattr(head.idx, self.node.dimension))
+        dim = self.node.dimension
+        key = int(head.idx.user[int(dim[5:])] if dim.startswith("user_") else getattr(head.idx, dim))
         (self.channels.get(key) or self._open(key)).put([frame])
 
     def drain(self) -> None:

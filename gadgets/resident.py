@@ -11,12 +11,28 @@ from typing import Optional
 log = logging.getLogger("dainr.gadget")
 
 
-def serve(port: int, connections: Optional[int] = None) -> None:
-    """Accept Gadgetron connections on ``port`` one after another (``connections``: stop after that many).
+class _StartTimeout:
+    """The socket as gadgetron-python's ``Connection`` sees it while reading CONFIG and HEADER: its
+    ``settimeout(None)`` is ignored, so a peer that connects and stalls there (a port probe left open, a lost
+    host) times out instead of blocking every later scan."""
+
+    def __init__(self, sock):
+        self._sock = sock
+
+    def settimeout(self, value) -> None:
+        pass
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+def serve(port: int, connections: Optional[int] = None, start_timeout: float = 60.0) -> None:
+    """Accept Gadgetron connections on ``port`` one after another (``connections``: stop after that many); a
+    connection that has not sent its CONFIG and HEADER within ``start_timeout`` seconds is closed.
 
     One listening socket for the life of the process (gadgetron-python's ``listen()`` binds a new one per
     connection and leaves the old one to the garbage collector, so a connection arriving between two scans
-    was refused or reset)."""
+    was refused or reset). TCP keepalive ends a scan whose host is lost without a FIN or RST."""
     import socket
 
     import torch
@@ -40,8 +56,16 @@ def serve(port: int, connections: Optional[int] = None) -> None:
             sock, address = server.accept()
             served += 1
             log.info("connection %d from %s", served, address[0])
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.settimeout(start_timeout)
             try:
-                with sock, Connection(sock) as conn:
-                    dainr_recon(conn)
+                with sock:
+                    conn = Connection(_StartTimeout(sock))
+                    sock.settimeout(None)  # a scan's fit may keep it quiet for long
+                    with conn:
+                        dainr_recon(conn)
+            except socket.timeout:
+                log.warning("connection %d from %s sent no CONFIG and HEADER in %g s; closed", served, address[0],
+                            start_timeout)
             except Exception:  # a broken scan must not take the resident process down
                 log.exception("connection failed")

@@ -221,6 +221,36 @@ def test_connect_mode_resident_process_serves_two_scans(two_slices):
             proc.kill()
 
 
+def test_a_connection_that_sends_nothing_does_not_block_the_resident_process(two_slices):
+    """Connections are served one after another: an idle one blocked every later scan."""
+    import socket
+    import subprocess
+    import sys
+
+    from dainr_app.server import child_env
+
+    from .gadget_harness import connect_gadget, dial
+
+    header, acqs = _load(two_slices[1])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "dainr_app.cli", "gadget-server", "--port", str(port),
+                             "--connections", "2", "--start-timeout", "2"], env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with dial(port) as idle:
+            run = connect_gadget(port, CONFIG.format(steps=5, extra=""), header, acqs, timeout=120)
+            assert run.errors == [] and len(run.images) == 12
+            idle.settimeout(5)
+            assert idle.recv(1) == b""  # it was closed
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "sent no CONFIG and HEADER in 2 s; closed" in proc.stdout.read()
+
+
 def _imaging(acqs, s):
     return [a for a in acqs if a.idx.slice == s and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
 

@@ -63,6 +63,29 @@ def test_an_unusable_folder_leaves_the_threads_alone(tmp_path, four_threads, cap
     assert torch.get_num_threads() == 4 and "host share off" in caplog.text
 
 
+def test_the_per_user_folder_must_be_the_users_own(monkeypatch, tmp_path, caplog):
+    """Another user who made $TMPDIR/dainr-share-<uid> first could plant a fit claiming every byte."""
+    import tempfile
+
+    monkeypatch.delenv("DAINR_SHARE_DIR", raising=False)
+    monkeypatch.delenv("DAINR_CPU_SHARE_DIR", raising=False)
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    folder = tmp_path / f"dainr-share-{os.getuid()}"
+    with HostShare(cores=2) as share:  # made by us, 0700: used
+        assert share.directory == str(folder) and share.running() == 1
+    folder.chmod(0o777)  # writable by others
+    with HostShare(cores=2) as share:
+        assert share.running() == 0
+    assert "not a folder of this user's that only it can write to" in caplog.text
+    folder.chmod(0o700)
+    folder.rename(tmp_path / "elsewhere")
+    folder.symlink_to(tmp_path / "elsewhere")  # a link to a folder someone else controls
+    caplog.clear()
+    with HostShare(cores=2) as share:
+        assert share.running() == 0
+    assert "host share off" in caplog.text
+
+
 def test_a_fit_in_another_process_counts_until_that_process_is_killed(tmp_path):
     code = (f"from dainr_app.host_share import HostShare\nimport time\n"
             f"with HostShare({str(tmp_path)!r}):\n    time.sleep(120)\n")

@@ -411,6 +411,26 @@ def test_a_peer_that_closes_early_and_stops_reading_does_not_hang_the_session(ra
     assert any("closed before reading all input" in e for e in errors(frames)), errors(frames)
 
 
+@pytest.mark.parametrize("dimension", ["user_3", "kspace_encode_step_2"])
+def test_the_distributor_takes_gadgetrons_other_dimensions(server, raw, monkeypatch, dimension):
+    monkeypatch.delenv("GADGETRON_REMOTE_WORKER_COMMAND", raising=False)
+    header, acqs = load(raw)
+    acqs = [a for a in acqs if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)][:30]  # (noise: to every channel)
+    for i, a in enumerate(acqs):
+        if dimension == "user_3":
+            a.idx.user[3] = i % 3
+        else:
+            a.idx.kspace_encode_step_2 = i % 3
+    xml = ("<configuration><version>2</version><stream><distributed><distributor><classname>AcquisitionDistributor"
+           f"</classname><property name='parallel_dimension' value='{dimension}'/></distributor><stream><external>"
+           "<execute name='gadgets.passthrough' target='relay' type='python'/></external></stream></distributed>"
+           "</stream></configuration>")
+    frames = raw_session(server.port, stream(ConfigText(xml), header, acqs))
+    assert errors(frames) == []
+    back = sorted(f.decode().scan_counter for f in frames if f.mid == ACQUISITION)
+    assert back == sorted(a.scan_counter for a in acqs)
+
+
 def test_concurrent_clients_one_crashing(server, raw):
     header, acqs = load(raw)
     crash = ('<configuration><version>2</version><stream><external><execute name="gadgets.passthrough" '

@@ -15,7 +15,7 @@ setup(
     install_requires=[
         # torch is installed first by scripts/bootstrap.sh (CPU wheel 2.13.0 without a GPU, CUDA build with one);
         # the floor here then installs nothing more.
-        "torch>=2.1",
+        "torch>=2.4",  # dainr.optim runs torch._fused_adamw_, which has a CPU kernel from 2.4
         "torchkbnufft>=1.4",
         "numpy>=2.0",
         "scipy>=1.8",

@@ -36,7 +36,7 @@ def _time_diff_adjoint(q: torch.Tensor) -> torch.Tensor:
 
 def _problem(data: RadialData, cfg: Optional[DAINRConfig], coil_maps, holdout_spokes: int) -> Problem:
     cfg = (cfg or DAINRConfig()).replace(use_features=False, holdout_spokes=holdout_spokes, spatial_ratio=1.0,
-                                         temporal_ratio=1)
+                                         temporal_ratio=1, temporal_offset=0, temporal_frames=None)
     return Problem(data, cfg, coil_maps, resolve_device(cfg.device))
 
 

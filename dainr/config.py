@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import List, Literal, Optional, Tuple
 
 GOLDEN_ANGLE_DEG = 180.0 / ((1.0 + math.sqrt(5.0)) / 2.0)  # 111.2461°
 """The true golden angle for radial MRI, 180°/φ = 111.2461°."""
@@ -174,6 +174,10 @@ class DAINRConfig:
     * ``ema_decay``: render with an exponential moving average of the weights (0 = off).  The stopping rule
       still judges the live weights (their held-out residual comes free with the training pass; the
       average's would cost a forward pass per step); the average kept at the best epoch is returned.
+    * ``temporal_offset``, ``temporal_frames``: temporal ×r places the acquired frames at output frames
+      ``temporal_offset + i·r`` of ``temporal_frames`` (default: through the last acquired one).  The default
+      offset 0 fits frames 0, r, 2r, … and renders none beyond them; the reference's protocol fits 1, 1 + r, …
+      of all 23 frames (offset 1, 23 frames) and so also extrapolates frame 0 and, for ×2, frame 22.
 
     Runtime: ``device`` (``auto``: CUDA when available), ``progress`` (a tqdm bar), ``preview_every`` (steps
     between preview renders for the callback, 0 = none), ``check_memory`` (refuse a reconstruction whose
@@ -221,6 +225,8 @@ class DAINRConfig:
     spatial_ratio: float = 1.0
     spatial_antiring: bool = True
     temporal_ratio: int = 1
+    temporal_offset: int = 0
+    temporal_frames: Optional[int] = None
     # --- runtime ---------------------------------------------------------------------
     device: str = "auto"
     progress: bool = False
@@ -262,6 +268,8 @@ class DAINRConfig:
         need(self.spatial_ratio >= 1.0, "spatial_ratio must be >= 1 (fit low-res, query the full grid)")
         need(int(self.temporal_ratio) == self.temporal_ratio and self.temporal_ratio >= 1,
              "temporal_ratio must be an integer >= 1")
+        need(self.temporal_offset >= 0 and (self.temporal_frames is None or self.temporal_frames >= 1),
+             "temporal_offset must be >= 0 and temporal_frames >= 1 (or None)")
         need(self.deform_layers >= 2, "deform_layers must be >= 2")
         need(self.grid.num_levels >= 1 and self.grid.base_resolution >= 2, "grid levels/base resolution")
         need(self.grid.finest_resolution >= self.grid.base_resolution, "finest_resolution < base_resolution")
@@ -293,6 +301,17 @@ class DAINRConfig:
             raise ValueError(f"spatial_ratio {self.spatial_ratio:g} fits a {matrix}² scan at {m}², below the smallest "
                              "matrix (8)")
         return m
+
+    def temporal_layout(self, n_acquired: int) -> Tuple[List[int], int]:
+        """The acquired frames' positions among the output frames (``temporal_offset + i·temporal_ratio``) and the
+        number of output frames (``temporal_frames``, default through the last acquired one)."""
+        acquired = [self.temporal_offset + i * int(self.temporal_ratio) for i in range(n_acquired)]
+        n_out = self.temporal_frames or acquired[-1] + 1
+        if n_out <= acquired[-1]:
+            raise ValueError(f"temporal_frames {n_out} ends before the last acquired frame (output frame "
+                             f"{acquired[-1]}: offset {self.temporal_offset} + ({n_acquired} − 1) × "
+                             f"{int(self.temporal_ratio)})")
+        return acquired, n_out
 
     def model_config(self, fit_matrix: int) -> "DAINRConfig":
         """The configuration the network is built with for a fit at ``fit_matrix``: ``cap_grid_at_matrix`` caps the

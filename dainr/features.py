@@ -2,8 +2,10 @@
 
 The reference builds EDSR-repo MDSR but only the head conv (3→64, 3×3) and the scale-2
 ``pre_process`` (two residual blocks of 5×5 convs) reach its output, with PyTorch's default
-random initialisation under ``torch.manual_seed(0)`` and no weights loaded (``dainr-paper.md``
-§1.3).  :class:`FrozenFeatureExtractor` is exactly that encoder: frozen random features.
+random initialisation and no weights loaded (``dainr-paper.md`` §1.3).  :class:`FrozenFeatureExtractor`
+is that encoder, its weights drawn in MDSR's order after ``torch.manual_seed(seed)`` (MDSR first builds its two
+1×1 ``MeanShift`` convs, which draw random numbers too; whether the reference's random stream was further along
+when it built the extractor, after its data preparation, is not reproduced): frozen random features.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ class FrozenFeatureExtractor(nn.Module):
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         try:
+            nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)  # MDSR's sub_mean and add_mean: drawn, then unused
             self.head = nn.Conv2d(3, channels, 3, padding=1)
             self.blocks = nn.Sequential(_ResBlock(channels, 5), _ResBlock(channels, 5))
         finally:
@@ -69,9 +72,13 @@ def neighbour_frames(acquired: Sequence[int], query: Sequence[int]) -> torch.Ten
 
 
 def normalise_for_extractor(images: torch.Tensor) -> torch.Tensor:
-    """Complex zero-filled images (F, H, W) → magnitude min-max normalised over the sequence, in [-1, 1]."""
+    """Complex zero-filled images (F, H, W) → magnitude min-max normalised per frame, in [-1, 1].
+
+    Per frame, as the released code prepares them (``syn_radial_img[..., f] = minmaxnorm(frame)``; its later
+    min-max over the whole sequence then changes nothing), with the range max − min where its ``minmaxnorm``
+    divides by max."""
     mag = images.abs()
-    lo, hi = mag.min(), mag.max()
+    lo, hi = mag.amin((-2, -1), keepdim=True), mag.amax((-2, -1), keepdim=True)
     return (mag - lo) / (hi - lo).clamp_min(1e-12) * 2.0 - 1.0
 
 

@@ -76,7 +76,7 @@ def estimate_memory(data: RadialData, cfg: DAINRConfig, device: torch.device) ->
     Fa, C, S, R = data.kdata.shape
     N = data.matrix
     n = cfg.fit_matrix(N)
-    F_out = (Fa - 1) * int(cfg.temporal_ratio) + 1
+    F_out = cfg.temporal_layout(Fa)[1]
     B = min(cfg.batch_frames(device.type), Fa)
     c8, f4 = 8, 4  # bytes of complex64, float32
     per_pixel, per_pass = autograd_bytes(cfg, n, device)

@@ -91,9 +91,7 @@ class Problem:
                 raise ValueError(f"spatial_ratio {cfg.spatial_ratio} leaves fewer than 2 samples per spoke")
         Fa, C, S, R = kdata.shape
         self.n_acq, self.n_coils = Fa, C
-        r = int(cfg.temporal_ratio)
-        self.n_out = (Fa - 1) * r + 1
-        self.acquired = [i * r for i in range(Fa)]
+        self.acquired, self.n_out = cfg.temporal_layout(Fa)
         self.acquired_t = torch.tensor(self.acquired, device=device)
         self.t_acq = torch.tensor(self.acquired, dtype=torch.float32, device=device) / max(self.n_out - 1, 1)
 
@@ -482,7 +480,8 @@ def _progress_bar(cfg: DAINRConfig):
 
 def zero_filled(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Zero-filled (DCF gridding, coil-combined) images (F, N, N) in data units, no fitting."""
-    cfg = (cfg or DAINRConfig()).replace(use_features=False, holdout_spokes=0, spatial_ratio=1.0, temporal_ratio=1)
+    cfg = (cfg or DAINRConfig()).replace(use_features=False, holdout_spokes=0, spatial_ratio=1.0, temporal_ratio=1,
+                                         temporal_offset=0, temporal_frames=None)
     p = Problem(data, cfg, coil_maps, resolve_device(cfg.device))
     return (p.zero_filled * p.output_scale).cpu()
 

@@ -464,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="auto")
     d.add_argument("--max-steps", type=_positive_int, default=300,
                    help="fit budget (default 300, inside the 30 s target on 2 CPU cores; the held-out rule alone "
-                        "stops this small cine after 1170 steps, about 15 s, for +0.6 dB / +0.001 SSIM)")
+                        "stops this small cine after about 1000 steps, about 15 s: README, Performance)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)

@@ -18,10 +18,18 @@ import defusedxml
 import defusedxml.ElementTree as SafeET
 
 def _pipelines_dir() -> str:
-    """The repository's ``pipelines/`` (source or editable install), else ``<prefix>/share/dainr/pipelines``
-    where ``pip install`` puts them (setup.py data_files)."""
+    """The repository's ``pipelines/`` (source or editable install), else ``share/dainr/pipelines`` under the
+    data directory ``pip install`` put them in (setup.py data_files): the environment's prefix, the user base
+    (``--user``), or the scheme's data path (Debian's system Python: ``/usr/local``)."""
+    import site
+    import sysconfig
+
     here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pipelines")
-    return here if os.path.isdir(here) else os.path.join(sys.prefix, "share", "dainr", "pipelines")
+    if os.path.isdir(here):
+        return here
+    bases = [sys.prefix, site.getuserbase(), sysconfig.get_path("data")]
+    found = [d for d in (os.path.join(b, "share", "dainr", "pipelines") for b in bases) if os.path.isdir(d)]
+    return found[0] if found else os.path.join(sys.prefix, "share", "dainr", "pipelines")
 
 
 PIPELINES_DIR = _pipelines_dir()

@@ -20,3 +20,11 @@ def test_compose_replays_through_an_existing_pipeline():
     text = (ROOT / "docker" / "compose.yml").read_text()
     name = re.search(r'"-c", "([^"]+)"', text).group(1)
     assert (ROOT / "pipelines" / name).exists()
+
+
+def test_compose_entrypoints_find_their_tools_without_the_base_images_entrypoint():
+    """An overridden entrypoint skips the base image's conda activation: the env's bin must be on PATH."""
+    compose = (ROOT / "docker" / "compose.yml").read_text()
+    tools = set(re.findall(r'entrypoint: \["([^"]+)"', compose))
+    assert tools == {"gadgetron_ismrmrd_client", "dainr"}
+    assert re.search(r"^ENV PATH=/opt/conda/envs/gadgetron/bin:\$PATH$", (ROOT / "docker" / "Dockerfile").read_text(), re.M)

@@ -64,10 +64,21 @@ def test_neighbour_rule():
     assert nb2.tolist() == [[1, 1], [0, 1], [0, 2], [1, 2], [1, 1]]
 
 
-def test_extractor_input_normalisation():
-    z = torch.randn(3, 8, 8, dtype=torch.complex64)
+def test_extractor_input_normalisation_is_per_frame():
+    """As the released code prepares them: every frame spans [-1, 1], a dim frame as much as a bright one."""
+    z = torch.randn(3, 8, 8, dtype=torch.complex64) * torch.tensor([1.0, 0.5, 3.0])[:, None, None]
     n = normalise_for_extractor(z)
-    assert float(n.min()) == -1.0 and float(n.max()) == 1.0
+    assert torch.equal(n.amin((1, 2)), -torch.ones(3)) and torch.equal(n.amax((1, 2)), torch.ones(3))
+    assert torch.allclose(n[1], normalise_for_extractor(z[1:2] * 2)[0])  # a frame's scale does not matter
+
+
+def test_extractor_weights_are_drawn_in_mdsrs_order():
+    """MDSR draws its two 1×1 MeanShift convs before the head."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+    head = nn.Conv2d(3, 64, 3, padding=1)
+    assert torch.equal(FrozenFeatureExtractor(seed=0).head.weight, head.weight)
 
 
 def test_reference_feature_sampling_is_grid_sample_at_linspace_whatever_the_size():

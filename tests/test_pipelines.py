@@ -28,3 +28,21 @@ def test_pipeline_parses_and_its_gadgets_import(path):
         target = getattr(importlib.import_module(execute.get("name")), execute.get("target"))
         assert callable(target)
         options_from_properties(properties(ext.find("configuration")))  # every property value is valid
+
+
+def test_installed_pipelines_are_found_after_a_user_install(monkeypatch, tmp_path):
+    """`pip install --user` puts them under the user base, not sys.prefix: `dainr serve` found none."""
+    import os
+    import site
+    import sys
+
+    from dainr_app import pipeline
+
+    user = tmp_path / "user" / "share" / "dainr" / "pipelines"
+    user.mkdir(parents=True)
+    repo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(pipeline.__file__))), "pipelines")
+    isdir = os.path.isdir
+    monkeypatch.setattr(os.path, "isdir", lambda p: False if p == repo else isdir(p))  # not a source checkout
+    monkeypatch.setattr(site, "getuserbase", lambda: str(tmp_path / "user"))
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv"))
+    assert pipeline._pipelines_dir() == str(user)

@@ -345,6 +345,15 @@ def test_reversed_readouts_without_trajectory_get_the_reversed_positions(raw2, t
     assert float(got.traj[..., centre, :].abs().max()) < 1e-6  # the echo sample is k = 0
 
 
+def _without_traj(acq):
+    """An imaging readout without acq.traj: the reader derives the positions from the header and the index."""
+    if not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+        data = acq.data.copy()
+        acq.resize(acq.number_of_samples, acq.active_channels, 0)
+        acq.data[:] = data
+    return acq
+
+
 def test_readouts_of_a_second_encoding_space_are_refused(raw2, tmp_path):
     def second(acq):
         if acq.idx.slice == 1 and not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
@@ -356,17 +365,10 @@ def test_readouts_of_a_second_encoding_space_are_refused(raw2, tmp_path):
 
 def test_uniform_radial_without_trajectory_needs_the_angle_step(raw2, tmp_path):
     """A uniform ``radial`` header without acq.traj and without the angle parameter was read with golden angles."""
-    def strip(acq):
-        if not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
-            data = acq.data.copy()
-            acq.resize(acq.number_of_samples, acq.active_channels, 0)
-            acq.data[:] = data
-        return acq
-
     def radial(xml):
         return re.sub(r"<trajectory>goldenangle</trajectory>", "<trajectory>radial</trajectory>",
                       re.sub(r"<trajectoryDescription>.*</trajectoryDescription>", "", xml, flags=re.S))
-    path = _rewrite(raw2, str(tmp_path / "radial.h5"), strip, header=radial)
+    path = _rewrite(raw2, str(tmp_path / "radial.h5"), _without_traj, header=radial)
     with pytest.raises(MRDFormatError, match="the spokes' angles are unknown"):
         read_raw(path)
     assert read_raw(path, golden_angle="true").slices[(0, 0, 0, 0)].data.kdata.shape[-1] == 64
@@ -374,21 +376,15 @@ def test_uniform_radial_without_trajectory_needs_the_angle_step(raw2, tmp_path):
 
 def test_a_finer_recon_space_than_acquired_scales_the_derived_positions(raw2, tmp_path):
     """Scanner interpolation: 2× the reconSpace matrix over the same FOV; the samples then span ±0.25 cycles/pixel."""
-    def strip(acq):
-        if not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
-            data = acq.data.copy()
-            acq.resize(acq.number_of_samples, acq.active_channels, 0)
-            acq.data[:] = data
-        return acq
-
     def finer(xml, n=64):
         recon = re.search(r"<reconSpace>.*?</reconSpace>", xml, re.S).group(0)
         return xml.replace(recon, re.sub(r"<x>32</x>", f"<x>{n}</x>", re.sub(r"<y>32</y>", f"<y>{n}</y>", recon)))
-    ref = read_raw(_rewrite(raw2, str(tmp_path / "a.h5"), strip), golden_angle="true").slices[(0, 0, 0, 0)].data
-    got = read_raw(_rewrite(raw2, str(tmp_path / "b.h5"), strip, header=finer), golden_angle="true").slices[(0, 0, 0, 0)].data
+    ref = read_raw(_rewrite(raw2, str(tmp_path / "a.h5"), _without_traj), golden_angle="true").slices[(0, 0, 0, 0)].data
+    got = read_raw(_rewrite(raw2, str(tmp_path / "b.h5"), _without_traj, header=finer), golden_angle="true").slices[(0, 0, 0, 0)].data
     assert got.matrix == 64 and torch.allclose(got.traj, ref.traj / 2)
     with pytest.raises(MRDFormatError, match="coarser than the acquisition"):
-        read_raw(_rewrite(raw2, str(tmp_path / "c.h5"), strip, header=lambda x: finer(x, 16)), golden_angle="true")
+        read_raw(_rewrite(raw2, str(tmp_path / "c.h5"), _without_traj, header=lambda x: finer(x, 16)),
+                 golden_angle="true")
 
 
 def test_bench_lists_every_case_with_its_description(capsys):

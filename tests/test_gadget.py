@@ -181,25 +181,31 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def test_connect_mode_resident_process_serves_two_scans(two_slices):
+def _resident(*options):
+    """A `dainr gadget-server` process on a free port: (process, port)."""
     import socket
     import subprocess
     import sys
-    import time
 
     from dainr_app.server import child_env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "dainr_app.cli", "gadget-server", "--port", str(port), *options],
+                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, port
+
+
+def test_connect_mode_resident_process_serves_two_scans(two_slices):
+    import time
 
     from ismrmrd.serialization import ConfigText, ProtocolSerializer
 
     from .gadget_harness import connect_gadget, dial
 
     header, acqs = _load(two_slices[1])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "dainr_app.cli", "gadget-server", "--port", str(port),
-                             "--connections", "4"], env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc, port = _resident("--connections", "4")
     try:
         # a port probe, then a scan whose Gadgetron goes away without CLOSE: neither may wedge the process
         # (gadgetron-python's reader spun on the closed socket forever: gadgets/connection_eof.py)
@@ -223,21 +229,10 @@ def test_connect_mode_resident_process_serves_two_scans(two_slices):
 
 def test_a_connection_that_sends_nothing_does_not_block_the_resident_process(two_slices):
     """Connections are served one after another: an idle one blocked every later scan."""
-    import socket
-    import subprocess
-    import sys
-
-    from dainr_app.server import child_env
-
     from .gadget_harness import connect_gadget, dial
 
     header, acqs = _load(two_slices[1])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "dainr_app.cli", "gadget-server", "--port", str(port),
-                             "--connections", "2", "--start-timeout", "2"], env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, port = _resident("--connections", "2", "--start-timeout", "2")
     try:
         with dial(port) as idle:
             run = connect_gadget(port, CONFIG.format(steps=5, extra=""), header, acqs, timeout=120)

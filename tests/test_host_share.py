@@ -175,7 +175,7 @@ def test_preflights_that_start_together_take_turns(tmp_path, monkeypatch):
     monkeypatch.setattr("dainr_app.host_share._in_use", lambda device: 0)  # the two fits share this process
 
     d = str(tmp_path)
-    entered, release, order = threading.Event(), threading.Event(), []
+    entered, release, order, second_done = threading.Event(), threading.Event(), [], threading.Event()
 
     def slow(elsewhere):
         entered.set()
@@ -185,11 +185,12 @@ def test_preflights_that_start_together_take_turns(tmp_path, monkeypatch):
 
     def fast(elsewhere):
         order.append(("second", elsewhere))
+        second_done.set()
         return GIB
 
-    def first():
+    def first():  # registered until the second fit's preflight has run (not for a fixed time)
         with HostShare(d, preflight=slow):
-            time.sleep(0.5)
+            second_done.wait(10)
 
     t = threading.Thread(target=first)
     t.start()

@@ -32,7 +32,8 @@ def serve(port: int, connections: Optional[int] = None, start_timeout: float = 6
 
     One listening socket for the life of the process (gadgetron-python's ``listen()`` binds a new one per
     connection and leaves the old one to the garbage collector, so a connection arriving between two scans
-    was refused or reset). TCP keepalive ends a scan whose host is lost without a FIN or RST (within about 2 minutes)."""
+    was refused or reset). TCP keepalive ends a scan whose host is lost without a FIN or RST (within about 2
+    minutes)."""
     import socket
 
     import torch

@@ -155,7 +155,7 @@ class DAINRConfig:
       setting; under the reference's ground-truth checkpoint pick the phantom's best PSNR is higher with them,
       its SSIM lower (README, Performance). Off is also ≈ 17 % faster and needs no second frame. The frozen
       random encoder passes the neighbours' streaks on. With the reference's uncapped grid, which fits noise,
-      the features pay in PSNR on the phantom, but every uncapped model is below the capped ones.
+      the features pay in PSNR (phantom; real cine at 8 coils), but every uncapped model is below the capped ones.
     * ``spatial_antiring`` (not in the reference): the spatial ×s output's magnitude is clamped to the range of
       the 4 fitted pixels around each output pixel, as image scalers' anti-ringing does; the fit has no data
       beyond its k-space band to support new extrema between its pixels.  Measured with features on,

@@ -386,6 +386,39 @@ def test_a_distributor_after_a_gadget_reports_a_worker_it_cannot_reach(server, r
     assert frames[-1].mid == CLOSE
 
 
+def test_the_server_reads_ahead_of_a_busy_gadget(raw):
+    """While the gadget is busy (here: it reads nothing until released), the server keeps taking the scanner's
+    data into the session's queue: a 20 MB stream, far more than the sockets buffer, is accepted whole.
+    (The replay test above cannot tell: its small scan fits into the kernel's buffers.)"""
+    header, acqs = load(raw)
+    listener, release = socket.create_server(("127.0.0.1", 0)), threading.Event()
+
+    def gadget():
+        conn, _ = listener.accept()
+        with conn, conn.makefile("rb") as rf:
+            read_frame(rf.read)
+            read_frame(rf.read)
+            release.wait(60)
+            while read_frame(rf.read).mid != CLOSE:
+                pass
+            conn.sendall(struct.pack("<H", CLOSE))
+    threading.Thread(target=gadget, daemon=True).start()
+    xml = _pipeline_xml(f'<connect address="localhost" port="{listener.getsockname()[1]}"/>')
+    data = stream(ConfigText(xml), header, acqs * 100)
+    with running_server() as srv, socket.create_connection(("127.0.0.1", srv.port), timeout=60) as sock:
+        sender = threading.Thread(target=sock.sendall, args=(data,), daemon=True)
+        sender.start()
+        sender.join(30)
+        accepted = not sender.is_alive()
+        release.set()
+        with sock.makefile("rb") as rf:
+            frames = [read_frame(rf.read)]
+            while frames[-1].mid != CLOSE:
+                frames.append(read_frame(rf.read))
+    listener.close()
+    assert len(data) > 16 << 20 and accepted and errors(frames) == []
+
+
 def test_a_peer_that_closes_early_and_stops_reading_does_not_hang_the_session(raw):
     """After a <connect> peer's CLOSE the sender thread stayed blocked on the peer's full buffers."""
     header, acqs = load(raw)

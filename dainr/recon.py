@@ -391,15 +391,16 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
         res = None
         if step % epoch == 0:  # the only per-epoch device syncs
             res = fitter.heldout_residual() if problem.has_holdout else None
+            loss = float(loss_t)
             improved = res is not None and res < best_res * (1 - cfg.min_improvement)
             state = fitter.weights() if improved else None
-            if not (math.isfinite(float(loss_t)) and (res is None or math.isfinite(res)) and _finite(state)):
+            if not (math.isfinite(loss) and (res is None or math.isfinite(res)) and _finite(state)):
                 if best_state is None:
                     raise _diverged(step, cfg)
                 reason = "diverged"  # keep the last good checkpoint
                 break
         if res is not None:
-            history.append((step, float(loss_t), res))
+            history.append((step, loss, res))
             if improved:
                 best_res, best_step, bad_epochs, best_state = res, step, 0, state
             else:

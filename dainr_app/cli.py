@@ -100,9 +100,10 @@ def run_recon(raw: str, output: str, cfg: DAINRConfig, series: int = 1, preview:
     from .preview import write_preview
 
     check_output(output, raw)
-    if raw_groups(output):  # the whole file is replaced
-        raise ValueError(f"{output} holds raw MRD data (group {raw_groups(output)[0]!r}): it would be replaced by "
-                         "the images; choose another output file")
+    raw_in_output = raw_groups(output)
+    if raw_in_output:  # the whole file is replaced
+        raise ValueError(f"{output} holds raw MRD data (group {raw_in_output[0]!r}): it would be replaced by the "
+                         "images; choose another output file")
     if preview:
         check_output(preview, raw)
     scan = read_raw(raw, group, spokes_per_frame, golden_angle)

@@ -493,7 +493,8 @@ def read_header_text(path: str, group: str = "dataset") -> Optional[str]:
     with h5py.File(path, "r") as h5:
         if group not in h5 or "xml" not in h5[group]:
             return None
-    return open_raw(path, group)[0]
+        text = h5[group]["xml"][0]
+    return text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)
 
 
 def read_images(path: str, group: str = "dataset") -> Dict[int, List["ismrmrd.Image"]]:

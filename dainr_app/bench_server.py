@@ -44,27 +44,54 @@ from .replay import file_items, replay
 from .server import ROOT, child_env
 
 
+class Listening:
+    """A server process (``dainr serve`` or ``dainr gadget-server``) told to take a free port (``-p 0``): the port is
+    read from its log, which a thread keeps (a chatty process never blocks on a full pipe)."""
+
+    PORT = re.compile(r"listening on \S*:(\d+)|waiting for Gadgetron on port (\d+)")
+
+    def __init__(self, *args: str, timeout: float = 60.0):
+        self.proc = subprocess.Popen([sys.executable, "-m", "dainr_app.cli", *args, "-p", "0"], cwd=ROOT,
+                                     env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.port, self._lines, self._ready = None, [], threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self._ready.wait(timeout) or self.port is None:
+            self.proc.kill()
+            raise RuntimeError(f"{' '.join(args[:1])} did not start listening: {self.log()[-2000:]}")
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._lines.append(line)
+            m = self.PORT.search(line) if self.port is None else None
+            if m:
+                self.port = int(m.group(1) or m.group(2))
+                self._ready.set()
+        self._ready.set()
+
+    def log(self) -> str:
+        """Its output so far (all of it once the process has ended)."""
+        if self.proc.poll() is not None:
+            self._reader.join(10)
+        return "".join(self._lines)
+
+    def close(self) -> None:
+        """SIGTERM, then SIGKILL after 30 s."""
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(30)
+
+
 @contextlib.contextmanager
 def server_process():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "dainr_app.cli", "serve", "-p", str(port)], cwd=ROOT,
-                            stderr=subprocess.DEVNULL, env=child_env())
+    server = Listening("serve")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("dainr serve did not start")
-                time.sleep(0.1)
-        yield ("127.0.0.1", port)
+        yield ("127.0.0.1", server.port)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        server.close()
 
 
 def _large_raw(path: str, slices: int = 2, frames: int = 200, spokes: int = 100, coils: int = 8, samples: int = 256):

@@ -477,14 +477,14 @@ def build_parser() -> argparse.ArgumentParser:
     dc.set_defaults(func=cmd_dicom)
 
     g = sub.add_parser("gadget-server", help="resident DA-INR gadget for <connect port=.../> pipelines")
-    g.add_argument("-p", "--port", type=int, default=18000)
+    g.add_argument("-p", "--port", type=int, default=18000, help="port to listen on (0: a free one, logged)")
     g.add_argument("--connections", type=_positive_int, help="exit after this many scans (default: serve forever)")
     g.add_argument("--start-timeout", type=_positive, default=60.0,
                    help="seconds a connection may take to send CONFIG and HEADER before it is closed (default 60)")
     g.set_defaults(func=cmd_gadget_server)
 
     sv = sub.add_parser("serve", help="Gadgetron-protocol server running the XML pipelines (or --from_stream)")
-    sv.add_argument("-p", "--port", type=int, default=9002)
+    sv.add_argument("-p", "--port", type=int, default=9002, help="port to listen on (0: a free one, printed)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     sv.add_argument("--pipelines", default=PIPELINES_DIR, help="folder CONFIG_FILE names resolve in")
     sv.add_argument("--allow-module", action="append", default=[], metavar="MODULE",

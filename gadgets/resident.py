@@ -27,8 +27,9 @@ class _StartTimeout:
 
 
 def serve(port: int, connections: Optional[int] = None, start_timeout: float = 60.0) -> None:
-    """Accept Gadgetron connections on ``port`` one after another (``connections``: stop after that many); a
-    connection that has not sent its CONFIG and HEADER within ``start_timeout`` seconds is closed.
+    """Accept Gadgetron connections on ``port`` (0: a free one, logged) one after another (``connections``: stop
+    after that many); a connection that has not sent its CONFIG and HEADER within ``start_timeout`` seconds is
+    closed.
 
     One listening socket for the life of the process (gadgetron-python's ``listen()`` binds a new one per
     connection and leaves the old one to the garbage collector, so a connection arriving between two scans
@@ -45,6 +46,7 @@ def serve(port: int, connections: Optional[int] = None, start_timeout: float = 6
         server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         server.bind(("", port))
         server.listen(8)
+        port = server.getsockname()[1]
     except OSError as exc:
         server.close()
         raise ValueError(f"cannot listen on port {port}: {exc}") from exc

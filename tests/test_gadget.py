@@ -182,19 +182,10 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _resident(*options):
-    """A `dainr gadget-server` process on a free port: (process, port)."""
-    import socket
-    import subprocess
-    import sys
+    """A `dainr gadget-server` process on a free port (it takes `-p 0` and logs the port)."""
+    from dainr_app.bench_server import Listening
 
-    from dainr_app.server import child_env
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "dainr_app.cli", "gadget-server", "--port", str(port), *options],
-                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return proc, port
+    return Listening("gadget-server", *options)
 
 
 def test_connect_mode_resident_process_serves_two_scans(two_slices):
@@ -205,7 +196,8 @@ def test_connect_mode_resident_process_serves_two_scans(two_slices):
     from .gadget_harness import connect_gadget, dial
 
     header, acqs = _load(two_slices[1])
-    proc, port = _resident("--connections", "4")
+    server = _resident("--connections", "4")
+    proc, port = server.proc, server.port
     try:
         # a port probe, then a scan whose Gadgetron goes away without CLOSE: neither may wedge the process
         # (gadgetron-python's reader spun on the closed socket forever: gadgets/connection_eof.py)
@@ -236,7 +228,8 @@ def test_a_connection_that_sends_nothing_does_not_block_the_resident_process(two
     from .gadget_harness import connect_gadget, dial
 
     header, acqs = _load(two_slices[1])
-    proc, port = _resident("--connections", "2", "--start-timeout", "2")
+    server = _resident("--connections", "2", "--start-timeout", "2")
+    proc, port = server.proc, server.port
     try:
         with dial(port) as idle:
             run = connect_gadget(port, CONFIG.format(steps=5, extra=""), header, acqs, timeout=120)
@@ -247,7 +240,7 @@ def test_a_connection_that_sends_nothing_does_not_block_the_resident_process(two
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert "sent no CONFIG and HEADER in 2 s; closed" in proc.stdout.read()
+    assert "sent no CONFIG and HEADER in 2 s; closed" in server.log()
 
 
 def _imaging(acqs, s):

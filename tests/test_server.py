@@ -544,11 +544,12 @@ def _free_port():
 
 
 def test_sigterm_ends_sessions_with_an_error_and_exits_cleanly(raw):
+    from dainr_app.bench_server import Listening
+
     header, acqs = load(raw)
-    port = _free_port()
-    proc = _cli("serve", "-p", str(port), stderr=subprocess.PIPE, text=True)
+    server = Listening("serve")
+    proc, port = server.proc, server.port
     try:
-        assert wait_until(lambda: _connectable(port), 60)
         frames = []
         sock = socket.create_connection(("127.0.0.1", port))
         # no CLOSE: the session is still open at the signal however fast the machine fits (an H100 could finish
@@ -570,16 +571,8 @@ def test_sigterm_ends_sessions_with_an_error_and_exits_cleanly(raw):
         assert any("shutting down" in e for e in errors(frames)) and frames[-1].mid == CLOSE
     finally:
         proc.kill()
-        log = proc.stderr.read()
+        log = server.log()
     assert "stopped" in log, log[-2000:]
-
-
-def _connectable(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def test_from_stream_mode_in_a_shell_pipe(raw, tmp_path):

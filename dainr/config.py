@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional, Tuple
 
@@ -236,6 +237,15 @@ class DAINRConfig:
     def __post_init__(self) -> None:
         if isinstance(self.grid, dict):
             self.grid = GridConfig(**self.grid)
+        if not isinstance(self.grid, GridConfig):
+            raise ValueError(f"invalid DAINRConfig: grid must be a GridConfig or a dict, got {self.grid!r}")
+        for owner in (self, self.grid):  # numpy scalars (np.int64, np.float32) as Python numbers
+            for f in dataclasses.fields(owner):
+                value = getattr(owner, f.name)
+                if "int" in f.type and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                    setattr(owner, f.name, int(value))
+                elif "float" in f.type and isinstance(value, numbers.Real) and not isinstance(value, bool):
+                    setattr(owner, f.name, float(value))
         self.validate()
 
     def validate(self) -> None:
@@ -246,11 +256,19 @@ class DAINRConfig:
         for owner in (self, self.grid):
             for f in dataclasses.fields(owner):
                 value = getattr(owner, f.name)
-                if f.type in ("int", "Optional[int]") and f.name != "temporal_ratio" and value is not None:
-                    need(isinstance(value, int) and not isinstance(value, bool), f"{f.name} must be an integer, got {value!r}")
+                if f.type == "bool":
+                    need(isinstance(value, bool), f"{f.name} must be True or False, got {value!r}")
+                if f.type == "int" and f.name == "temporal_ratio":  # 2.0 is taken too
+                    need(isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+                         and int(value) == value, f"{f.name} must be an integer, got {value!r}")
+                elif f.type in ("int", "Optional[int]") and value is not None:
+                    need(isinstance(value, numbers.Integral) and not isinstance(value, bool),
+                         f"{f.name} must be an integer, got {value!r}")
                 if f.type in ("float", "Optional[float]") and value is not None:
-                    need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                    need(isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value),
                          f"{f.name} must be a finite number, got {value!r}")
+        need(0 <= self.seed < 2 ** 63 - 1 and 0 <= self.feature_seed < 2 ** 63,
+             "seed and feature_seed must be in [0, 2**63 - 1)")
         need(min(self.deform_width, self.canonical_width, self.feature_channels, self.grid.features_per_level) >= 1,
              "network widths, feature_channels and grid features_per_level must be >= 1")
         need(min(self.freq_degree_xy, self.freq_degree_t) >= 0, "frequency encoding degrees must be >= 0")
@@ -266,8 +284,7 @@ class DAINRConfig:
         need(self.weight_decay >= 0, "weight_decay must be >= 0")
         need(self.grid.init_std > 0, "grid init_std must be > 0")
         need(self.spatial_ratio >= 1.0, "spatial_ratio must be >= 1 (fit low-res, query the full grid)")
-        need(int(self.temporal_ratio) == self.temporal_ratio and self.temporal_ratio >= 1,
-             "temporal_ratio must be an integer >= 1")
+        need(self.temporal_ratio >= 1, "temporal_ratio must be an integer >= 1")
         need(self.temporal_offset >= 0 and (self.temporal_frames is None or self.temporal_frames >= 1),
              "temporal_offset must be >= 0 and temporal_frames >= 1 (or None)")
         need(self.deform_layers >= 2, "deform_layers must be >= 2")

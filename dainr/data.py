@@ -1,6 +1,7 @@
 """The radial multi-coil input container, validated once at the library boundary."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -31,6 +32,11 @@ class RadialData:
         self.traj = torch.as_tensor(self.traj).detach()
         if not self.kdata.is_complex():
             raise ValueError(f"kdata must be complex, got {self.kdata.dtype}")
+        if not self.traj.is_floating_point():
+            raise ValueError(f"traj must be real (kx, ky) in cycles/pixel, got {self.traj.dtype}")
+        if isinstance(self.matrix, bool) or not isinstance(self.matrix, numbers.Real) \
+                or not float(self.matrix).is_integer():
+            raise ValueError(f"matrix must be an integer, got {self.matrix!r}")
         if self.kdata.ndim != 4:
             raise ValueError(f"kdata must be (frames, coils, spokes, samples), got shape {tuple(self.kdata.shape)}")
         F_, C, S, R = self.kdata.shape
@@ -62,7 +68,9 @@ class RadialData:
         if float(t.abs().max()) > 0.5 + 1e-3:
             raise ValueError(f"trajectory must be in cycles/pixel within [-0.5, 0.5]; max |k| = {float(t.abs().max()):.3f}")
         if self.noise is not None:
-            self.noise = torch.as_tensor(self.noise).detach()
+            self.noise = torch.as_tensor(self.noise).detach().resolve_conj()
+            if not self.noise.is_complex():
+                raise ValueError(f"noise must be complex samples, got {self.noise.dtype}")
             if self.noise.ndim != 2 or self.noise.shape[0] != C:
                 raise ValueError(f"noise must be (coils={C}, samples), got {tuple(self.noise.shape)}")
 
@@ -74,6 +82,8 @@ class RadialData:
     def every_rth_frame(self, r: int) -> "RadialData":
         """Frames 0, r, 2r, …: what a temporal ×r fit sees; it then renders (fitted − 1)·r + 1 frames, so the
         last frame must be among them, or the frames after the last fitted one would get no image.  r = 1: self."""
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
+            raise ValueError(f"the temporal ratio must be an integer >= 1, got {r!r}")
         if r == 1:
             return self
         if (self.n_frames - 1) % r:
@@ -93,8 +103,13 @@ class RadialData:
     def from_frames(cls, kdata: Sequence[torch.Tensor], traj: Sequence[torch.Tensor], matrix: int,
                     noise: Optional[torch.Tensor] = None) -> "RadialData":
         """Build from per-frame (C, S_f, R) k-space and (S_f, R, 2) trajectories, padding unequal S_f."""
-        if len(kdata) != len(traj) or not kdata:
+        if len(kdata) != len(traj) or not len(kdata):
             raise ValueError("need the same, non-zero number of k-space and trajectory frames")
+        kdata, traj = [torch.as_tensor(k) for k in kdata], [torch.as_tensor(t) for t in traj]
+        for f, (k, t) in enumerate(zip(kdata, traj)):
+            if k.ndim != 3 or not k.is_complex():
+                raise ValueError(f"frame {f}: k-space must be complex (coils, spokes, samples), got {k.dtype} "
+                                 f"{tuple(k.shape)}")
         C, _, R = kdata[0].shape
         S = max(k.shape[1] for k in kdata)
         F_ = len(kdata)
@@ -107,8 +122,8 @@ class RadialData:
             if t.shape != (k.shape[1], R, 2):
                 raise ValueError(f"frame {f}: trajectory shape {tuple(t.shape)} does not match {(k.shape[1], R, 2)}")
             n = k.shape[1]
-            k_out[f, :, :n] = torch.as_tensor(k)
-            t_out[f, :n] = torch.as_tensor(t)
+            k_out[f, :, :n] = k
+            t_out[f, :n] = t
             mask[f, :n] = True
         return cls(k_out, t_out, matrix, mask, noise)
 
@@ -121,6 +136,10 @@ def frames_from_spokes(kdata: torch.Tensor, traj: torch.Tensor, frame_index: Opt
     ``idx.phase``) when given, otherwise consecutive runs of ``spokes_per_frame`` spokes; a
     final partial run becomes a shorter frame, so no received spoke is dropped.
     """
+    kdata, traj = torch.as_tensor(kdata), torch.as_tensor(traj)
+    if kdata.ndim != 3 or traj.shape != (kdata.shape[0], kdata.shape[-1], 2):
+        raise ValueError(f"kdata must be (spokes, coils, samples) and traj (spokes, samples, 2); got "
+                         f"{tuple(kdata.shape)} and {tuple(traj.shape)}")
     S = kdata.shape[0]
     if S == 0:
         raise ValueError("no spokes to reconstruct")

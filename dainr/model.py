@@ -97,14 +97,16 @@ class GridUpsampling:
     def __init__(self, n: int, N: int, device=None):
         self.n, self.N = n, N
         u = (torch.arange(N, device=device, dtype=torch.float32) - N // 2) * (n / N) + n // 2
-        i0 = u.floor().long().clamp(max=n - 1)
+        i0 = u.floor().long()
         w = u - u.floor()
-        self.taps = ((i0, 1 - w), ((i0 + 1).clamp(max=n - 1), w))  # 1-D bilinear taps (index, weight)
-        near = (u + 0.5).floor().long().clamp(max=n - 1)
+        # 1-D bilinear taps (index, weight), clamped to the edge pixels (before the first fitted pixel, which an
+        # odd n puts there, and beyond the last)
+        self.taps = ((i0.clamp(0, n - 1), 1 - w), ((i0 + 1).clamp(0, n - 1), w))
+        near = (u + 0.5).floor().long().clamp(0, n - 1)
         self.nearest = (near[:, None] * n + near[None, :]).reshape(-1)  # row-major index into the n² grid
-        # the output pixels in the fitted pixel_grid's [-1, 1] labels; beyond the last fitted pixel (the last
-        # (N/n − 1) output rows/columns) clamped to it, like the taps, so the grid is never read outside [-1, 1]
-        s = (-1 + 2 * u / max(n - 1, 1)).clamp(max=1.0)
+        # the output pixels in the fitted pixel_grid's [-1, 1] labels; outside the fitted pixels (the last
+        # (N/n − 1) output rows/columns) clamped to the edge, like the taps, so the grid is never read outside [-1, 1]
+        s = (-1 + 2 * u / max(n - 1, 1)).clamp(-1.0, 1.0)
         yy, xx = torch.meshgrid(s, s, indexing="ij")
         self.xy = torch.stack((xx, yy), dim=-1).reshape(-1, 2)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import math
 import time
@@ -36,7 +37,8 @@ class FitProgress:
     """What a progress callback receives.
 
     ``preview`` is True every ``cfg.preview_every`` steps; ``images`` then renders every output frame
-    (once, on first access, so a callback that does not look costs nothing) and is None otherwise.
+    (once, on first access, so a callback that does not look costs nothing) and is None otherwise. It renders
+    the live model, so it can be read only until the callback returns (keep the tensor, not the progress).
     """
 
     step: int
@@ -49,7 +51,10 @@ class FitProgress:
 
     @property
     def images(self) -> Optional[torch.Tensor]:
-        if self.preview and self._images is None and self._render is not None:
+        if self.preview and self._images is None:
+            if self._render is None:
+                raise RuntimeError(f"the preview of step {self.step} was not read inside the callback and the model "
+                                   "has moved on since: read progress.images there and keep that tensor")
             self._images = self._render()
         return self._images if self.preview else None
 
@@ -68,6 +73,7 @@ class Problem:
     """Everything the fit needs, on one device, built once from :class:`RadialData`."""
 
     def __init__(self, data: RadialData, cfg: DAINRConfig, coil_maps: Optional[torch.Tensor], device: torch.device):
+        data = dataclasses.replace(data)  # validated again: its fields may have been set since it was built
         self.cfg = cfg
         self.device = device
         self.out_matrix = data.matrix
@@ -123,16 +129,24 @@ class Problem:
         self.dcf_grad = grad_w / (grad_w.sum() / self.train_w.sum().clamp_min(1)).clamp_min(1e-30)
 
         given_maps = coil_maps is not None
+        self.map_scale = 1.0  # self.op's maps × map_scale = the maps in (whitened) data units
         if coil_maps is None:
             coil_maps = self._estimate_coil_maps()
         else:
-            coil_maps = torch.as_tensor(coil_maps).detach().to(device, torch.complex64)
+            # complex128 until the scaling below: maps in any units, no overflow
+            coil_maps = torch.as_tensor(coil_maps).detach().to(device, torch.complex128)
             if coil_maps.shape != (C, self.matrix, self.matrix):
                 raise ValueError(f"coil_maps must be {(C, self.matrix, self.matrix)}, got {tuple(coil_maps.shape)}")
             if not bool(torch.isfinite(coil_maps).all()) or not bool(coil_maps.abs().amax() > 0):
                 raise ValueError("coil_maps must be finite and not all zero")
             if self.whitener is not None:  # given in the data's coil space
-                coil_maps = apply_prewhitener(coil_maps, self.whitener, coil_dim=0)
+                coil_maps = apply_prewhitener(coil_maps, self.whitener.to(torch.complex128), coil_dim=0)
+            # divided by a power of two near their peak root-sum-of-squares (exact): the fit's gradients (∝ 1/|S|
+            # through the SENSE-normalised backward) and clamps then see unit-scale maps whatever units the maps
+            # and the noise scan come in (whitened maps scale as 1/σ); the image is map_scale × smaller
+            self.map_scale = 2.0 ** round(0.5 * math.log2(float((coil_maps.abs() ** 2).sum(0).amax())))
+            coil_maps = coil_maps / self.map_scale
+            self.scale /= self.map_scale
         self.op = MulticoilNUFFT(coil_maps.to(device, torch.complex64), backend=cfg.nufft_backend)
         # the coil combination's normalisation Σ|S_c|²: 1 for Walsh maps; given maps (and whitened ones) need it
         self.combine_norm = None
@@ -166,7 +180,7 @@ class Problem:
 
     def coil_maps_in_data_space(self) -> torch.Tensor:
         """The coil maps in the data's (unwhitened) coil space, as ``coil_maps`` arguments take them."""
-        maps = self.op.smaps
+        maps = self.op.smaps * self.map_scale
         if self.whitener is None:
             return maps
         return apply_prewhitener(maps, torch.linalg.inv(self.whitener), coil_dim=0)
@@ -370,6 +384,8 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
     """
     cfg = cfg or DAINRConfig()
     cfg.validate()
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
     estimate = check_memory(data, cfg, device) if cfg.check_memory else None  # (its probe model draws random numbers)
@@ -415,8 +431,12 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
         if callback is not None:
             want_preview = cfg.preview_every > 0 and step % cfg.preview_every == 0
             if want_preview or step % epoch == 0:
-                stop = bool(callback(FitProgress(step, elapsed, float(loss_t), res, want_preview,
-                                                 functools.partial(_render_live, fitter))))
+                progress = FitProgress(step, elapsed, float(loss_t), res, want_preview,
+                                       functools.partial(_render_live, fitter))
+                try:
+                    stop = bool(callback(progress))
+                finally:
+                    progress._render = None  # a later read would render a later step's model
         if stop:
             reason = "callback"
             break
@@ -435,6 +455,9 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
             raise _diverged(step, cfg)
     fitter.model.load_state_dict(best_state)
     images = fitter.render()
+    if not bool(images.abs().amax() > 0):
+        raise ValueError(f"the fit collapsed to all-zero images (every ReLU of the network switched off, as a too "
+                         f"large step does); lower lr (now {cfg.lr:g})")
     lowres = fitter.render(problem.matrix) if problem.matrix != problem.out_matrix else None
     total = time.perf_counter() - t0
     info = dict(

@@ -88,8 +88,11 @@ class Frame:
 
     def text(self) -> str:
         """The text of CONFIG_FILE / CONFIG_TEXT / HEADER / TEXT / QUERY / RESPONSE / ERROR; trailing NULs
-        (python-ismrmrd-server) removed."""
+        (python-ismrmrd-server) removed.  A TEXT or ERROR that is not UTF-8 is read with replacement characters
+        (it is only shown; refusing it lost the messages after it)."""
         body = self.raw[2 + {ERROR: 8, CONFIG_FILE: 0, QUERY: 24, RESPONSE: 16}.get(self.mid, 4):]
+        if self.mid in (ERROR, TEXT):
+            return bytes(body).rstrip(b"\x00").decode("utf-8", errors="replace")
         try:
             return body.split(b"\x00", 1)[0].decode("utf-8") if self.mid == CONFIG_FILE else \
                 body.rstrip(b"\x00").decode("utf-8")
@@ -211,6 +214,9 @@ def read_frame(read: Callable[[int], bytes], limits: Limits = Limits()) -> Frame
     return Frame(mid, b"".join(parts))
 
 
+_CHUNK = 1 << 24  # a large message is received 16 MiB at a time
+
+
 class FrameReader:
     """Messages from a socket, received in large chunks: one ``recv_into`` brings in many readouts, and
     :attr:`buffered` tells a relay whether more input is already here, so it flushes its output only when its
@@ -245,18 +251,24 @@ class FrameReader:
 
     def read(self, n: int) -> bytes:
         """Exactly ``n`` bytes, fewer only where the stream ends (the ``read`` of :func:`read_frame`)."""
-        if n > len(self._buf):  # a message larger than the buffer (a big image) is received in place
-            out = bytearray(n)
-            got = self._end - self._start
-            out[:got] = self._view[self._start:self._end]
+        if n > len(self._buf):  # a message larger than the buffer (a big image): received in chunks, so the
+            # memory follows the bytes that arrive, not the length a header claims
+            chunks = [bytes(self._view[self._start:self._end])]
+            got = len(chunks[0])
             self._start = self._end  # (not rewound to 0: earlier frames may still point into the buffer)
-            view = memoryview(out)
             while got < n:
-                k = self._sock.recv_into(view[got:])
-                if not k:
+                chunk = bytearray(min(n - got, _CHUNK))
+                view, filled = memoryview(chunk), 0
+                while filled < len(chunk):
+                    k = self._sock.recv_into(view[filled:])
+                    if not k:
+                        break
+                    filled += k
+                chunks.append(view[:filled])
+                got += filled
+                if filled < len(chunk):  # the stream ended
                     break
-                got += k
-            return bytes(view[:got])
+            return b"".join(chunks)
         self._fill(n)
         k = min(n, self._end - self._start)
         data = bytes(self._view[self._start:self._start + k])

@@ -86,13 +86,20 @@ def query(address: Tuple[str, int], queries: List[str], timeout: float = 30.0) -
     """Ask a server QUERY (6) messages (``gadgetron_ismrmrd_client -Q`` asks ``gadgetron::info``) and return
     the RESPONSE (7) texts by query.  A server error raises :class:`ProtocolError` with its text."""
     answers: Dict[str, str] = {}
+    deadline = time.monotonic() + timeout  # for all the answers (a server sending other messages cannot hold us)
     with _connect(address, timeout) as sock, sock.makefile("rb") as rf:
         sock.sendall(b"".join(query_frame(q, i).raw for i, q in enumerate(queries)) + Frame.of(CLOSE).raw)
         while len(answers) < len(queries):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ProtocolError(f"no answer to every query within {timeout:g} s")
+            sock.settimeout(left)
             try:
                 frame = read_frame(rf.read)
             except StreamEnded:  # e.g. a python-ismrmrd-server, which closes on an id it does not know
                 raise ProtocolError("server closed the connection without answering") from None
+            except socket.timeout:
+                raise ProtocolError(f"no answer to every query within {timeout:g} s") from None
             if frame.mid == RESPONSE:
                 if frame.correlation_id >= len(queries):
                     raise ProtocolError(f"RESPONSE to an unknown correlation id {frame.correlation_id}")

@@ -12,9 +12,9 @@ import pytest
 
 from dainr_app.pipeline import Distributed, External, PipelineError, Policy, load_named, parse_pipeline, \
     pipeline_text, resolve_name
-from dainr_app.protocol import ACQUISITION, CLOSE, CONFIG_FILE, CONFIG_TEXT, ERROR, IMAGE, Frame, FrameReader, \
-    Limits, ProtocolError, SocketSink, StreamEnded, encode, error_frame, query_frame, read_frame, response_frame, \
-    text_frame
+from dainr_app.protocol import ACQUISITION, CLOSE, CONFIG_FILE, CONFIG_TEXT, ERROR, IMAGE, TEXT, Frame, \
+    FrameReader, Limits, ProtocolError, SocketSink, StreamEnded, encode, error_frame, query_frame, read_frame, \
+    response_frame, text_frame
 from ismrmrd.serialization import ConfigFile
 
 
@@ -57,7 +57,18 @@ def test_nul_terminated_text_is_accepted():
     assert frame.text() == "<configuration/>"
 
 
-def _socket_reader(data: bytes, pieces: int = 1, size: int = 1 << 20, close: bool = True):
+def test_an_error_or_text_that_is_not_utf8_is_shown_not_refused():
+    """A peer's ERROR with invalid UTF-8 raised ProtocolError: the relay and the replay client then dropped the
+    messages after it (an image, the peer's CLOSE)."""
+    for mid, size in ((ERROR, "<Q"), (TEXT, "<I")):
+        frame = read_frame(io.BytesIO(struct.pack("<H" + size[1], mid, 6) + b"ok \xff\xfe!").read)
+        assert frame.text() == "ok \ufffd\ufffd!"
+    with pytest.raises(ProtocolError, match="not UTF-8"):  # a configuration or header still must be
+        read_frame(io.BytesIO(struct.pack("<HI", CONFIG_TEXT, 2) + b"\xff\xfe").read).text()
+
+
+def _socket_reader(data: bytes, pieces: int = 1, size: int = 1 << 20, close: bool = True,
+                   limits: Limits = Limits(max_message=1 << 20)):
     """A FrameReader over a socket whose peer sends ``data`` in ``pieces`` random chunks (then closes)."""
     a, b = socket.socketpair()
     b.settimeout(10)  # a reader waiting for bytes that never come fails the test instead of hanging it
@@ -69,7 +80,7 @@ def _socket_reader(data: bytes, pieces: int = 1, size: int = 1 << 20, close: boo
         if close:
             a.close()
     threading.Thread(target=send, daemon=True).start()
-    return FrameReader(b, Limits(max_message=1 << 20), size=size)
+    return FrameReader(b, limits, size=size)
 
 
 def _frames_from_reader(reader, batches=None):
@@ -169,6 +180,25 @@ def test_gigabyte_acquisition_is_refused_before_reading_it():
     assert [f.mid for f in reader.frames()] == [ACQUISITION]  # a batch stops before the oversize one
     with pytest.raises(ProtocolError, match="over the limit"):
         reader.frames()
+
+
+def test_a_claimed_length_costs_no_memory_until_its_bytes_arrive():
+    """A 3.6 kB message claiming 256 MiB took 256 MiB at once (zero-filled), held while the client dripped."""
+    import tracemalloc
+
+    head = ismrmrd.AcquisitionHeader()
+    head.number_of_samples, head.active_channels = 65535, 500  # 262 MB, under the 256 MiB limit
+    tracemalloc.start()
+    try:
+        reader = _socket_reader(struct.pack("<H", ACQUISITION) + bytes(head) + b"\0" * 100_000, limits=Limits())
+        with pytest.raises(ProtocolError, match="truncated ACQUISITION"):
+            reader.frame()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 40 << 20, peak  # one 16 MiB chunk (and the 1 MiB receive buffer), not 262 MB
+    big = encode(_acq(samples=4096, channels=300))  # 9.8 MB: a large message still arrives whole
+    assert bytes(_socket_reader(big, limits=Limits()).frame().raw) == big
 
 
 XML = ('<configuration><version>2</version><stream>{}</stream></configuration>')

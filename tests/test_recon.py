@@ -107,9 +107,10 @@ def test_holdout_residual_is_a_mean_over_frames_not_over_the_epochs_visits(small
 
 
 def test_callback_previews_and_stop(small_scan):
-    seen = []
+    seen, kept = [], []
 
     def cb(p):
+        kept.append(p)
         if p.images is not None:
             seen.append(p.images.shape)
         return p.step >= 10
@@ -117,6 +118,18 @@ def test_callback_previews_and_stop(small_scan):
     res = reconstruct(small_scan.data, DAINRConfig(max_steps=100, preview_every=5, device="cpu"), callback=cb)
     assert res.info["stop_reason"] == "callback" and res.info["steps"] == 10
     assert seen == [(8, 32, 32), (8, 32, 32)]
+    assert kept[0].images.shape == (8, 32, 32)  # read inside the callback: kept
+
+
+def test_a_preview_not_read_in_the_callback_cannot_be_read_later(small_scan):
+    """It rendered the live model when first read: after the fit, step 5's preview showed the final images."""
+    kept = []
+    reconstruct(small_scan.data, DAINRConfig(max_steps=20, preview_every=5, device="cpu"), callback=kept.append)
+    previews = [p for p in kept if p.preview]
+    assert [p.step for p in previews] == [5, 10, 15, 20]
+    with pytest.raises(RuntimeError, match="the preview of step 5 was not read inside the callback"):
+        previews[0].images
+    assert all(p.images is None for p in kept if not p.preview)
 
 
 def test_a_fixed_budget_fit_reports_every_epoch_and_can_be_stopped(small_scan):
@@ -189,6 +202,10 @@ def test_spatial_upsampling_geometry_is_the_fft_grid_of_the_cropped_k_space():
     assert torch.allclose(up.xy.reshape(32, 32, 2)[::2, ::2].reshape(-1, 2), pixel_grid(16, 16))
     odd = GridUpsampling(16, 33)  # an odd output matrix: the NUFFT's centre pixels (33 // 2, 16 // 2) coincide
     assert torch.allclose(odd.bilinear(x)[:, 16, 16], x[:, 8, 8])
+    ramp = torch.arange(15.0).repeat(15, 1)[None]  # an odd fitted matrix puts output pixel 0 before fitted pixel 0
+    for N in (30, 32):
+        row = upsample_bilinear(ramp, N)[0, 0]
+        assert row[0] == 0 and row[-1] == 14 and bool((row.diff() >= 0).all())  # it read the far edge (7.0)
 
     scan = simulate(matrix=32, frames=2, spokes=48, coils=4, noise_level=0.0, n_noise_samples=0)
     scan.data.noise = None
@@ -308,11 +325,53 @@ def test_frames_from_spokes_groups_and_keeps_partial_frames():
     (lambda k, t: (k, t * 3), "cycles/pixel"),
     (lambda k, t: (k, t[:, :-1]), "traj must be"),
     (lambda k, t: (k.abs(), t), "complex"),
+    (lambda k, t: (k, t.to(torch.complex64)), "traj must be real"),  # its imaginary part was dropped
 ])
 def test_bad_input_is_rejected(small_scan, mutate, match):
     k, t = mutate(small_scan.data.kdata, small_scan.data.traj)
     with pytest.raises(ValueError, match=match):
         RadialData(k, t, 32)
+
+
+def test_inputs_taken_silently_before_are_clear_errors(small_scan):
+    d = small_scan.data
+    for matrix in (16.9, "16", True):
+        with pytest.raises(ValueError, match="matrix must be an integer"):
+            RadialData(d.kdata, d.traj, matrix)
+    assert RadialData(d.kdata, d.traj, 32.0).matrix == 32
+    with pytest.raises(ValueError, match="noise must be complex"):
+        RadialData(d.kdata, d.traj, 32, noise=d.noise.real)
+    with pytest.raises(ValueError, match="frame 0: k-space must be complex"):  # real data was made complex
+        RadialData.from_frames([k.real for k in d.kdata], list(d.traj), 32)
+    with pytest.raises(ValueError, match=r"frame 0: k-space must be complex \(coils, spokes, samples\)"):
+        RadialData.from_frames([d.kdata[0, 0]], [d.traj[0]], 32)  # was "not enough values to unpack"
+    for r in (0, -1, 1.5):  # 0 was a ZeroDivisionError
+        with pytest.raises(ValueError, match="temporal ratio must be an integer >= 1"):
+            d.every_rth_frame(r)
+    k = d.kdata.permute(0, 2, 1, 3).reshape(-1, d.n_coils, d.kdata.shape[-1])
+    t = d.traj.reshape(-1, d.traj.shape[-2], 2)
+    with pytest.raises(ValueError, match="traj \\(spokes, samples, 2\\)"):  # was an IndexError
+        frames_from_spokes(k, t[:-1], None, 32, 9)
+    assert frames_from_spokes(k.numpy(), t.numpy(), None, 32, 9).kdata.shape == d.kdata.shape  # numpy works
+
+
+def test_lazily_conjugated_noise_works(small_scan):
+    d = small_scan.data
+    conj = RadialData(d.kdata, d.traj, 32, noise=d.noise.conj())  # view_as_real raised deep in the prewhitener
+    plain = RadialData(d.kdata, d.traj, 32, noise=d.noise.conj().resolve_conj())
+    assert torch.equal(zero_filled(conj), zero_filled(plain))
+
+
+def test_data_changed_after_construction_is_validated_again(small_scan):
+    cfg = DAINRConfig(max_steps=2, device="cpu")
+    for name, value, match in (("noise", small_scan.data.noise[:1], r"noise must be \(coils=4"),
+                               ("matrix", 4, "matrix must be >= 8")):
+        data = dataclasses.replace(small_scan.data)
+        setattr(data, name, value)
+        with pytest.raises(ValueError, match=match):
+            reconstruct(data, cfg)
+    with pytest.raises(TypeError, match="callback must be callable, got int"):  # was raised after preparation
+        reconstruct(small_scan.data, cfg, callback=5)
 
 
 def test_bad_config_is_rejected():
@@ -366,10 +425,37 @@ def test_given_coil_maps_give_an_unshaded_zero_filled_image_with_a_noise_scan(sm
     assert abs(with_noise - without) < 0.5 and abs(with_noise - estimated) < 1.0, (with_noise, without, estimated)
 
 
+def test_given_coil_maps_fit_the_same_model_whatever_units_the_data_and_maps_are_in(small_scan):
+    """Whitened maps scale as 1/σ and the SENSE-normalised gradient as 1/|S|: with data and noise scan ×2⁻²⁰ the
+    gradients fell to AdamW's eps (33.3 → 29.0 dB at 300 steps) and at ×2²⁰ the combination's clamp shaded the
+    zero-filled image. The maps are now scaled by a power of two to unit peak root-sum-of-squares."""
+    cfg = DAINRConfig(max_steps=4, device="cpu")
+    d, maps = small_scan.data, torch.from_numpy(small_scan.coil_maps)
+    ref = reconstruct(d, cfg, coil_maps=maps)
+    for data_f, maps_f in ((2.0 ** -20, 1.0), (2.0 ** 20, 1.0), (1.0, 2.0 ** 12), (2.0 ** -8, 2.0 ** -30)):
+        res = reconstruct(dataclasses.replace(d, kdata=d.kdata * data_f, noise=d.noise * data_f), cfg,
+                          coil_maps=maps * maps_f)
+        f = data_f / maps_f  # the maps are physical, so k = A(S·x) holds in the data's units
+        assert torch.equal(res.images / f, ref.images) and torch.equal(res.zero_filled / f, ref.zero_filled)
+        assert torch.allclose(res.coil_maps / maps_f, ref.coil_maps, rtol=1e-5, atol=1e-6)
+
+
 def test_a_diverging_fit_is_a_clear_error_not_nan_images(small_scan):
     for holdout in (1, 0):
         with pytest.raises(ValueError, match=r"the fit diverged \(non-finite .* lower lr \(now 1e\+30\)"):
             reconstruct(small_scan.data, DAINRConfig(max_steps=200, device="cpu", lr=1e30, holdout_spokes=holdout))
+
+
+def test_a_fit_collapsed_to_zero_images_is_a_clear_error(small_scan, monkeypatch):
+    """A too large step can switch every ReLU off (lr 0.3–1 did for some seeds): the images came back all zero
+    with stop_reason max_steps.  Which seeds collapse moves with float rounding, so the network's output is
+    zeroed here."""
+    from dainr.recon import Fitter
+
+    real = Fitter.render
+    monkeypatch.setattr(Fitter, "render", lambda self, *a, **k: real(self, *a, **k) * 0)
+    with pytest.raises(ValueError, match=r"collapsed to all-zero images .* lower lr \(now 0.3\)"):
+        reconstruct(small_scan.data, DAINRConfig(max_steps=4, device="cpu", lr=0.3, holdout_spokes=0))
 
 
 def test_a_fit_diverging_after_a_checkpoint_keeps_it(small_scan, monkeypatch):
@@ -455,11 +541,21 @@ def test_fit_with_unequal_spokes_per_frame(small_scan):
     ("grid_init_std", float("nan"), "init_std must be a finite number"),
     ("grid_init_std", 0.0, "init_std must be > 0"),
     ("max_seconds", float("inf"), "max_seconds must be a finite number"),
+    ("use_features", "no", "use_features must be True or False, got 'no'"),  # a string ran with the features on
+    ("cap_grid_at_matrix", None, "cap_grid_at_matrix must be True or False"),  # None ran the uncapped grid
+    ("temporal_ratio", None, "temporal_ratio must be an integer, got None"),  # was int()'s TypeError
+    ("temporal_ratio", float("inf"), "temporal_ratio must be an integer, got inf"),
+    ("temporal_ratio", True, "temporal_ratio must be an integer, got True"),
+    ("seed", 2 ** 64, "seed and feature_seed must be in"),
+    ("seed", -1, "seed and feature_seed must be in"),
+    ("grid", None, "grid must be a GridConfig or a dict, got None"),
 ])
 def test_config_rejects_bad_values(field, value, match):
     with pytest.raises(ValueError, match=match):
-        DAINRConfig().replace(**{field: value})
+        DAINRConfig(**{field: value}) if field == "grid" else DAINRConfig().replace(**{field: value})
     DAINRConfig(nufft_backend="gather", min_epoch_frames=1)  # the valid neighbours
+    numpy_scalars = DAINRConfig(max_steps=np.int64(20), lr=np.float32(1e-3), temporal_ratio=2.0)
+    assert type(numpy_scalars.max_steps) is int and type(numpy_scalars.lr) is float  # were refused
     with pytest.raises(ValueError, match="fits a 16² scan at 2², below the smallest matrix"):
         DAINRConfig(spatial_ratio=9).fit_matrix(16)
 

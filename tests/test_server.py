@@ -18,7 +18,8 @@ from ismrmrd.serialization import ConfigFile, ConfigText
 
 from dainr.sim import simulate
 from dainr_app.mrd import iter_acquisitions, open_raw, write_raw
-from dainr_app.protocol import ACQUISITION, CLOSE, CONFIG_TEXT, HEADER, IMAGE, TEXT, encode, read_frame, text_frame
+from dainr_app.protocol import ACQUISITION, CLOSE, CONFIG_TEXT, HEADER, IMAGE, TEXT, ProtocolError, encode, read_frame, \
+    text_frame
 from dainr_app.replay import replay
 
 from dainr_app.server import child_env
@@ -844,3 +845,31 @@ def test_query_to_a_server_that_closes_without_answering_is_a_clear_error(capsys
     port, _ = _fire_style_server(b"")
     assert cli.main(["replay", "-Q", "gadgetron::info", "-p", str(port)]) == 1
     assert "server closed the connection without answering" in capsys.readouterr().err
+
+
+def test_query_has_one_deadline_for_all_its_answers():
+    """A server that keeps sending other messages held `query` past its timeout (which bounded each receive)."""
+    from dainr_app.replay import query
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def chatter():
+        conn, _ = listener.accept()
+        with conn:
+            while not stop.wait(0.2):
+                conn.sendall(text_frame(5, "INFO: still here").raw)
+    threading.Thread(target=chatter, daemon=True).start()
+    outcome = []
+
+    def ask():
+        try:
+            query(listener.getsockname(), ["gadgetron::info"], timeout=1.0)
+        except ProtocolError as exc:
+            outcome.append(str(exc))
+    asker = threading.Thread(target=ask, daemon=True)
+    asker.start()
+    asker.join(5)
+    stop.set()
+    listener.close()
+    assert outcome == ["no answer to every query within 1 s"]

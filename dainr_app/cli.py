@@ -279,7 +279,8 @@ def server_options(args):
     return ServerOptions(host=args.host, port=args.port, pipelines=os.path.abspath(args.pipelines), policy=policy,
                          limits=Limits(max_message=args.max_message_mb << 20), max_connections=args.max_connections,
                          buffer_bytes=args.buffer_mb << 20, idle_timeout=args.idle_timeout, launcher=args.launcher,
-                         local_channels=args.local_channels)
+                         local_channels=args.local_channels, config_timeout=args.config_timeout,
+                         max_gadgets=args.max_gadgets)
 
 
 def cmd_serve(args) -> int:
@@ -496,7 +497,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--local-channels", type=_positive_int, default=8,
                     help="<distributed> without workers: at most this many local chains; further index values share them")
     sv.add_argument("--max-message-mb", type=_positive_int, default=256, help="largest accepted data message")
-    sv.add_argument("--idle-timeout", type=float, default=600.0, help="seconds without a message before a session ends")
+    sv.add_argument("--idle-timeout", type=_positive, default=600.0,
+                    help="seconds a client's next message may take to arrive whole before its session ends")
+    sv.add_argument("--config-timeout", type=_positive, default=30.0,
+                    help="seconds a client may take to send its CONFIG and HEADER (it holds a session slot)")
+    sv.add_argument("--max-gadgets", type=_positive_int, default=32,
+                    help="gadget processes and connections one session may open (nested <distributed> blocks)")
     sv.add_argument("--launcher", choices=("fork", "spawn"), default="fork",
                     help="fork: gadgets forked from a warm forkserver; spawn: `python -m gadgetron` per gadget")
     sv.add_argument("--from_stream", "--from-stream", action="store_true",

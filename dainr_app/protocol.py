@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import ctypes
 import io
+import select
+import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -225,11 +228,28 @@ class FrameReader:
     receive buffer, which is therefore never overwritten (a full buffer is replaced by a fresh one and lives on
     while frames point into it).  Whoever keeps such a frame for long copies it (``bytes(frame.raw)``)."""
 
-    def __init__(self, sock, limits: Limits = Limits(), size: int = 1 << 20):
+    def __init__(self, sock, limits: Limits = Limits(), size: int = 1 << 20, message_timeout: Optional[float] = None):
         self._sock, self.limits = sock, limits
         self._buf = np.empty(size, np.uint8)  # (not bytearray(size): that zeroes every new 1 MiB buffer)
         self._view = memoryview(self._buf)
         self._start = self._end = 0
+        # deadlines (time.monotonic()) that raise socket.timeout: each message must be complete within
+        # ``message_timeout`` of the call that reads it (a client dripping a byte at a time cannot hold a session),
+        # and :attr:`deadline`, when set, bounds every read (e.g. the configuration phase)
+        self.message_timeout, self.deadline = message_timeout, None
+        self._until: Optional[float] = None
+
+    def _recv_into(self, view) -> int:
+        if self._until is not None:  # waited for with poll: the socket's own timeout (its sends') is left alone
+            left = self._until - time.monotonic()
+            if left <= 0 or not self._poll(left):
+                raise socket.timeout("timed out")
+        return self._sock.recv_into(view)
+
+    def _poll(self, seconds: float) -> bool:
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+        return bool(poller.poll(int(seconds * 1000) + 1))  # (rounded up: a timeout means the time is up)
 
     @property
     def buffered(self) -> int:
@@ -244,7 +264,7 @@ class FrameReader:
             self._buf, self._view = buf, memoryview(buf)
             self._start, self._end = 0, rest
         while self._end - self._start < need:
-            k = self._sock.recv_into(self._view[self._end:])
+            k = self._recv_into(self._view[self._end:])
             if not k:
                 return
             self._end += k
@@ -260,7 +280,7 @@ class FrameReader:
                 chunk = bytearray(min(n - got, _CHUNK))
                 view, filled = memoryview(chunk), 0
                 while filled < len(chunk):
-                    k = self._sock.recv_into(view[filled:])
+                    k = self._recv_into(view[filled:])
                     if not k:
                         break
                     filled += k
@@ -278,6 +298,8 @@ class FrameReader:
     def frame(self) -> Frame:
         """The next message (:func:`read_frame`: same limits, same errors).  Never waits for more bytes than
         the message needs, so a short last message (CLOSE) is not held up."""
+        ends = [t for t in (self.deadline, self.message_timeout and time.monotonic() + self.message_timeout) if t]
+        self._until = min(ends) if ends else None
         if self._end - self._start < _ACQ_PREFIX:
             if self._end - self._start < 2:
                 self._fill(2)
@@ -360,6 +382,7 @@ class FrameWriter:
         self._stream = stream
         self._lock = threading.Lock()
         self.on_broken: Optional[Callable[[], None]] = None
+        self.broken_reason = ""
         self.broken = False
         self.closed = False
 
@@ -384,8 +407,9 @@ class FrameWriter:
                 if flush:
                     self._stream.flush()
                 return True
-            except (OSError, ValueError):
+            except (OSError, ValueError) as exc:
                 self.broken = True
+                self.broken_reason = f"{exc}" or type(exc).__name__
         if self.on_broken is not None:
             self.on_broken()
         return False

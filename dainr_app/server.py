@@ -46,10 +46,12 @@ class ServerOptions:
     limits: Limits = field(default_factory=Limits)
     max_connections: int = 8
     buffer_bytes: int = 512 << 20     # per session: data accepted ahead of a busy gadget
-    idle_timeout: float = 600.0       # seconds without a message before a session is ended
+    idle_timeout: float = 600.0       # seconds a client's next message may take to arrive whole
+    config_timeout: float = 30.0      # seconds a client may take to send its CONFIG and HEADER (a slot it holds)
     start_timeout: float = 60.0       # for a gadget process to connect back / a worker to answer
     launcher: str = "fork"            # "fork": warm forkserver; "spawn": `python -m gadgetron` per gadget
     local_channels: int = 8           # per <distributed> block without workers: index values beyond share chains
+    max_gadgets: int = 32             # gadget processes and connections one session may open (nested blocks)
 
 
 # ---------------------------------------------------------------- gadget processes
@@ -247,16 +249,33 @@ class Session:
 
     def __init__(self, opts: ServerOptions, out: FrameWriter, label: str, launcher):
         self.opts, self.out, self.label, self.launcher = opts, out, label, launcher
-        out.on_broken = self.abort  # the client went away: stop its gadgets
+        out.on_broken = self._output_failed  # the client went away or stopped reading: stop its gadgets
         self.aborted = threading.Event()
         self.errors: List[str] = []
         self.sent = 0
+        self.gadgets = 0  # gadget processes launched and gadgets/workers connected to
         self._stages: List = []
+        self._lock = threading.Lock()
 
     def error(self, text: str) -> None:
         log.warning("%s: %s", self.label, text)
         self.errors.append(text)
         self.out.error(text)
+
+    def _output_failed(self) -> None:
+        if not self.aborted.is_set():
+            log.warning("%s: sending to the client failed (%s: it went away or stopped reading); session aborted",
+                        self.label, self.out.broken_reason)
+        self.abort()
+
+    def open_gadget(self, label: str) -> None:
+        """Count a gadget process or connection about to be opened; past ``max_gadgets`` a PipelineError (nested
+        ``<distributed>`` blocks multiply their channels: 8 per block, 8⁴ processes at 4 levels)."""
+        with self._lock:
+            if self.gadgets >= self.opts.max_gadgets:
+                raise PipelineError(f"{label}: this session already opened {self.gadgets} gadget processes and "
+                                    f"connections, the limit (--max-gadgets {self.opts.max_gadgets})")
+            self.gadgets += 1
 
     def emit(self, frames: List[Frame]) -> None:
         """Output to the client; relays flush when their input runs dry (:class:`Peer`), so batches form."""
@@ -376,6 +395,7 @@ class ExternalStage:
 
     def start(self, header: str) -> None:
         opts = self.session.opts
+        self.session.open_gadget(f"gadget {self.node.label}")
         if self.node.module:
             with socket.create_server(("127.0.0.1", 0)) as listener:
                 listener.settimeout(0.2)
@@ -463,6 +483,7 @@ class DistributedStage:
     def _open(self, key: int):
         if self.workers:
             address = self.workers[len(self.channels) % len(self.workers)]
+            self.session.open_gadget(f"worker {address[0]}:{address[1]}")
             try:
                 sock = socket.create_connection(address, timeout=self.session.opts.start_timeout)
             except OSError as exc:
@@ -613,7 +634,8 @@ def run_session(session: Session, next_frames: Callable[[], List[Frame]], pipeli
                 raise ProtocolError(f"unexpected {frame.name} message in the data stream")
     except (ProtocolError, StreamEnded, socket.timeout, OSError) as exc:
         if not session.aborted.is_set():  # (else its reason is out already)
-            reason = f"no message for {session.opts.idle_timeout:g} s" if isinstance(exc, socket.timeout) else str(exc)
+            reason = (f"no complete message within {session.opts.idle_timeout:g} s" if isinstance(exc, socket.timeout)
+                      else str(exc))
             session.error(f"input ended: {reason} (after {stats.received} data messages; those are processed)")
         if isinstance(exc, (ConnectionError, socket.timeout)) or on_disconnect():
             session.abort()
@@ -715,14 +737,18 @@ class Server:
         self.listener.close()
         with self.lock:
             sessions = list(self.sessions.items())
+        notices = []
         for session, (thread, conn) in sessions:
-            if not session.aborted.is_set():
-                session.error("server is shutting down")
-                session.abort()
-            try:
-                conn.shutdown(socket.SHUT_RD)  # a session waiting for its client's next message: ends its input
-            except OSError:
-                pass
+            # told on a thread of its own: a client that does not read blocks the send (and its writer's lock)
+            notice = threading.Thread(target=_end_session, args=(session, "server is shutting down"), daemon=True)
+            notice.start()
+            notices.append((notice, conn))
+            _shutdown(conn, socket.SHUT_RD)  # a session waiting for its client's next message: ends its input
+        deadline = time.monotonic() + 2.0
+        for notice, conn in notices:
+            notice.join(max(0.0, deadline - time.monotonic()))
+            if notice.is_alive():  # the client does not read: its blocked send fails now
+                _shutdown(conn, socket.SHUT_RDWR)
         for _, (thread, _) in sessions:
             thread.join(grace)
         log.info("dainr serve: stopped")
@@ -752,7 +778,9 @@ class Server:
     def _handle(self, conn: socket.socket, addr) -> None:
         label = f"client {addr[0]}:{addr[1]}"
         conn.settimeout(self.opts.idle_timeout)
-        reader, out = FrameReader(conn, self.opts.limits), FrameWriter(SocketSink(conn))
+        reader = FrameReader(conn, self.opts.limits, message_timeout=self.opts.idle_timeout)
+        reader.deadline = time.monotonic() + self.opts.config_timeout
+        out = FrameWriter(SocketSink(conn))
         session = Session(self.opts, out, label, self.launcher)
         stats = Stats()
         pipeline_name = "?"
@@ -773,9 +801,13 @@ class Server:
                 pipeline = self._pipeline(first)
                 pipeline_name = pipeline.source
                 header = check_header(self._after_queries(reader.frame, session))
+                reader.deadline = None
             except (ProtocolError, PipelineError, StreamEnded, OSError) as exc:
                 if not session.aborted.is_set():  # (else the reason is out: the server is shutting down)
-                    session.error(str(exc) if not isinstance(exc, socket.timeout) else "no configuration received")
+                    session.error(str(exc) if not isinstance(exc, socket.timeout) else
+                                  f"no CONFIG and HEADER within {self.opts.config_timeout:g} s"
+                                  if time.monotonic() >= reader.deadline else
+                                  f"no complete message within {self.opts.idle_timeout:g} s")
                 return
             watch = threading.Thread(target=_watch_after_close, args=(conn, reader, session, closed),
                                      daemon=True)
@@ -796,11 +828,41 @@ class Server:
                 self.history.append(summary)
             closed.set()
             out.close()
-            conn.close()
+            _close_gracefully(conn)
             session.release()
             log.info("%s pipeline=%s: %d messages in (%d acquisitions), %d out, %d error(s), %.2f s%s", label,
                      pipeline_name, stats.received, stats.acquisitions, session.sent, len(session.errors),
                      summary["seconds"], " [aborted]" if summary["aborted"] else "")
+
+
+def _end_session(session: Session, reason: str) -> None:
+    if not session.aborted.is_set():
+        session.error(reason)
+        session.abort()
+
+
+def _shutdown(conn: socket.socket, how: int) -> None:
+    try:
+        conn.shutdown(how)
+    except OSError:
+        pass
+
+
+def _close_gracefully(conn: socket.socket, linger: float = 2.0) -> None:
+    """Close after the output: a socket closed with unread input resets the connection, and the reset can
+    discard the ERROR and CLOSE just sent to a client still sending (a refused session).  Its input is read
+    and dropped until it ends, for at most ``linger`` seconds."""
+    _shutdown(conn, socket.SHUT_WR)
+    deadline = time.monotonic() + linger
+    poller = select.poll()
+    try:
+        poller.register(conn, select.POLLIN | select.POLLHUP | select.POLLERR)
+        while (left := deadline - time.monotonic()) > 0 and poller.poll(max(1, int(left * 1000))):
+            if not conn.recv(1 << 16):
+                break
+    except (OSError, ValueError):
+        pass
+    conn.close()
 
 
 def _watch_after_close(conn: socket.socket, reader: FrameReader, session: Session, closed: threading.Event) -> None:

@@ -1,4 +1,5 @@
 """The embedded server: sessions, pipelines, bad input, concurrency, shutdown, stream mode, fuzzing."""
+import copy
 import ctypes
 import gc
 import os
@@ -18,11 +19,11 @@ from ismrmrd.serialization import ConfigFile, ConfigText
 
 from dainr.sim import simulate
 from dainr_app.mrd import iter_acquisitions, open_raw, write_raw
-from dainr_app.protocol import ACQUISITION, CLOSE, CONFIG_TEXT, HEADER, IMAGE, TEXT, ProtocolError, encode, read_frame, \
-    text_frame
+from dainr_app.protocol import ACQUISITION, CLOSE, CONFIG_TEXT, HEADER, IMAGE, TEXT, ProtocolError, StreamEnded, \
+    encode, read_frame, text_frame
 from dainr_app.replay import replay
 
-from dainr_app.server import child_env
+from dainr_app.server import Server, ServerOptions, child_env
 from .server_harness import errors, raw_session, running_server, small_pipeline, stream, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -746,7 +747,7 @@ def test_idle_client_gets_a_clear_error(raw):
             while frames[-1].mid != CLOSE:
                 frames.append(read_frame(rf.read))
         sock.close()
-    assert any("no message for 1 s" in e for e in errors(frames))
+    assert any("no complete message within 1 s" in e for e in errors(frames))
 
 
 def _pipeline_xml(external: str) -> str:
@@ -873,3 +874,137 @@ def test_query_has_one_deadline_for_all_its_answers():
     stop.set()
     listener.close()
     assert outcome == ["no answer to every query within 1 s"]
+
+
+RELAY = '<external><execute name="gadgets.passthrough" target="relay" type="python"/></external>'
+
+
+def _nested(dims, inner=RELAY) -> str:
+    for dim in reversed(dims):
+        inner = ("<distributed><distributor><classname>AcquisitionDistributor</classname><property "
+                 f"name='parallel_dimension' value='{dim}'/></distributor><stream>{inner}</stream></distributed>")
+    return f"<configuration><version>2</version><stream>{inner}</stream></configuration>"
+
+
+def test_nested_distributors_cannot_multiply_gadget_processes_past_the_limit(raw, monkeypatch):
+    """Each block opens up to --local-channels chains, and each chain its own nested blocks: 8⁴ processes from one
+    small stream at 4 levels (27 at 3 levels × 3 values were started before)."""
+    monkeypatch.delenv("GADGETRON_REMOTE_WORKER_COMMAND", raising=False)
+    header, acqs = load(raw)
+    acq = [a for a in acqs if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)][0]
+    items = []
+    for c in range(3):
+        for p in range(3):
+            a = copy.deepcopy(acq)
+            a.idx.contrast, a.idx.phase = c, p
+            items.append(a)
+    with running_server(max_gadgets=4) as srv:
+        frames = raw_session(srv.port, stream(ConfigText(_nested(["contrast", "phase"])), header, items))
+        assert frames[-1].mid == CLOSE and srv.history[-1]["aborted"]
+    assert any("the limit (--max-gadgets 4)" in e for e in errors(frames)), errors(frames)
+
+
+def test_a_client_must_send_its_configuration_in_time_even_byte_by_byte(raw):
+    """Silent or dripping clients held their session slot for the idle timeout (600 s) or for ever: 8 of them
+    locked every scanner out."""
+    with running_server(config_timeout=1.0) as srv:
+        silent = socket.create_connection(("127.0.0.1", srv.port))
+        dripping = socket.create_connection(("127.0.0.1", srv.port))
+        config = encode(ConfigFile("passthrough"))
+        t0, got = time.monotonic(), {}
+
+        def read(name, sock):
+            with sock.makefile("rb") as rf:
+                frames = [read_frame(rf.read)]
+                while frames[-1].mid != CLOSE:
+                    frames.append(read_frame(rf.read))
+            got[name] = (errors(frames), time.monotonic() - t0)
+        readers = [threading.Thread(target=read, args=item, daemon=True)
+                   for item in (("silent", silent), ("dripping", dripping))]
+        for r in readers:
+            r.start()
+        for byte in config[:12]:  # one byte every 0.25 s: each receive is quick, the message never completes
+            if "dripping" in got:
+                break
+            dripping.sendall(bytes([byte]))
+            time.sleep(0.25)
+        for r in readers:
+            r.join(10)
+        silent.close()
+        dripping.close()
+    for name in ("silent", "dripping"):
+        errs, seconds = got[name]
+        assert errs == ["no CONFIG and HEADER within 1 s"] and seconds < 3, (name, errs, seconds)
+
+
+def test_each_message_must_arrive_whole_within_the_idle_timeout(raw):
+    """A byte every 0.25 s kept a session open although --idle-timeout was 1 s (it bounded each receive)."""
+    header, acqs = load(raw)
+    with running_server(idle_timeout=1.0) as srv:
+        sock = socket.create_connection(("127.0.0.1", srv.port))
+        sock.sendall(stream(ConfigFile("passthrough"), header, acqs[:3], close=False))
+        frames, t0 = [], time.monotonic()
+
+        def read():
+            with sock.makefile("rb") as rf:
+                frames.append(read_frame(rf.read))
+                while frames[-1].mid != CLOSE:
+                    frames.append(read_frame(rf.read))
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        for byte in encode(acqs[3])[:40]:
+            if not reader.is_alive():
+                break
+            sock.sendall(bytes([byte]))
+            time.sleep(0.25)
+        reader.join(10)
+        sock.close()
+    assert frames and frames[-1].mid == CLOSE and time.monotonic() - t0 < 5
+    assert any("no complete message within 1 s" in e for e in errors(frames)), errors(frames)
+
+
+def test_shutdown_is_not_held_up_by_a_client_that_does_not_read(raw):
+    """The shutdown ERROR waited on the writer's lock, held by a send blocked on the silent client: SIGTERM took
+    the idle timeout (55 s of 60) per such session."""
+    header, acqs = load(raw)
+    server = Server(ServerOptions(port=0, idle_timeout=60.0))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    data = stream(ConfigFile("passthrough"), header, acqs * 60, close=False)  # ~10 MB echoed, never read
+    threading.Thread(target=lambda: _send_quietly(sock, data), daemon=True).start()
+    assert wait_until(lambda: server.sessions and any(s.sent for s in server.sessions), 30)
+    time.sleep(1)  # the echo fills the client's buffers: the relay's send blocks
+    t0 = time.monotonic()
+    server.stopping.set()
+    thread.join(30)
+    sock.close()
+    assert not thread.is_alive() and time.monotonic() - t0 < 8
+
+
+def _send_quietly(sock, data):
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass
+
+
+def test_a_refused_session_still_gets_its_error_and_close_while_the_client_sends(raw):
+    """The socket was closed with the client's input unread: the reset that makes discarded the CLOSE (3 to 5 in
+    10 sessions got ERROR, then 'stream ended without CLOSE' or a ConnectionResetError)."""
+    header, acqs = load(raw)
+    data = stream(ConfigFile("nosuch"), header, acqs * 100)  # ~17 MB, still being sent at the refusal
+    with running_server() as srv:
+        for _ in range(20):
+            sock = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+            threading.Thread(target=_send_quietly, args=(sock, data), daemon=True).start()
+            names = []
+            with sock.makefile("rb") as rf:
+                try:
+                    while not names or names[-1] != "CLOSE":
+                        names.append(read_frame(rf.read).name)
+                except (StreamEnded, OSError) as exc:
+                    names.append(type(exc).__name__)
+            sock.close()
+            assert names == ["ERROR", "CLOSE"], names

@@ -194,6 +194,8 @@ class ReconParameters:
     angle_step_rad: Optional[float]  # None: not derivable (uniform "radial" without the angle parameter)
     trajectory: str
     encoded_fov_x: Optional[float] = None  # mm: with the readout's samples, their spacing in k-space
+    first_phase: int = 0  # the header's phase minimum
+    last_average: int = 0  # the header's average maximum: averages are one cine, complete at the last one's end
 
     @classmethod
     def from_header(cls, header, spokes_per_frame: Optional[int] = None,
@@ -238,10 +240,15 @@ class ReconParameters:
                     spokes_per_frame = _header_number(p.value, SPOKES_PARAM)
         if golden_angle is not None:
             step = angle_step(golden_angle)
-        n_frames = int(phase.maximum) - _header_number(phase.minimum or 0, "phase minimum") + 1 if from_phase else None
+        first_phase = _header_number(phase.minimum or 0, "phase minimum") if from_phase else 0
+        n_frames = int(phase.maximum) - first_phase + 1 if from_phase else None
         enc_fov = getattr(getattr(enc.encodedSpace, "fieldOfView_mm", None), "x", None)
         enc_fov = _header_number(enc_fov, "encodedSpace fieldOfView_mm x", float) if enc_fov else None
-        return cls(matrix, fov_mm, from_phase, n_frames, spokes_per_frame, step, traj, enc_fov)
+        average = enc.encodingLimits.average if enc.encodingLimits is not None else None
+        last_average = _header_number(average.maximum, "average maximum") if average is not None and \
+            average.maximum is not None else 0
+        return cls(matrix, fov_mm, from_phase, n_frames, spokes_per_frame, step, traj, enc_fov, first_phase,
+                   last_average)
 
 
 def _header_number(value, what: str, cast=int):
@@ -265,27 +272,34 @@ def _partitions(enc) -> int:
     return z
 
 
-def spoke_trajectory(acq, params: ReconParameters, n_samples: int) -> np.ndarray:
-    """(samples, 2) trajectory of one readout: ``acq.traj`` when present (it gives every stored sample's position,
-    so it already accounts for a reversed readout), else from the golden-angle index."""
+def spoke_trajectory(acq, params: ReconParameters, n_samples: int, pre: int = 0, post: int = 0) -> np.ndarray:
+    """(kept samples, 2) trajectory of one readout of ``n_samples`` whose first ``pre`` and last ``post`` samples
+    are discarded: ``acq.traj`` when present (it gives every stored sample's position, so it already accounts for
+    a reversed readout), else from the golden-angle index, with the echo (``center_sample``, counted in the whole
+    readout) in the middle of the kept samples.  Without ``acq.traj`` spokes are taken as symmetric, as
+    Gadgetron's radial gadgets take them: ``center_sample`` 0 is read as not set, so a centre-out readout needs
+    ``acq.traj``."""
     if acq.trajectory_dimensions >= 2:
-        return np.asarray(acq.traj[:, :2], dtype=np.float32)
+        return np.asarray(acq.traj[pre:n_samples - post, :2], dtype=np.float32)
     if params.trajectory not in RADIAL_TRAJECTORIES:
         raise MRDFormatError(f"acquisition has no trajectory and the header trajectory type is {params.trajectory!r}; "
                              "cannot derive radial angles")
     if params.angle_step_rad is None:
         raise MRDFormatError(f"readouts have no acq.traj and the header trajectory is {params.trajectory!r} without "
-                             f"the {ANGLE_PARAM!r} trajectory parameter: the spokes' angles are unknown (give "
-                             "--golden-angle true|reference if the spokes are golden-angle ordered)")
-    if acq.center_sample not in (0, n_samples // 2):  # 0: not set by the converter
-        raise MRDFormatError(f"readout {acq.scan_counter} has its echo at sample {acq.center_sample} of {n_samples} "
-                             "(asymmetric echo) and no acq.traj: the sample positions cannot be derived")
+                             f"the {ANGLE_PARAM!r} trajectory parameter: the spokes' angles are unknown (give each "
+                             "readout acq.traj, or the header's trajectory goldenangle or that parameter; "
+                             "`dainr recon --golden-angle true|reference` reads such a file as golden-angle ordered)")
+    n = n_samples - pre - post
+    if acq.center_sample != 0 and acq.center_sample - pre != n // 2:  # 0: not set by the converter
+        where = f" ({n} kept after discard_pre {pre}, discard_post {post})" if pre or post else ""
+        raise MRDFormatError(f"readout {acq.scan_counter} has its echo at sample {acq.center_sample} of {n_samples}"
+                             f"{where} (asymmetric echo) and no acq.traj: the sample positions cannot be derived")
     angle = acq.idx.kspace_encode_step_1 * params.angle_step_rad
-    traj = radial_trajectory(torch.tensor([angle]), n_samples)[0].numpy()  # sample i at (i − n/2)/n cycles/pixel
+    traj = radial_trajectory(torch.tensor([angle]), n)[0].numpy()  # kept sample i at (i − n/2)/n cycles/pixel
     if params.encoded_fov_x:  # the samples are 1/FOV_encoded apart: (FOV_recon/N)/FOV_encoded cycles/pixel
-        factor = n_samples * params.fov_mm[0] / (params.matrix * params.encoded_fov_x)
+        factor = n * params.fov_mm[0] / (params.matrix * params.encoded_fov_x)
         if factor > 1.001:
-            raise MRDFormatError(f"{n_samples} readout samples over an encoded FOV of {params.encoded_fov_x:g} mm reach "
+            raise MRDFormatError(f"{n} readout samples over an encoded FOV of {params.encoded_fov_x:g} mm reach "
                                  f"{0.5 * factor:.3g} cycles/pixel of the {params.matrix}-pixel, {params.fov_mm[0]:g} mm "
                                  "reconSpace: its matrix is coarser than the acquisition (give acq.traj)")
         if factor < 0.999:  # reconSpace finer than acquired (scanner interpolation): the samples span less
@@ -393,13 +407,17 @@ def slice_from_acquisitions(acqs: List, params: ReconParameters, noise: Optional
         bad = (~finite).nonzero().flatten().tolist()
         raise MRDFormatError(f"slice {s}: {len(bad)} readout(s) contain NaN/Inf samples "
                              f"(scan counters {[int(acqs[i].scan_counter) for i in bad[:5]]})")
-    traj = torch.from_numpy(np.stack([spoke_trajectory(a, params, R)[keep] for a in acqs]))
+    traj = torch.from_numpy(np.stack([spoke_trajectory(a, params, R, pre, post) for a in acqs]))
     frame_index = torch.tensor([a.idx.phase for a in acqs]) if params.frames_from_phase else None
     if frame_index is not None and params.n_frames:
         if len(acqs) < params.n_frames:
             raise MRDFormatError(f"slice {s}: {len(acqs)} spokes for {params.n_frames} frames (header phase range)")
-        missing = sorted(set(range(int(frame_index.min()), int(frame_index.min()) + params.n_frames))
-                         - set(frame_index.tolist()))
+        phases = set(frame_index.tolist())
+        # the header's phase range where the data lie in it, else (a scanner numbering its phases from elsewhere)
+        # the same number of frames from the lowest phase received
+        first = params.first_phase if min(phases) >= params.first_phase and \
+            max(phases) < params.first_phase + params.n_frames else min(phases)
+        missing = sorted(set(range(first, first + params.n_frames)) - phases)
         if missing:
             raise MRDFormatError(f"slice {s}: frames {missing} have no spokes")
     if frame_index is None and params.spokes_per_frame is None:

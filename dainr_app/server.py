@@ -743,12 +743,12 @@ class Server:
             notice = threading.Thread(target=_end_session, args=(session, "server is shutting down"), daemon=True)
             notice.start()
             notices.append((notice, conn))
-            _shutdown(conn, socket.SHUT_RD)  # a session waiting for its client's next message: ends its input
         deadline = time.monotonic() + 2.0
         for notice, conn in notices:
             notice.join(max(0.0, deadline - time.monotonic()))
-            if notice.is_alive():  # the client does not read: its blocked send fails now
-                _shutdown(conn, socket.SHUT_RDWR)
+            # told (and aborted): a session waiting for its client's next message has its input ended; a client
+            # that does not read has its blocked send failed
+            _shutdown(conn, socket.SHUT_RDWR if notice.is_alive() else socket.SHUT_RD)
         for _, (thread, _) in sessions:
             thread.join(grace)
         log.info("dainr serve: stopped")

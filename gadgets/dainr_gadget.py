@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -44,11 +45,27 @@ class GadgetOptions:
     max_buffer_mb: float = 2048.0
 
 
-def properties(config) -> Dict[str, str]:
-    """``<property name= value=/>`` pairs of the ``<configuration>`` element (None → empty)."""
+def properties(config, raw: bytes = b"") -> Dict[str, str]:
+    """The ``<configuration>`` element's properties, in Gadgetron's two forms: ``<property name= value=/>`` and
+    ``<property><name/><value/></property>``.  None with ``raw`` bytes (gadgetron-python could not parse them),
+    a property without a name or one given twice raises ValueError: ignored, the fit would run on defaults."""
     if config is None:
+        if bytes(raw).strip(b"\x00 \t\r\n"):
+            try:
+                ElementTree.fromstring(bytes(raw).rstrip(b"\x00"))
+            except ElementTree.ParseError as exc:
+                raise ValueError(f"the gadget's <configuration> is not XML ({exc})") from None
         return {}
-    return {p.get("name"): p.get("value") for p in config.iter("property") if p.get("name") is not None}
+    props: Dict[str, str] = {}
+    for p in config.iter("property"):
+        name = (p.get("name", p.findtext("name")) or "").strip()
+        value = p.get("value", p.findtext("value"))
+        if not name or value is None:
+            raise ValueError(f"a <property> without a name and a value: {ElementTree.tostring(p, 'unicode')[:200]}")
+        if name in props:
+            raise ValueError(f"property {name} is given twice")
+        props[name] = value
+    return props
 
 
 BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -92,9 +109,11 @@ def options_from_properties(props: Dict[str, str]) -> GadgetOptions:
     for prop, field, cast in FIT_PROPERTIES:
         if prop in props:
             changes[field] = get(prop, cast)
-    preview = get("preview", boolean, False)
+    preview, preview_steps = get("preview", boolean, False), get("preview_steps", int, 50)
+    if preview_steps < 1:
+        raise ValueError(f"property preview_steps={preview_steps}: must be >= 1")
     if preview:
-        changes["preview_every"] = get("preview_steps", int, 50)
+        changes["preview_every"] = preview_steps
     series = get("image_series_index", lambda v: series_index(int(v)), 1)
     output = get("output", str, "magnitude")
     if output not in ("magnitude", "complex"):
@@ -124,7 +143,8 @@ class SliceBuffers:
     flushed, so the loss reaches the client as an ERROR instead of exhausting the gadget's memory.
     """
 
-    def __init__(self, max_bytes: float = float("inf")):
+    def __init__(self, max_bytes: float = float("inf"), last_average: int = 0):
+        self.last_average = last_average  # averages are one cine: a slice ends with its last average's last readout
         self.noise: List[np.ndarray] = []
         self.buffers: Dict[Key, list] = {}
         self.max_bytes, self.used = max_bytes, 0
@@ -148,7 +168,8 @@ class SliceBuffers:
         else:
             self.buffers.setdefault(key, []).append(acq)
             self.used += acq.data.nbytes
-        return key if acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE) else None
+        last = acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE) and acq.idx.average >= self.last_average
+        return key if last else None
 
     def pop(self, key: Key) -> Tuple[list, int]:
         """The key's buffered readouts and how many of its readouts were dropped at the memory cap."""
@@ -189,17 +210,31 @@ def reconstruct_slice(connection, key: Key, acqs: list, params: ReconParameters,
     log.info("slice %s: %d frames sent %.2f s after the last readout", key, len(result.images), time.perf_counter() - t0)
 
 
+def _pass_through(connection) -> None:
+    """After a configuration error: what the gadget would not have consumed passes on, the readouts it would have
+    reconstructed are counted in one ERROR."""
+    dropped = 0
+    for item in connection:
+        if isinstance(item, ismrmrd.Acquisition) and not is_skipped(item):
+            dropped += 1
+        else:
+            connection.send(item)
+    if dropped:
+        send_error(connection, f"DA-INR: {dropped} readouts not reconstructed (the configuration error above)")
+
+
 def dainr_recon(connection) -> None:
     """Gadget entry point (``<execute name="gadgets.dainr_gadget" target="dainr_recon" type="python"/>``)."""
     try:
-        opts = options_from_properties(properties(connection.config))
+        opts = options_from_properties(properties(connection.config, connection.raw_bytes.config or b""))
         params = ReconParameters.from_header(connection.header, None)
         if opts.spokes_per_frame is not None:
             params.spokes_per_frame = opts.spokes_per_frame
     except (ValueError, MRDFormatError) as exc:
         send_error(connection, f"DA-INR gadget configuration: {exc}")
+        _pass_through(connection)
         return
-    buffers = SliceBuffers(opts.max_buffer_mb * 2 ** 20)
+    buffers = SliceBuffers(opts.max_buffer_mb * 2 ** 20, params.last_average)
 
     def flush(key: Key) -> None:
         acqs, dropped = buffers.pop(key)
@@ -217,9 +252,20 @@ def dainr_recon(connection) -> None:
             send_error(connection, f"DA-INR slice {key[0]} (contrast {key[1]}, repetition {key[2]}, set {key[3]}): {exc}")
 
     connection.filter(lambda item: isinstance(item, ismrmrd.Acquisition) and not is_skipped(item))
-    imaging = 0
+    imaging, late_noise, undeclared_average = 0, 0, False
     for acq in connection:
+        if acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT) and imaging:
+            # as Gadgetron's NoiseAdjustGadget: the prewhitener is fixed at the first imaging readout (a noise scan
+            # between slices prewhitened only the later ones)
+            late_noise += 1
+            continue
         imaging += not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
+        if acq.idx.average > params.last_average and not undeclared_average:
+            undeclared_average = True
+            send_error(connection, f"DA-INR: readout {acq.scan_counter} is of average {acq.idx.average}, beyond the "
+                                   f"header's encodingLimits average maximum {params.last_average}: a slice's "
+                                   "readouts up to each ACQ_LAST_IN_SLICE are reconstructed as a cine of their own "
+                                   "(declared averages are combined into one)")
         unusable = None
         if acq.number_of_samples == 0:
             unusable = "has 0 samples"
@@ -240,6 +286,9 @@ def dainr_recon(connection) -> None:
                 flush(k)
     for k in buffers.keys():  # end of stream: reconstruct whatever is still buffered
         flush(k)
+    if late_noise:
+        send_error(connection, f"DA-INR: {late_noise} noise readouts after the first imaging readout were not used "
+                               "(the prewhitening is fixed there, as in Gadgetron's NoiseAdjustGadget)")
     if buffers.noise_dropped:
         send_error(connection, f"DA-INR: {buffers.noise_dropped} noise readouts past max_buffer_mb="
                                f"{opts.max_buffer_mb:g} were dropped; the prewhitening used the first "

@@ -319,6 +319,27 @@ def test_samples_the_scanner_marks_as_discarded_are_dropped(raw2, tmp_path, with
     assert torch.equal(got.kdata, ref.kdata[..., 4:-3]) and torch.allclose(got.traj, ref.traj[:, :, 4:-3], atol=1e-3)  # (a sample is 1/64)
 
 
+@pytest.mark.parametrize("pre, post", [(4, 4), (4, 0)])
+def test_discarded_samples_around_the_encoded_readout_without_trajectory(raw2, tmp_path, pre, post):
+    """A scanner's readout with extra samples it marks as discarded (siemens_to_ismrmrd fills discard_pre/post and
+    center_sample from the MDH; radial data comes without acq.traj): the kept samples are the encoded readout.
+    The positions were derived from the whole readout: every slice was refused ("coarser than the acquisition",
+    or "asymmetric echo")."""
+    def pad(acq):
+        if acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            return acq
+        data = acq.data.copy()
+        C, R = data.shape
+        acq.resize(R + pre + post, C, 0)
+        acq.data[:] = 1e3  # what the scanner says not to use
+        acq.data[:, pre:pre + R] = data
+        acq.discard_pre, acq.discard_post, acq.center_sample = pre, post, pre + R // 2
+        return acq
+    ref = read_raw(raw2, golden_angle="true").slices[(0, 0, 0, 0)].data
+    got = read_raw(_rewrite(raw2, str(tmp_path / "padded.h5"), pad), golden_angle="true").slices[(0, 0, 0, 0)].data
+    assert torch.equal(got.kdata, ref.kdata) and torch.allclose(got.traj, ref.traj, atol=1e-5)
+
+
 def test_reversed_readouts_without_trajectory_get_the_reversed_positions(raw2, tmp_path):
     """A reversed readout runs the spoke backwards through the same echo sample (``center_sample`` = n/2): stored
     sample i lies where the forward spoke's sample n − i does (the old rule, the forward positions reversed, put

@@ -82,7 +82,8 @@ def test_failures_become_error_messages_and_other_slices_survive(two_slices):
 def test_bad_property_is_an_error_message(two_slices):
     header, acqs = _load(two_slices[1])
     run = run_gadget(CONFIG.format(steps="many", extra=""), header, acqs[:3])
-    assert len(run.errors) == 1 and "steps" in run.errors[0] and run.images == []
+    assert len(run.errors) == 2 and "steps" in run.errors[0] and run.images == []
+    assert run.errors[1] == "DA-INR: 3 readouts not reconstructed (the configuration error above)"
 
 
 def test_buffer_cap_drops_a_slice_that_never_ends_with_an_error(two_slices):
@@ -378,3 +379,87 @@ def test_every_gadget_module_makes_the_connection_raise_at_end_of_stream(module)
             "try:\n    Connection.SocketWrapper(a).read(4)\nexcept ConnectionResetError:\n    print('raised')\n" % module)
     out = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=20)
     assert out.stdout.strip() == "raised", out.stderr[-2000:]
+
+
+def test_properties_in_gadgetrons_other_form_twice_or_unparsable_are_not_ignored():
+    """``<property><name/><value/></property>`` (which Gadgetron accepts) was skipped, and an unparsable
+    ``<configuration>`` (gadgetron-python passes None) or a property given twice went by: the defaults ran."""
+    import xml.etree.ElementTree as ElementTree
+
+    from gadgets.dainr_gadget import properties
+
+    def props(xml):
+        return properties(ElementTree.fromstring(xml))
+    assert props('<configuration><property><name>steps</name><value>5</value></property>'
+                 '<property name="device" value="cpu"/></configuration>') == {"steps": "5", "device": "cpu"}
+    with pytest.raises(ValueError, match="property steps is given twice"):
+        props('<configuration><property name="steps" value="5"/><property><name>steps</name><value>9</value>'
+              '</property></configuration>')
+    with pytest.raises(ValueError, match="a <property> without a name and a value"):
+        props('<configuration><property value="5"/></configuration>')
+    with pytest.raises(ValueError, match="<configuration> is not XML"):
+        properties(None, b'<configuration><property name="steps" value="5"></configuration>')
+    assert properties(None, b"") == {} and properties(None, b"\x00") == {}
+    with pytest.raises(ValueError, match="preview_steps=0: must be >= 1"):  # accepted, then no preview was sent
+        options_from_properties({"preview": "true", "preview_steps": "0"})
+
+
+def test_after_a_configuration_error_what_the_gadget_does_not_consume_passes_on(two_slices):
+    header, acqs = _load(two_slices[1])
+    image = ismrmrd.Image.from_array(np.ones((4, 4), np.float32), transpose=False)
+    image.image_series_index = 55
+    navigator = ismrmrd.Acquisition.from_array(acqs[-1].data.copy())
+    navigator.set_flag(ismrmrd.ACQ_IS_NAVIGATION_DATA)
+    run = run_gadget(CONFIG.format(steps="many", extra=""), header, acqs[:20] + [image, navigator] + acqs[20:])
+    n_readouts = len(acqs)
+    assert run.errors[0].startswith("DA-INR gadget configuration: property steps='many'")
+    assert run.errors[1:] == [f"DA-INR: {n_readouts} readouts not reconstructed (the configuration error above)"]
+    assert [im.image_series_index for im in run.images] == [55] and len(run.passthrough) == 1
+
+
+def test_noise_after_imaging_is_reported_not_used_for_some_slices(two_slices):
+    """A noise scan between the slices prewhitened only the second one, silently."""
+    header, acqs = _load(two_slices[1])
+    noise = [a for a in acqs if a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
+    config = CONFIG.format(steps=3, extra="")
+    late = run_gadget(config, header, _imaging(acqs, 0) + noise + _imaging(acqs, 1))
+    without = run_gadget(config, header, _imaging(acqs, 0) + _imaging(acqs, 1))
+    assert late.errors == [f"DA-INR: {len(noise)} noise readouts after the first imaging readout were not used "
+                           "(the prewhitening is fixed there, as in Gadgetron's NoiseAdjustGadget)"]
+    assert [im.data.tobytes() for im in late.images] == [im.data.tobytes() for im in without.images]
+
+
+def test_averages_are_one_cine_per_slice(two_slices):
+    """Averages in the outer loop end each average with ACQ_LAST_IN_SLICE: two cines per slice with the same
+    labels, each from half the spokes. Declared in the header they are combined; undeclared, an ERROR says so."""
+    import copy
+
+    header, acqs = _load(two_slices[1])
+    noise = [a for a in acqs if a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
+    items = list(noise)
+    for average in (0, 1):
+        for s in (0, 1):
+            for a in _imaging(acqs, s):
+                b = copy.deepcopy(a)
+                b.idx.average = average
+                b.idx.kspace_encode_step_1 += 1000 * average  # the golden-angle counter goes on
+                if average == 0:
+                    b.clear_flag(ismrmrd.ACQ_LAST_IN_MEASUREMENT)
+                items.append(b)
+    declared = copy.deepcopy(header)
+    declared.encoding[0].encodingLimits.average = ismrmrd.xsd.limitType(minimum=0, maximum=1, center=0)
+    run = run_gadget(CONFIG.format(steps=3, extra=""), declared, items)
+    assert run.errors == [] and sorted((im.slice, int(im.phase)) for im in run.images) == \
+        sorted((s, p) for s in (0, 1) for p in range(6))  # one cine per slice, from both averages
+    run = run_gadget(CONFIG.format(steps=3, extra=""), header, items)
+    assert len(run.errors) == 1 and "of average 1, beyond the header's encodingLimits average maximum 0" in run.errors[0]
+
+
+def test_a_missing_frame_is_named_by_the_headers_phase_range(two_slices):
+    from dainr_app.mrd import MRDFormatError, ReconParameters, slice_from_acquisitions
+
+    header, acqs = _load(two_slices[1])
+    params = ReconParameters.from_header(header)
+    without_first = [a for a in _imaging(acqs, 0) if a.idx.phase != 0]
+    with pytest.raises(MRDFormatError, match=r"frames \[0\] have no spokes"):  # was "frames [6]"
+        slice_from_acquisitions(without_first, params, None, 0)

@@ -149,8 +149,8 @@ class DAINRConfig:
     * ``use_features`` defaults to off (the reference feeds the frozen features of the neighbouring frames'
       zero-filled images to the canonical MLP; ``True`` restores that). With the capped grid (above) the
       features lowered SSIM on every data set and setting we measured, and PSNR on all but one. Features on vs
-      off, mean over the fit's seeds 0–3, PSNR dB / SSIM, lr 4e-3: phantom at 13 spokes 35.04 / 0.934 vs
-      36.03 / 0.953 (−0.99 ± 0.38 dB paired by seed), real cine 27.53 / 0.869 vs 28.65 / 0.896 (−1.13 ± 0.11
+      off, mean over the fit's seeds 0–3, PSNR dB / SSIM, lr 4e-3: phantom at 13 spokes 34.85 / 0.936 vs
+      35.76 / 0.955 (−0.92 ± 0.26 dB paired by seed), real cine 27.62 / 0.870 vs 28.71 / 0.897 (−1.10 ± 0.47
       dB), lower for every seed in both metrics (at 1e-3: −0.29 ± 0.30 and −0.69 ± 0.10 dB); at 1e-3 also
       lower at 5 and 21 spokes, for temporal and spatial ×2, in the demo and in the paper's acquisition
       setting; under the reference's ground-truth checkpoint pick the phantom's best PSNR is higher with them,

@@ -245,6 +245,11 @@ class Fitter:
         self.ema = [q.detach().clone() for q in self.params] if cfg.ema_decay > 0 else None
         # Each acquired frame's latest held-out residual (NaN until visited, and for frames holding none out).
         self.heldout = torch.full((problem.n_acq,), math.nan, device=problem.device)
+        # the same number for an all-zero image: a fit whose best is far above it has failed, not converged
+        count = problem.hold_w.sum(1)
+        zero = _l1_per_frame(torch.zeros((), dtype=problem.kdata.dtype, device=problem.device), problem.kdata,
+                             problem.hold_w) / (count.clamp_min(1) * problem.n_coils)
+        self.zero_image_residual = float(torch.where(count > 0, zero, math.nan).nanmean())
 
     def weights(self) -> dict:
         """The weights to render with: the EMA when enabled, else the live ones (a copy)."""
@@ -449,6 +454,12 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
     if bar is not None:
         bar.close()
     t_fit = time.perf_counter() - t_fit0
+    # failed, not converged: far above an all-zero image's held-out residual, or converged to hardly below it
+    zero_res = fitter.zero_image_residual
+    if math.isfinite(best_res) and (best_res > FAILED_RESIDUAL * zero_res
+                                    or (reason == "holdout_converged" and best_res > 0.99 * zero_res)):
+        raise ValueError(f"the fit failed: its best held-out residual {best_res:.3g} is {best_res / zero_res:.3g} "
+                         f"times an all-zero image's ({zero_res:.3g}); lower lr (now {cfg.lr:g})")
     if best_state is None:
         best_state = fitter.weights()
         if not _finite(best_state):
@@ -475,6 +486,9 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
     return ReconResult(images=images, zero_filled=(problem.zero_filled * problem.output_scale).cpu(),
                        coil_maps=problem.coil_maps_in_data_space().cpu(), acquired_frames=problem.acquired, info=info,
                        lowres_images=lowres)
+
+
+FAILED_RESIDUAL = 4.0  # a best held-out residual this many times an all-zero image's: a failed fit (real ones: < 1×)
 
 
 def _finite(state: Optional[dict]) -> bool:

@@ -100,8 +100,10 @@ def test_holdout_residual_is_a_mean_over_frames_not_over_the_epochs_visits(small
     """Epochs of 11 visits over 8 frames visit different frames, whose residuals differ: with the model held
     still (a vanishing lr) every epoch must still report the same number, the mean of the frames' residuals."""
     cfg = DAINRConfig(max_steps=55, min_steps=55, lr=1e-12, min_epoch_frames=11, patience=2, max_decays=0, device="cpu")
-    history = reconstruct(small_scan.data, cfg).info["history"]
-    res = np.array([h[2] for h in history])
+    history = []
+    with pytest.raises(ValueError, match="the fit failed"):  # (a model held still converges to nothing)
+        reconstruct(small_scan.data, cfg, callback=lambda p: history.append((p.step, p.holdout_residual)))
+    res = np.array([h[1] for h in history])
     assert [h[0] for h in history] == [11, 22, 33, 44, 55]
     assert np.ptp(res) < 1e-5 * res.mean(), res
 
@@ -444,6 +446,22 @@ def test_a_diverging_fit_is_a_clear_error_not_nan_images(small_scan):
     for holdout in (1, 0):
         with pytest.raises(ValueError, match=r"the fit diverged \(non-finite .* lower lr \(now 1e\+30\)"):
             reconstruct(small_scan.data, DAINRConfig(max_steps=200, device="cpu", lr=1e30, holdout_spokes=holdout))
+
+
+def test_a_failed_fit_is_a_clear_error_not_its_garbage_checkpoint():
+    """lr 10 returned finite images ~1e8 times the zero-filled ones (its first epoch's checkpoint, a held-out residual
+    7e8 times an all-zero image's) with stop_reason max_steps or diverged."""
+    from dainr.sim import simulate
+
+    data = simulate(matrix=16, frames=3, spokes=5, coils=2).data
+    with pytest.raises(ValueError, match=r"the fit failed: its best held-out residual .* times an all-zero image's "
+                                         r".* lower lr \(now 10\)"):
+        reconstruct(data, DAINRConfig(max_steps=20, device="cpu", lr=10.0))
+    from dainr.recon import Fitter
+
+    cfg = DAINRConfig(max_steps=20, device="cpu")  # the default rate on the same data: well below a zero image
+    zero = Fitter(Problem(data, cfg, None, torch.device("cpu")), cfg).zero_image_residual
+    assert reconstruct(data, cfg).info["holdout_residual"] < 0.5 * zero
 
 
 def test_a_fit_collapsed_to_zero_images_is_a_clear_error(small_scan, monkeypatch):

@@ -21,8 +21,7 @@ import torch
 
 from .config import DAINRConfig
 from .data import RadialData
-from .recon import Problem
-from .utils import resolve_device
+from .recon import Problem, acquired_problem
 
 
 def _time_diff(x: torch.Tensor) -> torch.Tensor:
@@ -32,12 +31,6 @@ def _time_diff(x: torch.Tensor) -> torch.Tensor:
 def _time_diff_adjoint(q: torch.Tensor) -> torch.Tensor:
     zero = q.new_zeros((1,) + q.shape[1:])
     return torch.cat((zero, q)) - torch.cat((q, zero))
-
-
-def _problem(data: RadialData, cfg: Optional[DAINRConfig], coil_maps, holdout_spokes: int) -> Problem:
-    cfg = (cfg or DAINRConfig()).replace(use_features=False, holdout_spokes=holdout_spokes, spatial_ratio=1.0,
-                                         temporal_ratio=1, temporal_offset=0, temporal_frames=None)
-    return Problem(data, cfg, coil_maps, resolve_device(cfg.device))
 
 
 def _forward(p: Problem, x: torch.Tensor, batch: int = 8) -> torch.Tensor:
@@ -68,7 +61,7 @@ def temporal_tv(data: RadialData, lam: float = 0.02, iterations: int = 100, cfg:
         raise ValueError(f"temporal_tv needs a finite lam >= 0, iterations >= 0 and power_iterations >= 1 (got {lam!r}, "
                          f"{iterations!r}, {power_iterations!r})")
     t0 = time.perf_counter()
-    p = _problem(data, cfg, coil_maps, holdout_spokes)
+    p = acquired_problem(data, cfg, coil_maps, holdout_spokes)
     sqrt_w = (p.dcf * p.train_w).sqrt()[:, None, :]  # zero on padding and held-out spokes
 
     def A(x):
@@ -125,7 +118,7 @@ def cg_sense(data: RadialData, iterations: int = 10, cfg: Optional[DAINRConfig] 
     if iterations < 1:
         raise ValueError(f"cg_sense needs iterations >= 1, got {iterations!r}")
     t0 = time.perf_counter()
-    p = _problem(data, cfg, coil_maps, holdout_spokes)
+    p = acquired_problem(data, cfg, coil_maps, holdout_spokes)
     w = (p.dcf * p.train_w)[:, None, :]  # zero on padding and held-out spokes
 
     def dot(a, b):  # per-frame real inner product, shaped to broadcast over images

@@ -516,11 +516,18 @@ def _progress_bar(cfg: DAINRConfig):
     return tqdm(total=cfg.max_steps, desc="DA-INR fit", unit="step", leave=False, disable=None, mininterval=0.5)
 
 
+def acquired_problem(data: RadialData, cfg: Optional[DAINRConfig], coil_maps: Optional[torch.Tensor] = None,
+                     holdout_spokes: int = 0) -> Problem:
+    """A :class:`Problem` of the acquired frames at the acquired matrix (no features, no spatial or temporal
+    interpolation): what the zero-filled images and the classical baselines work on."""
+    cfg = (cfg or DAINRConfig()).replace(use_features=False, holdout_spokes=holdout_spokes, spatial_ratio=1.0,
+                                         temporal_ratio=1, temporal_offset=0, temporal_frames=None)
+    return Problem(data, cfg, coil_maps, resolve_device(cfg.device))
+
+
 def zero_filled(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Zero-filled (DCF gridding, coil-combined) images (F, N, N) in data units, no fitting."""
-    cfg = (cfg or DAINRConfig()).replace(use_features=False, holdout_spokes=0, spatial_ratio=1.0, temporal_ratio=1,
-                                         temporal_offset=0, temporal_frames=None)
-    p = Problem(data, cfg, coil_maps, resolve_device(cfg.device))
+    p = acquired_problem(data, cfg, coil_maps)
     return (p.zero_filled * p.output_scale).cpu()
 
 

@@ -220,6 +220,14 @@ def read_frame(read: Callable[[int], bytes], limits: Limits = Limits()) -> Frame
 _CHUNK = 1 << 24  # a large message is received 16 MiB at a time
 
 
+def readable(sock, seconds: float) -> bool:
+    """Whether ``sock`` has input (or its end, or an error) within ``seconds`` (rounded up to the next ms: False
+    means the time is up); poll, not select, so any descriptor number works."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+    return bool(poller.poll(int(seconds * 1000) + 1))
+
+
 class FrameReader:
     """Messages from a socket, received in large chunks: one ``recv_into`` brings in many readouts, and
     :attr:`buffered` tells a relay whether more input is already here, so it flushes its output only when its
@@ -242,14 +250,9 @@ class FrameReader:
     def _recv_into(self, view) -> int:
         if self._until is not None:  # waited for with poll: the socket's own timeout (its sends') is left alone
             left = self._until - time.monotonic()
-            if left <= 0 or not self._poll(left):
+            if left <= 0 or not readable(self._sock, left):
                 raise socket.timeout("timed out")
         return self._sock.recv_into(view)
-
-    def _poll(self, seconds: float) -> bool:
-        poller = select.poll()
-        poller.register(self._sock, select.POLLIN | select.POLLHUP | select.POLLERR)
-        return bool(poller.poll(int(seconds * 1000) + 1))  # (rounded up: a timeout means the time is up)
 
     @property
     def buffered(self) -> int:

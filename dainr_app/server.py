@@ -17,7 +17,6 @@ import collections
 import json
 import logging
 import os
-import select
 import socket
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from .pipeline import PIPELINES_DIR, Distributed, External, Pipeline, PipelineEr
     load_named, parse_pipeline, parse_xml
 from .protocol import ACQUISITION, CLOSE, CONFIG_FILE, CONFIG_TEXT, DATA_IDS, ERROR, HEADER, NOISE_BIT, QUERY, TEXT, \
     Frame, FrameReader, FrameWriter, Limits, ProtocolError, SocketSink, StreamEnded, config_text, read_frame, \
-    error_frame, response_frame, send_buffers, text_frame
+    error_frame, readable, response_frame, send_buffers, text_frame
 
 log = logging.getLogger("dainr.server")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -347,10 +346,7 @@ class Peer:
                 frame = frames[0]
                 if frame.mid == CLOSE:
                     self.closed_cleanly = True
-                    try:  # it reads no more: a sender blocked on its full buffers must not wait forever
-                        self.sock.shutdown(socket.SHUT_WR)
-                    except OSError:
-                        pass
+                    _shutdown(self.sock, socket.SHUT_WR)  # it reads no more: a blocked sender must not wait forever
                     return
                 if frame.mid == ERROR:
                     self.remote_error = True
@@ -379,10 +375,7 @@ class Peer:
 
     def abort(self) -> None:
         self.queue.drop_all()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes both threads; the fd closes when they let go
-        except OSError:
-            pass
+        _shutdown(self.sock, socket.SHUT_RDWR)  # wakes both threads; the fd closes when they let go
         self.sock.close()
 
 
@@ -854,10 +847,8 @@ def _close_gracefully(conn: socket.socket, linger: float = 2.0) -> None:
     and dropped until it ends, for at most ``linger`` seconds."""
     _shutdown(conn, socket.SHUT_WR)
     deadline = time.monotonic() + linger
-    poller = select.poll()
     try:
-        poller.register(conn, select.POLLIN | select.POLLHUP | select.POLLERR)
-        while (left := deadline - time.monotonic()) > 0 and poller.poll(max(1, int(left * 1000))):
+        while (left := deadline - time.monotonic()) > 0 and readable(conn, left):
             if not conn.recv(1 << 16):
                 break
     except (OSError, ValueError):
@@ -877,7 +868,7 @@ def _watch_after_close(conn: socket.socket, reader: FrameReader, session: Sessio
         if closed.is_set():
             return
         try:
-            if not select.select([conn], [], [], 0.2)[0]:
+            if not readable(conn, 0.2):
                 continue
             pending = bool(conn.recv(1 << 16))
         except (OSError, ValueError):  # the session closed the socket meanwhile

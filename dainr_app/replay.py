@@ -20,7 +20,7 @@ from ismrmrd.serialization import ConfigFile, ConfigText, ProtocolSerializer
 
 from .mrd import Key, acquisition_key, iter_acquisitions, open_raw
 from .protocol import ACQUISITION, CLOSE, ERROR, HEADER, IMAGE, LAST_IN_SLICE_BIT, NOISE_BIT, RESPONSE, TEXT, WAVEFORM, \
-    Frame, FrameReader, Limits, ProtocolError, SocketSink, StreamEnded, query_frame, read_frame, text_frame
+    Frame, FrameReader, Limits, ProtocolError, SocketSink, StreamEnded, query_frame, text_frame
 
 
 @dataclass
@@ -86,16 +86,13 @@ def query(address: Tuple[str, int], queries: List[str], timeout: float = 30.0) -
     """Ask a server QUERY (6) messages (``gadgetron_ismrmrd_client -Q`` asks ``gadgetron::info``) and return
     the RESPONSE (7) texts by query.  A server error raises :class:`ProtocolError` with its text."""
     answers: Dict[str, str] = {}
-    deadline = time.monotonic() + timeout  # for all the answers (a server sending other messages cannot hold us)
-    with _connect(address, timeout) as sock, sock.makefile("rb") as rf:
+    with _connect(address, timeout) as sock:
         sock.sendall(b"".join(query_frame(q, i).raw for i, q in enumerate(queries)) + Frame.of(CLOSE).raw)
-        while len(answers) < len(queries):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ProtocolError(f"no answer to every query within {timeout:g} s")
-            sock.settimeout(left)
+        reader = FrameReader(sock)  # (a claimed length costs memory only as its bytes arrive)
+        reader.deadline = time.monotonic() + timeout  # for all the answers: a server sending other messages
+        while len(answers) < len(queries):             # cannot hold us
             try:
-                frame = read_frame(rf.read)
+                frame = reader.frame()
             except StreamEnded:  # e.g. a python-ismrmrd-server, which closes on an id it does not know
                 raise ProtocolError("server closed the connection without answering") from None
             except socket.timeout:

@@ -213,14 +213,18 @@ def reconstruct_slice(connection, key: Key, acqs: list, params: ReconParameters,
 def _pass_through(connection) -> None:
     """After a configuration error: what the gadget would not have consumed passes on, the readouts it would have
     reconstructed are counted in one ERROR."""
-    dropped = 0
+    imaging = noise = 0
     for item in connection:
         if isinstance(item, ismrmrd.Acquisition) and not is_skipped(item):
-            dropped += 1
+            if item.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+                noise += 1
+            else:
+                imaging += 1
         else:
             connection.send(item)
-    if dropped:
-        send_error(connection, f"DA-INR: {dropped} readouts not reconstructed (the configuration error above)")
+    counts = [f"{imaging} readouts not reconstructed"] * bool(imaging) + [f"{noise} noise readouts not used"] * bool(noise)
+    if counts:
+        send_error(connection, f"DA-INR: {' and '.join(counts)} (the configuration error above)")
 
 
 def dainr_recon(connection) -> None:

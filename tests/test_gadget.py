@@ -83,7 +83,8 @@ def test_bad_property_is_an_error_message(two_slices):
     header, acqs = _load(two_slices[1])
     run = run_gadget(CONFIG.format(steps="many", extra=""), header, acqs[:3])
     assert len(run.errors) == 2 and "steps" in run.errors[0] and run.images == []
-    assert run.errors[1] == "DA-INR: 3 readouts not reconstructed (the configuration error above)"
+    assert run.errors[1] == "DA-INR: 3 noise readouts not used (the configuration error above)"  # (were "readouts
+    # not reconstructed")
 
 
 def test_buffer_cap_drops_a_slice_that_never_ends_with_an_error(two_slices):
@@ -411,9 +412,10 @@ def test_after_a_configuration_error_what_the_gadget_does_not_consume_passes_on(
     navigator = ismrmrd.Acquisition.from_array(acqs[-1].data.copy())
     navigator.set_flag(ismrmrd.ACQ_IS_NAVIGATION_DATA)
     run = run_gadget(CONFIG.format(steps="many", extra=""), header, acqs[:20] + [image, navigator] + acqs[20:])
-    n_readouts = len(acqs)
+    n_noise = sum(a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT) for a in acqs)
     assert run.errors[0].startswith("DA-INR gadget configuration: property steps='many'")
-    assert run.errors[1:] == [f"DA-INR: {n_readouts} readouts not reconstructed (the configuration error above)"]
+    assert run.errors[1:] == [f"DA-INR: {len(acqs) - n_noise} readouts not reconstructed and {n_noise} noise "
+                              "readouts not used (the configuration error above)"] and n_noise > 0
     assert [im.image_series_index for im in run.images] == [55] and len(run.passthrough) == 1
 
 

@@ -74,4 +74,5 @@ def test_cartesian_data_gets_a_clear_error_everywhere(server, cpp_raw, tmp_path,
     header, items = file_items(cpp_raw)
     res = replay(items, header, ("127.0.0.1", server.port), config_xml=small_pipeline(steps=2, spokes_per_frame=8))
     assert res.n_images == 0 and len(res.errors) == 2 and "trajectory is 'cartesian'" in res.errors[0]
-    assert res.errors[1].endswith("DA-INR: 65 readouts not reconstructed (the configuration error above)")
+    assert res.errors[1].endswith("DA-INR: 64 readouts not reconstructed and 1 noise readouts not used "
+                                  "(the configuration error above)")

@@ -1008,3 +1008,31 @@ def test_a_refused_session_still_gets_its_error_and_close_while_the_client_sends
                     names.append(type(exc).__name__)
             sock.close()
             assert names == ["ERROR", "CLOSE"], names
+
+
+def test_a_query_answer_claiming_a_huge_length_costs_no_memory_until_its_bytes_arrive():
+    """`replay -Q` read answers through a buffered file, which allocates a claimed length (up to 256 MiB) at once."""
+    import tracemalloc
+
+    from dainr_app.replay import query
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def liar():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(1 << 16)  # the QUERY and CLOSE (unread input would make our close a reset)
+            head = ismrmrd.ImageHeader()
+            head.data_type, head.channels, head.matrix_size[:] = ismrmrd.DATATYPE_CXFLOAT, 1, (4096, 4096, 1)
+            conn.sendall(struct.pack("<H", IMAGE) + bytes(head) + struct.pack("<Q", 0) + b"x" * 1000)  # 128 MiB
+            time.sleep(0.5)
+    threading.Thread(target=liar, daemon=True).start()
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError, match="truncated IMAGE"):
+            query(listener.getsockname(), ["gadgetron::info"], timeout=5.0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        listener.close()
+    assert peak < 40 << 20, peak

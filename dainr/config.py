@@ -55,7 +55,8 @@ class DAINRConfig:
 
     Architecture, encodings, optimiser and loss follow the reference code exactly (see
     ``dainr-paper.md`` §1.2–1.5).  Deviations, and why (the measurements in the bullets before
-    ``use_features`` were taken with the features on, the default until then):
+    ``use_features`` were taken with the features on, the default until then, and at the reference's lr 1e-3
+    unless they name the rate):
 
     * ``frames_per_step`` (reference: 1 frame per step in a Python loop, run once per step).
       Frames of a step go through one batched forward/NUFFT/backward, and frames are drawn
@@ -91,8 +92,8 @@ class DAINRConfig:
       about 20 % more steps (patience 4 reached the 1001-step cap at 21 spokes: 35.24 / 0.933).
       ``max_steps`` defaults to 3000, three times the reference's budget: it only bounds a fit that never
       settles, and the rule ends every fit of the default configuration (features off) that we measured
-      first (after 1020–1680 steps). With the reference's 1001 every one of them ran to the cap instead;
-      letting the rule stop them gained, per fit's seed 0–3 (PSNR dB, 1001 → rule), phantom at 13 spokes
+      first (at 1e-3 after 1020–1680 steps, at 4e-3 after 900–1800). With the reference's 1001 every one of
+      them ran to the cap instead; letting the rule stop them gained, per fit's seed 0–3 (PSNR dB, 1001 → rule), phantom at 13 spokes
       35.27 → 35.28, 34.62 → 34.82, 34.68 → 34.76, 34.81 → 34.84 and real cine 27.79 → 28.08, 27.48 → 27.53,
       27.27 → 27.51, 27.47 → 27.57, for 2–68 % more steps (5 spokes 31.44 → 31.55; 21 spokes stopped at 1020
       with the same 35.75).
@@ -104,7 +105,7 @@ class DAINRConfig:
       real cine (10 frames) 26.34 / 0.839 vs 26.93 / 0.844; 128² phantom (23 frames) at 5 spokes
       30.25 / 0.804 vs 30.37 / 0.807, at 13 34.43 / 0.909 vs 34.42 / 0.909, at 21 34.47 / 0.937
       vs 34.72 / 0.937; the fits then run to about the 1001-step cap (13 spokes: 920 → 1001
-      steps).  At 4 frames/step (then the CUDA default) the real cine stopped after 108 steps at
+      steps).  At 4 frames/step (the CUDA default) the real cine stopped after 108 steps at
       20.45 / 0.631 with one pass (3 steps) per epoch and reached 25.84 / 0.809 with 10-step
       epochs; the phantom gave 33.43 / 0.910 in 282 steps with 6-step epochs and 33.77 / 0.908 in
       430 with 10 (30 visits are 8 steps there).  A short ``max_steps`` lowers the floor so that the
@@ -116,7 +117,15 @@ class DAINRConfig:
       111.246-*radian* step (73.93° mod 180°) for paper comparisons.
     * ``data_scale``: measured data are rescaled so the zero-filled image has its 99th
       magnitude percentile at 1 (the reference used raw simulated values).  Scanner data
-      have arbitrary units; without this the fixed learning rate would not transfer.
+      have arbitrary units; without this the fixed learning rate would not transfer.  Before that, the
+      k-space (and given coil maps, by their peak root-sum-of-squares) are divided by a power of two, which is
+      exact: data at ×2^±20 give bit-identical images in their units (float32 sums of squares overflowed at
+      ×1e20, and whitened maps scale as 1/σ, which AdamW's eps felt).
+    * ``nufft_backend`` (the reference: torchkbnufft).  ``auto`` is finufft on CPU (about 10× faster than
+      torchkbnufft here, each call on one thread and the calls side by side, so results are bit-identical at any
+      thread count) and ``dainr.nufft``'s own Kaiser–Bessel gridding (``gather``) on CUDA, where torchkbnufft
+      with a trajectory per frame was launch bound (148 ms per 32-coil step vs 11–13 ms).  torchkbnufft stays
+      selectable and is the tests' cross-check.
     * ``pixel_centred_features``: features are sampled at the pixels themselves (on a finer spatial ×s
       output grid, where those lie on the fitted FFT grid), removing the reference's half-pixel shift and
       zero-padded last row/column (§1.2).

@@ -22,7 +22,7 @@ def _mlp(widths, final_relu: bool = False) -> nn.Sequential:
 class DAINR(nn.Module):
     """(x, y, t) → complex image value.
 
-    * deformation Ψ_t: [γ(x) 42, γ(t) 13] → 128 ×3 → Δ (2), bias-free, ReLU; x' = x + Δ.
+    * deformation Ψ_t: [γ(x) 42, γ(t) 13] → 128 ×4 → Δ (2), bias-free, ReLU; x' = x + Δ.
     * canonical Ψ_x: [grid(x') 32, γ(x) 42, γ(t) 13, features 128] → 64 ReLU → 64 → 64 ReLU
       → 64 ReLU → (Re, Im), bias-free (the reference's "sigma_net" + "color_net").
 

@@ -8,8 +8,9 @@ spokes and, as an oracle that favours the baseline, against the truth), the abla
 the features, which are off by default; no features; plain grid INR without deformation; also with the
 reference's uncapped grid, in the paper's acquisition setting, and under the paper's ground-truth checkpoint
 pick), temporal ×2, spatial ×2, the real-anatomy cine from ``../shared/data`` and its ablations (skipped when
-absent), the README demo timing, the memory preflight's estimates against measured peaks, and on CUDA the
-32-coil case and its per-part step profile.
+absent), the learning-rate sweep (``lr``, over the fit's seeds), the README demo timing, the CPU step's
+per-part profile, the server's ingest rate, overhead and concurrency, the memory preflight's estimates
+against measured peaks, and on CUDA the 32-coil case, its frames-per-step sweep and its per-part profile.
 """
 from __future__ import annotations
 

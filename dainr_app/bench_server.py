@@ -245,13 +245,13 @@ def _gadget_alone(header: str, acqs) -> float:
 
 
 def _demo_raw(path: str) -> None:
-    """The README demo's data: 2 slices of 64², 12 frames, 4 coils, 13 spokes, with a noise scan."""
+    """2 slices of the README demo's size: 64², 12 frames, 4 coils, 13 spokes, with a noise scan."""
     scans = [simulate(64, 12, 13, 4, noise_level=0.02, seed=s) for s in range(2)]
     write_raw(path, [s.data for s in scans], noise=scans[0].data.noise.numpy())
 
 
 def case_overhead() -> dict:
-    """DA-INR pipeline on the demo data (2 slices): replay wall time vs the gadget's reconstruction time."""
+    """DA-INR pipeline on 2 slices of the demo's size: replay wall time vs the gadget's reconstruction time."""
     with tempfile.TemporaryDirectory() as work:
         path = os.path.join(work, "raw.h5")
         _demo_raw(path)
@@ -272,7 +272,7 @@ def case_overhead() -> dict:
 
 
 def case_concurrent(steps: int = 150) -> dict:
-    """The demo data's 2 slices one after the other (``dainr``), side by side (``dainr_distributed``: two local
+    """2 slices of the demo's size one after the other (``dainr``), side by side (``dainr_distributed``: two local
     channels, each with its own gadget process) and two clients replaying them at once (``dainr`` each),
     ``steps`` fixed steps per slice: replay wall times.  Fits running at the same time share the cores
     (:class:`dainr_app.host_share.HostShare`)."""

@@ -1,4 +1,5 @@
-"""ISMRMRD (MRD) raw and image I/O.  The only place (with the gadgets) that imports ``ismrmrd``.
+"""ISMRMRD (MRD) raw and image I/O: what the CLI and the gadget read from MRD headers and readouts, and the images
+they write (the method modules in ``dainr`` never import ``ismrmrd``).
 
 Raw files are written the way a scanner converter writes radial data: a leading noise scan
 (``ACQ_IS_NOISE_MEASUREMENT``), then per slice every spoke with ``acq.traj`` (samples, 2) in

@@ -800,7 +800,10 @@ def test_a_relayed_image_followed_by_a_text_message_is_not_held_back(raw):
             conn.sendall(encode(image) + text_frame(TEXT, "log line").raw)
             release.wait(20)
             conn.sendall(struct.pack("<H", CLOSE))
-            while read_frame(rf.read).mid != CLOSE:
+            try:  # (the server may end the connection before it forwards the client's CLOSE: no matter here)
+                while read_frame(rf.read).mid != CLOSE:
+                    pass
+            except StreamEnded:
                 pass
     threading.Thread(target=gadget, daemon=True).start()
     xml = _pipeline_xml(f'<connect address="localhost" port="{listener.getsockname()[1]}"/>')

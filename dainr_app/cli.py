@@ -94,8 +94,8 @@ def run_recon(raw: str, output: str, cfg: DAINRConfig, series: int = 1, preview:
               output_type: str = "magnitude", truth: Optional[str] = None, group: str = "dataset",
               spokes_per_frame: Optional[int] = None, quiet: bool = False,
               golden_angle: Optional[str] = None) -> List[dict]:
-    """Reconstruct every slice of an MRD raw file into MRD images; returns one summary per slice.  ``output`` is
-    replaced only when every slice has been reconstructed."""
+    """Reconstruct every slice of ``raw``/``group`` into MRD images in ``output``/``group``; returns one summary
+    per slice.  ``output`` is replaced only when every slice has been reconstructed."""
     from .mrd import read_raw, write_header
     from .preview import write_preview
 
@@ -110,8 +110,8 @@ def run_recon(raw: str, output: str, cfg: DAINRConfig, series: int = 1, preview:
     truth_images = load_truth(truth) if truth else None
     partial = f"{output}.partial-{os.getpid()}"  # renamed onto ``output`` once every slice is written
     try:
-        summaries, panels = _recon_slices(scan, partial, cfg, series, output_type, truth_images, quiet)
-        write_header(partial, scan.header_text)  # the patient and study, for `dainr dicom`
+        summaries, panels = _recon_slices(scan, partial, group, cfg, series, output_type, truth_images, quiet)
+        write_header(partial, scan.header_text, group)  # the patient and study, for `dainr dicom`
         os.replace(partial, output)
     finally:
         if os.path.exists(partial):
@@ -140,7 +140,7 @@ def load_truth(path: str) -> np.ndarray:
         return npz["images"]
 
 
-def _recon_slices(scan, output: str, cfg: DAINRConfig, series: int, output_type: str,
+def _recon_slices(scan, output: str, group: str, cfg: DAINRConfig, series: int, output_type: str,
                   truth_images: Optional[np.ndarray], quiet: bool):
     from .mrd import make_images, write_images
 
@@ -155,7 +155,7 @@ def _recon_slices(scan, output: str, cfg: DAINRConfig, series: int, output_type:
         images = make_images(result.images.numpy(), series, s, scan.fov_mm, raw_slice.geometry, output_type,
                              history=history, repetition=repetition, contrast=contrast, set_index=set_index,
                              first_phase=raw_slice.first_phase)
-        write_images(output, images)
+        write_images(output, images, group)
         summary = dict(slice=s, contrast=contrast, repetition=repetition, set=set_index, frames=len(images), seconds=round(seconds, 2), steps=info["steps"],
                        stop_reason=info["stop_reason"], seconds_per_step=round(info["seconds_per_step"], 4),
                        device=info["device"], nufft=info["nufft_backend"])
@@ -454,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--series", type=_series, default=1, help="output image_series_index (0..65535)")
     r.add_argument("--output-type", choices=("magnitude", "complex"), default="magnitude")
     r.add_argument("--truth", help="ground truth .npz (default: <raw>_truth.npz when present)")
-    r.add_argument("--group", default="dataset")
+    r.add_argument("--group", default="dataset", help="the raw file's group; the images go to the same group")
     r.add_argument("--spokes-per-frame", type=_positive_int, help="when the header has no phase range")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--quiet", action="store_true", help="no progress bar (the per-slice JSON lines stay)")
@@ -479,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("gadget-server", help="resident DA-INR gadget for <connect port=.../> pipelines")
     g.add_argument("-p", "--port", type=int, default=18000, help="port to listen on (0: a free one, logged)")
-    g.add_argument("--connections", type=_positive_int, help="exit after this many scans (default: serve forever)")
+    g.add_argument("--connections", type=_positive_int, help="exit after this many connections, scans or not (one "
+                   "closed by --start-timeout counts; default: serve forever)")
     g.add_argument("--start-timeout", type=_positive, default=60.0,
                    help="seconds a connection may take to send CONFIG and HEADER before it is closed (default 60)")
     g.set_defaults(func=cmd_gadget_server)

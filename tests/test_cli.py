@@ -65,6 +65,19 @@ def test_recon_round_trip_two_slices(raw2, tmp_path, capsys):
     assert os.path.getsize(gif) > 0
 
 
+def test_recon_writes_into_the_group_it_reads(raw2, tmp_path, capsys):
+    """`--group g2` read g2 but wrote the images and header to `dataset`, so `dainr dicom --group g2` found none."""
+    raw, out = str(tmp_path / "g2.h5"), str(tmp_path / "img.h5")
+    with h5py.File(raw2, "r") as src, h5py.File(raw, "w") as dst:
+        src.copy("dataset", dst, name="g2")
+    assert cli.main(["recon", raw, "-o", out, "--group", "g2", "--steps", "5", "--quiet"]) == 0
+    with h5py.File(out, "r") as h5:
+        assert list(h5) == ["g2"] and "xml" in h5["g2"]
+    assert len(read_images(out, "g2")[1]) == 12
+    assert cli.main(["dicom", out, "-o", str(tmp_path / "dcm"), "--group", "g2"]) == 0
+    assert len(os.listdir(tmp_path / "dcm" / "series_001")) == 12
+
+
 def test_recon_options_reach_the_config():
     def cfg(*extra):
         return cli.config_from_args(cli.build_parser().parse_args(["recon", "raw.h5", "-o", "o.h5", *extra]))

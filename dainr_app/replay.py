@@ -89,8 +89,8 @@ def query(address: Tuple[str, int], queries: List[str], timeout: float = 30.0) -
     with _connect(address, timeout) as sock:
         sock.sendall(b"".join(query_frame(q, i).raw for i, q in enumerate(queries)) + Frame.of(CLOSE).raw)
         reader = FrameReader(sock)  # (a claimed length costs memory only as its bytes arrive)
-        reader.deadline = time.monotonic() + timeout  # for all the answers: a server sending other messages
-        while len(answers) < len(queries):             # cannot hold us
+        reader.deadline = time.monotonic() + timeout  # one for all the answers: other messages cannot hold us
+        while len(answers) < len(queries):
             try:
                 frame = reader.frame()
             except StreamEnded:  # e.g. a python-ismrmrd-server, which closes on an id it does not know

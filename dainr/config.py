@@ -166,6 +166,12 @@ class DAINRConfig:
       its SSIM lower (README, Performance). Off is also ≈ 17 % faster and needs no second frame. The frozen
       random encoder passes the neighbours' streaks on. With the reference's uncapped grid, which fits noise,
       the features pay in PSNR (phantom; real cine at 8 coils), but every uncapped model is below the capped ones.
+    * ``temporal_bandlimit`` (not in the reference): when the output has frames that were not fitted (temporal
+      ×r), γ(t)'s bands above π over the fitted frames' spacing in t ∈ [0, 1] are zeroed (:meth:`max_t_freq`),
+      in the fit and the query: between the fitted frames those bands are aliased.  Measured (64², 25 frames,
+      every 4th fitted, 21 spokes, 8 coils, seeds 0, 1; PSNR dB / SSIM of the interpolated frames): without
+      30.01 / 0.958, 30.63 / 0.961; with 34.50 / 0.976, 34.46 / 0.971 (fitted frames 35.38 → 35.51,
+      35.78 → 35.56).  The paper's 23 frames at ×2 keep every band, so they are unchanged.
     * ``spatial_antiring`` (not in the reference): the spatial ×s output's magnitude is clamped to the range of
       the 4 fitted pixels around each output pixel, as image scalers' anti-ringing does; the fit has no data
       beyond its k-space band to support new extrema between its pixels.  Measured with features on,
@@ -237,6 +243,7 @@ class DAINRConfig:
     temporal_ratio: int = 1
     temporal_offset: int = 0
     temporal_frames: Optional[int] = None
+    temporal_bandlimit: bool = True
     # --- runtime ---------------------------------------------------------------------
     device: str = "auto"
     progress: bool = False
@@ -338,6 +345,14 @@ class DAINRConfig:
                              f"{acquired[-1]}: offset {self.temporal_offset} + ({n_acquired} − 1) × "
                              f"{int(self.temporal_ratio)})")
         return acquired, n_out
+
+    def max_t_freq(self, n_acquired: int) -> Optional[float]:
+        """``temporal_bandlimit``: the highest γ(t) frequency the fitted frames sample (π over their spacing in
+        t ∈ [0, 1]) when the output has frames that were not fitted; None (every band) otherwise."""
+        acquired, n_out = self.temporal_layout(n_acquired)
+        if not self.temporal_bandlimit or n_out == n_acquired or n_acquired < 2:
+            return None
+        return math.pi * (n_out - 1) / int(self.temporal_ratio)
 
     def model_config(self, fit_matrix: int) -> "DAINRConfig":
         """The configuration the network is built with for a fit at ``fit_matrix``: ``cap_grid_at_matrix`` caps the

@@ -65,8 +65,12 @@ class RadialData:
         t = self.traj[self.spoke_mask]
         if not torch.isfinite(t).all():
             raise ValueError("trajectory contains NaN or Inf")
-        if float(t.abs().max()) > 0.5 + 1e-3:
-            raise ValueError(f"trajectory must be in cycles/pixel within [-0.5, 0.5]; max |k| = {float(t.abs().max()):.3f}")
+        k_max = float(t.abs().max())
+        if k_max > 0.5 + 1e-3:
+            raise ValueError(f"trajectory must be in cycles/pixel within [-0.5, 0.5]; max |k| = {k_max:.3f}")
+        if k_max < 1 / self.matrix:  # e.g. every sample at k = 0 (a FOV of 0 in a header)
+            raise ValueError(f"trajectory spans less than one k-space sample of the {self.matrix}-pixel grid "
+                             f"(max |k| = {k_max:.3g} cycles/pixel): not a radial acquisition")
         if self.noise is not None:
             self.noise = torch.as_tensor(self.noise).detach().resolve_conj()
             if not self.noise.is_complex():

@@ -13,7 +13,7 @@ The grid encoding has two backends behind one interface:
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -27,14 +27,20 @@ class FrequencyEncoding(nn.Module):
     """``[x, sin(2^0 x), cos(2^0 x), …, sin(2^(L-1) x), cos(2^(L-1) x)]`` with torch-ngp's layout.
 
     Output channel order (torch-ngp ``freqencoder``): the ``D`` raw inputs, then for each
-    frequency ``k`` the ``D`` sines followed by the ``D`` cosines.  No π factor.
+    frequency ``k`` the ``D`` sines followed by the ``D`` cosines.  No π factor.  ``max_freq``: the sines and
+    cosines of frequencies above it are zero (the layout and width stay).
     """
 
-    def __init__(self, input_dim: int, degree: int):
+    def __init__(self, input_dim: int, degree: int, max_freq: Optional[float] = None):
         super().__init__()
         self.input_dim = input_dim
         self.degree = degree
-        self.register_buffer("freqs", 2.0 ** torch.arange(degree, dtype=torch.float32), persistent=False)
+        freqs = 2.0 ** torch.arange(degree, dtype=torch.float32)
+        self.register_buffer("freqs", freqs, persistent=False)
+        kept = freqs <= max_freq if max_freq is not None else torch.ones(degree, dtype=torch.bool)
+        self.kept = int(kept.sum())
+        # (L, 1, 1) multiplier of the (L, 2, D) sines/cosines, None when every band is kept (bit-identical output)
+        self.register_buffer("band_mask", None if bool(kept.all()) else kept.float()[:, None, None], persistent=False)
 
     @property
     def out_dim(self) -> int:
@@ -45,6 +51,8 @@ class FrequencyEncoding(nn.Module):
             raise ValueError(f"FrequencyEncoding expects last dim {self.input_dim}, got {tuple(x.shape)}")
         scaled = x.unsqueeze(-2) * self.freqs.to(x.dtype)[:, None]  # (..., L, D)
         sc = torch.stack((torch.sin(scaled), torch.cos(scaled)), dim=-2)  # (..., L, 2, D)
+        if self.band_mask is not None:
+            sc = sc * self.band_mask.to(sc.dtype)
         return torch.cat((x, sc.flatten(-3)), dim=-1)
 
 

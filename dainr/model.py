@@ -30,11 +30,12 @@ class DAINR(nn.Module):
     drops the CNN features.
     """
 
-    def __init__(self, cfg: DAINRConfig, device: torch.device = torch.device("cpu")):
+    def __init__(self, cfg: DAINRConfig, device: torch.device = torch.device("cpu"),
+                 max_t_freq: Optional[float] = None):
         super().__init__()
         self.cfg = cfg
         self.enc_x = FrequencyEncoding(2, cfg.freq_degree_xy)
-        self.enc_t = FrequencyEncoding(1, cfg.freq_degree_t)
+        self.enc_t = FrequencyEncoding(1, cfg.freq_degree_t, max_t_freq)  # (DAINRConfig.temporal_bandlimit)
         self.grid = make_grid_encoding(cfg.grid, device)
         coord_dim = self.enc_x.out_dim + self.enc_t.out_dim
         w = cfg.deform_width

@@ -233,7 +233,7 @@ class Fitter:
 
     def __init__(self, problem: Problem, cfg: DAINRConfig):
         self.p, self.cfg = problem, cfg
-        self.model = DAINR(cfg.model_config(problem.matrix), problem.device)
+        self.model = DAINR(cfg.model_config(problem.matrix), problem.device, cfg.max_t_freq(problem.n_acq))
         self.opt = AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         n = problem.matrix
         self.xy = pixel_grid(n, n, problem.device)

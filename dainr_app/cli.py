@@ -365,7 +365,11 @@ def cmd_replay(args) -> int:
         print("wrote DICOM: " + ", ".join(f"series {s}: {len(p)} files" for s, p in sorted(written.items()))
               + f" under {args.dicom}")
     for text in res.errors:
-        print(f"dainr replay: server error: {text}", file=sys.stderr)
+        if text != res.input_error:
+            print(f"dainr replay: server error: {text}", file=sys.stderr)
+    if res.input_error:  # the file's fault, not the server's
+        print(f"dainr replay: error: {args.raw}: {res.input_error}", file=sys.stderr)
+        return 2
     return 1 if res.errors else 0
 
 
@@ -455,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output-type", choices=("magnitude", "complex"), default="magnitude")
     r.add_argument("--truth", help="ground truth .npz (default: <raw>_truth.npz when present)")
     r.add_argument("--group", default="dataset", help="the raw file's group; the images go to the same group")
-    r.add_argument("--spokes-per-frame", type=_positive_int, help="when the header has no phase range")
+    r.add_argument("--spokes-per-frame", type=_positive_int, help="frames of N spokes in acquisition order (overrides the header's phase range)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--quiet", action="store_true", help="no progress bar (the per-slice JSON lines stay)")
     r.set_defaults(func=cmd_recon)

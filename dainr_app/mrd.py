@@ -8,6 +8,7 @@ cycles/pixel, ``idx.kspace_encode_step_1`` = global spoke counter, ``idx.phase``
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -202,7 +203,8 @@ class ReconParameters:
     def from_header(cls, header, spokes_per_frame: Optional[int] = None,
                     golden_angle: Optional[str] = None) -> "ReconParameters":
         """``golden_angle`` ("true" or "reference") overrides the header's angle step for readouts without
-        ``acq.traj``."""
+        ``acq.traj``; ``spokes_per_frame`` bins the spokes in acquisition order instead of by the header's phase
+        range or its ``spokes_per_frame`` parameter (a real-time re-binning)."""
         if not header.encoding:
             raise MRDFormatError("MRD header has no <encoding>")
         enc = header.encoding[0]
@@ -213,6 +215,8 @@ class ReconParameters:
             raise MRDFormatError("MRD header lacks reconSpace matrixSize/fieldOfView_mm") from exc
         matrix = _header_number(matrix, "reconSpace matrixSize x")
         fov_mm = tuple(_header_number(v, f"reconSpace fieldOfView_mm {a}", float) for a, v in zip("xyz", fov))
+        if not all(math.isfinite(v) and v > 0 for v in fov_mm[:2]) or not math.isfinite(fov_mm[2]) or fov_mm[2] < 0:
+            raise MRDFormatError(f"reconSpace fieldOfView_mm is {fov_mm}: x and y must be finite and positive")
         if matrix < 8:
             raise MRDFormatError(f"reconSpace matrix {matrix} is too small")
         matrix_y = _header_number(enc.reconSpace.matrixSize.y or matrix, "reconSpace matrixSize y")
@@ -228,7 +232,7 @@ class ReconParameters:
             raise MRDFormatError(f"header encoding trajectory is {traj!r}: DA-INR reconstructs radial k-space "
                                  "(trajectory radial or goldenangle, or other with acq.traj on every readout)")
         phase = enc.encodingLimits.phase if enc.encodingLimits is not None else None
-        from_phase = phase is not None and phase.maximum is not None and \
+        from_phase = spokes_per_frame is None and phase is not None and phase.maximum is not None and \
             _header_number(phase.maximum, "phase maximum") > 0
         step = angle_step("true") if traj == "goldenangle" else None
         desc = enc.trajectoryDescription
@@ -245,6 +249,8 @@ class ReconParameters:
         n_frames = int(phase.maximum) - first_phase + 1 if from_phase else None
         enc_fov = getattr(getattr(enc.encodedSpace, "fieldOfView_mm", None), "x", None)
         enc_fov = _header_number(enc_fov, "encodedSpace fieldOfView_mm x", float) if enc_fov else None
+        if enc_fov is not None and not (math.isfinite(enc_fov) and enc_fov > 0):
+            raise MRDFormatError(f"encodedSpace fieldOfView_mm x is {enc_fov:g}: it must be finite and positive")
         average = enc.encodingLimits.average if enc.encodingLimits is not None else None
         last_average = _header_number(average.maximum, "average maximum") if average is not None and \
             average.maximum is not None else 0
@@ -281,7 +287,12 @@ def spoke_trajectory(acq, params: ReconParameters, n_samples: int, pre: int = 0,
     Gadgetron's radial gadgets take them: ``center_sample`` 0 is read as not set, so a centre-out readout needs
     ``acq.traj``."""
     if acq.trajectory_dimensions >= 2:
+        if acq.trajectory_dimensions > 2 and np.any(acq.traj[:, 2:]):
+            raise MRDFormatError(f"readout {acq.scan_counter} has a {acq.trajectory_dimensions}-D acq.traj with a "
+                                 "non-zero kz: DA-INR reconstructs 2D radial slices")
         return np.asarray(acq.traj[pre:n_samples - post, :2], dtype=np.float32)
+    if acq.trajectory_dimensions == 1:
+        raise MRDFormatError(f"readout {acq.scan_counter} has a 1-D acq.traj: a radial readout needs (kx, ky)")
     if params.trajectory not in RADIAL_TRAJECTORIES:
         raise MRDFormatError(f"acquisition has no trajectory and the header trajectory type is {params.trajectory!r}; "
                              "cannot derive radial angles")
@@ -320,18 +331,41 @@ def iter_acquisitions(path: str, group: str = "dataset", chunk: int = 2048) -> I
             return
         records = h5[group]["data"]
         for start in range(0, records.shape[0], chunk):
-            for rec in records[start:start + chunk]:
+            for i, rec in enumerate(records[start:start + chunk], start):
                 acq = ismrmrd.Acquisition(rec["head"])
-                acq.data[:] = rec["data"].view(np.complex64).reshape(acq.active_channels, acq.number_of_samples)
-                if acq.traj.size:
-                    acq.traj[:] = rec["traj"].reshape(acq.number_of_samples, acq.trajectory_dimensions)
+                try:
+                    acq.data[:] = rec["data"].view(np.complex64).reshape(acq.active_channels, acq.number_of_samples)
+                    if acq.traj.size:
+                        acq.traj[:] = rec["traj"].reshape(acq.number_of_samples, acq.trajectory_dimensions)
+                except ValueError:
+                    raise MRDFormatError(
+                        f"{path}: acquisition {i} (scan counter {acq.scan_counter}): its header's {acq.active_channels} "
+                        f"channels × {acq.number_of_samples} samples (trajectory dimensions {acq.trajectory_dimensions})"
+                        f" do not match its stored {rec['data'].size // 2} data and {rec['traj'].size} trajectory "
+                        "values") from None
                 yield acq
 
 
 def open_raw(path: str, group: str = "dataset") -> Tuple[str, int]:
     """The header XML of an MRD raw file and its number of waveforms; a clear error for anything else."""
+    import h5py
+
     if not os.path.exists(path):
         raise MRDFormatError(f"{path}: no such file")
+    try:
+        with h5py.File(path, "r") as h5:
+            if not isinstance(h5.get(group), h5py.Group):
+                raise MRDFormatError(f"{path}: not an MRD/HDF5 file with group '{group}' (its groups: "
+                                     f"{', '.join(list(h5)[:8]) or 'none'})")
+            xml, data = h5[group].get("xml"), h5[group].get("data")
+            if not isinstance(xml, h5py.Dataset) or xml.dtype.kind not in "OSU" or xml.shape[:1] != (1,):
+                raise MRDFormatError(f"{path}: no MRD header: {group}/xml is "
+                                     f"{'missing' if xml is None else 'not header text'}")
+            if data is not None and not (isinstance(data, h5py.Dataset) and data.dtype.names is not None and
+                                         {"head", "data", "traj"} <= set(data.dtype.names)):
+                raise MRDFormatError(f"{path}: {group}/data is not an MRD acquisition table")
+    except OSError as exc:
+        raise MRDFormatError(f"{path}: not an MRD/HDF5 file: {exc}") from exc
     try:
         ds = ismrmrd.Dataset(path, group, create_if_needed=False, mode="r")
     except Exception as exc:
@@ -368,9 +402,25 @@ def read_raw(path: str, group: str = "dataset", spokes_per_frame: Optional[int] 
             per_key.setdefault(acquisition_key(acq), []).append(acq)
     if not per_key:
         raise MRDFormatError(f"{path}: no imaging acquisitions")
+    for key, acqs in per_key.items():
+        _check_one_pass(path, key, acqs, params.last_average)
     noise_t = noise_samples(noise)
     slices = {key: slice_from_acquisitions(acqs, params, noise_t, key[0]) for key, acqs in sorted(per_key.items())}
     return RawScan(params.matrix, params.fov_mm, slices, noise_t, header, text)
+
+
+def _check_one_pass(path: str, key: Key, acqs: List, last_average: int) -> None:
+    """One (slice, contrast, repetition, set) is one cine, as the gadget reconstructs it: its readouts end with the
+    ``ACQ_LAST_IN_SLICE`` of its last declared average (if flagged at all), and no readout is of a later average."""
+    where = f"{path}: slice {key[0]} (contrast {key[1]}, repetition {key[2]}, set {key[3]})"
+    for i, a in enumerate(acqs):
+        if a.idx.average > last_average:
+            raise MRDFormatError(f"{where}: readout {a.scan_counter} is of average {a.idx.average}, beyond the "
+                                 f"header's encodingLimits average maximum {last_average}")
+        if i < len(acqs) - 1 and a.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE) and a.idx.average >= last_average:
+            raise MRDFormatError(f"{where}: {len(acqs) - 1 - i} readouts follow the ACQ_LAST_IN_SLICE of readout "
+                                 f"{a.scan_counter}; a streaming reconstruction makes them a cine of their own "
+                                 "(give each pass its own repetition, or declare the passes as averages)")
 
 
 def noise_samples(scans: Sequence[np.ndarray]) -> Optional[torch.Tensor]:
@@ -421,6 +471,10 @@ def slice_from_acquisitions(acqs: List, params: ReconParameters, noise: Optional
         missing = sorted(set(range(first, first + params.n_frames)) - phases)
         if missing:
             raise MRDFormatError(f"slice {s}: frames {missing} have no spokes")
+        beyond = sorted(phases - set(range(first, first + params.n_frames)))
+        if beyond:
+            raise MRDFormatError(f"slice {s}: readouts of phase(s) {beyond[:10]} lie beyond the header's "
+                                 f"{params.n_frames} frames (encodingLimits phase, from {first})")
     if frame_index is None and params.spokes_per_frame is None:
         raise MRDFormatError("header has no phase range and no spokes_per_frame was given")
     try:
@@ -500,7 +554,7 @@ def write_header(path: str, header: Optional[str], group: str = "dataset") -> No
         return
     ds = ismrmrd.Dataset(path, group, create_if_needed=True)
     try:
-        ds.write_xml_header(header)
+        ds.write_xml_header(header.encode("utf-8"))  # (a str is stored as ASCII: a patient's "ü" failed)
     finally:
         ds.close()
 
@@ -525,6 +579,12 @@ def read_images(path: str, group: str = "dataset") -> Dict[int, List["ismrmrd.Im
         if group not in h5:
             raise MRDFormatError(f"{path}: no group '{group}'")
         names = [k for k in h5[group].keys() if k.startswith("image_")]
+        for name in names:
+            node = h5[group][name]
+            if not name[6:].isdigit() or not isinstance(node, h5py.Group) or \
+                    not {"header", "data", "attributes"} <= set(node.keys()):
+                raise MRDFormatError(f"{path}: {group}/{name} is not an MRD image series (image_<series index> with "
+                                     "header, data and attributes)")
     ds = ismrmrd.Dataset(path, group, create_if_needed=False, mode="r")
     try:
         for name in names:

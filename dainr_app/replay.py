@@ -43,6 +43,7 @@ class ReplayResult:
     send_seconds: float = 0.0             # until CLOSE was flushed
     total_seconds: float = 0.0            # until the server's CLOSE
     slices: Dict[Key, SliceTiming] = field(default_factory=dict)
+    input_error: Optional[str] = None     # reading the items failed (a damaged file); also in errors
 
     @property
     def n_images(self) -> int:
@@ -152,7 +153,8 @@ def replay(items, header: str, address: Tuple[str, int], config: Optional[str] =
             ser.close()  # CLOSE, flushed
             res.send_seconds = time.monotonic() - t0
         except _InputFailed as exc:  # a damaged file: say so and end the session now, without CLOSE
-            res.errors.append(f"replay stopped after {res.sent} items: {exc.__cause__!r}")
+            res.input_error = f"replay stopped after {res.sent} items: {exc.__cause__}"
+            res.errors.append(res.input_error)
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:

@@ -231,9 +231,7 @@ def dainr_recon(connection) -> None:
     """Gadget entry point (``<execute name="gadgets.dainr_gadget" target="dainr_recon" type="python"/>``)."""
     try:
         opts = options_from_properties(properties(connection.config, connection.raw_bytes.config or b""))
-        params = ReconParameters.from_header(connection.header, None)
-        if opts.spokes_per_frame is not None:
-            params.spokes_per_frame = opts.spokes_per_frame
+        params = ReconParameters.from_header(connection.header, opts.spokes_per_frame)
     except (ValueError, MRDFormatError) as exc:
         send_error(connection, f"DA-INR gadget configuration: {exc}")
         _pass_through(connection)

@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import shutil
 
 import h5py
 import ismrmrd
@@ -480,3 +481,118 @@ def test_preview_panels_of_any_size_ratio_line_up():
     out = side_by_side([big, small, np.ones((2, 16, 16))])
     assert out.shape == (2, 32, 96) and out.dtype == np.uint8
     assert (out[:, :, 32:] == 255).all()  # the constant panels stay constant after resizing
+
+
+def _recon_error(path: str, tmp_path, capsys, *extra) -> str:
+    """``dainr recon`` of ``path``: must exit 2 with a one-line error (no traceback); returns it."""
+    assert cli.main(["recon", path, "-o", str(tmp_path / "out.h5"), "--steps", "2", "--quiet", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dainr recon: error: ") and "Traceback" not in err, err
+    return err
+
+
+def test_headers_and_trajectories_that_would_give_a_wrong_image_are_refused(raw2, tmp_path, capsys):
+    """Found by a file fuzz: each of these reconstructed without a word (a FOV of 0 put every sample at k = 0, a
+    negative one turned the image by 180°, NaN reached the DICOM geometry)."""
+    def fov(v):
+        return lambda xml: re.sub(r"(<reconSpace>.*?<fieldOfView_mm>\s*<x>)[^<]*(</x>\s*<y>)[^<]*",
+                                  rf"\g<1>{v}\g<2>{v}", xml, flags=re.S)
+    for v in ("0.0", "-320.0", "nan", "inf"):
+        err = _recon_error(_rewrite(raw2, str(tmp_path / "fov.h5"), _without_traj, header=fov(v)), tmp_path, capsys)
+        assert "reconSpace fieldOfView_mm" in err and "finite and positive" in err
+
+    def scaled(factor, dims=2):
+        def f(acq):
+            if not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+                data, traj = acq.data.copy(), acq.traj.copy()
+                acq.resize(acq.number_of_samples, acq.active_channels, dims)
+                acq.data[:] = data
+                acq.traj[:, :min(dims, 2)] = traj[:, :min(dims, 2)] * factor
+                if dims == 3:
+                    acq.traj[:, 2] = 0.3
+            return acq
+        return f
+    assert "less than one k-space sample" in _recon_error(_rewrite(raw2, str(tmp_path / "zero.h5"), scaled(0.0)),
+                                                          tmp_path, capsys)
+    assert "non-zero kz" in _recon_error(_rewrite(raw2, str(tmp_path / "kz.h5"), scaled(1.0, 3)), tmp_path, capsys)
+    assert "1-D acq.traj" in _recon_error(_rewrite(raw2, str(tmp_path / "k1.h5"), scaled(1.0, 1)), tmp_path, capsys)
+
+
+def test_phases_and_passes_the_gadget_would_split_are_refused(raw2, tmp_path, capsys):
+    """recon merged what the gadget reconstructs apart or refuses: phases beyond the header's range (relabelled as
+    the next frame), readouts after a slice's ACQ_LAST_IN_SLICE, an average beyond the header's."""
+    def phase9(acq):
+        if acq.idx.slice == 0 and acq.idx.phase == 5 and acq.idx.kspace_encode_step_1 % 2:
+            acq.idx.phase = 9  # the header's range is 0..5
+        return acq
+    err = _recon_error(_rewrite(raw2, str(tmp_path / "p9.h5"), phase9), tmp_path, capsys)
+    assert "phase(s) [9] lie beyond the header's 6 frames" in err
+    n = read_raw(raw2).slices[(0, 0, 0, 0)].n_spokes
+
+    def flag_mid(acq):
+        if acq.idx.slice == 0 and acq.idx.kspace_encode_step_1 == n // 2:
+            acq.set_flag(ismrmrd.ACQ_LAST_IN_SLICE)
+        return acq
+    assert "readouts follow the ACQ_LAST_IN_SLICE" in _recon_error(_rewrite(raw2, str(tmp_path / "mid.h5"), flag_mid),
+                                                                   tmp_path, capsys)
+
+    def average1(acq):
+        if acq.idx.slice == 1:
+            acq.idx.average = 1  # the header declares none
+        return acq
+    assert "average 1, beyond the header's encodingLimits average maximum 0" in _recon_error(
+        _rewrite(raw2, str(tmp_path / "avg.h5"), average1), tmp_path, capsys)
+
+
+def test_malformed_files_get_a_clear_error(raw2, tmp_path, capsys):
+    """Each of these was a traceback (exit 1) or an unhelpful message."""
+    cases = {"xml": lambda g: (g.__delitem__("xml"), g.create_dataset("xml", data=np.arange(3))),
+             "data": lambda g: (g.__delitem__("data"), g.create_dataset("data", data=np.arange(10.0))),
+             "group": lambda g: (g.__delitem__("data"), g.create_group("data"))}
+    for name, damage in cases.items():
+        path = str(tmp_path / f"{name}.h5")
+        shutil.copy(raw2, path)
+        with h5py.File(path, "a") as f:
+            damage(f["dataset"])
+        err = _recon_error(path, tmp_path, capsys)
+        assert ("xml is not header text" if name == "xml" else "dataset/data is not an MRD acquisition table") in err
+    assert "not an MRD/HDF5 file with group 'nope' (its groups: dataset)" in _recon_error(raw2, tmp_path, capsys,
+                                                                                           "--group", "nope")
+    path = str(tmp_path / "size.h5")
+    shutil.copy(raw2, path)
+    with h5py.File(path, "a") as f:
+        rec = f["dataset/data"][30]
+        rec["head"]["number_of_samples"] = 100
+        f["dataset/data"][30] = rec
+    err = _recon_error(path, tmp_path, capsys)
+    assert "acquisition 30" in err and "100 samples" in err and "do not match" in err
+    # dicom: an image group without its datasets
+    out = str(tmp_path / "img.h5")
+    assert cli.main(["recon", raw2, "-o", out, "--steps", "2", "--quiet"]) == 0
+    with h5py.File(out, "a") as f:
+        f["dataset"].create_group("image_7")
+    assert cli.main(["dicom", out, "-o", str(tmp_path / "dcm")]) == 2
+    assert "dataset/image_7 is not an MRD image series" in capsys.readouterr().err
+
+
+def test_a_non_ascii_patient_name_survives_recon_and_dicom(raw2, tmp_path):
+    """The header was stored as ASCII: the whole reconstruction ran, then failed on "ü"."""
+    import pydicom
+
+    def patient(xml):
+        assert "<experimentalConditions>" in xml
+        return xml.replace("<experimentalConditions>", "<subjectInformation><patientName>Müller^Jürgen</patientName>"
+                           "</subjectInformation><experimentalConditions>", 1).encode("utf-8")
+    raw = _rewrite(raw2, str(tmp_path / "name.h5"), lambda a: a, header=patient)
+    out = str(tmp_path / "img.h5")
+    assert cli.main(["recon", raw, "-o", out, "--steps", "2", "--quiet"]) == 0
+    assert cli.main(["dicom", out, "-o", str(tmp_path / "dcm")]) == 0
+    first = sorted(os.listdir(tmp_path / "dcm" / "series_001"))[0]
+    assert str(pydicom.dcmread(tmp_path / "dcm" / "series_001" / first).PatientName) == "Müller^Jürgen"
+
+
+def test_spokes_per_frame_rebins_a_file_with_a_phase_range(raw2, tmp_path):
+    """--spokes-per-frame was ignored (silently) when the header had a phase range."""
+    scan = read_raw(raw2, spokes_per_frame=3)
+    assert scan.slices[(0, 0, 0, 0)].data.n_frames == 18  # 54 spokes of 6 frames × 9, in acquisition order
+    assert read_raw(raw2).slices[(0, 0, 0, 0)].data.n_frames == 6

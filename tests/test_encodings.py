@@ -18,6 +18,14 @@ def test_frequency_encoding_layout_and_values():
     assert torch.allclose(out, torch.tensor(expected), atol=1e-6)
 
 
+def test_frequency_encoding_band_limit_zeroes_only_the_bands_above_it():
+    x = torch.linspace(0, 1, 11)[:, None]
+    full, limited = FrequencyEncoding(1, 6)(x), FrequencyEncoding(1, 6, max_freq=6.3)(x)  # keeps 1, 2, 4
+    assert limited.shape == full.shape and FrequencyEncoding(1, 6, max_freq=6.3).kept == 3
+    assert torch.equal(limited[:, :7], full[:, :7]) and not limited[:, 7:].any()
+    assert torch.equal(FrequencyEncoding(1, 6, max_freq=100.0)(x), full)  # every band kept: the same bits
+
+
 def test_reference_encoding_sizes():
     assert FrequencyEncoding(2, 10).out_dim == 42 and FrequencyEncoding(1, 6).out_dim == 13
 

@@ -157,6 +157,25 @@ def test_temporal_interpolation_queries_all_frames(small_scan, use_features):
     assert min(per) > 12  # interpolated frames are images of the object, not noise
 
 
+def test_temporal_interpolation_follows_the_motion_between_widely_spaced_frames():
+    """A disc moving 1.5 px per frame, 9 frames, every 4th fitted: γ(t)'s finest bands, aliased between the fitted
+    frames, put interpolated frames beyond their neighbours (frame 2 at +1.0 px, truth −3)."""
+    from dainr.sim import simulate
+
+    N, F = 24, 9
+    yy, xx = np.mgrid[0:4 * N, 0:4 * N] / 4.0 - N // 2 - 1.5 / 4
+    centres = [-6.0 + 1.5 * f for f in range(F)]
+    img = np.asarray([((yy - 2) ** 2 + (xx - c) ** 2 <= (N / 8) ** 2).reshape(N, 4, N, 4).mean((1, 3))
+                      for c in centres], dtype=np.complex64)
+    scan = simulate(matrix=N, frames=F, spokes=41, coils=4, noise_level=0.0, image=img)
+    cfg = DAINRConfig(device="cpu", max_steps=150, holdout_spokes=0, temporal_ratio=4)
+    assert cfg.max_t_freq(3) == pytest.approx(2 * np.pi) and DAINRConfig(temporal_ratio=2).max_t_freq(12) > 32
+    res = reconstruct(scan.data.every_rth_frame(4), cfg)
+    m = res.images.abs().numpy()
+    cx = (m.sum(1) * (np.arange(N) - N // 2)).sum(1) / m.sum((1, 2))
+    assert np.all(np.diff(cx) > 0) and np.abs(cx - centres).max() < 1.0, cx.round(2)
+
+
 @pytest.mark.parametrize("use_features", [False, True])
 def test_temporal_interpolation_in_the_reference_layout_extrapolates_the_ends(small_scan, use_features):
     """The reference fits frames 1, 1 + r, … and queries all: frame 0 and the frames after the last fitted one
@@ -392,8 +411,9 @@ def test_bad_config_is_rejected():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_is_a_clear_error():
     with pytest.raises(ValueError, match="CUDA is not available"):
-        reconstruct(RadialData(torch.ones(2, 1, 2, 8, dtype=torch.complex64), torch.zeros(2, 2, 8, 2), 8),
-                    DAINRConfig(device="cuda"))
+        traj = torch.zeros(2, 2, 8, 2)
+        traj[..., 0] = torch.linspace(-0.5, 0.375, 8)
+        reconstruct(RadialData(torch.ones(2, 1, 2, 8, dtype=torch.complex64), traj, 8), DAINRConfig(device="cuda"))
 
 
 def test_all_zero_k_space_is_a_clear_error(small_scan):

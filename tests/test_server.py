@@ -4,6 +4,7 @@ import ctypes
 import gc
 import os
 import random
+import shutil
 import signal
 import socket
 import struct
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 
+import h5py
 import ismrmrd
 import numpy as np
 import pytest
@@ -146,6 +148,16 @@ def test_replay_command_writes_images_dicom_and_reports_server_errors(server, ra
     assert "server error: unknown pipeline 'nope'" in capsys.readouterr().err
     assert cli.main(["replay", raw, "-p", str(_free_port()), "-o", out]) == 2
     assert "cannot connect" in capsys.readouterr().err
+    damaged = str(tmp_path / "damaged.h5")  # a readout whose header claims more samples than it stores
+    shutil.copy(raw, damaged)
+    with h5py.File(damaged, "a") as f:
+        rec = f["dataset/data"][20]
+        rec["head"]["number_of_samples"] = 100
+        f["dataset/data"][20] = rec
+    assert cli.main(["replay", damaged, "-p", port, "-C", str(pipeline), "-o", out]) == 2  # the file's fault
+    err = capsys.readouterr().err
+    assert "dainr replay: error: " in err and "replay stopped after 20 items" in err and "acquisition 20" in err
+    assert "server error: replay stopped" not in err
 
 
 # ----------------------------------------------------------------- bad input, one test each

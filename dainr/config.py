@@ -93,10 +93,10 @@ class DAINRConfig:
       ``max_steps`` defaults to 3000, three times the reference's budget: it only bounds a fit that never
       settles, and the rule ends every fit of the default configuration (features off) that we measured
       first (at 1e-3 after 1020–1680 steps, at 4e-3 after 900–1800). With the reference's 1001 every one of
-      them ran to the cap instead; letting the rule stop them gained, per fit's seed 0–3 (PSNR dB, 1001 → rule), phantom at 13 spokes
-      35.27 → 35.28, 34.62 → 34.82, 34.68 → 34.76, 34.81 → 34.84 and real cine 27.79 → 28.08, 27.48 → 27.53,
-      27.27 → 27.51, 27.47 → 27.57, for 2–68 % more steps (5 spokes 31.44 → 31.55; 21 spokes stopped at 1020
-      with the same 35.75).
+      them ran to the cap instead; letting the rule stop them gained, per fit's seed 0–3 (PSNR dB, 1001 →
+      rule), phantom at 13 spokes 35.27 → 35.28, 34.62 → 34.82, 34.68 → 34.76, 34.81 → 34.84 and real
+      cine 27.79 → 28.08, 27.48 → 27.53, 27.27 → 27.51, 27.47 → 27.57, for 2–68 % more steps (5 spokes
+      31.44 → 31.55; 21 spokes stopped at 1020 with the same 35.75).
       With ``holdout_spokes=0`` the fit runs a fixed budget (``max_steps`` / ``max_seconds``).
     * ``min_epoch_frames``: an "epoch" of the stopping rule spans at least this many frame
       visits (steps × frames per step), not only one pass over the frames.  With few frames, or
@@ -349,7 +349,7 @@ class DAINRConfig:
     def max_t_freq(self, n_acquired: int) -> Optional[float]:
         """``temporal_bandlimit``: the highest γ(t) frequency the fitted frames sample (π over their spacing in
         t ∈ [0, 1]) when the output has frames that were not fitted; None (every band) otherwise."""
-        acquired, n_out = self.temporal_layout(n_acquired)
+        n_out = self.temporal_layout(n_acquired)[1]
         if not self.temporal_bandlimit or n_out == n_acquired or n_acquired < 2:
             return None
         return math.pi * (n_out - 1) / int(self.temporal_ratio)

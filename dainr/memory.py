@@ -15,7 +15,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .coils import COV_BUDGET, EIGH_CHUNK, EIGH_WORKSPACE_32
+from .coils import BATCHED_EIGH_MAX, COV_BUDGET, EIGH_CHUNK, EIGH_WORKSPACE_32
 from .config import DAINRConfig
 from .data import RadialData
 from .model import DAINR, pixel_grid
@@ -94,7 +94,8 @@ def estimate_memory(data: RadialData, cfg: DAINRConfig, device: torch.device) ->
         # (taken to grow with the C × C matrices' size): the preparation's peak on an H100, 32 coils, 128²
         # (0.44–0.48 GiB)
         "coil estimation": 2 * C * n * n * c8 + 6 * min(COV_BUDGET, C * C * n * n) * c8
-        + (EIGH_CHUNK * EIGH_WORKSPACE_32 * (C / 32) ** 2 if device.type == "cuda" else 0),
+        + (EIGH_CHUNK * EIGH_WORKSPACE_32 * (C / 32) ** 2 if device.type == "cuda" and C <= BATCHED_EIGH_MAX
+           else 0),  # (above: power iteration on the strip, whose complex128 copy is 2 of the 6)
         "feature extraction": 3 * min(8, Fa) * cfg.feature_channels * n * n * f4 if cfg.use_features else 0,
         # autograd's saved tensors, plus the gradient of the widest layer's output that the backward pass
         # allocates while they are still held; the NUFFT's oversampled grids

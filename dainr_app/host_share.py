@@ -159,7 +159,10 @@ class HostShare:
     def _register(self) -> None:
         name = f"{os.getpid()}-{uuid.uuid4().hex}"  # unique across PID namespaces sharing the folder
         partial, path = (os.path.join(self.directory, name + ext) for ext in (".new", ".fit"))
-        self._base_in_use = _in_use(self.device)
+        # on the CPU what the process held before the fit is not the fit's; on CUDA the caching allocator keeps what
+        # this process's earlier fits reserved, the fit reuses it, and other processes' free memory (mem_get_info)
+        # already excludes it: all of it counts as in use (else a resident gadget's estimate stayed outstanding)
+        self._base_in_use = _in_use(self.device) if self.device.type == "cpu" else 0
         try:
             fd = os.open(partial, os.O_CREAT | os.O_RDWR, 0o600)
         except OSError as exc:

@@ -4,6 +4,7 @@
 # in `all`, about 5 minutes) runs the frames-per-step sweep (with the real cine where DAINR_REAL_DATA points to it).
 # Usage: bash scripts/gpu_check.sh [tests|bench|profile|frames|all]   (logs and JSON under $OUT, default gpu-out/)
 set -u
+rc=0  # the test suite's exit status (the script's own)
 what=${1:-all}
 case "$what" in tests|bench|profile|frames|all) ;; *) echo "usage: $0 [tests|bench|profile|frames|all]" >&2; exit 2;; esac
 OUT=${OUT:-gpu-out}
@@ -22,6 +23,7 @@ import importlib.util as u; print(u.find_spec('tinycudann') is not None)"
 if [ "$what" = tests ] || [ "$what" = all ]; then
     # the suite with CUDA present: device="auto" picks the GPU, the CUDA-only tests run
     timeout 420 python3 -m pytest -q -p no:cacheprovider -rs tests 2>&1 | tee "$OUT/pytest.log" | tail -25
+    rc=${PIPESTATUS[0]}
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
     for i in $(seq "${BENCH_RUNS:-2}"); do python3 -m dainr_app.cli bench --case gpu32 --case gpu_profile --threads 8 --out "$OUT/run$i"; done
@@ -72,3 +74,4 @@ with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=50))
 PY
 fi
+exit "$rc"

@@ -203,3 +203,21 @@ def test_preflights_that_start_together_take_turns(tmp_path, monkeypatch):
     t.join(10)
     second.join(10)
     assert order == [("first", 0), ("second", GIB)]
+
+
+def test_a_cuda_fit_counts_the_allocator_cache_it_already_holds(tmp_path, monkeypatch):
+    """A resident gadget's next scan on a GPU reuses the cache the last one left reserved: counted as not in use,
+    its whole estimate stayed outstanding, on top of the free memory that already excluded the cache."""
+    from dainr_app import host_share
+
+    monkeypatch.setattr(host_share, "device_key", lambda device: "cuda-test")
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3 * GIB)  # left by an earlier scan
+    seen = []
+
+    def check(elsewhere):
+        seen.append(elsewhere)
+        return 0
+
+    with HostShare(str(tmp_path), device=torch.device("cuda"), preflight=lambda elsewhere: 2 * GIB):
+        with HostShare(str(tmp_path), device=torch.device("cuda"), preflight=check):
+            assert seen == [0]  # the first fit's 2 GiB are within the 3 GiB it holds

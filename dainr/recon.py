@@ -240,6 +240,7 @@ class Fitter:
         self.train_frames = torch.arange(problem.n_acq)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self._queue = torch.empty(0, dtype=torch.long, device=problem.device)
+        self._queue_host = torch.empty(0, dtype=torch.long)  # the same frames, for the refill's choice (no sync)
         self.batch = min(cfg.batch_frames(problem.device.type), problem.n_acq)
         self.params = [q for q in self.model.parameters() if q.requires_grad]
         self.ema = [q.detach().clone() for q in self.params] if cfg.ema_decay > 0 else None
@@ -279,12 +280,17 @@ class Fitter:
         """The next frames (B,) on the device: the queue of shuffled passes lives there, refilled once per pass
         from pinned memory without blocking (a per-step host-to-device copy would wait for the previous step)."""
         B = self.batch
-        while len(self._queue) < B:
+        while len(self._queue_host) < B:
             order = self.train_frames[torch.randperm(self.p.n_acq, generator=self.gen)]
+            left = self._queue_host
+            if len(left):  # the batch that spans two passes takes none of the new pass's frames twice
+                head = order[~torch.isin(order, left)][:B - len(left)]
+                order = torch.cat([head, order[~torch.isin(order, head)]])
+            self._queue_host = torch.cat([left, order])
             if self.p.device.type == "cuda":
                 order = order.pin_memory()
             self._queue = torch.cat([self._queue, order.to(self.p.device, non_blocking=True)])
-        batch, self._queue = self._queue[:B], self._queue[B:]
+        batch, self._queue, self._queue_host = self._queue[:B], self._queue[B:], self._queue_host[B:]
         return batch
 
     def predict_acquired(self, acq: torch.Tensor) -> torch.Tensor:

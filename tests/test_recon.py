@@ -50,6 +50,18 @@ def test_the_frame_order_reaches_the_gpu_without_a_sync(small_scan):
     assert all(sorted(order[i:i + 8].tolist()) == list(range(8)) for i in range(0, 80, 8))
 
 
+def test_a_batch_spanning_two_passes_takes_no_frame_twice(small_scan):
+    """3 frames per step over 8 frames: a batch across two shuffled passes held a frame twice (double weight)."""
+    from dainr.recon import Fitter
+
+    cfg = DAINRConfig(device="cpu", frames_per_step=3)
+    fitter = Fitter(Problem(small_scan.data, cfg, None, torch.device("cpu")), cfg)
+    batches = [fitter._next_batch().tolist() for _ in range(80)]  # 240 visits: 30 passes
+    assert all(len(set(b)) == 3 for b in batches)
+    order = sum(batches, [])
+    assert all(sorted(order[i:i + 8]) == list(range(8)) for i in range(0, 240, 8))  # each pass visits each once
+
+
 def test_batched_frames_per_step(small_scan, monkeypatch):
     from dainr.recon import Fitter
 

@@ -473,6 +473,26 @@ def test_bench_paper_protocol_keeps_the_best_scored_checkpoints():
     assert len({round(c["psnr"], 6) for c in out["curve"]}) == 3  # scored on the live images of each checkpoint
 
 
+def test_bench_baseline_oracles_pick_each_metric_on_its_own(monkeypatch):
+    """The oracle's SSIM was the one at its best-PSNR λ / iteration count (21 spokes: 0.889, where another λ of the
+    same sweep reached 0.903)."""
+    from dainr.sim import simulate
+    from dainr_app import bench
+
+    scan = simulate(24, 4, 9, 2, noise_level=0.02)
+    out = bench._tv(scan, None) | bench._cg(scan, None)
+    sweep = out["temporal_tv_oracle"]["sweep"]
+    assert out["temporal_tv_oracle"]["psnr"] == pytest.approx(max(p for p, _ in sweep.values()), abs=0.005)
+    assert out["temporal_tv_oracle"]["ssim"] == pytest.approx(max(q for _, q in sweep.values()), abs=0.0005)
+    assert out["temporal_tv_holdout"]["seconds_with_search"] > out["temporal_tv_holdout"]["seconds"]
+    scores = iter([dict(psnr=30.0, ssim=0.8), dict(psnr=31.0, ssim=0.7), dict(psnr=29.0, ssim=0.9)])
+    monkeypatch.setattr(bench, "psnr_ssim", lambda *a: next(scores))
+    monkeypatch.setattr(bench, "cg_sense", lambda *a, **k: dict(holdout_residuals=[3.0, 2.0, 1.0],
+                                                                   iterates=[0, 1, 2], seconds=0.0))
+    oracle = bench._cg(scan, None)["cg_sense_oracle"]
+    assert (oracle["psnr"], oracle["ssim"], oracle["iterations"], oracle["ssim_iterations"]) == (31.0, 0.9, 2, 3)
+
+
 def test_preview_panels_of_any_size_ratio_line_up():
     """Spatial ×1.5 fits 22² of a 32² scan: the integer repeat made 22 → 22 rows and the concatenation failed."""
     from dainr_app.preview import side_by_side

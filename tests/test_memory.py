@@ -22,7 +22,7 @@ def _tiny(matrix: int = 32) -> RadialData:
 
 def test_estimate_matches_the_measured_peak_of_a_fit():
     """A 256² fit, 8 frames per step, in a fresh process (the fit step dominates: 2.3 GiB estimated): its peak
-    RSS above the baseline against the estimate (``dainr bench --case memory``: 1.08–1.70× across matrices and
+    RSS above the baseline against the estimate (``dainr bench --case memory``: 1.06–1.47× across matrices and
     settings).  The estimate must not fall below the need (the preflight would admit fits that do not fit) nor
     far above it (it would refuse fits that do).  A fit dominated by its rendering (no autograd, allocator
     reuse) measured 0.23–0.47 GiB for the same estimate, within one suite and standalone, too loose a case."""

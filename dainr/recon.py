@@ -437,8 +437,8 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
                     decays, bad_epochs = decays + 1, 0
         if bar is not None:
             bar.update(1)
-            if res is not None or step == 1:  # (a loss read every step would wait for the device every step)
-                bar.set_postfix(loss=f"{loss if res is not None else float(loss_t):.4g}", holdout=f"{best_res:.4g}")
+            if step % epoch == 0:  # where the loss was read (a read every step would wait for the device every step)
+                bar.set_postfix(loss=f"{loss:.4g}", holdout=f"{best_res:.4g}")
         stop = False
         if callback is not None:
             want_preview = cfg.preview_every > 0 and step % cfg.preview_every == 0

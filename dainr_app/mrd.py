@@ -364,24 +364,12 @@ def open_raw(path: str, group: str = "dataset") -> Tuple[str, int]:
             if data is not None and not (isinstance(data, h5py.Dataset) and data.dtype.names is not None and
                                          {"head", "data", "traj"} <= set(data.dtype.names)):
                 raise MRDFormatError(f"{path}: {group}/data is not an MRD acquisition table")
+            text = xml[0]
+            waveforms = h5[group].get("waveforms")
+            n_waveforms = waveforms.size if isinstance(waveforms, h5py.Dataset) else 0
     except OSError as exc:
         raise MRDFormatError(f"{path}: not an MRD/HDF5 file: {exc}") from exc
-    try:
-        ds = ismrmrd.Dataset(path, group, create_if_needed=False, mode="r")
-    except Exception as exc:
-        raise MRDFormatError(f"{path}: not an MRD/HDF5 file with group '{group}': {exc}") from exc
-    try:
-        try:
-            xml = ds.read_xml_header()
-        except Exception as exc:
-            raise MRDFormatError(f"{path}: no MRD header: {exc}") from exc
-        try:
-            n_waveforms = ds.number_of_waveforms()
-        except LookupError:  # the file has no waveforms
-            n_waveforms = 0
-    finally:
-        ds.close()
-    return (xml.decode("utf-8", errors="replace") if isinstance(xml, bytes) else xml), n_waveforms
+    return (text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)), n_waveforms
 
 
 def read_raw(path: str, group: str = "dataset", spokes_per_frame: Optional[int] = None,

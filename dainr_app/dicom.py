@@ -1,8 +1,9 @@
 """MRD images → DICOM MR Image Storage files (pydicom), one folder per ``image_series_index``.
 
-Geometry: MRD ``position`` is the image centre; DICOM ``ImagePositionPatient`` is the centre of the first
-(top-left) pixel, so it is moved back by half the FOV minus half a pixel along the row and column
-directions.  Pixel spacing is FOV / matrix.  Pixels are stored as unsigned 16-bit with a rescale slope, so
+Geometry: MRD ``position`` is the image centre, which the reconstruction (like Gadgetron's centred FFTs) puts at
+pixel (ny // 2, nx // 2); DICOM ``ImagePositionPatient`` is the centre of the first (top-left) pixel, so it is
+moved back by nx // 2 pixels along the row direction and ny // 2 along the column direction (half the FOV for an
+even matrix, as Gadgetron's DICOM writer does).  Pixel spacing is FOV / matrix.  Pixels are stored as unsigned 16-bit with a rescale slope, so
 the rescaled values (and the window from the meta) are in the image's own units.
 """
 from __future__ import annotations
@@ -106,7 +107,7 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str
         fov = [float(v) for v in im.field_of_view]
         dx, dy = fov[0] / nx, fov[1] / ny
         read, phase = np.asarray(im.read_dir, float), np.asarray(im.phase_dir, float)
-        corner = np.asarray(im.position, float) - (nx / 2 - 0.5) * dx * read - (ny / 2 - 0.5) * dy * phase
+        corner = np.asarray(im.position, float) - (nx // 2) * dx * read - (ny // 2) * dy * phase
         fm = FileMetaDataset()
         fm.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
         fm.MediaStorageSOPInstanceUID = generate_uid()

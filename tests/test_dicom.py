@@ -4,7 +4,10 @@ import ismrmrd
 import numpy as np
 import pydicom
 import pytest
+import torch
 
+from dainr import RadialData, zero_filled
+from dainr.trajectory import golden_angle_trajectory
 from dainr_app import cli
 from dainr_app.dicom import mrd_to_dicom
 from dainr_app.mrd import Geometry, make_images, read_images, write_images
@@ -30,14 +33,37 @@ def test_dicom_geometry_pixels_and_series(tmp_path):
     assert (ds.Rows, ds.Columns) == (24, 32)
     assert [float(v) for v in ds.PixelSpacing] == pytest.approx([240 / 24, 320 / 32])  # row, column spacing
     assert [float(v) for v in ds.ImageOrientationPatient] == [0, 1, 0, 1, 0, 0]
-    # IPP = centre - (nx/2 - 1/2) dx read - (ny/2 - 1/2) dy phase
-    expected = np.array([10.0, -20.0, 30.0]) - 15.5 * 10.0 * np.array([0, 1, 0]) - 11.5 * 10.0 * np.array([1, 0, 0])
+    # the centre (MRD position) is pixel (ny // 2, nx // 2): IPP = centre - (nx // 2) dx read - (ny // 2) dy phase
+    expected = np.array([10.0, -20.0, 30.0]) - 16 * 10.0 * np.array([0, 1, 0]) - 12 * 10.0 * np.array([1, 0, 0])
     assert [float(v) for v in ds.ImagePositionPatient] == pytest.approx(expected.tolist())
     pixels = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
     assert np.allclose(pixels, f1[0], atol=float(ds.RescaleSlope))
     assert float(ds.WindowWidth) > 0
     other = pydicom.dcmread(written[101][0])
     assert other.SeriesInstanceUID != ds.SeriesInstanceUID and other.StudyInstanceUID == ds.StudyInstanceUID
+
+
+def test_a_point_lands_where_the_dicom_geometry_puts_it(tmp_path):
+    """End to end against a direct DFT in Gadgetron's convention (s(k) = Σ ρ(r) e^{−2πi k·r}, r in pixels from
+    the slice's position, kx along read): the brightest pixel of the zero-filled image of a point at (+5 read,
+    −9 phase) pixels must sit, by the DICOM geometry, at position + 5 dx read − 9 dy phase.  (IPP was half a pixel
+    off along both directions: the reconstruction puts the centre at pixel N // 2, not (N − 1) / 2.)"""
+    n, a, b = 32, 5, -9
+    traj = golden_angle_trajectory(1, 64, 2 * n)
+    kdata = torch.exp(-2j * torch.pi * (traj[..., 0] * a + traj[..., 1] * b).double()).to(torch.complex64)
+    data = RadialData(kdata[:, None], traj, n)
+    image = zero_filled(data, coil_maps=torch.ones(1, n, n, dtype=torch.complex64)).numpy()
+    geo = Geometry(position=(10.0, -20.0, 30.0), read_dir=(0.0, 0.6, 0.8), phase_dir=(1.0, 0.0, 0.0),
+                   slice_dir=(0.0, 0.8, -0.6))
+    fov = 320.0
+    ds = pydicom.dcmread(mrd_to_dicom({1: make_images(image, 1, 0, (fov, fov, 8.0), geo)}, str(tmp_path))[1][0])
+    row, col = np.unravel_index(np.argmax(ds.pixel_array), ds.pixel_array.shape)
+    assert (row, col) == (n // 2 + b, n // 2 + a)
+    row_dir, col_dir = np.reshape([float(v) for v in ds.ImageOrientationPatient], (2, 3))
+    row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
+    at = np.array([float(v) for v in ds.ImagePositionPatient]) + col * col_spacing * row_dir + row * row_spacing * col_dir
+    truth = np.array(geo.position) + a * fov / n * np.array(geo.read_dir) + b * fov / n * np.array(geo.phase_dir)
+    assert at == pytest.approx(truth, abs=1e-4)
 
 
 def test_dicom_command_converts_an_mrd_file(tmp_path, capsys):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -18,6 +19,7 @@ import torch
 
 import ismrmrd
 import ismrmrd.xsd as xsd
+from xsdata.exceptions import ConverterWarning
 
 from dainr.config import GOLDEN_ANGLE_DEG
 from dainr.data import RadialData, frames_from_spokes
@@ -179,7 +181,9 @@ def parse_header(text) -> "xsd.ismrmrdHeader":
         text = text.decode("utf-8", errors="replace")
     text = text.rstrip("\x00")
     try:
-        return xsd.CreateFromDocument(text)
+        with warnings.catch_warnings():  # a value xsdata cannot convert stays a string; the fields we read are
+            warnings.simplefilter("ignore", ConverterWarning)  # checked (_header_number) with a clearer message
+            return xsd.CreateFromDocument(text)
     except Exception as exc:  # xsdata raises several parser error types
         raise MRDFormatError(f"MRD header does not parse: {exc}") from exc
 

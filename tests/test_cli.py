@@ -2,6 +2,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 
 import h5py
 import ismrmrd
@@ -520,6 +521,13 @@ def test_headers_and_trajectories_that_would_give_a_wrong_image_are_refused(raw2
     for v in ("0.0", "-320.0", "nan", "inf"):
         err = _recon_error(_rewrite(raw2, str(tmp_path / "fov.h5"), _without_traj, header=fov(v)), tmp_path, capsys)
         assert "reconSpace fieldOfView_mm" in err and "finite and positive" in err
+    # a value xsdata cannot convert: our error only (xsdata's ConverterWarning went to stderr before it)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        err = _recon_error(_rewrite(raw2, str(tmp_path / "fov.h5"), _without_traj, header=fov("abc")), tmp_path,
+                           capsys)
+    assert "reconSpace fieldOfView_mm" in err and "abc" in err, err
+    assert not [w for w in caught if "xsdata" in w.filename], [str(w.message) for w in caught]
 
     def scaled(factor, dims=2):
         def f(acq):

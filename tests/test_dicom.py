@@ -30,6 +30,7 @@ def test_dicom_geometry_pixels_and_series(tmp_path):
     ds = dss[0]
     assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.4" and ds.Modality == "MR"
     assert [d.InstanceNumber for d in dss] == [1, 2, 3] and ds.SeriesNumber == 1
+    assert [d.TemporalPositionIdentifier for d in dss] == [1, 2, 3]  # 1-based: the MRD phases 0, 1, 2
     assert (ds.Rows, ds.Columns) == (24, 32)
     assert [float(v) for v in ds.PixelSpacing] == pytest.approx([240 / 24, 320 / 32])  # row, column spacing
     assert [float(v) for v in ds.ImageOrientationPatient] == [0, 1, 0, 1, 0, 0]

@@ -100,6 +100,13 @@ def test_buffer_cap_drops_a_slice_that_never_ends_with_an_error(two_slices):
                      acqs + again)
     assert len(run.errors) == 1 and f"slice 1 (contrast 0, repetition 0, set 0): {n1} readouts dropped" in run.errors[0]
     assert "max_buffer_mb=0.12" in run.errors[0] and {im.slice for im in run.images} == {0} and len(run.images) == 6
+    # the well-formed stream under the same cap: each slice is reconstructed, and its buffer freed, at its
+    # ACQ_LAST_IN_SLICE (found by a mutation review: a gadget that waited for the end of the stream passed)
+    assert 2 * len(again) * again[0].data.nbytes > 0.12 * 2 ** 20
+    whole = run_gadget(CONFIG.format(steps=5, extra='<property name="max_buffer_mb" value="0.12"/>'), header,
+                       _load(two_slices[1])[1])
+    assert whole.errors == [] and sorted((im.slice, im.phase) for im in whole.images) == [
+        (s, p) for s in (0, 1) for p in range(6)]
     assert options_from_properties({}).max_buffer_mb == 2048
     with pytest.raises(ValueError, match="max_buffer_mb"):
         options_from_properties({"max_buffer_mb": "0"})

@@ -35,6 +35,24 @@ def test_grid_cap_stops_the_finest_level_below_the_fitting_matrix():
     assert capped < 200_000 < 5_000_000 < ref
 
 
+def test_the_deformation_moves_the_grid_coordinate():
+    """x' = x + Ψ_t(γ(x), γ(t)) is where the grid is read, and Δ depends on t (found by a mutation review: with Δ
+    computed but not added, every test passed)."""
+    torch.manual_seed(0)
+    m = DAINR(DAINRConfig(cap_grid_ratio=1.0).model_config(16))
+    xy, t = pixel_grid(16, 16)[None].expand(2, -1, -1), torch.tensor([0.2, 0.7])
+    with torch.no_grad():
+        for p in m.grid.parameters():  # a grid that varies (at initialisation it is ~1e-4 everywhere)
+            p.normal_()
+        coords = torch.cat((m.enc_x(xy), m.enc_t(t.reshape(2, 1, 1)).expand(2, 256, -1)), dim=-1)
+        delta = m.deform(coords)
+        assert torch.equal(m.deformation(xy, t), (xy + delta) - xy)
+        assert (delta[0] - delta[1]).abs().max() > 1e-3  # a different shift at each time
+        out = m(xy, t)
+        assert torch.allclose(out, m.canonical(xy + delta, coords, None), rtol=0, atol=1e-6)
+        assert (out - m.canonical(xy, coords, None)).abs().max() > 1e-2 * out.abs().max()
+
+
 def test_ablation_variants():
     plain = DAINR(DAINRConfig(use_features=False, use_deformation=False))
     xy = pixel_grid(4, 4)[None]

@@ -32,6 +32,19 @@ def frames_of(data: bytes, limits=Limits()):
             return out
 
 
+def test_message_ids_are_gadgetrons():
+    """Every id we put on the wire is Gadgetron's (its Python package's constants; found by a mutation review:
+    the harness, server and replay client all import our constants, so an ERROR id of 9 passed every test)."""
+    from gadgetron.external import constants as gadgetron_ids
+
+    from dainr_app import protocol
+
+    for msg_id, name in protocol.NAMES.items():
+        theirs = {"CONFIG_FILE": "FILENAME", "CONFIG_TEXT": "CONFIG", "IMAGE": "ISMRMRD_IMAGE",
+                  "ACQUISITION": "ISMRMRD_ACQUISITION", "WAVEFORM": "ISMRMRD_WAVEFORM"}.get(name, name)
+        assert getattr(gadgetron_ids, f"GADGET_MESSAGE_{theirs}") == msg_id, name
+
+
 def test_frames_round_trip_through_ismrmrd_objects():
     acq = _acq()
     img = ismrmrd.Image.from_array(np.ones((4, 5), np.float32), transpose=False)

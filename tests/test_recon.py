@@ -509,20 +509,55 @@ def test_a_fit_collapsed_to_zero_images_is_a_clear_error(small_scan, monkeypatch
         reconstruct(small_scan.data, DAINRConfig(max_steps=4, device="cpu", lr=0.3, holdout_spokes=0))
 
 
-def test_a_fit_diverging_after_a_checkpoint_keeps_it(small_scan, monkeypatch):
+def _epoch_images(seen: dict):
+    """A callback keeping the rendered images of every epoch end (with ``preview_every=1``), by step."""
+    def callback(progress):
+        if progress.holdout_residual is not None:
+            seen[progress.step] = progress.images.clone()
+    return callback
+
+
+def test_the_images_are_the_best_checkpoints_not_the_last_steps(small_scan, monkeypatch):
+    """Every epoch after the first scores worse on the held-out spokes: the images are the first epoch's model,
+    as info's best_step says (found by a mutation review: with the checkpoint never restored, every test passed
+    and the images came from the last step)."""
     from dainr.recon import Fitter
 
-    calls = []
+    scores = []
     real = Fitter.heldout_residual
 
-    def residual(self):  # the second epoch comes out non-finite
-        calls.append(1)
-        return real(self) if len(calls) == 1 else float("nan")
+    def residual(self):
+        scores.append(real(self))
+        return scores[0] * len(scores)
 
     monkeypatch.setattr(Fitter, "heldout_residual", residual)
-    res = reconstruct(small_scan.data, DAINRConfig(max_steps=200, device="cpu", min_epoch_frames=8))
+    seen = {}
+    res = reconstruct(small_scan.data, DAINRConfig(max_steps=40, device="cpu", min_epoch_frames=8, preview_every=1),
+                      callback=_epoch_images(seen))
+    assert res.info["stop_reason"] == "max_steps" and res.info["best_step"] == min(seen) == 8 and len(seen) == 5
+    assert torch.equal(res.images, seen[8]) and not torch.equal(res.images, seen[40])
+
+
+def test_a_fit_diverging_after_a_checkpoint_keeps_it(small_scan, monkeypatch):
+    """The weights turn NaN after the first epoch: the fit stops at the next epoch end and returns the first
+    epoch's images (the check read only the loss and residual; a faked NaN residual left the weights finite)."""
+    from dainr.recon import Fitter
+
+    seen = {}
+    real = Fitter.step
+
+    def step(self):
+        if seen:
+            with torch.no_grad():
+                for p in self.params:
+                    p.fill_(float("nan"))
+        return real(self)
+
+    monkeypatch.setattr(Fitter, "step", step)
+    res = reconstruct(small_scan.data, DAINRConfig(max_steps=200, device="cpu", min_epoch_frames=8, preview_every=1),
+                      callback=_epoch_images(seen))
     assert res.info["stop_reason"] == "diverged" and res.info["steps"] == 2 * res.info["best_step"]
-    assert torch.isfinite(torch.view_as_real(res.images)).all()
+    assert torch.equal(res.images, seen[res.info["best_step"]])
 
 
 def test_inputs_the_fit_cannot_use_are_clear_errors(small_scan):

@@ -52,6 +52,8 @@ def test_ramp_dcf_is_proportional_to_radius_with_nonzero_centre():
     assert float(w.min()) > 0
     outer = k > 0.05
     assert torch.allclose(w[outer], k[outer] / 0.5, rtol=1e-5)
+    first_ring = w[(k - 1 / 64).abs() < 1e-6]
+    assert first_ring.numel() == 4 and torch.allclose(w[k == 0], first_ring[:2] / 4)  # DC: a quarter of ring 1
 
 
 def test_omega_orders_rows_then_columns():

@@ -67,7 +67,8 @@ class RadialData:
             raise ValueError("trajectory contains NaN or Inf")
         k_max = float(t.abs().max())
         if k_max > 0.5 + 1e-3:
-            raise ValueError(f"trajectory must be in cycles/pixel within [-0.5, 0.5]; max |k| = {k_max:.3f}")
+            raise ValueError(f"trajectory must be in cycles/pixel of the {self.matrix}-pixel grid, within [-0.5, 0.5]; "
+                             f"max |k| = {k_max:.3f} (a trajectory in units of ±1 or ±N/2 needs rescaling)")
         if k_max < 1 / self.matrix:  # e.g. every sample at k = 0 (a FOV of 0 in a header)
             raise ValueError(f"trajectory spans less than one k-space sample of the {self.matrix}-pixel grid "
                              f"(max |k| = {k_max:.3g} cycles/pixel): not a radial acquisition")

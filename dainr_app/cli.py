@@ -107,6 +107,10 @@ def run_recon(raw: str, output: str, cfg: DAINRConfig, series: int = 1, preview:
     if preview:
         check_output(preview, raw)
     scan = read_raw(raw, group, spokes_per_frame, golden_angle)
+    if scan.late_noise:
+        print(f"dainr recon: warning: {scan.late_noise} noise readouts after the first imaging readout were not used "
+              "(the prewhitening uses the noise scan before it, as the gadget and Gadgetron's NoiseAdjustGadget do)",
+              file=sys.stderr)
     truth_images = load_truth(truth) if truth else None
     partial = f"{output}.partial-{os.getpid()}"  # renamed onto ``output`` once every slice is written
     try:

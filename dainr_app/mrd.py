@@ -8,6 +8,7 @@ cycles/pixel, ``idx.kspace_encode_step_1`` = global spoke counter, ``idx.phase``
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import warnings
@@ -26,6 +27,7 @@ from dainr.data import RadialData, frames_from_spokes
 from dainr.trajectory import angle_step, radial_trajectory
 
 ANGLE_PARAM = "angle_increment_rad"
+log = logging.getLogger("dainr.mrd")
 Key = Tuple[int, int, int, int]  # (slice, contrast, repetition, set): readouts reconstructed together
 SPOKES_PARAM = "spokes_per_frame"
 # readouts that are not image data: skipped by the file reader, passed through by the gadget (navigators,
@@ -90,6 +92,7 @@ class RawScan:
     noise: Optional[torch.Tensor]
     header: object = field(repr=False, default=None)
     header_text: Optional[str] = field(repr=False, default=None)
+    late_noise: int = 0  # noise readouts after the first imaging readout: not used, as the gadget does
 
 
 def build_header(matrix: int, n_samples: int, n_coils: int, n_frames: int, n_spokes: int, n_slices: int,
@@ -202,6 +205,7 @@ class ReconParameters:
     encoded_fov_x: Optional[float] = None  # mm: with the readout's samples, their spacing in k-space
     first_phase: int = 0  # the header's phase minimum
     last_average: int = 0  # the header's average maximum: averages are one cine, complete at the last one's end
+    encoded_x: Optional[int] = None  # encodedSpace matrix x: readouts of twice as many samples are oversampled ×2
 
     @classmethod
     def from_header(cls, header, spokes_per_frame: Optional[int] = None,
@@ -258,8 +262,10 @@ class ReconParameters:
         average = enc.encodingLimits.average if enc.encodingLimits is not None else None
         last_average = _header_number(average.maximum, "average maximum") if average is not None and \
             average.maximum is not None else 0
+        enc_x = getattr(getattr(enc.encodedSpace, "matrixSize", None), "x", None)
+        enc_x = _header_number(enc_x, "encodedSpace matrixSize x") if enc_x else None
         return cls(matrix, fov_mm, from_phase, n_frames, spokes_per_frame, step, traj, enc_fov, first_phase,
-                   last_average)
+                   last_average, enc_x)
 
 
 def _header_number(value, what: str, cast=int):
@@ -283,17 +289,20 @@ def _partitions(enc) -> int:
     return z
 
 
-def spoke_trajectory(acq, params: ReconParameters, n_samples: int, pre: int = 0, post: int = 0) -> np.ndarray:
+def spoke_trajectory(acq, params: ReconParameters, n_samples: int, pre: int = 0, post: int = 0,
+                     spoke: Optional[int] = None) -> np.ndarray:
     """(kept samples, 2) trajectory of one readout of ``n_samples`` whose first ``pre`` and last ``post`` samples
     are discarded: ``acq.traj`` when present (it gives every stored sample's position, so it already accounts for
-    a reversed readout), else from the golden-angle index, with the echo (``center_sample``, counted in the whole
-    readout) in the middle of the kept samples.  Without ``acq.traj`` spokes are taken as symmetric, as
-    Gadgetron's radial gadgets take them: ``center_sample`` 0 is read as not set, so a centre-out readout needs
-    ``acq.traj``."""
+    a reversed readout; a third column of a 2-D encoding is a density weight, as Gadgetron's trajectory gadgets
+    write it, and is not needed), else from the golden-angle index ``spoke`` (default
+    ``idx.kspace_encode_step_1``), with the echo (``center_sample``, counted in the whole readout) in the middle of
+    the kept samples.  Without ``acq.traj`` spokes are taken as symmetric, as Gadgetron's radial gadgets take
+    them: ``center_sample`` 0 is read as not set, so a centre-out readout needs ``acq.traj``.  A readout of twice
+    the encodedSpace matrix's samples is oversampled ×2 (how siemens_to_ismrmrd describes radial readouts)."""
     if acq.trajectory_dimensions >= 2:
-        if acq.trajectory_dimensions > 2 and np.any(acq.traj[:, 2:]):
-            raise MRDFormatError(f"readout {acq.scan_counter} has a {acq.trajectory_dimensions}-D acq.traj with a "
-                                 "non-zero kz: DA-INR reconstructs 2D radial slices")
+        if acq.trajectory_dimensions > 3 and np.any(acq.traj[:, 3:]):
+            raise MRDFormatError(f"readout {acq.scan_counter} has a {acq.trajectory_dimensions}-D acq.traj: a 2D "
+                                 "radial readout has (kx, ky) and at most a density weight")
         return np.asarray(acq.traj[pre:n_samples - post, :2], dtype=np.float32)
     if acq.trajectory_dimensions == 1:
         raise MRDFormatError(f"readout {acq.scan_counter} has a 1-D acq.traj: a radial readout needs (kx, ky)")
@@ -304,16 +313,18 @@ def spoke_trajectory(acq, params: ReconParameters, n_samples: int, pre: int = 0,
         raise MRDFormatError(f"readouts have no acq.traj and the header trajectory is {params.trajectory!r} without "
                              f"the {ANGLE_PARAM!r} trajectory parameter: the spokes' angles are unknown (give each "
                              "readout acq.traj, or the header's trajectory goldenangle or that parameter; "
-                             "`dainr recon --golden-angle true|reference` reads such a file as golden-angle ordered)")
+                             "`dainr recon --golden-angle true|reference` or the gadget property golden_angle "
+                             "reads such a file as golden-angle ordered)")
     n = n_samples - pre - post
     if acq.center_sample != 0 and acq.center_sample - pre != n // 2:  # 0: not set by the converter
         where = f" ({n} kept after discard_pre {pre}, discard_post {post})" if pre or post else ""
         raise MRDFormatError(f"readout {acq.scan_counter} has its echo at sample {acq.center_sample} of {n_samples}"
                              f"{where} (asymmetric echo) and no acq.traj: the sample positions cannot be derived")
-    angle = acq.idx.kspace_encode_step_1 * params.angle_step_rad
+    angle = (acq.idx.kspace_encode_step_1 if spoke is None else spoke) * params.angle_step_rad
     traj = radial_trajectory(torch.tensor([angle]), n)[0].numpy()  # kept sample i at (i − n/2)/n cycles/pixel
     if params.encoded_fov_x:  # the samples are 1/FOV_encoded apart: (FOV_recon/N)/FOV_encoded cycles/pixel
-        factor = n * params.fov_mm[0] / (params.matrix * params.encoded_fov_x)
+        oversampling = 2 if params.encoded_x and n_samples == 2 * params.encoded_x else 1
+        factor = n * params.fov_mm[0] / (params.matrix * params.encoded_fov_x * oversampling)
         if factor > 1.001:
             raise MRDFormatError(f"{n} readout samples over an encoded FOV of {params.encoded_fov_x:g} mm reach "
                                  f"{0.5 * factor:.3g} cycles/pixel of the {params.matrix}-pixel, {params.fov_mm[0]:g} mm "
@@ -323,6 +334,17 @@ def spoke_trajectory(acq, params: ReconParameters, n_samples: int, pre: int = 0,
     # ACQ_IS_REVERSE: the samples are stored in acquisition order, which ran the spoke backwards through the same
     # echo sample: the spoke at angle + π
     return -traj if acq.is_flag_set(ismrmrd.ACQ_IS_REVERSE) else traj
+
+
+def spoke_indices(acqs: List) -> List[int]:
+    """The golden-angle index of each readout of one cine: ``idx.kspace_encode_step_1`` where it counts the
+    spokes (no index repeats), else their order of arrival, as Gadgetron's radial gadgets count (a counter that
+    restarts every frame or average gave every frame the first frame's angles)."""
+    steps = [int(a.idx.kspace_encode_step_1) for a in acqs]
+    if len(set(steps)) == len(steps):
+        return steps
+    log.info("kspace_encode_step_1 repeats within a cine: the spokes' golden-angle index is their arrival order")
+    return list(range(len(acqs)))
 
 
 def iter_acquisitions(path: str, group: str = "dataset", chunk: int = 2048) -> Iterator["ismrmrd.Acquisition"]:
@@ -383,10 +405,13 @@ def read_raw(path: str, group: str = "dataset", spokes_per_frame: Optional[int] 
     text = open_raw(path, group)[0]
     header = parse_header(text)
     params = ReconParameters.from_header(header, spokes_per_frame, golden_angle)
-    noise, per_key = [], {}
+    noise, per_key, late_noise = [], {}, 0
     for acq in iter_acquisitions(path, group):
         if acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
-            noise.append(acq.data.copy())
+            if per_key:  # the gadget's prewhitener is fixed at the first imaging readout: the same images here
+                late_noise += 1
+            else:
+                noise.append(acq.data.copy())
         elif acq.encoding_space_ref != 0 and not is_skipped(acq):
             raise MRDFormatError(f"{path}: readout {acq.scan_counter} belongs to encoding space "
                                  f"{acq.encoding_space_ref}: DA-INR reconstructs the header's first encoding only")
@@ -398,7 +423,7 @@ def read_raw(path: str, group: str = "dataset", spokes_per_frame: Optional[int] 
         _check_one_pass(path, key, acqs, params.last_average)
     noise_t = noise_samples(noise)
     slices = {key: slice_from_acquisitions(acqs, params, noise_t, key[0]) for key, acqs in sorted(per_key.items())}
-    return RawScan(params.matrix, params.fov_mm, slices, noise_t, header, text)
+    return RawScan(params.matrix, params.fov_mm, slices, noise_t, header, text, late_noise)
 
 
 def _check_one_pass(path: str, key: Key, acqs: List, last_average: int) -> None:
@@ -450,7 +475,14 @@ def slice_from_acquisitions(acqs: List, params: ReconParameters, noise: Optional
         bad = (~finite).nonzero().flatten().tolist()
         raise MRDFormatError(f"slice {s}: {len(bad)} readout(s) contain NaN/Inf samples "
                              f"(scan counters {[int(acqs[i].scan_counter) for i in bad[:5]]})")
-    traj = torch.from_numpy(np.stack([spoke_trajectory(a, params, R, pre, post) for a in acqs]))
+    if all(a.trajectory_dimensions < 2 for a in acqs):  # positions derived as symmetric spokes: is the echo there?
+        peak = int(kdata.abs().sum(dim=(0, 1)).argmax())
+        if abs(peak - (R - pre - post) // 2) > (R - pre - post) // 4:
+            raise MRDFormatError(f"slice {s}: the readouts have no acq.traj and their k-space centre (the largest "
+                                 f"samples) lies at sample {peak + pre} of {R}, not in the middle: centre-out or "
+                                 "asymmetric readouts need acq.traj")
+    traj = torch.from_numpy(np.stack([spoke_trajectory(a, params, R, pre, post, spoke)
+                                      for a, spoke in zip(acqs, spoke_indices(acqs))]))
     frame_index = torch.tensor([a.idx.phase for a in acqs]) if params.frames_from_phase else None
     if frame_index is not None and params.n_frames:
         if len(acqs) < params.n_frames:
@@ -462,13 +494,17 @@ def slice_from_acquisitions(acqs: List, params: ReconParameters, noise: Optional
             max(phases) < params.first_phase + params.n_frames else min(phases)
         missing = sorted(set(range(first, first + params.n_frames)) - phases)
         if missing:
-            raise MRDFormatError(f"slice {s}: frames {missing} have no spokes")
+            raise MRDFormatError(f"slice {s}: frames {missing} have no spokes (these {len(acqs)} readouts, of phases "
+                                 f"{min(phases)}..{max(phases)}, are one cine: a slice's readouts up to its "
+                                 "ACQ_LAST_IN_SLICE)")
         beyond = sorted(phases - set(range(first, first + params.n_frames)))
         if beyond:
             raise MRDFormatError(f"slice {s}: readouts of phase(s) {beyond[:10]} lie beyond the header's "
                                  f"{params.n_frames} frames (encodingLimits phase, from {first})")
     if frame_index is None and params.spokes_per_frame is None:
-        raise MRDFormatError("header has no phase range and no spokes_per_frame was given")
+        raise MRDFormatError("the header has no phase range (encodingLimits phase) and no spokes per frame were "
+                             "given: give them (`dainr recon --spokes-per-frame`, the gadget property "
+                             "spokes_per_frame) to bin the spokes into frames in acquisition order")
     try:
         data = frames_from_spokes(kdata, traj, frame_index, params.matrix, params.spokes_per_frame, noise)
     except ValueError as exc:

@@ -10,7 +10,8 @@ at once, all slices together; default 2048), ``check_memory`` (true/false: refus
 peak memory exceeds what the device has available; default true), ``cap_grid_ratio`` (the grid's finest
 level as a fraction of the fitting matrix; default ``DAINRConfig.cap_grid_ratio``, 0.75),
 ``frames_per_step`` (default: 4 on CUDA, 1 on CPU; 1 on CUDA gives the CPU's image quality for 2–3× the time),
-``lr`` (the initial learning rate; default ``DAINRConfig.lr``, 4e-3).
+``lr`` (the initial learning rate; default ``DAINRConfig.lr``, 4e-3), ``golden_angle`` (true/reference: the
+angle step of readouts without ``acq.traj`` where the header gives none, as ``dainr recon --golden-angle``).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch
 import ismrmrd
 
 from dainr import DAINRConfig
+from dainr.trajectory import angle_step
 from dainr_app.host_share import reconstruct_shared
 from dainr_app.mrd import Key, MRDFormatError, ReconParameters, acquisition_key, is_skipped, make_images, \
     noise_samples, series_index, slice_from_acquisitions
@@ -43,6 +45,7 @@ class GadgetOptions:
     preview_series: int = 101
     output: str = "magnitude"
     max_buffer_mb: float = 2048.0
+    golden_angle: Optional[str] = None  # angle step for readouts without acq.traj (default: the header's)
 
 
 def properties(config, raw: bytes = b"") -> Dict[str, str]:
@@ -85,7 +88,7 @@ FIT_PROPERTIES = (("steps", "max_steps", int), ("max_seconds", "max_seconds", fl
                   ("lr", "lr", float))
 PROPERTIES = ("device", "seed", "sr_ratio", "down_ratio", *(p for p, _, _ in FIT_PROPERTIES), "preview",
               "preview_steps", "image_series_index", "preview_series_index", "output", "max_buffer_mb",
-              "spokes_per_frame")
+              "spokes_per_frame", "golden_angle")
 
 
 def options_from_properties(props: Dict[str, str]) -> GadgetOptions:
@@ -125,8 +128,9 @@ def options_from_properties(props: Dict[str, str]) -> GadgetOptions:
     if preview and preview_series > 0xFFFF:
         raise ValueError(f"property preview_series_index: the default image_series_index + 100 = {preview_series} "
                          "is above 65535; set it")
+    golden = get("golden_angle", lambda v: angle_step(v) and v)  # "true" or "reference"
     return GadgetOptions(DAINRConfig().replace(**changes), get("spokes_per_frame", int), series, preview,
-                         preview_series, output, max_buffer_mb)
+                         preview_series, output, max_buffer_mb, golden)
 
 
 def send_error(connection, text: str) -> None:
@@ -231,7 +235,7 @@ def dainr_recon(connection) -> None:
     """Gadget entry point (``<execute name="gadgets.dainr_gadget" target="dainr_recon" type="python"/>``)."""
     try:
         opts = options_from_properties(properties(connection.config, connection.raw_bytes.config or b""))
-        params = ReconParameters.from_header(connection.header, opts.spokes_per_frame)
+        params = ReconParameters.from_header(connection.header, opts.spokes_per_frame, opts.golden_angle)
     except (ValueError, MRDFormatError) as exc:
         send_error(connection, f"DA-INR gadget configuration: {exc}")
         _pass_through(connection)

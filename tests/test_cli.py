@@ -51,6 +51,31 @@ def test_simulated_raw_file_is_written_like_a_scanner(raw2):
     assert all(torch.equal(s.data.noise, noise_samples) for s in scan.slices.values()) and len(scan.slices) == 2
 
 
+def test_noise_after_imaging_is_not_used_and_is_reported(raw2, tmp_path, capsys):
+    """As in the gadget (and Gadgetron's NoiseAdjustGadget) the prewhitener is the noise scan before the first
+    imaging readout: recon mixed a trailing noise scan in (found by a review), so the two gave different images."""
+    ds = ismrmrd.Dataset(raw2, "dataset", create_if_needed=False, mode="r")
+    try:
+        xml, acqs = ds.read_xml_header(), [ds.read_acquisition(i) for i in range(ds.number_of_acquisitions())]
+    finally:
+        ds.close()
+    noise = [a for a in acqs if a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
+    path = str(tmp_path / "late.h5")
+    out = ismrmrd.Dataset(path, "dataset", create_if_needed=True)
+    out.write_xml_header(xml)
+    late = [ismrmrd.Acquisition.from_array(3 * a.data) for a in noise]  # a second noise scan at the end
+    for a in late:
+        a.set_flag(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
+    for a in acqs + late:
+        out.append_acquisition(a)
+    out.close()
+    scan = read_raw(path)
+    assert scan.late_noise == len(noise) and torch.equal(scan.noise, read_raw(raw2).noise)
+    assert cli.main(["recon", path, "-o", str(tmp_path / "img.h5"), "--steps", "2", "--quiet"]) == 0
+    assert f"dainr recon: warning: {len(noise)} noise readouts after the first imaging readout were not used" in \
+        capsys.readouterr().err
+
+
 def test_recon_round_trip_two_slices(raw2, tmp_path, capsys):
     out, gif = str(tmp_path / "img.h5"), str(tmp_path / "p.gif")
     rc = cli.main(["recon", raw2, "-o", out, "--steps", "60", "--preview", gif, "--series", "3", "--quiet"])
@@ -416,6 +441,45 @@ def test_uniform_radial_without_trajectory_needs_the_angle_step(raw2, tmp_path):
     assert read_raw(path, golden_angle="true").slices[(0, 0, 0, 0)].data.kdata.shape[-1] == 64
 
 
+def test_scanner_converter_layouts_give_the_same_trajectory(raw2, tmp_path):
+    """Found by a review with the layouts of scanner converters and Gadgetron's examples: each gives the positions of
+    the file with a global spoke counter and an encoded matrix of the readout's samples (or is refused)."""
+    key = (0, 0, 0, 0)
+    ref = read_raw(_rewrite(raw2, str(tmp_path / "ref.h5"), _without_traj)).slices[key].data
+    spokes = ref.traj.shape[1]
+
+    def restart(acq):  # a spoke counter restarting every frame: every frame got frame 0's angles
+        acq = _without_traj(acq)
+        acq.idx.kspace_encode_step_1 %= spokes
+        return acq
+    assert torch.equal(read_raw(_rewrite(raw2, str(tmp_path / "restart.h5"), restart)).slices[key].data.traj, ref.traj)
+
+    def siemens(xml):  # siemens_to_ismrmrd's radial header: the image's 32 over 320 mm for readouts of 64 samples
+        enc = re.search(r"<encodedSpace>.*?</encodedSpace>", xml, re.S).group(0)
+        return xml.replace(enc, enc.replace("<x>64</x>", "<x>32</x>").replace("<x>640.0</x>", "<x>320.0</x>"))
+    path = _rewrite(raw2, str(tmp_path / "siemens.h5"), _without_traj, header=siemens)
+    assert "<x>320.0</x>" in read_raw(path).header_text  # (it was refused: "its matrix is coarser")
+    assert torch.equal(read_raw(path).slices[key].data.traj, ref.traj)
+
+    def weighted(acq):  # (kx, ky, density weight) in a 2D encoding, as Gadgetron's trajectory gadgets write it
+        if not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            data, traj = acq.data.copy(), acq.traj.copy()
+            acq.resize(acq.number_of_samples, acq.active_channels, 3)
+            acq.data[:], acq.traj[:, :2] = data, traj
+            acq.traj[:, 2] = np.linalg.norm(traj, axis=1)
+        return acq
+    assert torch.equal(read_raw(_rewrite(raw2, str(tmp_path / "w.h5"), weighted)).slices[key].data.traj,
+                       read_raw(raw2).slices[key].data.traj)  # (it was refused as a non-zero kz)
+
+    def centre_out(acq):  # the echo at the first sample: read as symmetric spokes it gave a meaningless image
+        acq = _without_traj(acq)
+        if not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            acq.data[:] = np.roll(acq.data, -acq.number_of_samples // 2, axis=1)
+        return acq
+    with pytest.raises(MRDFormatError, match="centre-out or asymmetric readouts need acq.traj"):
+        read_raw(_rewrite(raw2, str(tmp_path / "out.h5"), centre_out))
+
+
 def test_a_finer_recon_space_than_acquired_scales_the_derived_positions(raw2, tmp_path):
     """Scanner interpolation: 2× the reconSpace matrix over the same FOV; the samples then span ±0.25 cycles/pixel."""
     def finer(xml, n=64):
@@ -535,13 +599,14 @@ def test_headers_and_trajectories_that_would_give_a_wrong_image_are_refused(raw2
                 acq.resize(acq.number_of_samples, acq.active_channels, dims)
                 acq.data[:] = data
                 acq.traj[:, :min(dims, 2)] = traj[:, :min(dims, 2)] * factor
-                if dims == 3:
-                    acq.traj[:, 2] = 0.3
+                acq.traj[:, 2:] = 0.3
             return acq
         return f
     assert "less than one k-space sample" in _recon_error(_rewrite(raw2, str(tmp_path / "zero.h5"), scaled(0.0)),
                                                           tmp_path, capsys)
-    assert "non-zero kz" in _recon_error(_rewrite(raw2, str(tmp_path / "kz.h5"), scaled(1.0, 3)), tmp_path, capsys)
+    assert "cycles/pixel of the 32-pixel grid, within [-0.5, 0.5]; max |k| = 1.000 (a trajectory in units of ±1" in \
+        _recon_error(_rewrite(raw2, str(tmp_path / "two.h5"), scaled(2.0)), tmp_path, capsys)
+    assert "4-D acq.traj" in _recon_error(_rewrite(raw2, str(tmp_path / "k4.h5"), scaled(1.0, 4)), tmp_path, capsys)
     assert "1-D acq.traj" in _recon_error(_rewrite(raw2, str(tmp_path / "k1.h5"), scaled(1.0, 1)), tmp_path, capsys)
 
 

@@ -284,6 +284,29 @@ def test_missing_trajectory_with_unknown_trajectory_type_is_an_error(two_slices)
     assert {im.slice for im in run.images} == {1}
 
 
+def test_golden_angle_property_reads_a_radial_header_without_its_angle(two_slices):
+    """A uniform ``radial`` header without the angle parameter and readouts without acq.traj (siemens_to_ismrmrd's
+    golden-angle scans): `dainr recon --golden-angle` read it, the gadget had no way to (found by a review)."""
+    import copy
+
+    header, acqs = _load(two_slices[1])
+    hdr = copy.deepcopy(header)
+    hdr.encoding[0].trajectory = ismrmrd.xsd.trajectoryType.RADIAL
+    hdr.encoding[0].trajectoryDescription = None
+    items = []
+    for a in acqs:
+        if a.idx.slice == 0:
+            b = ismrmrd.Acquisition.from_array(a.data)  # no acq.traj
+            b.idx, b.flags = a.idx, a.flags
+            items.append(b)
+    refused = run_gadget(CONFIG.format(steps=5, extra=""), hdr, items)
+    assert len(refused.errors) == 1 and "gadget property golden_angle" in refused.errors[0] and not refused.images
+    run = run_gadget(CONFIG.format(steps=5, extra='<property name="golden_angle" value="true"/>'), hdr, items)
+    assert run.errors == [] and len(run.images) == 6
+    with pytest.raises(ValueError, match="golden_angle"):
+        options_from_properties({"golden_angle": "111"})
+
+
 def test_mismatched_channel_counts_are_an_error(two_slices):
     header, acqs = _load(two_slices[1])
     items = []
@@ -472,3 +495,11 @@ def test_a_missing_frame_is_named_by_the_headers_phase_range(two_slices):
     without_first = [a for a in _imaging(acqs, 0) if a.idx.phase != 0]
     with pytest.raises(MRDFormatError, match=r"frames \[0\] have no spokes"):  # was "frames [6]"
         slice_from_acquisitions(without_first, params, None, 0)
+    # ACQ_LAST_IN_SLICE on every frame's last readout: each ERROR says what a cine is (it named missing frames only)
+    per_frame = _imaging(_load(two_slices[1])[1], 0)
+    for a in per_frame:
+        if a.idx.kspace_encode_step_1 % 9 == 8:
+            a.set_flag(ismrmrd.ACQ_LAST_IN_SLICE)
+    run = run_gadget(CONFIG.format(steps=5, extra=""), header, per_frame)
+    assert len(run.errors) == 6 and not run.images
+    assert all("have no spokes" in e and "up to its ACQ_LAST_IN_SLICE" in e for e in run.errors), run.errors

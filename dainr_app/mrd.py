@@ -338,13 +338,19 @@ def spoke_trajectory(acq, params: ReconParameters, n_samples: int, pre: int = 0,
 
 def spoke_indices(acqs: List) -> List[int]:
     """The golden-angle index of each readout of one cine: ``idx.kspace_encode_step_1`` where it counts the
-    spokes (no index repeats), else their order of arrival, as Gadgetron's radial gadgets count (a counter that
-    restarts every frame or average gave every frame the first frame's angles)."""
+    spokes of each average (averages may repeat the same spokes), else their order of arrival in each average, as
+    Gadgetron's radial gadgets count (a counter restarting every frame gave every frame the first frame's
+    angles)."""
     steps = [int(a.idx.kspace_encode_step_1) for a in acqs]
-    if len(set(steps)) == len(steps):
+    if len({(a.idx.average, step) for a, step in zip(acqs, steps)}) == len(steps):
         return steps
-    log.info("kspace_encode_step_1 repeats within a cine: the spokes' golden-angle index is their arrival order")
-    return list(range(len(acqs)))
+    log.info("kspace_encode_step_1 repeats within an average: the spokes' golden-angle index is their arrival order")
+    counted: Dict[int, int] = {}
+    order = []
+    for a in acqs:
+        order.append(counted.get(a.idx.average, 0))
+        counted[a.idx.average] = order[-1] + 1
+    return order
 
 
 def iter_acquisitions(path: str, group: str = "dataset", chunk: int = 2048) -> Iterator["ismrmrd.Acquisition"]:

@@ -480,6 +480,19 @@ def test_scanner_converter_layouts_give_the_same_trajectory(raw2, tmp_path):
         read_raw(_rewrite(raw2, str(tmp_path / "out.h5"), centre_out))
 
 
+def test_spoke_indices_count_each_average():
+    from dainr_app.mrd import spoke_indices
+
+    def acq(step, average):
+        a = ismrmrd.Acquisition()
+        a.idx.kspace_encode_step_1, a.idx.average = step, average
+        return a
+    assert spoke_indices([acq(s, 0) for s in (3, 4, 5, 6)]) == [3, 4, 5, 6]  # a global counter
+    assert spoke_indices([acq(s % 2, 0) for s in range(4)]) == [0, 1, 2, 3]  # restarting per frame: arrival order
+    assert spoke_indices([acq(s, a) for a in (0, 1) for s in (5, 6)]) == [5, 6, 5, 6]  # averages repeat their spokes
+    assert spoke_indices([acq(s % 2, a) for a in (0, 1) for s in range(4)]) == [0, 1, 2, 3] * 2
+
+
 def test_a_finer_recon_space_than_acquired_scales_the_derived_positions(raw2, tmp_path):
     """Scanner interpolation: 2× the reconSpace matrix over the same FOV; the samples then span ±0.25 cycles/pixel."""
     def finer(xml, n=64):

@@ -716,3 +716,65 @@ def test_the_progress_bar_reads_the_loss_once_per_epoch(small_scan, monkeypatch)
     without = len(reads)
     reconstruct(small_scan.data, cfg.replace(progress=True))
     assert len(reads) - without <= without + 1, (without, len(reads) - without)  # (it was 19 vs 79)
+
+
+# --- found by a second mutation review: each of these could be broken without a test failing ---------------------
+
+def test_optimisation_defaults_are_the_documented_ones():
+    cfg = DAINRConfig()
+    assert (cfg.weight_decay, cfg.lr, cfg.lr_decay, cfg.max_decays, cfg.ema_decay) == (0.01, 4e-3, 0.5, 3, 0.0)
+    assert (cfg.batch_frames("cpu"), cfg.batch_frames("cuda"), cfg.replace(frames_per_step=2).batch_frames("cuda")) \
+        == (1, 4, 2)
+    with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\)"):  # 1 renders the initial weights
+        cfg.replace(ema_decay=1.0)
+
+
+def test_the_loss_is_l1_of_the_real_and_imaginary_parts():
+    from dainr.recon import _loss
+
+    target = torch.zeros(1, 2, 3, dtype=torch.complex64)  # (frames, coils, samples)
+    pred = target.clone()
+    pred[0, 0, 0] = 3 + 4j  # |Re| + |Im| = 7 (the magnitude would be 5)
+    weight = torch.tensor([[1.0, 1.0, 0.0]])  # the third sample is not fitted
+    pred[0, 1, 2] = 100.0
+    assert float(_loss(pred, target, weight)) == pytest.approx(7 / (2 * 2))
+
+
+def test_ema_learning_rate_decay_and_data_scale_inside_the_fitter(small_scan):
+    from dainr.recon import Fitter
+
+    cfg = DAINRConfig(device="cpu", ema_decay=0.9)
+    problem = Problem(small_scan.data, cfg, None, torch.device("cpu"))
+    # the zero-filled image's 99th magnitude percentile is the fit's unit (`data_scale`)
+    assert float(torch.quantile(problem.zero_filled.abs().flatten(), 0.99)) == pytest.approx(1.0, rel=1e-5)
+    fitter = Fitter(problem, cfg)
+    before = [q.detach().clone() for q in fitter.params]
+    fitter.step()
+    for ema, old, new in zip(fitter.ema, before, fitter.params):
+        assert torch.allclose(ema, 0.9 * old + 0.1 * new.detach(), atol=1e-6)
+    for _ in range(3):
+        fitter.decay_lr(0.5)  # each decay multiplies the current rate
+    assert fitter.opt.lr == pytest.approx(cfg.lr / 8)
+
+
+def test_the_temporal_band_limit_can_be_switched_off():
+    cfg = DAINRConfig(temporal_ratio=4)
+    assert cfg.max_t_freq(3) == pytest.approx(2 * np.pi)
+    assert cfg.replace(temporal_bandlimit=False).max_t_freq(3) is None
+
+
+def test_temporal_tv_smooths_more_with_a_larger_lambda(small_scan):
+    tv = [float((x[1:] - x[:-1]).abs().sum()) for x in
+          (temporal_tv(small_scan.data, lam=lam, iterations=30)["images"] for lam in (0.0, 0.02, 0.1))]
+    assert tv[0] > 1.2 * tv[1] > 1.2 * 1.2 * tv[2], tv
+
+
+def test_the_simulated_noise_scan_has_the_simulated_coil_covariance():
+    from dainr.sim import simulate
+
+    scan = simulate(matrix=16, frames=2, spokes=4, coils=4, noise_level=0.05, seed=3, n_noise_samples=20000)
+    n = scan.data.noise.numpy().astype(np.complex128)
+    measured = n @ n.conj().T / n.shape[1]
+    expected = scan.noise_std ** 2 * scan.noise_covariance
+    assert np.abs(measured - expected).max() < 0.05 * np.abs(expected).max()
+    assert np.abs(expected - np.diag(np.diag(expected))).max() > 0.1 * np.abs(expected).max()  # correlated coils

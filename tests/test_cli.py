@@ -587,6 +587,24 @@ def test_preview_panels_of_any_size_ratio_line_up():
     assert (out[:, :, 32:] == 255).all()  # the constant panels stay constant after resizing
 
 
+
+def test_preview_stretches_a_shorter_panel_and_keeps_every_frame(tmp_path):
+    """Temporal ×2: the 4 fitted frames beside 7 output frames are held, not wrapped around; the GIF has all 7
+    (found by a mutation review: neither was tested)."""
+    from PIL import Image, ImageSequence
+
+    from dainr_app.preview import side_by_side, write_preview
+
+    frames = np.arange(7, dtype=float)[:, None, None] * np.ones((7, 8, 8))
+    frames[:, 0, 0] = 6  # every panel frame spans 0..6: its grey level is its frame number
+    fitted = frames[::2]
+    out = side_by_side([frames, fitted])
+    assert [int(round(f[1, 9] / 255 * 6)) for f in out] == [0, 0, 2, 4, 4, 4, 6]  # nearest fitted frame, in order
+    write_preview(str(tmp_path / "p.gif"), [frames, fitted])
+    with Image.open(tmp_path / "p.gif") as gif:
+        assert sum(1 for _ in ImageSequence.Iterator(gif)) == 7
+
+
 def _recon_error(path: str, tmp_path, capsys, *extra) -> str:
     """``dainr recon`` of ``path``: must exit 2 with a one-line error (no traceback); returns it."""
     assert cli.main(["recon", path, "-o", str(tmp_path / "out.h5"), "--steps", "2", "--quiet", *extra]) == 2

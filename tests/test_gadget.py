@@ -307,6 +307,15 @@ def test_golden_angle_property_reads_a_radial_header_without_its_angle(two_slice
         options_from_properties({"golden_angle": "111"})
 
 
+def test_complex_output_property(two_slices):
+    header, acqs = _load(two_slices[1])
+    run = run_gadget(CONFIG.format(steps=3, extra='<property name="output" value="complex"/>'), header,
+                     _imaging(acqs, 0))
+    assert run.errors == [] and len(run.images) == 6
+    assert all(im.image_type == ismrmrd.IMTYPE_COMPLEX and im.data.dtype == np.complex64 for im in run.images)
+    assert np.abs(np.angle(run.images[0].data)).max() > 0.1  # phase kept
+
+
 def test_mismatched_channel_counts_are_an_error(two_slices):
     header, acqs = _load(two_slices[1])
     items = []

@@ -119,3 +119,14 @@ def test_cgroup_limits_v2_and_v1(tmp_path):
     assert _cgroup(tmp_path / "d", "4:memory:/box\n", {"memory/box/memory.limit_in_bytes": "9223372036854771712\n",
                                                       "memory/box/memory.usage_in_bytes": "1\n"}) is None
     assert _cgroup(tmp_path / "e", "", {}) is None  # no cgroup files at all
+
+
+def test_rendering_counts_every_output_frame():
+    """Temporal ×8 renders 25 frames from 4 fitted ones: the render phase holds all 25 (it counted the 4 fitted;
+    found by a mutation review)."""
+    from dainr.trajectory import golden_angle_trajectory
+
+    N = 256
+    data = RadialData(torch.zeros(4, 2, 5, 2 * N, dtype=torch.complex64), golden_angle_trajectory(4, 5, 2 * N), N)
+    one, eight = (estimate_memory(data, DAINRConfig(temporal_ratio=r), torch.device("cpu")).parts for r in (1, 8))
+    assert eight["render"] - one["render"] == 2 * (25 - 4) * N * N * 8  # complex64 output frames, twice

@@ -16,6 +16,7 @@ import time
 import h5py
 import ismrmrd
 import numpy as np
+import pydicom
 import pytest
 from ismrmrd.serialization import ConfigFile, ConfigText
 
@@ -144,6 +145,17 @@ def test_replay_command_writes_images_dicom_and_reports_server_errors(server, ra
     text = capsys.readouterr().out
     assert "received 12 images" in text and "latency" in text
     assert len(read_images(out)[1]) == 12 and len(os.listdir(os.path.join(dicom, "series_001"))) == 12
+    named = str(tmp_path / "named.h5")  # the DICOM files carry the raw data's patient (a mutation review: untested)
+    shutil.copy(raw, named)
+    ds = ismrmrd.Dataset(named, "dataset", create_if_needed=False)
+    hdr = ismrmrd.xsd.CreateFromDocument(ds.read_xml_header())
+    hdr.subjectInformation = ismrmrd.xsd.subjectInformationType(patientName="Probe^Patient")
+    ds.write_xml_header(ismrmrd.xsd.ToXML(hdr))
+    ds.close()
+    assert cli.main(["replay", named, "-p", port, "-C", str(pipeline), "-o", str(tmp_path / "n.h5"),
+                     "--dicom", str(tmp_path / "ndcm")]) == 0
+    first = sorted(os.listdir(tmp_path / "ndcm" / "series_001"))[0]
+    assert str(pydicom.dcmread(tmp_path / "ndcm" / "series_001" / first).PatientName) == "Probe^Patient"
     assert cli.main(["replay", raw, "-p", port, "-c", "nope", "-o", out]) == 1
     assert "server error: unknown pipeline 'nope'" in capsys.readouterr().err
     assert cli.main(["replay", raw, "-p", str(_free_port()), "-o", out]) == 2

@@ -3,8 +3,8 @@
 Geometry: MRD ``position`` is the image centre, which the reconstruction (like Gadgetron's centred FFTs) puts at
 pixel (ny // 2, nx // 2); DICOM ``ImagePositionPatient`` is the centre of the first (top-left) pixel, so it is
 moved back by nx // 2 pixels along the row direction and ny // 2 along the column direction (half the FOV for an
-even matrix, as Gadgetron's DICOM writer does).  Pixel spacing is FOV / matrix.  Pixels are stored as unsigned 16-bit with a rescale slope, so
-the rescaled values (and the window from the meta) are in the image's own units.
+even matrix, as Gadgetron's DICOM writer does).  Pixel spacing is FOV / matrix.  Pixels are stored as unsigned
+16-bit with a rescale slope, so the rescaled values (and the window from the meta) are in the image's own units.
 """
 from __future__ import annotations
 

@@ -928,6 +928,11 @@ def test_nested_distributors_cannot_multiply_gadget_processes_past_the_limit(raw
         frames = raw_session(srv.port, stream(ConfigText(_nested(["contrast", "phase"])), header, items))
         assert frames[-1].mid == CLOSE and srv.history[-1]["aborted"]
     assert any("the limit (--max-gadgets 4)" in e for e in errors(frames)), errors(frames)
+    # the limit is exact: one block over the 3 contrasts opens 3 relays (a mutation review: ">=" → ">" passed)
+    for limit, aborted in ((3, False), (2, True)):
+        with running_server(max_gadgets=limit) as srv:
+            frames = raw_session(srv.port, stream(ConfigText(_nested(["contrast"])), header, items))
+            assert srv.history[-1]["aborted"] == aborted, errors(frames)
 
 
 def test_a_client_must_send_its_configuration_in_time_even_byte_by_byte(raw):

@@ -757,6 +757,11 @@ def test_ema_learning_rate_decay_and_data_scale_inside_the_fitter(small_scan):
     assert fitter.opt.lr == pytest.approx(cfg.lr / 8)
 
 
+def test_the_fit_matrix_is_rounded_up_to_even():
+    assert [DAINRConfig(spatial_ratio=r).fit_matrix(n) for r, n in ((2, 30), (2, 32), (1.5, 32), (1, 31))] == \
+        [16, 16, 22, 31]  # 15 → 16, 21 → 22 (the reference's rule); no spatial ×s: the matrix itself
+
+
 def test_the_temporal_band_limit_can_be_switched_off():
     cfg = DAINRConfig(temporal_ratio=4)
     assert cfg.max_t_freq(3) == pytest.approx(2 * np.pi)

@@ -80,8 +80,9 @@ def test_lazily_conjugated_inputs_are_read_as_their_values(backend):
 @pytest.mark.skipif(not finufft_available(), reason="finufft not installed")
 def test_finufft_results_do_not_depend_on_the_run_or_the_thread_count():
     """finufft's multithreaded type-1 spreading adds in an order that varies: repeated adjoints differed in the
-    last bits in some processes (a flaky test, fits not reproducible) and differed between 1 and 2 threads."""
-    op, omega, x, y = _setup("finufft", B=2, C=8, N=64, M=3000)
+    last bits in some processes (a flaky test, fits not reproducible) and differed between 1 and 2 threads.  7 coils:
+    the two threads' coil groups are unequal (a split that dropped the last coil passed with 8)."""
+    op, omega, x, y = _setup("finufft", B=2, C=7, N=64, M=3000)
     threads = torch.get_num_threads()
     try:
         results = {}

@@ -783,3 +783,8 @@ def test_the_simulated_noise_scan_has_the_simulated_coil_covariance():
     expected = scan.noise_std ** 2 * scan.noise_covariance
     assert np.abs(measured - expected).max() < 0.05 * np.abs(expected).max()
     assert np.abs(expected - np.diag(np.diag(expected))).max() > 0.1 * np.abs(expected).max()  # correlated coils
+
+
+def test_max_seconds_ends_the_fit(small_scan):
+    res = reconstruct(small_scan.data, DAINRConfig(device="cpu", max_steps=100_000, max_seconds=0.5, holdout_spokes=0))
+    assert res.info["stop_reason"] == "max_seconds" and 0.5 <= res.info["seconds_fit"] < 5

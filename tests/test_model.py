@@ -53,6 +53,17 @@ def test_the_deformation_moves_the_grid_coordinate():
         assert (out - m.canonical(xy, coords, None)).abs().max() > 1e-2 * out.abs().max()
 
 
+def test_feature_extractor_is_a_head_and_two_residual_blocks():
+    """(a residual block without its skip connection passed every test: a mutation review)"""
+    ext = FrozenFeatureExtractor(channels=8, seed=3)
+    mag = torch.rand(2, 12, 12) * 2 - 1
+    x = ext.head(mag[:, None].expand(-1, 3, -1, -1))
+    for block in ext.blocks:
+        x = x + block.body(x)
+    assert torch.allclose(ext(mag), x, atol=1e-6)
+    assert [tuple(c.kernel_size) for c in ext.modules() if isinstance(c, torch.nn.Conv2d)] == [(3, 3)] + [(5, 5)] * 4
+
+
 def test_ablation_variants():
     plain = DAINR(DAINRConfig(use_features=False, use_deformation=False))
     xy = pixel_grid(4, 4)[None]

@@ -8,7 +8,7 @@ from dainr import DAINRConfig, RadialData, reconstruct, zero_filled
 from dainr.baselines import cg_sense, cg_sense_holdout_iterations, temporal_tv
 from dainr.data import frames_from_spokes
 from dainr.metrics import psnr_ssim
-from dainr.recon import Problem, epoch_steps
+from dainr.recon import Problem, acquired_problem, epoch_steps
 
 FAST = dict(max_steps=120, device="cpu", holdout_spokes=1, patience=100)
 
@@ -788,3 +788,25 @@ def test_the_simulated_noise_scan_has_the_simulated_coil_covariance():
 def test_max_seconds_ends_the_fit(small_scan):
     res = reconstruct(small_scan.data, DAINRConfig(device="cpu", max_steps=100_000, max_seconds=0.5, holdout_spokes=0))
     assert res.info["stop_reason"] == "max_seconds" and 0.5 <= res.info["seconds_fit"] < 5
+
+
+def test_the_zero_filled_images_are_calibrated_to_the_measured_samples(small_scan):
+    """The gridded image's scale is the least-squares fit of its forward model to the measured samples (the
+    reference's data scale and the zero-filled baseline rest on it; a denominator over every sample, padding and
+    all, passed every test)."""
+    data = small_scan.data
+    mask = data.spoke_mask.clone()
+    mask[1, 5:] = False  # unequal frames: padded spokes carry no samples
+    p = acquired_problem(dataclasses.replace(data, spoke_mask=mask), DAINRConfig(device="cpu"))
+    pred = p.op.forward(p.zero_filled, p.omega)
+    w = (p.train_w + p.hold_w)[:, None, :]
+    assert float((pred.conj() * p.kdata * w).sum().real / (pred.abs() ** 2 * w).sum()) == pytest.approx(1, abs=1e-4)
+
+
+def test_a_fit_far_worse_than_an_all_zero_image_is_refused(small_scan, monkeypatch):
+    from dainr.recon import FAILED_RESIDUAL, Fitter
+
+    monkeypatch.setattr(Fitter, "heldout_residual", lambda self: 1.05 * FAILED_RESIDUAL * self.zero_image_residual)
+    with pytest.raises(ValueError, match="the fit failed: its best held-out residual"):
+        reconstruct(small_scan.data, DAINRConfig(device="cpu", max_steps=40, min_epoch_frames=8))
+    assert FAILED_RESIDUAL == 4.0

@@ -12,7 +12,7 @@ import pytest
 
 from dainr_app.pipeline import Distributed, External, PipelineError, Policy, load_named, parse_pipeline, \
     pipeline_text, resolve_name
-from dainr_app.protocol import ACQUISITION, CLOSE, CONFIG_FILE, CONFIG_TEXT, ERROR, IMAGE, TEXT, Frame, \
+from dainr_app.protocol import ACQUISITION, CLOSE, CONFIG_FILE, CONFIG_TEXT, ERROR, HEADER, IMAGE, TEXT, Frame, \
     FrameReader, Limits, ProtocolError, SocketSink, StreamEnded, encode, error_frame, query_frame, read_frame, \
     response_frame, text_frame
 from ismrmrd.serialization import ConfigFile
@@ -47,8 +47,8 @@ def test_message_ids_are_gadgetrons():
 
 def test_frames_round_trip_through_ismrmrd_objects():
     acq = _acq()
-    img = ismrmrd.Image.from_array(np.ones((4, 5), np.float32), transpose=False)
-    img.meta = ismrmrd.Meta({"DataRole": "Image"})
+    img = ismrmrd.Image.from_array(np.arange(2 * 3 * 4 * 5, dtype=np.complex64).reshape(2, 3, 4, 5), transpose=False)
+    img.meta = ismrmrd.Meta({"DataRole": "Image"})  # 2 channels × 3 slices: every dimension counts in the framing
     data = encode(ConfigFile("dainr")) + encode(acq) + encode(img) + encode(ismrmrd.Waveform.from_array(
         np.arange(6, dtype=np.uint32).reshape(2, 3))) + error_frame("boom").raw
     frames = frames_of(data)
@@ -57,6 +57,18 @@ def test_frames_round_trip_through_ismrmrd_objects():
     assert frames[0].text() == "dainr" and frames[4].text() == "boom"
     assert np.array_equal(frames[1].decode().data, acq.data) and frames[1].acquisition_header().number_of_samples == 16
     assert np.array_equal(frames[2].decode().data, img.data)
+
+
+def test_text_limits_are_per_message_kind():
+    """The MRD header may be as long as max_header; configuration and other texts only max_text (a mutation review:
+    max_header for every text passed)."""
+    limits = Limits(max_text=10, max_header=100)
+    assert frames_of(text_frame(HEADER, "h" * 50).raw, limits)[0].text() == "h" * 50
+    for mid in (CONFIG_TEXT, TEXT):
+        with pytest.raises(ProtocolError, match="limit"):
+            frames_of(text_frame(mid, "t" * 50).raw, limits)
+    with pytest.raises(ProtocolError, match="limit"):
+        frames_of(error_frame("e" * 50).raw, limits)
 
 
 def test_query_and_response_frames():

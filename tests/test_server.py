@@ -1067,3 +1067,13 @@ def test_a_query_answer_claiming_a_huge_length_costs_no_memory_until_its_bytes_a
         tracemalloc.stop()
         listener.close()
     assert peak < 40 << 20, peak
+
+
+def test_a_stream_runs_its_nodes_in_order(server, raw):
+    """DA-INR then a relay: the client gets the DA-INR images (a mutation review: with the chain's stages stored in
+    reverse the input went to the relay, and every test passed)."""
+    header, acqs = load(raw)
+    two = small_pipeline(steps=2).replace("</external></stream>", "</external>" + RELAY + "</stream>")
+    frames = raw_session(server.port, stream(ConfigText(two), header, acqs))
+    assert errors(frames) == [] and frames[-1].mid == CLOSE
+    assert sum(f.mid == IMAGE for f in frames) == 12 and not any(f.mid == ACQUISITION for f in frames)

@@ -138,3 +138,15 @@ def test_tcnn_and_torch_backends_agree():
     ga = torch.autograd.grad((a * g).sum(), tc.encoding.params)[0].reshape(ref.table.shape)
     gb = torch.autograd.grad((b * g).sum(), ref.table)[0]
     assert torch.allclose(ga.float(), gb, atol=1e-4, rtol=1e-3)
+
+
+def test_every_corner_index_stays_in_its_levels_table():
+    """The reference grid's levels finer than the table wrap (a mutation review: leaving the first of them unwrapped
+    read the next level's rows, and every test passed)."""
+    enc = TorchGridEncoding(GridConfig())  # finest level 2048, table 2^19: the finer levels wrap
+    k = enc.n_dense
+    assert k < len(enc.scales) and enc.first_wrapped < len(enc.scales)
+    pos = torch.rand(20000, 1, 2, generator=torch.Generator().manual_seed(0)) * enc.scales[None, k:, None] + 0.5
+    idx = enc._corner_index(torch.floor(pos).long(), k)
+    lo = enc.offsets[k:, None]
+    assert ((idx >= lo) & (idx < lo + enc.sizes[k:, None])).all()

@@ -150,3 +150,15 @@ def test_every_corner_index_stays_in_its_levels_table():
     idx = enc._corner_index(torch.floor(pos).long(), k)
     lo = enc.offsets[k:, None]
     assert ((idx >= lo) & (idx < lo + enc.sizes[k:, None])).all()
+
+
+def test_tcnn_layout_hashes_like_tiny_cuda_nn():
+    """tiny-cuda-nn's 2D fast_hash: x · 1 XOR y · 2654435761 (uint32), modulo the level's size (pinned here
+    because the agreement test with tinycudann itself cannot run without it)."""
+    enc = TorchGridEncoding(GridConfig(), layout="tcnn")
+    level = int(enc.hashed.nonzero()[0])
+    base = torch.tensor([[[5, 7]], [[1000, 3]], [[123456, 654321]]]).expand(3, len(enc.scales) - level, 2)
+    corner = enc._corner_index(base, level)[:, 0, 0]  # the first hashed level, corner (x, y)
+    x, y = base[:, 0, 0], base[:, 0, 1]
+    expected = torch.bitwise_xor(x, (y * 2654435761) & 0xFFFFFFFF) % enc.sizes[level] + enc.offsets[level]
+    assert torch.equal(corner, expected)

@@ -35,7 +35,8 @@ def test_forward_matches_direct_dft(backend):
     ph = torch.exp(-1j * (omega[0, 0][:, None, None].double() * ny + omega[0, 1][:, None, None].double() * nx))
     ref = (ph * (x[0] * op.smaps[0]).to(torch.complex128)).sum((1, 2))
     got = op.forward(x, omega)[0, 0].to(torch.complex128)
-    assert float((got - ref).norm() / ref.norm()) < 2e-3
+    # our gridding measures 8.0e-6 (float32); its kernel's β or oversampling changed gave 1.7e-5 or 5.1e-5
+    assert float((got - ref).norm() / ref.norm()) < (1.2e-5 if backend == "gather" else 2e-3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

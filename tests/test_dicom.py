@@ -118,12 +118,14 @@ def test_patient_and_study_come_from_the_raw_header(tmp_path):
                                                         patientBirthdate=XmlDate(1970, 5, 17),
                                                         patientGender="F")
     hdr.studyInformation = xsd.studyInformationType(studyInstanceUID="1.2.3.4", accessionNumber=42)
+    hdr.measurementInformation = xsd.measurementInformationType(patientPosition=xsd.patientPositionType.HFS)
     _, im = _images(3)
     paths = mrd_to_dicom({3: im}, str(tmp_path), xsd.ToXML(hdr))[3]
     ds = pydicom.dcmread(paths[0])
     assert (str(ds.PatientName), ds.PatientID, ds.PatientBirthDate, ds.PatientSex) == ("DOE^JANE", "P123", "19700517", "F")
     assert ds.StudyInstanceUID == "1.2.3.4" and ds.AccessionNumber == "42" and ds.StudyDate == ""
     assert ds.SeriesDescription == "DA-INR" and ds.ScanningSequence == "GR"
+    assert ds.PatientPosition == "HFS"  # the enum's value, not its name ("patientPositionType.HFS")
     anonymous = pydicom.dcmread(mrd_to_dicom({3: im}, str(tmp_path / "no_header"))[3][0])  # no header: new UIDs
     assert anonymous.PatientID == "" and anonymous.StudyInstanceUID not in ("", "1.2.3.4")
 

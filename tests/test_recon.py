@@ -810,3 +810,12 @@ def test_a_fit_far_worse_than_an_all_zero_image_is_refused(small_scan, monkeypat
     with pytest.raises(ValueError, match="the fit failed: its best held-out residual"):
         reconstruct(small_scan.data, DAINRConfig(device="cpu", max_steps=40, min_epoch_frames=8))
     assert FAILED_RESIDUAL == 4.0
+
+
+def test_held_out_spokes_follow_the_seed(small_scan):
+    """One per frame, drawn from the fit's seed (the README's seed statistics vary them; a fixed draw passed)."""
+    picks = [Problem(small_scan.data, DAINRConfig(device="cpu", seed=s), None, torch.device("cpu")).hold_w
+             for s in (0, 0, 1)]
+    per_frame = picks[0].reshape(8, 9, -1)[..., 0]
+    assert torch.equal(per_frame.sum(1), torch.ones(8)) and torch.equal(picks[0], picks[1])
+    assert not torch.equal(picks[0], picks[2])

@@ -24,7 +24,7 @@ from dainr.sim import simulate
 from dainr_app.mrd import iter_acquisitions, open_raw, write_raw
 from dainr_app.protocol import ACQUISITION, CLOSE, CONFIG_TEXT, HEADER, IMAGE, TEXT, ProtocolError, StreamEnded, \
     encode, read_frame, text_frame
-from dainr_app.replay import replay
+from dainr_app.replay import ReplayResult, SliceTiming, replay, timing_table
 
 from dainr_app.server import Server, ServerOptions, child_env
 from .server_harness import errors, raw_session, running_server, small_pipeline, stream, wait_until
@@ -1077,3 +1077,11 @@ def test_a_stream_runs_its_nodes_in_order(server, raw):
     frames = raw_session(server.port, stream(ConfigText(two), header, acqs))
     assert errors(frames) == [] and frames[-1].mid == CLOSE
     assert sum(f.mid == IMAGE for f in frames) == 12 and not any(f.mid == ACQUISITION for f in frames)
+
+
+def test_timing_table_latency_is_last_image_after_last_readout():
+    res = ReplayResult(slices={(1, 0, 0, 0): SliceTiming(54, last_sent=2.0, first_image=3.5, last_image=9.25),
+                               (0, 0, 0, 0): SliceTiming(54, last_sent=1.0)})
+    rows = timing_table(res).splitlines()
+    assert rows[1].split()[:5] == ["0", "0", "0", "0", "54"] and rows[1].rstrip().endswith("-")  # no images yet
+    assert rows[2].split()[-2:] == ["7.25", "s"]  # 9.25 − 2.0: until the slice's last image

@@ -819,3 +819,19 @@ def test_held_out_spokes_follow_the_seed(small_scan):
     per_frame = picks[0].reshape(8, 9, -1)[..., 0]
     assert torch.equal(per_frame.sum(1), torch.ones(8)) and torch.equal(picks[0], picks[1])
     assert not torch.equal(picks[0], picks[2])
+
+
+def test_a_frame_without_held_out_spokes_stays_out_of_the_residual(small_scan):
+    """The last frame has one spoke, so it holds none out: its residual is not a measured 0 (a mutation review:
+    counting it as 0 lowered the stopping rule's number by 1/8 against the all-zero image's, and passed)."""
+    from dainr.recon import Fitter
+
+    mask = small_scan.data.spoke_mask.clone()
+    mask[7, 1:] = False
+    cfg = DAINRConfig(device="cpu")
+    fitter = Fitter(Problem(dataclasses.replace(small_scan.data, spoke_mask=mask), cfg, None, torch.device("cpu")),
+                    cfg)
+    for _ in range(16):  # two passes over the 8 frames
+        fitter.step()
+    assert torch.isnan(fitter.heldout[7]) and not torch.isnan(fitter.heldout[:7]).any()
+    assert fitter.heldout_residual() == pytest.approx(float(fitter.heldout[:7].mean()))

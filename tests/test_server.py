@@ -809,18 +809,20 @@ def test_shutdown_ends_a_session_waiting_for_its_client_at_once(raw):
 
 def test_a_relayed_image_followed_by_a_text_message_is_not_held_back(raw):
     """Images went out only when no more bytes were buffered after a data message; a TEXT (python-ismrmrd-server's
-    log channel) right after the image kept it back until the gadget's CLOSE."""
+    log channel) right after the image kept it back until the gadget's CLOSE.  Nor is a burst's last image."""
     header, acqs = load(raw)
     image = ismrmrd.Image.from_array(np.ones((8, 8), np.float32))
-    release = threading.Event()
+    release, burst = threading.Event(), threading.Event()
     listener = socket.create_server(("127.0.0.1", 0))
 
-    def gadget():  # sends IMAGE + TEXT at its first acquisition, then waits to be released before its CLOSE
+    def gadget():  # IMAGE + TEXT at its first acquisition, a burst of 2 IMAGEs on request, then CLOSE when released
         conn, _ = listener.accept()
         with conn, conn.makefile("rb") as rf:
             while read_frame(rf.read).mid != ACQUISITION:
                 pass
             conn.sendall(encode(image) + text_frame(TEXT, "log line").raw)
+            burst.wait(20)
+            conn.sendall(encode(image) + encode(image))
             release.wait(20)
             conn.sendall(struct.pack("<H", CLOSE))
             try:  # (the server may end the connection before it forwards the client's CLOSE: no matter here)
@@ -836,11 +838,16 @@ def test_a_relayed_image_followed_by_a_text_message_is_not_held_back(raw):
         with sock.makefile("rb") as rf:
             first = read_frame(rf.read)
             waited = time.monotonic() - t0
+            burst.set()
+            t1 = time.monotonic()  # (a mutation review: flushing only while more was buffered kept the last back)
+            burst_frames = [read_frame(rf.read).mid for _ in range(2)]
+            waited_burst = time.monotonic() - t1
             release.set()
             while read_frame(rf.read).mid != CLOSE:
                 pass
     listener.close()
     assert first.mid == IMAGE and waited < 10, (first.name, waited)
+    assert burst_frames == [IMAGE, IMAGE] and waited_burst < 10, (burst_frames, waited_burst)
 
 
 def test_from_stream_mode_fails_when_its_output_reader_goes_away(raw):

@@ -463,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output-type", choices=("magnitude", "complex"), default="magnitude")
     r.add_argument("--truth", help="ground truth .npz (default: <raw>_truth.npz when present)")
     r.add_argument("--group", default="dataset", help="the raw file's group; the images go to the same group")
-    r.add_argument("--spokes-per-frame", type=_positive_int, help="frames of N spokes in acquisition order (overrides the header's phase range)")
+    r.add_argument("--spokes-per-frame", type=_positive_int,
+                   help="frames of N spokes in acquisition order (overrides the header's phase range)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--quiet", action="store_true", help="no progress bar (the per-slice JSON lines stay)")
     r.set_defaults(func=cmd_recon)

@@ -434,6 +434,12 @@ def read_raw(path: str, group: str = "dataset", spokes_per_frame: Optional[int] 
     return RawScan(params.matrix, params.fov_mm, slices, noise_t, header, text, late_noise)
 
 
+def ends_cine(acq, last_average: int) -> bool:
+    """Whether a readout ends its slice's cine: the ``ACQ_LAST_IN_SLICE`` of the header's last average (declared
+    averages are one cine).  The file reader and the gadget split cines by the same rule."""
+    return acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE) and acq.idx.average >= last_average
+
+
 def _check_one_pass(path: str, key: Key, acqs: List, last_average: int) -> None:
     """One (slice, contrast, repetition, set) is one cine, as the gadget reconstructs it: its readouts end with the
     ``ACQ_LAST_IN_SLICE`` of its last declared average (if flagged at all), and no readout is of a later average."""
@@ -442,7 +448,7 @@ def _check_one_pass(path: str, key: Key, acqs: List, last_average: int) -> None:
         if a.idx.average > last_average:
             raise MRDFormatError(f"{where}: readout {a.scan_counter} is of average {a.idx.average}, beyond the "
                                  f"header's encodingLimits average maximum {last_average}")
-        if i < len(acqs) - 1 and a.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE) and a.idx.average >= last_average:
+        if i < len(acqs) - 1 and ends_cine(a, last_average):
             raise MRDFormatError(f"{where}: {len(acqs) - 1 - i} readouts follow the ACQ_LAST_IN_SLICE of readout "
                                  f"{a.scan_counter}; a streaming reconstruction makes them a cine of their own "
                                  "(give each pass its own repetition, or declare the passes as averages)")

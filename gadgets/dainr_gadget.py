@@ -29,8 +29,8 @@ import ismrmrd
 from dainr import DAINRConfig
 from dainr.trajectory import angle_step
 from dainr_app.host_share import reconstruct_shared
-from dainr_app.mrd import Key, MRDFormatError, ReconParameters, acquisition_key, is_skipped, make_images, \
-    noise_samples, series_index, slice_from_acquisitions
+from dainr_app.mrd import Key, MRDFormatError, ReconParameters, acquisition_key, ends_cine, is_skipped, \
+    make_images, noise_samples, series_index, slice_from_acquisitions
 from dainr_app.protocol import error_frame
 
 log = logging.getLogger("dainr.gadget")
@@ -172,8 +172,7 @@ class SliceBuffers:
         else:
             self.buffers.setdefault(key, []).append(acq)
             self.used += acq.data.nbytes
-        last = acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE) and acq.idx.average >= self.last_average
-        return key if last else None
+        return key if ends_cine(acq, self.last_average) else None
 
     def pop(self, key: Key) -> Tuple[list, int]:
         """The key's buffered readouts and how many of its readouts were dropped at the memory cap."""

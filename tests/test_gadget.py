@@ -458,6 +458,22 @@ def test_after_a_configuration_error_what_the_gadget_does_not_consume_passes_on(
     assert [im.image_series_index for im in run.images] == [55] and len(run.passthrough) == 1
 
 
+def test_a_stream_of_noise_alone_past_the_cap_gets_both_errors_and_no_images(two_slices):
+    header, acqs = _load(two_slices[1])
+    noise = [a for a in acqs if a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)] * 8  # 128 readouts of 1.5 kB
+    kept = int(0.12 * 2 ** 20) // noise[0].data.nbytes
+    assert kept == 81 < len(noise)
+    run = run_gadget(CONFIG.format(steps=3, extra='<property name="max_buffer_mb" value="0.12"/>'), header, noise)
+    assert run.errors == [f"DA-INR: {len(noise) - kept} noise readouts past max_buffer_mb=0.12 were dropped; the "
+                          f"prewhitening used the first {kept}",
+                          f"DA-INR: the stream held no imaging readouts ({kept} noise readouts): nothing to "
+                          "reconstruct"]
+    assert run.images == [] and run.returncode == 0
+    assert options_from_properties({"output": "complex"}).output == "complex"
+    with pytest.raises(ValueError, match="property output='phase': must be magnitude or complex"):
+        options_from_properties({"output": "phase"})
+
+
 def test_noise_after_imaging_is_reported_not_used_for_some_slices(two_slices):
     """A noise scan between the slices prewhitened only the second one, silently."""
     header, acqs = _load(two_slices[1])
@@ -494,6 +510,46 @@ def test_averages_are_one_cine_per_slice(two_slices):
         sorted((s, p) for s in (0, 1) for p in range(6))  # one cine per slice, from both averages
     run = run_gadget(CONFIG.format(steps=3, extra=""), header, items)
     assert len(run.errors) == 1 and "of average 1, beyond the header's encodingLimits average maximum 0" in run.errors[0]
+
+
+def test_malformed_headers_noise_and_readouts_get_one_line_errors(two_slices):
+    import copy
+
+    from dainr_app.mrd import MRDFormatError, ReconParameters, noise_samples, slice_from_acquisitions
+
+    header, acqs = _load(two_slices[1])
+    params = ReconParameters.from_header(header)
+    for change, match in ((lambda h: setattr(h, "encoding", []), "MRD header has no <encoding>"),
+                          (lambda h: setattr(h.encoding[0].reconSpace.matrixSize, "x", 4),
+                           "reconSpace matrix 4 is too small"),
+                          (lambda h: setattr(h.encoding[0].encodedSpace.fieldOfView_mm, "x", -320.0),
+                           "encodedSpace fieldOfView_mm x is -320: it must be finite and positive")):
+        bad = copy.deepcopy(header)
+        change(bad)
+        with pytest.raises(MRDFormatError, match=match):
+            ReconParameters.from_header(bad)
+    no_phase = copy.deepcopy(header)
+    no_phase.encoding[0].encodingLimits.phase = no_phase.encoding[0].trajectoryDescription = None
+    with pytest.raises(MRDFormatError, match=r"no phase range .*\(`dainr recon --spokes-per-frame`, the gadget "
+                                             r"property spokes_per_frame\)"):
+        slice_from_acquisitions(_imaging(acqs, 0), ReconParameters.from_header(no_phase), None, 0)
+    noise = [a.data for a in acqs if a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
+    with pytest.raises(MRDFormatError, match="noise scans have different channel counts"):
+        noise_samples(noise[:-1] + [noise[-1][:2]])
+    with pytest.raises(MRDFormatError, match="the noise scan contains NaN/Inf samples"):
+        noise_samples(noise[:-1] + [np.full_like(noise[-1], np.inf)])
+    one = _imaging(_load(two_slices[1])[1], 0)
+    one[5].discard_pre = 2
+    with pytest.raises(MRDFormatError, match=r"slice 0: readouts discard different samples \(discard_pre, "
+                                             r"discard_post\): \[\(0, 0\), \(2, 0\)\]"):
+        slice_from_acquisitions(one, params, None, 0)
+    for a in one:
+        a.discard_pre, a.discard_post = 40, 23
+    with pytest.raises(MRDFormatError, match=r"slice 0: discard_pre 40 \+ discard_post 23 leave 1 of 64 samples"):
+        slice_from_acquisitions(one, params, None, 0)
+    short = [ismrmrd.Acquisition.from_array(a.data[:, :1].copy()) for a in _imaging(acqs, 0)]
+    with pytest.raises(MRDFormatError, match="slice 0: readouts have 1 samples"):
+        slice_from_acquisitions(short, params, None, 0)
 
 
 def test_a_missing_frame_is_named_by_the_headers_phase_range(two_slices):

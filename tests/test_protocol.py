@@ -276,6 +276,19 @@ def test_parse_pipeline_external_and_distributed():
     (XML.format(DIST.format('<property name="paralel_dimension" value="phase"/>', EXT)), "not supported"),
     (XML.format(DIST.format('<property name="parallel_dimension" value=""/>', EXT)), "is not one of"),
     (XML.format(EXT * 65), "more than 64 <external>"),
+    ("<configuration><stream/></configuration>", r"expected <configuration><version>2</version>, got <configuration> "
+                                                 "version none"),
+    (XML.format(EXT).replace("<configuration>", "<config>").replace("</configuration>", "</config>"),
+     "got <config> version 2"),
+    (XML.format('<external><execute name="gadgets.x" type="python"/></external>'),
+     r"needs name= \(module\) and target="),
+    (XML.format('<external><execute name="gadgets..x" target="y"/></external>'),
+     "invalid module/target 'gadgets..x'/'y'"),
+    (XML.format('<external><execute name="gadgets.x" target="y()"/></external>'), "invalid module/target"),
+    (XML.format('<external><connect address="localhost" port="0"/></external>'), "<connect port='0'> is not a port"),
+    (XML.format('<external><configuration/></external>'), "<external> needs <execute> or <connect>"),
+    (XML.format(DIST.format("", EXT).replace("AcquisitionDistributor", "ImageDistributor")),
+     "<distributor> ImageDistributor is not supported"),
     (XML.format(functools.reduce(lambda inner, _: DIST.format("", inner), range(5), EXT)), "nested more than 4"),
 ])
 def test_unrunnable_pipelines_are_refused(xml, reason):

@@ -359,11 +359,43 @@ def test_frames_from_spokes_groups_and_keeps_partial_frames():
     (lambda k, t: (k, t[:, :-1]), "traj must be"),
     (lambda k, t: (k.abs(), t), "complex"),
     (lambda k, t: (k, t.to(torch.complex64)), "traj must be real"),  # its imaginary part was dropped
+    (lambda k, t: (k[0], t), r"kdata must be \(frames, coils, spokes, samples\), got shape \(4, 9, 64\)"),
+    (lambda k, t: (k[..., :1], t[..., :1, :]), r"empty data: shape \(8, 4, 9, 1\)"),
+    (lambda k, t: (k, t.clone().index_fill_(2, torch.tensor([5]), float("inf"))), "trajectory contains NaN or Inf"),
 ])
 def test_bad_input_is_rejected(small_scan, mutate, match):
     k, t = mutate(small_scan.data.kdata, small_scan.data.traj)
     with pytest.raises(ValueError, match=match):
         RadialData(k, t, 32)
+
+
+def test_spoke_masks_and_frame_lists_that_do_not_fit_are_named(small_scan):
+    d = small_scan.data
+    with pytest.raises(ValueError, match=r"spoke_mask must be \(8, 9\), got \(8, 8\)"):
+        RadialData(d.kdata, d.traj, 32, d.spoke_mask[:, :8])
+    mask = d.spoke_mask.clone()
+    mask[[2, 5]] = False
+    with pytest.raises(ValueError, match=r"frames \[2, 5\] have no spokes"):
+        RadialData(d.kdata, d.traj, 32, mask)
+    k, t = list(d.kdata), list(d.traj)
+    with pytest.raises(ValueError, match="same, non-zero number of k-space and trajectory frames"):
+        RadialData.from_frames(k, t[:-1], 32)
+    with pytest.raises(ValueError, match="same, non-zero number"):
+        RadialData.from_frames([], [], 32)
+    with pytest.raises(ValueError, match=r"frame 3: k-space shape \(3, 9, 64\) does not match "
+                                         r"\(coils=4, \*, samples=64\)"):
+        RadialData.from_frames(k[:3] + [k[3][:3]] + k[4:], t, 32)
+    with pytest.raises(ValueError, match=r"frame 1: trajectory shape \(8, 64, 2\) does not match \(9, 64, 2\)"):
+        RadialData.from_frames(k, t[:1] + [t[1][:8]] + t[2:], 32)
+    spokes = d.kdata.permute(0, 2, 1, 3).reshape(-1, d.n_coils, d.kdata.shape[-1])
+    traj = d.traj.reshape(-1, d.traj.shape[-2], 2)
+    with pytest.raises(ValueError, match="no spokes to reconstruct"):
+        frames_from_spokes(spokes[:0], traj[:0], None, 32, 9)
+    for per_frame in (None, 0):
+        with pytest.raises(ValueError, match="without frame indices, spokes_per_frame must be given"):
+            frames_from_spokes(spokes, traj, None, 32, per_frame)
+    with pytest.raises(ValueError, match=r"frame_index must have one entry per spoke \(72\), got \(71,\)"):
+        frames_from_spokes(spokes, traj, torch.arange(71) // 9, 32)
 
 
 def test_inputs_taken_silently_before_are_clear_errors(small_scan):
@@ -752,6 +784,12 @@ def test_ema_learning_rate_decay_and_data_scale_inside_the_fitter(small_scan):
     fitter.step()
     for ema, old, new in zip(fitter.ema, before, fitter.params):
         assert torch.allclose(ema, 0.9 * old + 0.1 * new.detach(), atol=1e-6)
+    live = [q.detach().clone() for q in fitter.params]
+    state = fitter.weights()  # the checkpoint (and so the images) hold the EMA; the fit goes on with the live weights
+    names = [name for name, q in fitter.model.named_parameters() if q.requires_grad]
+    assert len(names) == len(fitter.ema) and not all(torch.equal(e, q) for e, q in zip(fitter.ema, live))
+    for name, ema, q, old in zip(names, fitter.ema, fitter.params, live):
+        assert torch.equal(state[name], ema) and torch.equal(q.detach(), old)
     for _ in range(3):
         fitter.decay_lr(0.5)  # each decay multiplies the current rate
     assert fitter.opt.lr == pytest.approx(cfg.lr / 8)

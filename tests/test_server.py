@@ -235,6 +235,18 @@ def test_header_that_does_not_parse(server):
     _expect_error(server, stream(ConfigFile("passthrough"), "<ismrmrdHeader><bogus/>", []), "MRD header")
 
 
+def test_messages_out_of_order_get_an_error_naming_what_was_expected(server, raw):
+    header, acqs = load(raw)
+    config, head = encode(ConfigFile("passthrough")), text_frame(HEADER, header).raw
+    for data, pattern in ((head + config, "expected CONFIG_FILE (1) or CONFIG_TEXT (2) first, got HEADER"),
+                          (config + encode(acqs[1]), "expected HEADER (3) after the configuration, got ACQUISITION"),
+                          (config + head + encode(acqs[1]) + config,
+                           "unexpected CONFIG_FILE message in the data stream")):
+        frames = _expect_error(server, data + struct.pack("<H", CLOSE), pattern)
+        assert len(errors(frames)) == 1
+    assert sum(f.mid == ACQUISITION for f in frames) == 1  # the readout before the stray CONFIG still went through
+
+
 def test_unknown_message_id_after_data_keeps_what_was_received(server, raw):
     header, acqs = load(raw)
     data = stream(ConfigFile("passthrough"), header, acqs[:4], close=False) + struct.pack("<H", 999)

@@ -603,6 +603,11 @@ def test_preview_stretches_a_shorter_panel_and_keeps_every_frame(tmp_path):
     write_preview(str(tmp_path / "p.gif"), [frames, fitted])
     with Image.open(tmp_path / "p.gif") as gif:
         assert sum(1 for _ in ImageSequence.Iterator(gif)) == 7
+    write_preview(str(tmp_path / "p.PNG"), [frames, fitted])  # a montage: one row of panels per frame
+    with Image.open(tmp_path / "p.PNG") as png:
+        assert png.format == "PNG" and np.array_equal(np.asarray(png), np.concatenate(list(out)))
+    with pytest.raises(ValueError, match="preview must end in .gif or .png, got 'p.jpg'"):
+        write_preview("p.jpg", [frames])
 
 
 def _recon_error(path: str, tmp_path, capsys, *extra) -> str:

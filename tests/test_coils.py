@@ -74,3 +74,20 @@ def test_power_iteration_maps_match_eigh_above_the_batched_eigh_limit():
     inside = np.abs(obj) > 0
     assert np.abs(power - eig).max(0)[inside].max() < 1e-3  # the same vectors, phase convention included
     assert np.allclose(np.linalg.norm(power, axis=0), 1, atol=1e-5)
+
+
+def test_a_single_coil_scan_gets_a_phase_map_and_reconstructs():
+    """One receive channel (a body coil, or data combined on the scanner): no covariance to decompose."""
+    from dainr import reconstruct, zero_filled
+    from dainr.metrics import psnr_ssim
+
+    image = torch.randn(1, 6, 5, dtype=torch.complex64)
+    maps = walsh_coil_maps(image)
+    assert torch.allclose(maps.abs(), torch.ones(1, 6, 5)) and torch.allclose(maps * image.abs(), image, atol=1e-6)
+    scan = simulate(matrix=32, frames=8, spokes=13, coils=1, noise_level=0.02, seed=1)
+    cfg = DAINRConfig(device="cpu", max_steps=150, progress=False)
+    zf = psnr_ssim(zero_filled(scan.data, cfg).numpy(), scan.ground_truth)["psnr"]
+    res = reconstruct(scan.data, cfg)
+    gain = res.coil_maps.abs()  # in the data's coil space: the prewhitener's scale, the same at every pixel
+    assert gain.shape == (1, 32, 32) and torch.allclose(gain, gain.mean().expand_as(gain), rtol=1e-4)
+    assert psnr_ssim(res.images.numpy(), scan.ground_truth)["psnr"] > zf + 8

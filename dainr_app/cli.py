@@ -93,9 +93,11 @@ def config_from_args(args) -> DAINRConfig:
 def run_recon(raw: str, output: str, cfg: DAINRConfig, series: int = 1, preview: Optional[str] = None,
               output_type: str = "magnitude", truth: Optional[str] = None, group: str = "dataset",
               spokes_per_frame: Optional[int] = None, quiet: bool = False,
-              golden_angle: Optional[str] = None) -> List[dict]:
+              golden_angle: Optional[str] = None, truth_found: bool = False) -> List[dict]:
     """Reconstruct every slice of ``raw``/``group`` into MRD images in ``output``/``group``; returns one summary
-    per slice.  ``output`` is replaced only when every slice has been reconstructed."""
+    per slice.  ``output`` is replaced only when every slice has been reconstructed.  A ``truth`` whose cines do
+    not match the slices is refused before any fit, or, where it was only ``truth_found`` beside the raw file (e.g.
+    frames re-binned by ``spokes_per_frame``), left out with a warning."""
     from .mrd import read_raw, write_header
     from .preview import write_preview
 
@@ -111,7 +113,7 @@ def run_recon(raw: str, output: str, cfg: DAINRConfig, series: int = 1, preview:
         print(f"dainr recon: warning: {scan.late_noise} noise readouts after the first imaging readout were not used "
               "(the prewhitening uses the noise scan before it, as the gadget and Gadgetron's NoiseAdjustGadget do)",
               file=sys.stderr)
-    truth_images = load_truth(truth) if truth else None
+    truth_images = matching_truth(load_truth(truth), scan, truth, truth_found) if truth else None
     partial = f"{output}.partial-{os.getpid()}"  # renamed onto ``output`` once every slice is written
     try:
         summaries, panels = _recon_slices(scan, partial, group, cfg, series, output_type, truth_images, quiet)
@@ -144,6 +146,26 @@ def load_truth(path: str) -> np.ndarray:
         return npz["images"]
 
 
+def matching_truth(images: np.ndarray, scan, path: str, found: bool) -> Optional[np.ndarray]:
+    """``images`` if it holds a (frames, N, N) cine for every slice of ``scan``, which the images are scored
+    against; else an error, or None and a warning when ``found`` (not named by the user)."""
+    bad = []
+    for s, raw_slice in sorted((key[0], v) for key, v in scan.slices.items()):
+        want = (raw_slice.data.n_frames, scan.matrix, scan.matrix)
+        got = tuple(images[s].shape) if s < len(images) else None
+        if got != want:
+            bad.append(f"slice {s} has {want[0]} frames of {want[1]}², the truth "
+                       + (f"{got[0]} frames of {got[1]}²" if got and len(got) == 3 else f"{got or 'none'}"))
+    if not bad:
+        return images
+    problem = f"the ground truth {path} does not match the raw data ({bad[0]}; frames re-binned by " \
+              "--spokes-per-frame?)"
+    if not found:
+        raise ValueError(problem)
+    print(f"dainr recon: warning: {problem}: the images are not scored", file=sys.stderr)
+    return None
+
+
 def _recon_slices(scan, output: str, group: str, cfg: DAINRConfig, series: int, output_type: str,
                   truth_images: Optional[np.ndarray], quiet: bool):
     from .mrd import make_images, write_images
@@ -163,8 +185,8 @@ def _recon_slices(scan, output: str, group: str, cfg: DAINRConfig, series: int, 
         summary = dict(slice=s, contrast=contrast, repetition=repetition, set=set_index, frames=len(images), seconds=round(seconds, 2), steps=info["steps"],
                        stop_reason=info["stop_reason"], seconds_per_step=round(info["seconds_per_step"], 4),
                        device=info["device"], nufft=info["nufft_backend"])
-        if truth_images is not None and s < len(truth_images):
-            gt = truth_images[s][: len(result.images)]
+        if truth_images is not None:
+            gt = truth_images[s]
             m = psnr_ssim(result.images, gt)
             zf_gt = truth_images[s][result.acquired_frames] if cfg.spatial_ratio == 1 else None
             summary.update(psnr=round(m["psnr"], 2), ssim=round(m["ssim"], 4))
@@ -182,11 +204,11 @@ def _recon_slices(scan, output: str, group: str, cfg: DAINRConfig, series: int, 
 
 def cmd_recon(args) -> int:
     cfg = config_from_args(args)
-    truth = args.truth
+    truth, found = args.truth, False
     if truth is None and os.path.exists(truth_path(args.raw)):
-        truth = truth_path(args.raw)
+        truth, found = truth_path(args.raw), True
     run_recon(args.raw, args.output, cfg, args.series, args.preview, args.output_type, truth, args.group,
-              args.spokes_per_frame, golden_angle=args.golden_angle)
+              args.spokes_per_frame, golden_angle=args.golden_angle, truth_found=found)
     print(f"wrote {args.output}" + (f" and {args.preview}" if args.preview else ""))
     return 0
 

@@ -96,6 +96,26 @@ def test_recon_round_trip_two_slices(raw2, tmp_path, capsys):
     assert os.path.getsize(gif) > 0
 
 
+def test_a_truth_that_does_not_match_the_frames_is_refused_or_left_out(raw2, tmp_path, capsys):
+    """`--spokes-per-frame 6` re-bins 54 spokes into 9 frames: the simulated 6-frame truth beside the raw file made
+    the finished fit fail ("must be frames of the same shape"), or, with fewer frames, scored them against the
+    wrong frames."""
+    out = str(tmp_path / "o.h5")
+    assert cli.main(["recon", raw2, "-o", out, "--steps", "2", "--spokes-per-frame", "6"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == (f"dainr recon: warning: the ground truth {raw2.replace('.h5', '_truth.npz')} does not "
+                            "match the raw data (slice 0 has 9 frames of 32², the truth 6 frames of 32²; frames "
+                            "re-binned by --spokes-per-frame?): the images are not scored\n")
+    lines = [json.loads(line) for line in captured.out.splitlines() if line.startswith("{")]
+    assert [line["frames"] for line in lines] == [9, 9] and not any("psnr" in line for line in lines)
+    truth = np.load(raw2.replace(".h5", "_truth.npz"))["images"]
+    np.savez(tmp_path / "one_slice.npz", images=truth[:1])  # named by the user: refused before the fit
+    assert cli.main(["recon", raw2, "-o", str(tmp_path / "new.h5"), "--truth", str(tmp_path / "one_slice.npz"),
+                     "--quiet"]) == 2
+    assert "(slice 1 has 6 frames of 32², the truth none;" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "new.h5")
+
+
 def test_recon_writes_into_the_group_it_reads(raw2, tmp_path, capsys):
     """`--group g2` read g2 but wrote the images and header to `dataset`, so `dainr dicom --group g2` found none."""
     raw, out = str(tmp_path / "g2.h5"), str(tmp_path / "img.h5")

@@ -180,7 +180,8 @@ def _recon_slices(scan, output: str, group: str, cfg: DAINRConfig, series: int, 
         history = [f"DA-INR {info['steps']} steps ({info['stop_reason']}), {seconds:.1f} s on {info['device']}"]
         images = make_images(result.images.numpy(), series, s, scan.fov_mm, raw_slice.geometry, output_type,
                              history=history, repetition=repetition, contrast=contrast, set_index=set_index,
-                             first_phase=raw_slice.first_phase)
+                             first_phase=raw_slice.first_phase, time_stamps=raw_slice.time_stamps,
+                             measurement_uid=raw_slice.measurement_uid)
         write_images(output, images, group)
         summary = dict(slice=s, contrast=contrast, repetition=repetition, set=set_index, frames=len(images), seconds=round(seconds, 2), steps=info["steps"],
                        stop_reason=info["stop_reason"], seconds_per_step=round(info["seconds_per_step"], 4),

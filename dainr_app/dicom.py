@@ -5,6 +5,8 @@ pixel (ny // 2, nx // 2); DICOM ``ImagePositionPatient`` is the centre of the fi
 moved back by nx // 2 pixels along the row direction and ny // 2 along the column direction (half the FOV for an
 even matrix, as Gadgetron's DICOM writer does).  Pixel spacing is FOV / matrix.  Pixels are stored as unsigned
 16-bit with a rescale slope, so the rescaled values (and the window from the meta) are in the image's own units.
+``TriggerTime`` is ``physiology_time_stamp[0]`` in 2.5 ms ticks, written where it lies in (0, 60 s), as Gadgetron
+does.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import numpy as np
 import ismrmrd
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+TICK_MS = 2.5  # the MRD time stamps' unit, as scanners (Siemens) and Gadgetron count them
 FILE_NAME = re.compile(r"IM_\d{5}_s\d{3}\.dcm")  # what write_series names its files
 # the value representations' maximum lengths (characters) of the text attributes taken from the MRD header
 MAX_LENGTH = dict(PatientName=64, PatientID=64, StudyID=16, AccessionNumber=16, ReferringPhysicianName=64,
@@ -132,6 +135,9 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str
         ds.ImagePositionPatient = [f"{v:.6f}" for v in corner]
         ds.SliceLocation = f"{float(np.dot(np.asarray(im.position, float), np.asarray(im.slice_dir, float))):.6g}"
         ds.TemporalPositionIdentifier = int(im.phase) + 1
+        trigger_ms = int(im.physiology_time_stamp[0]) * TICK_MS
+        if 0 < trigger_ms < 60000:  # as Gadgetron's DICOM writer (a cine frame's time since the R wave)
+            ds.TriggerTime = f"{trigger_ms:.6g}"
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = f"{slope:.10g}", "0", "US"

@@ -76,6 +76,9 @@ class RawSlice:
     geometry: Geometry
     n_spokes: int
     first_phase: int = 0  # idx.phase of frame 0 (frames from idx.phase), the images' phase labels start there
+    # (frames, 4) uint32: acquisition_time_stamp and physiology_time_stamp[0..2] of each frame's middle readout
+    time_stamps: Optional[np.ndarray] = None
+    measurement_uid: int = 0
 
 
 def acquisition_key(acq) -> Key:
@@ -166,7 +169,8 @@ def write_raw(path: str, slices: Sequence[RadialData], noise: Optional[np.ndarra
                     acq.phase_dir[:] = (0.0, 1.0, 0.0)
                     acq.slice_dir[:] = (0.0, 0.0, 1.0)
                     acq.scan_counter = counter
-                    acq.acquisition_time_stamp = counter
+                    acq.acquisition_time_stamp = counter  # ticks of 2.5 ms (a TR), as Siemens scanners count
+                    acq.physiology_time_stamp[0] = f * S + j  # since the slice's trigger: one heartbeat per cine
                     counter += 1
                     if f == 0 and j == 0:
                         acq.set_flag(ismrmrd.ACQ_FIRST_IN_SLICE)
@@ -524,7 +528,21 @@ def slice_from_acquisitions(acqs: List, params: ReconParameters, noise: Optional
     except ValueError as exc:
         raise MRDFormatError(f"slice {s}: {exc}") from exc
     first_phase = int(frame_index.min()) if frame_index is not None else 0
-    return RawSlice(s, data, Geometry.from_acquisition(acqs[-1]), len(acqs), first_phase)
+    return RawSlice(s, data, Geometry.from_acquisition(acqs[-1]), len(acqs), first_phase,
+                    frame_time_stamps(acqs, frame_index, params.spokes_per_frame), int(acqs[-1].measurement_uid))
+
+
+def frame_time_stamps(acqs: List, frame_index: Optional[torch.Tensor], spokes_per_frame: Optional[int]) -> np.ndarray:
+    """(frames, 4): each frame's middle readout's (in arrival order) ``acquisition_time_stamp`` and
+    ``physiology_time_stamp`` (the time since the trigger: a cine frame's trigger time), the frame's timing as the
+    images report it; frames in the order :func:`~dainr.data.frames_from_spokes` makes them."""
+    index = frame_index if frame_index is not None else torch.arange(len(acqs)) // spokes_per_frame
+    stamps = []
+    for f in torch.unique(index, sorted=True):
+        readouts = torch.nonzero(index == f).flatten()
+        mid = acqs[int(readouts[len(readouts) // 2])]
+        stamps.append((mid.acquisition_time_stamp, *mid.physiology_time_stamp[:3]))
+    return np.asarray(stamps, dtype=np.uint32).reshape(-1, 4)
 
 
 def series_index(value: int) -> int:
@@ -536,8 +554,10 @@ def series_index(value: int) -> int:
 
 def make_images(frames: np.ndarray, series: int, slice_index: int, fov_mm: Sequence[float], geometry: Geometry,
                 output: str = "magnitude", comment: str = "DA-INR", history: Sequence[str] = (),
-                repetition: int = 0, contrast: int = 0, set_index: int = 0, first_phase: int = 0) -> List["ismrmrd.Image"]:
-    """One ``ismrmrd.Image`` per frame with series/index/geometry/meta set (both meta key families)."""
+                repetition: int = 0, contrast: int = 0, set_index: int = 0, first_phase: int = 0,
+                time_stamps: Optional[np.ndarray] = None, measurement_uid: int = 0) -> List["ismrmrd.Image"]:
+    """One ``ismrmrd.Image`` per frame with series/index/geometry/meta set (both meta key families);
+    ``time_stamps`` (:attr:`RawSlice.time_stamps`, one row per frame) give each image its frame's time stamps."""
     if output not in ("magnitude", "complex"):
         raise ValueError(f"output must be 'magnitude' or 'complex', got {output!r}")
     series_index(series)
@@ -546,9 +566,15 @@ def make_images(frames: np.ndarray, series: int, slice_index: int, fov_mm: Seque
     mag = np.abs(frames)
     hi = float(np.percentile(mag, 99.5)) if mag.size else 1.0
     window = dict(WindowCenter=f"{hi / 2:.6g}", WindowWidth=f"{hi:.6g}")
+    if time_stamps is not None and len(time_stamps) != len(arr):
+        raise ValueError(f"{len(time_stamps)} frames of time stamps for {len(arr)} images")
     images = []
     for f, img in enumerate(arr):
         im = ismrmrd.Image.from_array(np.ascontiguousarray(img), transpose=False)
+        im.measurement_uid = measurement_uid
+        if time_stamps is not None:
+            im.acquisition_time_stamp = int(time_stamps[f, 0])
+            im.physiology_time_stamp[:] = [int(v) for v in time_stamps[f, 1:]]
         im.image_type = ismrmrd.IMTYPE_MAGNITUDE if output == "magnitude" else ismrmrd.IMTYPE_COMPLEX
         im.image_series_index = int(series)
         im.image_index = f + 1

@@ -93,6 +93,10 @@ def test_recon_round_trip_two_slices(raw2, tmp_path, capsys):
     meta = ismrmrd.Meta.deserialize(imgs[0].attribute_string)
     assert meta["DataRole"] == "Image" and meta["GADGETRON_DataRole"] == "Image" and "WindowWidth" in meta
     assert imgs[6].position[2] != imgs[0].position[2]  # slice geometry from the acquisitions
+    # each frame's timing: its middle spoke's time stamps (the simulated trigger restarts each slice, at 2.5 ms a TR)
+    assert [list(i.physiology_time_stamp) for i in imgs] == [[9 * f + 4, 0, 0] for f in range(6)] * 2
+    ticks = [i.acquisition_time_stamp for i in imgs]
+    assert np.diff(ticks).tolist() == [9] * 11 and ticks[0] > 4  # one readout a tick, after the noise scan
     assert os.path.getsize(gif) > 0
 
 
@@ -108,6 +112,7 @@ def test_a_truth_that_does_not_match_the_frames_is_refused_or_left_out(raw2, tmp
                             "re-binned by --spokes-per-frame?): the images are not scored\n")
     lines = [json.loads(line) for line in captured.out.splitlines() if line.startswith("{")]
     assert [line["frames"] for line in lines] == [9, 9] and not any("psnr" in line for line in lines)
+    assert [im.physiology_time_stamp[0] for im in read_images(out)[1][:9]] == [6 * f + 3 for f in range(9)]
     truth = np.load(raw2.replace(".h5", "_truth.npz"))["images"]
     np.savez(tmp_path / "one_slice.npz", images=truth[:1])  # named by the user: refused before the fit
     assert cli.main(["recon", raw2, "-o", str(tmp_path / "new.h5"), "--truth", str(tmp_path / "one_slice.npz"),

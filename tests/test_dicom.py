@@ -44,6 +44,19 @@ def test_dicom_geometry_pixels_and_series(tmp_path):
     assert other.SeriesInstanceUID != ds.SeriesInstanceUID and other.StudyInstanceUID == ds.StudyInstanceUID
 
 
+def test_frame_time_stamps_reach_the_images_and_dicom_trigger_time(tmp_path):
+    frames = np.ones((3, 8, 8), np.float32)
+    stamps = np.array([[1000, 4, 7, 9], [1008, 12, 0, 0], [1016, 24000, 0, 0]], np.uint32)  # 24000 ticks: 60 s
+    images = make_images(frames, 1, 0, (320.0, 320.0, 8.0), Geometry(), time_stamps=stamps, measurement_uid=77)
+    assert [(im.acquisition_time_stamp, list(im.physiology_time_stamp), im.measurement_uid) for im in images] == \
+        [(1000, [4, 7, 9], 77), (1008, [12, 0, 0], 77), (1016, [24000, 0, 0], 77)]
+    dss = [pydicom.dcmread(p) for p in mrd_to_dicom({1: images}, str(tmp_path))[1]]
+    assert [d.get("TriggerTime") for d in dss] == [10.0, 30.0, None]  # ms; none beyond a minute, as Gadgetron
+    assert "TriggerTime" not in pydicom.dcmread(mrd_to_dicom({2: _images(2)[1]}, str(tmp_path))[2][0])  # no stamps
+    with pytest.raises(ValueError, match="2 frames of time stamps for 3 images"):
+        make_images(frames, 1, 0, (320.0, 320.0, 8.0), Geometry(), time_stamps=stamps[:2])
+
+
 def test_a_point_lands_where_the_dicom_geometry_puts_it(tmp_path):
     """End to end against a direct DFT in Gadgetron's convention (s(k) = Σ ρ(r) e^{−2πi k·r}, r in pixels from
     the slice's position, kx along read): the brightest pixel of the zero-filled image of a point at (+5 read,

@@ -42,6 +42,7 @@ def test_execute_mode_two_slices_with_noise_scan(two_slices):
         imgs = sorted((im for im in run.images if im.slice == s), key=lambda im: im.image_index)
         assert [im.image_index for im in imgs] == list(range(1, 7)) and [im.phase for im in imgs] == list(range(6))
         assert all(im.image_series_index == 7 for im in imgs)
+        assert [im.physiology_time_stamp[0] for im in imgs] == [9 * f + 4 for f in range(6)]  # middle spokes'
         frames = np.stack([im.data[0, 0] for im in imgs])
         ours = psnr_ssim(frames, scan.ground_truth)["psnr"]
         zf = psnr_ssim(simple_zero_filled(scan), scan.ground_truth)["psnr"]

@@ -16,12 +16,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model import GridUpsampling
+from .utils import seeded
+
+
+def _conv(c_in: int, c_out: int, k: int) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, k, padding=k // 2, dtype=torch.float32)
 
 
 class _ResBlock(nn.Module):
     def __init__(self, ch: int, k: int):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(ch, ch, k, padding=k // 2), nn.ReLU(inplace=True), nn.Conv2d(ch, ch, k, padding=k // 2))
+        self.body = nn.Sequential(_conv(ch, ch, k), nn.ReLU(inplace=True), _conv(ch, ch, k))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
@@ -32,14 +37,10 @@ class FrozenFeatureExtractor(nn.Module):
 
     def __init__(self, channels: int = 64, seed: int = 0):
         super().__init__()
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        try:
-            nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)  # MDSR's sub_mean and add_mean: drawn, then unused
-            self.head = nn.Conv2d(3, channels, 3, padding=1)
+        with seeded(seed):
+            _conv(3, 3, 1), _conv(3, 3, 1)  # MDSR's sub_mean and add_mean: drawn, then unused
+            self.head = _conv(3, channels, 3)
             self.blocks = nn.Sequential(_ResBlock(channels, 5), _ResBlock(channels, 5))
-        finally:
-            torch.random.set_rng_state(gen_state)
         self.channels = channels
         for p in self.parameters():
             p.requires_grad_(False)
@@ -91,8 +92,8 @@ def sample_features(features: torch.Tensor, out_hw: Sequence[int], pixel_centred
     H, W = out_hw
     if not pixel_centred:
         # the reference samples at linspace(-1, 1, N) with align_corners=False, whatever the maps' size
-        ys = torch.linspace(-1, 1, H, device=features.device)
-        xs = torch.linspace(-1, 1, W, device=features.device)
+        ys = torch.linspace(-1, 1, H, device=features.device, dtype=features.dtype)
+        xs = torch.linspace(-1, 1, W, device=features.device, dtype=features.dtype)
         grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None].expand(features.shape[0], -1, -1, -1)
         features = F.grid_sample(features, grid, mode="bilinear", align_corners=False)
     elif features.shape[-2:] != (H, W):

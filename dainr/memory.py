@@ -19,6 +19,7 @@ from .coils import BATCHED_EIGH_MAX, COV_BUDGET, EIGH_CHUNK, EIGH_WORKSPACE_32
 from .config import DAINRConfig
 from .data import RadialData
 from .model import DAINR, pixel_grid
+from .utils import seeded
 
 PROBE_SIDES = (16, 32)  # the probes' pixels: 16 × 16 and 32 × 32 patches
 RUNTIME_BYTES = 128 << 20  # thread pools, FFT plans, libraries loaded on first use (measured on the CPU: ≈ 0.1 GiB)
@@ -49,7 +50,8 @@ def autograd_bytes(cfg: DAINRConfig, fit_matrix: int, device: torch.device) -> T
     """Bytes autograd keeps for one training forward pass of the model built for a fit at ``fit_matrix``: (per
     pixel and frame, per pass whatever the pixels).  Measured at two probe sizes (each saved storage counted
     once): the per-pass part is the grid's level images, which ``grid_sample`` keeps once per pass."""
-    model = DAINR(cfg.model_config(fit_matrix), device)
+    with seeded(cfg.seed, device):  # (the caller's random numbers stay as they were)
+        model = DAINR(cfg.model_config(fit_matrix), device)
     small, large = (_saved_bytes(model, cfg, side, device) for side in PROBE_SIDES)
     per_pixel = (large - small) / (PROBE_SIDES[1] ** 2 - PROBE_SIDES[0] ** 2)
     return per_pixel, max(0.0, small - per_pixel * PROBE_SIDES[0] ** 2)
@@ -58,7 +60,8 @@ def autograd_bytes(cfg: DAINRConfig, fit_matrix: int, device: torch.device) -> T
 def _saved_bytes(model: DAINR, cfg: DAINRConfig, side: int, device: torch.device) -> int:
     """Bytes of the storages autograd saves in one forward pass over a ``side × side`` patch of one frame."""
     xy = pixel_grid(side, side, device)[None]
-    feats = torch.zeros(1, side ** 2, 2 * cfg.feature_channels, device=device) if cfg.use_features else None
+    feats = torch.zeros(1, side ** 2, 2 * cfg.feature_channels, device=device, dtype=xy.dtype) if cfg.use_features \
+        else None
     saved: Dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -66,7 +69,7 @@ def _saved_bytes(model: DAINR, cfg: DAINRConfig, side: int, device: torch.device
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(xy, torch.zeros(1, device=device), feats)
+        model(xy, torch.zeros(1, device=device, dtype=xy.dtype), feats)
     return sum(saved.values())
 
 

@@ -13,7 +13,7 @@ from .encodings import FrequencyEncoding, make_grid_encoding
 def _mlp(widths, final_relu: bool = False) -> nn.Sequential:
     layers = []
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b, bias=False))
+        layers.append(nn.Linear(a, b, bias=False, dtype=torch.float32))
         if i < len(widths) - 2 or final_relu:
             layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
@@ -43,7 +43,7 @@ class DAINR(nn.Module):
         feat_dim = 2 * cfg.feature_channels if cfg.use_features else 0
         c = cfg.canonical_width
         in_dim = self.grid.out_dim + (coord_dim if cfg.canonical_coords else 0) + feat_dim
-        self.sigma_net = nn.Sequential(nn.Linear(in_dim, c, bias=False), nn.ReLU(inplace=True), nn.Linear(c, c, bias=False))
+        self.sigma_net = _mlp([in_dim, c, c])
         self.color_net = _mlp([c, c, c, 2])
         self.to(device)
 
@@ -78,8 +78,8 @@ class DAINR(nn.Module):
 
 def pixel_grid(h: int, w: int, device=None) -> torch.Tensor:
     """Coordinates (h*w, 2) as (x, y) in [-1, 1] (``linspace(-1, 1, N)``, row-major y then x)."""
-    ys = torch.linspace(-1, 1, h, device=device)
-    xs = torch.linspace(-1, 1, w, device=device)
+    ys = torch.linspace(-1, 1, h, device=device, dtype=torch.float32)
+    xs = torch.linspace(-1, 1, w, device=device, dtype=torch.float32)
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack((xx, yy), dim=-1).reshape(-1, 2)
 

@@ -228,8 +228,8 @@ class MulticoilNUFFT:
         elif self.backend == "torchkbnufft":
             import torchkbnufft as tkbn
 
-            self._fwd = tkbn.KbNufft(im_size=self.im_size).to(self.device)
-            self._adj = tkbn.KbNufftAdjoint(im_size=self.im_size).to(self.device)
+            self._fwd = tkbn.KbNufft(im_size=self.im_size, dtype=torch.float32).to(self.device)
+            self._adj = tkbn.KbNufftAdjoint(im_size=self.im_size, dtype=torch.float32).to(self.device)
 
     @property
     def n_coils(self) -> int:

@@ -29,7 +29,7 @@ from .model import DAINR, GridUpsampling, pixel_grid
 from .nufft import MulticoilNUFFT
 from .optim import AdamW
 from .trajectory import omega_from_traj, ramp_dcf
-from .utils import resolve_device, seed_everything
+from .utils import resolve_device, seeded
 
 
 @dataclass
@@ -233,7 +233,8 @@ class Fitter:
 
     def __init__(self, problem: Problem, cfg: DAINRConfig):
         self.p, self.cfg = problem, cfg
-        self.model = DAINR(cfg.model_config(problem.matrix), problem.device, cfg.max_t_freq(problem.n_acq))
+        with seeded(cfg.seed, problem.device):  # the weights: from the seed, whatever else draws random numbers
+            self.model = DAINR(cfg.model_config(problem.matrix), problem.device, cfg.max_t_freq(problem.n_acq))
         self.opt = AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         n = problem.matrix
         self.xy = pixel_grid(n, n, problem.device)
@@ -245,7 +246,7 @@ class Fitter:
         self.params = [q for q in self.model.parameters() if q.requires_grad]
         self.ema = [q.detach().clone() for q in self.params] if cfg.ema_decay > 0 else None
         # Each acquired frame's latest held-out residual (NaN until visited, and for frames holding none out).
-        self.heldout = torch.full((problem.n_acq,), math.nan, device=problem.device)
+        self.heldout = torch.full((problem.n_acq,), math.nan, device=problem.device, dtype=torch.float32)
         # the same number for an all-zero image: a fit whose best is far above it has failed, not converged
         count = problem.hold_w.sum(1)
         zero = _l1_per_frame(torch.zeros((), dtype=problem.kdata.dtype, device=problem.device), problem.kdata,
@@ -382,6 +383,8 @@ def epoch_steps(n_frames: int, batch: int, cfg: DAINRConfig) -> int:
     return math.ceil(max(n_frames, floor) / batch)
 
 
+@torch.inference_mode(False)
+@torch.enable_grad()  # a fit under the caller's no_grad() / inference_mode() (an evaluation loop) still learns
 def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: Optional[torch.Tensor] = None,
                 callback: Optional[Callable[[FitProgress], Optional[bool]]] = None) -> ReconResult:
     """Fit DA-INR to ``data`` and return every output frame.
@@ -399,8 +402,7 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
-    estimate = check_memory(data, cfg, device) if cfg.check_memory else None  # (its probe model draws random numbers)
-    seed_everything(cfg.seed)
+    estimate = check_memory(data, cfg, device) if cfg.check_memory else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     problem = Problem(data, cfg, coil_maps, device)
@@ -467,8 +469,9 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
                                     or (reason == "holdout_converged" and best_res > 0.99 * zero_res)):
         raise ValueError(f"the fit failed: its best held-out residual {best_res:.3g} is {best_res / zero_res:.3g} "
                          f"times an all-zero image's ({zero_res:.3g}); lower lr (now {cfg.lr:g})")
-    if best_state is None:
-        best_state = fitter.weights()
+    checkpoint = best_state is not None  # else (no held-out spokes, or stopped before an epoch) the last weights
+    if not checkpoint:
+        best_state, best_step = fitter.weights(), step
         if not _finite(best_state):
             raise _diverged(step, cfg)
     fitter.model.load_state_dict(best_state)
@@ -479,9 +482,9 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
     lowres = fitter.render(problem.matrix) if problem.matrix != problem.out_matrix else None
     total = time.perf_counter() - t0
     info = dict(
-        steps=step, best_step=best_step if best_state is not None else step, stop_reason=reason,
+        steps=step, best_step=best_step, stop_reason=reason,
         frame_visits=step * fitter.batch, lr_decays=decays, seconds_total=total, seconds_prepare=t_prep,
-        seconds_fit=t_fit, seconds_per_step=t_fit / max(step, 1), holdout_residual=best_res if best_state else None,
+        seconds_fit=t_fit, seconds_per_step=t_fit / max(step, 1), holdout_residual=best_res if checkpoint else None,
         history=history, final_loss=float(loss_t), device=str(device), nufft_backend=problem.op.backend,
         grid_backend=type(fitter.model.grid).__name__, fit_matrix=problem.matrix,
         grid_finest_resolution=fitter.model.cfg.grid.finest_resolution,

@@ -873,3 +873,72 @@ def test_a_frame_without_held_out_spokes_stays_out_of_the_residual(small_scan):
         fitter.step()
     assert torch.isnan(fitter.heldout[7]) and not torch.isnan(fitter.heldout[:7]).any()
     assert fitter.heldout_residual() == pytest.approx(float(fitter.heldout[:7].mean()))
+
+
+@pytest.fixture(scope="module")
+def tiny_scan():
+    from dainr.sim import simulate
+
+    return simulate(matrix=32, frames=3, spokes=4, coils=2)
+
+
+TINY = DAINRConfig(device="cpu", max_steps=4, progress=False, use_features=True)
+
+
+def test_the_callers_random_numbers_and_modes_are_left_alone(tiny_scan):
+    """A library call reseeded torch, numpy and random to cfg.seed, crashed under no_grad() / inference_mode()
+    (an evaluation loop), and under a float64 default dtype fitted a float64 model with other weights (features
+    on: a dtype error)."""
+    import random
+
+    ref = reconstruct(tiny_scan.data, TINY).images
+    torch.manual_seed(123)
+    np.random.seed(5)
+    random.seed(7)
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    with torch.no_grad():
+        assert torch.equal(reconstruct(tiny_scan.data, TINY).images, ref)
+    assert torch.equal(torch.get_rng_state(), before[0]) and np.array_equal(np.random.get_state()[1], before[1])
+    assert random.getstate() == before[2]
+    with torch.inference_mode():
+        assert torch.equal(reconstruct(tiny_scan.data, TINY).images, ref)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        out = reconstruct(tiny_scan.data, TINY.replace(spatial_ratio=2))
+        assert out.images.dtype == torch.complex64 and out.images.shape == (3, 32, 32)
+        assert torch.equal(reconstruct(tiny_scan.data, TINY).images, ref)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def test_fits_started_in_threads_at_once_get_their_seeds_weights(tiny_scan):
+    """The weights came from torch's global generator: the same seed in 3 threads gave other images."""
+    import threading
+
+    cfgs = [TINY.replace(seed=s) for s in (0, 1, 0)]
+    serial = [reconstruct(tiny_scan.data, c).images for c in cfgs]
+    assert not torch.equal(serial[0], serial[1]) and torch.equal(serial[0], serial[2])
+    for _ in range(2):
+        got = [None] * 3
+        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, reconstruct(tiny_scan.data, cfgs[i]).images))
+                   for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(torch.equal(g, s) for g, s in zip(got, serial))
+
+
+def test_without_a_checkpoint_the_info_names_the_last_step(tiny_scan):
+    """A fixed budget (no held-out spokes) reported best_step 0 and a held-out residual of inf."""
+    info = reconstruct(tiny_scan.data, TINY.replace(holdout_spokes=0, max_steps=6)).info
+    assert (info["steps"], info["best_step"], info["holdout_residual"]) == (6, 6, None)
+
+
+def test_devices_other_than_cpu_and_cuda_are_named():
+    from dainr.utils import resolve_device
+
+    for device in ("mps", "meta"):
+        with pytest.raises(ValueError, match=f"device '{device}': DA-INR runs on 'cpu' or 'cuda'"):
+            resolve_device(device)

@@ -28,8 +28,9 @@ class RadialData:
 
     def __post_init__(self) -> None:
         # measured data, not parameters: detached, so a caller's autograd graph never reaches the fit
-        self.kdata = torch.as_tensor(self.kdata).detach()
-        self.traj = torch.as_tensor(self.traj).detach()
+        # (contiguous: the same values in another memory layout gave other float rounding in the DCF)
+        self.kdata = torch.as_tensor(self.kdata).detach().contiguous()
+        self.traj = torch.as_tensor(self.traj).detach().contiguous()
         if not self.kdata.is_complex():
             raise ValueError(f"kdata must be complex, got {self.kdata.dtype}")
         if not self.traj.is_floating_point():
@@ -149,8 +150,10 @@ def frames_from_spokes(kdata: torch.Tensor, traj: torch.Tensor, frame_index: Opt
     if S == 0:
         raise ValueError("no spokes to reconstruct")
     if frame_index is None:
-        if not spokes_per_frame or spokes_per_frame < 1:
-            raise ValueError("without frame indices, spokes_per_frame must be given (>= 1)")
+        if isinstance(spokes_per_frame, bool) or not isinstance(spokes_per_frame, numbers.Integral) \
+                or spokes_per_frame < 1:
+            raise ValueError(f"without frame indices, spokes_per_frame must be given (an integer >= 1), got "
+                             f"{spokes_per_frame!r}")
         frame_index = torch.arange(S) // spokes_per_frame
     frame_index = torch.as_tensor(frame_index, dtype=torch.int64)
     if frame_index.shape != (S,):

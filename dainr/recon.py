@@ -396,8 +396,7 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
     ``cfg.preview_every`` steps (``progress.images`` renders the frames on those); returning True stops
     the fit.
     """
-    cfg = cfg or DAINRConfig()
-    cfg.validate()
+    cfg = _checked_arguments(data, cfg)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
     device = resolve_device(cfg.device)
@@ -526,12 +525,23 @@ def _progress_bar(cfg: DAINRConfig):
     return tqdm(total=cfg.max_steps, desc="DA-INR fit", unit="step", leave=False, disable=None, mininterval=0.5)
 
 
+def _checked_arguments(data: RadialData, cfg: Optional[DAINRConfig]) -> DAINRConfig:
+    """``cfg`` (the defaults for None), validated; a clear TypeError for arguments of another kind."""
+    if not isinstance(data, RadialData):
+        raise TypeError(f"data must be a dainr.RadialData(kdata, traj, matrix), got {type(data).__name__}")
+    cfg = DAINRConfig() if cfg is None else cfg
+    if not isinstance(cfg, DAINRConfig):
+        raise TypeError(f"cfg must be a DAINRConfig (DAINRConfig(**options)), got {type(cfg).__name__}")
+    cfg.validate()
+    return cfg
+
+
 def acquired_problem(data: RadialData, cfg: Optional[DAINRConfig], coil_maps: Optional[torch.Tensor] = None,
                      holdout_spokes: int = 0) -> Problem:
     """A :class:`Problem` of the acquired frames at the acquired matrix (no features, no spatial or temporal
     interpolation): what the zero-filled images and the classical baselines work on."""
-    cfg = (cfg or DAINRConfig()).replace(use_features=False, holdout_spokes=holdout_spokes, spatial_ratio=1.0,
-                                         temporal_ratio=1, temporal_offset=0, temporal_frames=None)
+    cfg = _checked_arguments(data, cfg).replace(use_features=False, holdout_spokes=holdout_spokes, spatial_ratio=1.0,
+                                                temporal_ratio=1, temporal_offset=0, temporal_frames=None)
     return Problem(data, cfg, coil_maps, resolve_device(cfg.device))
 
 

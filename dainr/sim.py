@@ -10,6 +10,7 @@ favours every method equally), plus complex Gaussian noise with a coil covarianc
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -118,6 +119,16 @@ def simulate(matrix: int = 64, frames: int = 12, spokes: int = 13, coils: int = 
     ``noise_level`` is the noise standard deviation relative to the RMS of the noiseless
     k-space.  ``image`` (F, N, N) replaces the phantom (e.g. real anatomy for benchmarks).
     """
+    need = dict(spokes=(spokes, 1), coils=(coils, 1), readout_oversampling=(readout_oversampling, 1))
+    if image is None:
+        need.update(matrix=(matrix, 8), frames=(frames, 1))
+    bad = [f"{name}={value!r} (need an integer >= {least})" for name, (value, least) in need.items()
+           if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least]
+    if bad:
+        raise ValueError(f"simulate: {'; '.join(bad)}")
+    if not (math.isfinite(noise_level) and noise_level >= 0) or n_noise_samples < 0:
+        raise ValueError(f"noise_level must be finite and >= 0 and n_noise_samples >= 0, got {noise_level}, "
+                         f"{n_noise_samples}")
     if image is None:
         image = cardiac_phantom(matrix, frames, seed)
     image = np.asarray(image, dtype=np.complex64)

@@ -391,7 +391,7 @@ def test_spoke_masks_and_frame_lists_that_do_not_fit_are_named(small_scan):
     traj = d.traj.reshape(-1, d.traj.shape[-2], 2)
     with pytest.raises(ValueError, match="no spokes to reconstruct"):
         frames_from_spokes(spokes[:0], traj[:0], None, 32, 9)
-    for per_frame in (None, 0):
+    for per_frame in (None, 0, 1.5):  # 1.5 made frames of 2, 1 and 1 spokes
         with pytest.raises(ValueError, match="without frame indices, spokes_per_frame must be given"):
             frames_from_spokes(spokes, traj, None, 32, per_frame)
     with pytest.raises(ValueError, match=r"frame_index must have one entry per spoke \(72\), got \(71,\)"):
@@ -942,3 +942,26 @@ def test_devices_other_than_cpu_and_cuda_are_named():
     for device in ("mps", "meta"):
         with pytest.raises(ValueError, match=f"device '{device}': DA-INR runs on 'cpu' or 'cuda'"):
             resolve_device(device)
+
+
+def test_arguments_of_the_wrong_kind_and_impossible_simulations_are_named(tiny_scan):
+    from dainr.sim import simulate
+
+    with pytest.raises(TypeError, match="cfg must be a DAINRConfig"):
+        reconstruct(tiny_scan.data, {"max_steps": 2})
+    with pytest.raises(TypeError, match="data must be a dainr.RadialData"):
+        zero_filled((tiny_scan.data.kdata, tiny_scan.data.traj))
+    for kwargs, match in ((dict(coils=0), "coils=0 \\(need an integer >= 1\\)"), (dict(spokes=2.5), "spokes=2.5"),
+                          (dict(matrix=4), "matrix=4 \\(need an integer >= 8\\)"),
+                          (dict(noise_level=-1.0), "noise_level must be finite and >= 0")):  # gave noise_std -8
+        with pytest.raises(ValueError, match=match):
+            simulate(frames=2, **kwargs)
+
+
+def test_the_trajectorys_memory_layout_does_not_change_the_images(tiny_scan):
+    """The same values, stored transposed, gave other float rounding in the ramp DCF (2.5e-6 relative)."""
+    d = tiny_scan.data
+    transposed = d.traj.permute(3, 0, 1, 2).contiguous().permute(1, 2, 3, 0)
+    assert torch.equal(transposed, d.traj) and not transposed.is_contiguous()
+    cfg = DAINRConfig(device="cpu")
+    assert torch.equal(zero_filled(RadialData(d.kdata, transposed, d.matrix, noise=d.noise), cfg), zero_filled(d, cfg))

@@ -99,7 +99,8 @@ class TorchGridEncoding(nn.Module):
         self.layout = layout
         geo = _level_geometry(cfg, layout)
         self.n_entries = geo[-1]["offset"] + geo[-1]["size"]
-        self.table = nn.Parameter(torch.empty(self.n_entries, cfg.features_per_level, dtype=torch.float32).uniform_(-cfg.init_std, cfg.init_std))
+        table = torch.empty(self.n_entries, cfg.features_per_level, dtype=torch.float32)
+        self.table = nn.Parameter(table.uniform_(-cfg.init_std, cfg.init_std))
         as_t = lambda key, dt: torch.tensor([g[key] for g in geo], dtype=dt)
         self.register_buffer("scales", as_t("scale", torch.float32), persistent=False)
         self.register_buffer("strides", as_t("stride", torch.int64), persistent=False)

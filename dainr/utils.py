@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-_RNG_LOCK = threading.Lock()
+_RNG_LOCK = threading.RLock()
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -304,14 +304,15 @@ def case_gpu32() -> dict:
 
 
 def _sweep(scans: dict, device: str, settings: Dict[str, dict], seeds=SEEDS, **config) -> dict:
-    """Per scan and setting (name → config changes): PSNR, SSIM, seconds and steps over the fit's seeds
-    (values, mean, s.d.)."""
+    """Per scan and setting (name → config changes): PSNR, SSIM, seconds, steps, time per step and (on CUDA)
+    peak GPU memory over the fit's seeds (values, mean, sample s.d.)."""
     out = {}
     for name, scan in scans.items():
         for label, changes in settings.items():
             runs = [_dainr(scan, DAINRConfig(device=device, seed=s, **config, **changes))[0] for s in seeds]
             out[f"{name}, {label}"] = {key: _spread([r[key] for r in runs])
-                                       for key in ("psnr", "ssim", "seconds", "steps")}
+                                       for key in ("psnr", "ssim", "seconds", "steps", "seconds_per_step",
+                                                   "peak_gpu_mb") if key in runs[0]}
     return out
 
 
@@ -433,7 +434,7 @@ def case_memory() -> dict:
     the memory preflight's estimate (GiB), each in a fresh process."""
     runs = []
     for run in MEMORY_RUNS:
-        r = memory_peak(**run)
+        r = memory_peak(**run, threads=torch.get_num_threads())  # (`dainr bench --threads`)
         runs.append(dict(run, measured_gib=r["measured"] / 2 ** 30, estimate_gib=r["estimate"] / 2 ** 30,
                          ratio=r["estimate"] / r["measured"], parts_gib={k: v / 2 ** 30 for k, v in r["parts"].items()}))
     return dict(runs=runs)

@@ -93,14 +93,14 @@ class TorchGridEncoding(nn.Module):
     a scatter-add of 4 corners × 16 levels per point.
     """
 
-    def __init__(self, cfg: GridConfig, layout: str = "ngp"):
+    def __init__(self, cfg: GridConfig, layout: str = "ngp", generator: Optional[torch.Generator] = None):
         super().__init__()
         self.cfg = cfg
         self.layout = layout
         geo = _level_geometry(cfg, layout)
         self.n_entries = geo[-1]["offset"] + geo[-1]["size"]
         table = torch.empty(self.n_entries, cfg.features_per_level, dtype=torch.float32)
-        self.table = nn.Parameter(table.uniform_(-cfg.init_std, cfg.init_std))
+        self.table = nn.Parameter(table.uniform_(-cfg.init_std, cfg.init_std, generator=generator))
         as_t = lambda key, dt: torch.tensor([g[key] for g in geo], dtype=dt)
         self.register_buffer("scales", as_t("scale", torch.float32), persistent=False)
         self.register_buffer("strides", as_t("stride", torch.int64), persistent=False)
@@ -226,7 +226,7 @@ def tcnn_available() -> bool:
     return True
 
 
-def make_grid_encoding(cfg: GridConfig, device: torch.device) -> nn.Module:
+def make_grid_encoding(cfg: GridConfig, device: torch.device, generator: Optional[torch.Generator] = None) -> nn.Module:
     """Build the grid encoding for ``cfg.backend`` (``auto`` → tcnn on CUDA when importable)."""
     backend = cfg.backend
     if backend == "auto":
@@ -235,4 +235,4 @@ def make_grid_encoding(cfg: GridConfig, device: torch.device) -> nn.Module:
         if device.type != "cuda" or not tcnn_available():
             raise RuntimeError("grid backend 'tcnn' needs tinycudann and a CUDA device; use backend='torch'")
         return TcnnGridEncoding(cfg)
-    return TorchGridEncoding(cfg, layout="ngp")
+    return TorchGridEncoding(cfg, layout="ngp", generator=generator)

@@ -15,18 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import GridUpsampling
-from .utils import seeded
+from .model import GridUpsampling, drawn_layer
 
 
-def _conv(c_in: int, c_out: int, k: int) -> nn.Conv2d:
-    return nn.Conv2d(c_in, c_out, k, padding=k // 2, dtype=torch.float32)
+def _conv(c_in: int, c_out: int, k: int, generator: torch.Generator) -> nn.Conv2d:
+    return drawn_layer(nn.Conv2d, generator, c_in, c_out, k, padding=k // 2)
 
 
 class _ResBlock(nn.Module):
-    def __init__(self, ch: int, k: int):
+    def __init__(self, ch: int, k: int, generator: torch.Generator):
         super().__init__()
-        self.body = nn.Sequential(_conv(ch, ch, k), nn.ReLU(inplace=True), _conv(ch, ch, k))
+        self.body = nn.Sequential(_conv(ch, ch, k, generator), nn.ReLU(inplace=True), _conv(ch, ch, k, generator))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
@@ -37,10 +36,10 @@ class FrozenFeatureExtractor(nn.Module):
 
     def __init__(self, channels: int = 64, seed: int = 0):
         super().__init__()
-        with seeded(seed):
-            _conv(3, 3, 1), _conv(3, 3, 1)  # MDSR's sub_mean and add_mean: drawn, then unused
-            self.head = _conv(3, channels, 3)
-            self.blocks = nn.Sequential(_ResBlock(channels, 5), _ResBlock(channels, 5))
+        g = torch.Generator().manual_seed(seed)
+        _conv(3, 3, 1, g), _conv(3, 3, 1, g)  # MDSR's sub_mean and add_mean: drawn, then unused
+        self.head = _conv(3, channels, 3, g)
+        self.blocks = nn.Sequential(_ResBlock(channels, 5, g), _ResBlock(channels, 5, g))
         self.channels = channels
         for p in self.parameters():
             p.requires_grad_(False)

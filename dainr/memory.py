@@ -19,7 +19,6 @@ from .coils import BATCHED_EIGH_MAX, COV_BUDGET, EIGH_CHUNK, EIGH_WORKSPACE_32
 from .config import DAINRConfig
 from .data import RadialData
 from .model import DAINR, pixel_grid
-from .utils import seeded
 
 PROBE_SIDES = (16, 32)  # the probes' pixels: 16 × 16 and 32 × 32 patches
 RUNTIME_BYTES = 128 << 20  # thread pools, FFT plans, libraries loaded on first use (measured on the CPU: ≈ 0.1 GiB)
@@ -50,8 +49,7 @@ def autograd_bytes(cfg: DAINRConfig, fit_matrix: int, device: torch.device) -> T
     """Bytes autograd keeps for one training forward pass of the model built for a fit at ``fit_matrix``: (per
     pixel and frame, per pass whatever the pixels).  Measured at two probe sizes (each saved storage counted
     once): the per-pass part is the grid's level images, which ``grid_sample`` keeps once per pass."""
-    with seeded(cfg.seed, device):  # (the caller's random numbers stay as they were)
-        model = DAINR(cfg.model_config(fit_matrix), device)
+    model = DAINR(cfg.model_config(fit_matrix), device, generator=torch.Generator())  # (global generator untouched)
     small, large = (_saved_bytes(model, cfg, side, device) for side in PROBE_SIDES)
     per_pixel = (large - small) / (PROBE_SIDES[1] ** 2 - PROBE_SIDES[0] ** 2)
     return per_pixel, max(0.0, small - per_pixel * PROBE_SIDES[0] ** 2)

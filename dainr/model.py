@@ -1,6 +1,7 @@
 """The DA-INR network: deformation MLP + grid-encoded canonical MLP (reference ``NeRFNetwork``)."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -10,10 +11,25 @@ from .config import DAINRConfig
 from .encodings import FrequencyEncoding, make_grid_encoding
 
 
-def _mlp(widths, final_relu: bool = False) -> nn.Sequential:
+def drawn_layer(cls, generator: Optional[torch.Generator], *args, **kwargs) -> nn.Module:
+    """``cls(*args, **kwargs)`` (``nn.Linear``, ``nn.Conv2d``) in float32, its weights drawn from ``generator`` as
+    PyTorch's ``reset_parameters`` draws them (the same numbers as ``torch.manual_seed(s)`` then ``cls(...)`` for a
+    generator seeded with ``s``), without touching torch's global generator (None: from it, as PyTorch does):
+    the weights depend on the seed alone, whatever other threads draw meanwhile."""
+    if generator is None:
+        return cls(*args, dtype=torch.float32, **kwargs)
+    layer = nn.utils.skip_init(cls, *args, dtype=torch.float32, **kwargs)
+    nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+    if layer.bias is not None:
+        bound = 1 / math.sqrt(nn.init._calculate_fan_in_and_fan_out(layer.weight)[0])
+        nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+    return layer
+
+
+def _mlp(widths, generator: Optional[torch.Generator], final_relu: bool = False) -> nn.Sequential:
     layers = []
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b, bias=False, dtype=torch.float32))
+        layers.append(drawn_layer(nn.Linear, generator, a, b, bias=False))
         if i < len(widths) - 2 or final_relu:
             layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
@@ -27,24 +43,26 @@ class DAINR(nn.Module):
       → 64 ReLU → (Re, Im), bias-free (the reference's "sigma_net" + "color_net").
 
     ``use_deformation=False`` gives the plain grid INR baseline (x' = x); ``use_features=False``
-    drops the CNN features.
+    drops the CNN features.  ``generator``: where the initial weights are drawn from (None: torch's global
+    generator, as PyTorch's layers draw).
     """
 
     def __init__(self, cfg: DAINRConfig, device: torch.device = torch.device("cpu"),
-                 max_t_freq: Optional[float] = None):
+                 max_t_freq: Optional[float] = None, generator: Optional[torch.Generator] = None):
         super().__init__()
         self.cfg = cfg
         self.enc_x = FrequencyEncoding(2, cfg.freq_degree_xy)
         self.enc_t = FrequencyEncoding(1, cfg.freq_degree_t, max_t_freq)  # (DAINRConfig.temporal_bandlimit)
-        self.grid = make_grid_encoding(cfg.grid, device)
+        self.grid = make_grid_encoding(cfg.grid, device, generator)
         coord_dim = self.enc_x.out_dim + self.enc_t.out_dim
         w = cfg.deform_width
-        self.deform = _mlp([coord_dim] + [w] * (cfg.deform_layers - 1) + [2]) if cfg.use_deformation else None
+        self.deform = _mlp([coord_dim] + [w] * (cfg.deform_layers - 1) + [2], generator) if cfg.use_deformation \
+            else None
         feat_dim = 2 * cfg.feature_channels if cfg.use_features else 0
         c = cfg.canonical_width
         in_dim = self.grid.out_dim + (coord_dim if cfg.canonical_coords else 0) + feat_dim
-        self.sigma_net = _mlp([in_dim, c, c])
-        self.color_net = _mlp([c, c, c, 2])
+        self.sigma_net = _mlp([in_dim, c, c], generator)
+        self.color_net = _mlp([c, c, c, 2], generator)
         self.to(device)
 
     def forward(self, xy: torch.Tensor, t: torch.Tensor, features: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -29,7 +29,7 @@ from .model import DAINR, GridUpsampling, pixel_grid
 from .nufft import MulticoilNUFFT
 from .optim import AdamW
 from .trajectory import omega_from_traj, ramp_dcf
-from .utils import resolve_device, seeded
+from .utils import resolve_device
 
 
 @dataclass
@@ -233,8 +233,8 @@ class Fitter:
 
     def __init__(self, problem: Problem, cfg: DAINRConfig):
         self.p, self.cfg = problem, cfg
-        with seeded(cfg.seed, problem.device):  # the weights: from the seed, whatever else draws random numbers
-            self.model = DAINR(cfg.model_config(problem.matrix), problem.device, cfg.max_t_freq(problem.n_acq))
+        self.model = DAINR(cfg.model_config(problem.matrix), problem.device, cfg.max_t_freq(problem.n_acq),
+                           torch.Generator().manual_seed(cfg.seed))  # the weights: from the seed alone
         self.opt = AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         n = problem.matrix
         self.xy = pixel_grid(n, n, problem.device)

@@ -118,6 +118,10 @@ def test_a_truth_that_does_not_match_the_frames_is_refused_or_left_out(raw2, tmp
     assert cli.main(["recon", raw2, "-o", str(tmp_path / "new.h5"), "--truth", str(tmp_path / "one_slice.npz"),
                      "--quiet"]) == 2
     assert "(slice 1 has 6 frames of 32², the truth none;" in capsys.readouterr().err
+    np.savez(tmp_path / "coarse.npz", images=truth[..., :16, :16])  # the right frames of another matrix
+    assert cli.main(["recon", raw2, "-o", str(tmp_path / "new.h5"), "--truth", str(tmp_path / "coarse.npz"),
+                     "--quiet"]) == 2
+    assert "(slice 0 has 6 frames of 32², the truth 6 frames of 16²;" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "new.h5")
 
 

@@ -46,15 +46,16 @@ def test_dicom_geometry_pixels_and_series(tmp_path):
 
 def test_frame_time_stamps_reach_the_images_and_dicom_trigger_time(tmp_path):
     frames = np.ones((3, 8, 8), np.float32)
-    stamps = np.array([[1000, 4, 7, 9], [1008, 12, 0, 0], [1016, 24000, 0, 0]], np.uint32)  # 24000 ticks: 60 s
+    stamps = np.array([[1000, 5, 7, 9], [1008, 12, 0, 0], [1016, 24000, 0, 0]], np.uint32)  # 24000 ticks: 60 s
     images = make_images(frames, 1, 0, (320.0, 320.0, 8.0), Geometry(), time_stamps=stamps, measurement_uid=77)
     assert [(im.acquisition_time_stamp, list(im.physiology_time_stamp), im.measurement_uid) for im in images] == \
-        [(1000, [4, 7, 9], 77), (1008, [12, 0, 0], 77), (1016, [24000, 0, 0], 77)]
+        [(1000, [5, 7, 9], 77), (1008, [12, 0, 0], 77), (1016, [24000, 0, 0], 77)]
     dss = [pydicom.dcmread(p) for p in mrd_to_dicom({1: images}, str(tmp_path))[1]]
-    assert [d.get("TriggerTime") for d in dss] == [10.0, 30.0, None]  # ms; none beyond a minute, as Gadgetron
+    assert [d.get("TriggerTime") for d in dss] == [12.5, 30.0, None]  # ms; none beyond a minute, as Gadgetron
     assert "TriggerTime" not in pydicom.dcmread(mrd_to_dicom({2: _images(2)[1]}, str(tmp_path))[2][0])  # no stamps
-    with pytest.raises(ValueError, match="2 frames of time stamps for 3 images"):
-        make_images(frames, 1, 0, (320.0, 320.0, 8.0), Geometry(), time_stamps=stamps[:2])
+    for n_stamps, n_images in ((2, 3), (3, 2)):
+        with pytest.raises(ValueError, match=f"{n_stamps} frames of time stamps for {n_images} images"):
+            make_images(frames[:n_images], 1, 0, (320.0, 320.0, 8.0), Geometry(), time_stamps=stamps[:n_stamps])
 
 
 def test_a_point_lands_where_the_dicom_geometry_puts_it(tmp_path):

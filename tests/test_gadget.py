@@ -35,13 +35,15 @@ def _load(path):
 def test_execute_mode_two_slices_with_noise_scan(two_slices):
     scans, path = two_slices
     header, acqs = _load(path)
+    for a in acqs:
+        a.measurement_uid = 4242
     run = run_gadget(CONFIG.format(steps=120, extra=""), header, acqs)
     assert run.errors == [] and run.returncode == 0, run.log[-2000:]
     assert len(run.images) == 12
     for s, scan in enumerate(scans):
         imgs = sorted((im for im in run.images if im.slice == s), key=lambda im: im.image_index)
         assert [im.image_index for im in imgs] == list(range(1, 7)) and [im.phase for im in imgs] == list(range(6))
-        assert all(im.image_series_index == 7 for im in imgs)
+        assert all(im.image_series_index == 7 and im.measurement_uid == 4242 for im in imgs)
         assert [im.physiology_time_stamp[0] for im in imgs] == [9 * f + 4 for f in range(6)]  # middle spokes'
         frames = np.stack([im.data[0, 0] for im in imgs])
         ours = psnr_ssim(frames, scan.ground_truth)["psnr"]

@@ -391,7 +391,7 @@ def test_spoke_masks_and_frame_lists_that_do_not_fit_are_named(small_scan):
     traj = d.traj.reshape(-1, d.traj.shape[-2], 2)
     with pytest.raises(ValueError, match="no spokes to reconstruct"):
         frames_from_spokes(spokes[:0], traj[:0], None, 32, 9)
-    for per_frame in (None, 0, 1.5):  # 1.5 made frames of 2, 1 and 1 spokes
+    for per_frame in (None, 0, 1.5, True):  # 1.5 made frames of 2, 1 and 1 spokes
         with pytest.raises(ValueError, match="without frame indices, spokes_per_frame must be given"):
             frames_from_spokes(spokes, traj, None, 32, per_frame)
     with pytest.raises(ValueError, match=r"frame_index must have one entry per spoke \(72\), got \(71,\)"):
@@ -902,23 +902,36 @@ def test_the_callers_random_numbers_and_modes_are_left_alone(tiny_scan):
     assert random.getstate() == before[2]
     with torch.inference_mode():
         assert torch.equal(reconstruct(tiny_scan.data, TINY).images, ref)
+    variants = [TINY, TINY.replace(spatial_ratio=2, pixel_centred_features=False, nufft_backend="torchkbnufft")]
+    before = [reconstruct(tiny_scan.data, c) for c in variants]
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        out = reconstruct(tiny_scan.data, TINY.replace(spatial_ratio=2))
-        assert out.images.dtype == torch.complex64 and out.images.shape == (3, 32, 32)
-        assert torch.equal(reconstruct(tiny_scan.data, TINY).images, ref)
+        for cfg, b in zip(variants, before):
+            out = reconstruct(tiny_scan.data, cfg)
+            assert out.images.dtype == torch.complex64 and out.images.shape == (3, 32, 32)
+            assert torch.equal(out.images, b.images) and out.info["holdout_residual"] == b.info["holdout_residual"]
     finally:
         torch.set_default_dtype(default)
 
 
 def test_fits_started_in_threads_at_once_get_their_seeds_weights(tiny_scan):
-    """The weights came from torch's global generator: the same seed in 3 threads gave other images."""
+    """The weights came from torch's global generator: the same seed in 3 threads gave other images, and so did
+    a thread drawing random numbers meanwhile (the generator seeded under a lock still was the global one)."""
     import threading
 
     cfgs = [TINY.replace(seed=s) for s in (0, 1, 0)]
     serial = [reconstruct(tiny_scan.data, c).images for c in cfgs]
     assert not torch.equal(serial[0], serial[1]) and torch.equal(serial[0], serial[2])
+    done = threading.Event()
+    drawing = threading.Thread(target=lambda: [torch.rand(1000) for _ in iter(done.is_set, True)])
+    drawing.start()
+    try:
+        for _ in range(3):
+            assert torch.equal(reconstruct(tiny_scan.data, TINY).images, serial[0])
+    finally:
+        done.set()
+        drawing.join()
     for _ in range(2):
         got = [None] * 3
         threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, reconstruct(tiny_scan.data, cfgs[i]).images))
@@ -953,6 +966,7 @@ def test_arguments_of_the_wrong_kind_and_impossible_simulations_are_named(tiny_s
         zero_filled((tiny_scan.data.kdata, tiny_scan.data.traj))
     for kwargs, match in ((dict(coils=0), "coils=0 \\(need an integer >= 1\\)"), (dict(spokes=2.5), "spokes=2.5"),
                           (dict(matrix=4), "matrix=4 \\(need an integer >= 8\\)"),
+                          (dict(coils=True), "coils=True"), (dict(n_noise_samples=-1), "n_noise_samples >= 0"),
                           (dict(noise_level=-1.0), "noise_level must be finite and >= 0")):  # gave noise_std -8
         with pytest.raises(ValueError, match=match):
             simulate(frames=2, **kwargs)

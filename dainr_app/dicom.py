@@ -23,7 +23,9 @@ TICK_MS = 2.5  # the MRD time stamps' unit, as scanners (Siemens) and Gadgetron 
 FILE_NAME = re.compile(r"IM_\d{5}_s\d{3}\.dcm")  # what write_series names its files
 # the value representations' maximum lengths (characters) of the text attributes taken from the MRD header
 MAX_LENGTH = dict(PatientName=64, PatientID=64, StudyID=16, AccessionNumber=16, ReferringPhysicianName=64,
-                  StudyDescription=64, SeriesDescription=64, PatientPosition=16)
+                  StudyDescription=64, SeriesDescription=64, PatientPosition=16, Manufacturer=64,
+                  ManufacturerModelName=64, InstitutionName=64, StationName=16, DeviceSerialNumber=64,
+                  SequenceName=16, ProtocolName=64)
 
 
 def _meta(image) -> "ismrmrd.Meta":
@@ -55,34 +57,54 @@ def _dicom_date(value) -> str:
     return str(value or "").replace("-", "")[:8]
 
 
+def _dicom_time(value) -> str:
+    return str(value or "").replace(":", "").split(".")[0]
+
+
+def _decimal(value, scale: float = 1.0) -> str:
+    """A DICOM decimal string (DS) of ``value`` × ``scale``; '' for none."""
+    return f"{float(value) * scale:.10g}"[:16] if value else ""
+
+
 def study_attributes(header: Optional[str]) -> Dict[str, str]:
-    """Patient, study and frame-of-reference attributes from the raw data's MRD header (``subjectInformation``,
-    ``studyInformation``, ``measurementInformation``), so the images file with their source study; new UIDs and
-    empty type-2 values where the header has none."""
+    """Patient, study, frame-of-reference, equipment and sequence attributes from the raw data's MRD header
+    (``subjectInformation``, ``studyInformation``, ``measurementInformation``, ``acquisitionSystemInformation``,
+    ``experimentalConditions``, ``sequenceParameters``, as Gadgetron's DICOM writer reads them), so the images
+    file with their source study and carry the MR Image module's type-2 attributes; new UIDs and empty type-2
+    values where the header has none."""
     from pydicom.uid import generate_uid
 
     from .mrd import parse_header
 
     hdr = parse_header(header) if header else None
-    subject = getattr(hdr, "subjectInformation", None)
-    study = getattr(hdr, "studyInformation", None)
-    measurement = getattr(hdr, "measurementInformation", None)
+    part = lambda name: getattr(hdr, name, None)  # noqa: E731
+    subject, study, measurement = part("subjectInformation"), part("studyInformation"), part("measurementInformation")
+    system, sequence = part("acquisitionSystemInformation"), part("sequenceParameters")
     get = lambda obj, name: getattr(obj, name, None) if obj is not None else None  # noqa: E731
+    text = lambda obj, name: str(get(obj, name) or "")  # noqa: E731
+    first = lambda obj, name: (get(obj, name) or [None])[0]  # noqa: E731  (TR, TE and the flip angle are lists)
     gender = get(subject, "patientGender")
     sex = str(getattr(gender, "value", gender) or "")[:1].upper()
-    time = str(get(study, "studyTime") or "").replace(":", "").split(".")[0]
     position = get(measurement, "patientPosition")
     return dict(
-        PatientName=str(get(subject, "patientName") or "DAINR^ANONYMOUS"), PatientID=str(get(subject, "patientID") or ""),
+        PatientName=text(subject, "patientName") or "DAINR^ANONYMOUS", PatientID=text(subject, "patientID"),
         PatientBirthDate=_dicom_date(get(subject, "patientBirthdate")),
         PatientSex=sex if sex in ("M", "F", "O") else "",
-        StudyInstanceUID=str(get(study, "studyInstanceUID") or generate_uid()),
-        StudyDate=_dicom_date(get(study, "studyDate")), StudyTime=time, StudyID=str(get(study, "studyID") or ""),
-        AccessionNumber=str(get(study, "accessionNumber") or ""),
-        ReferringPhysicianName=str(get(study, "referringPhysicianName") or ""),
-        StudyDescription=str(get(study, "studyDescription") or ""),
-        FrameOfReferenceUID=str(get(measurement, "frameOfReferenceUID") or generate_uid()),
+        StudyInstanceUID=text(study, "studyInstanceUID") or generate_uid(),
+        StudyDate=_dicom_date(get(study, "studyDate")), StudyTime=_dicom_time(get(study, "studyTime")),
+        StudyID=text(study, "studyID"), AccessionNumber=text(study, "accessionNumber"),
+        ReferringPhysicianName=text(study, "referringPhysicianName"), StudyDescription=text(study, "studyDescription"),
+        FrameOfReferenceUID=text(measurement, "frameOfReferenceUID") or generate_uid(),
         PatientPosition=str(getattr(position, "value", position) or ""),
+        SeriesDate=_dicom_date(get(measurement, "seriesDate")), SeriesTime=_dicom_time(get(measurement, "seriesTime")),
+        SequenceName=text(measurement, "sequenceName"), ProtocolName=text(measurement, "protocolName"),
+        Manufacturer=text(system, "systemVendor"), ManufacturerModelName=text(system, "systemModel"),
+        InstitutionName=text(system, "institutionName"), StationName=text(system, "stationName"),
+        DeviceSerialNumber=text(system, "deviceSerialNumber"),
+        MagneticFieldStrength=_decimal(get(system, "systemFieldStrength_T")),
+        ImagingFrequency=_decimal(get(part("experimentalConditions"), "H1resonanceFrequency_Hz"), 1e-6),  # MHz
+        RepetitionTime=_decimal(first(sequence, "TR")), EchoTime=_decimal(first(sequence, "TE")),
+        FlipAngle=_decimal(first(sequence, "flipAngle_deg")),
     )
 
 
@@ -128,6 +150,9 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str
         meta = _meta(im)
         ds.ImageComments = str(_first(meta, "ImageComment", description))
         ds.ScanningSequence, ds.SequenceVariant = "GR", "NONE"  # type 1 in MR Image; radial gradient echo
+        ds.ScanOptions, ds.MRAcquisitionType, ds.EchoTrainLength = "", "2D", "1"  # type 2 (one echo per readout)
+        ds.PositionReferenceIndicator = ""  # type 2 (Frame of Reference)
+        ds.ContentDate, ds.ContentTime = ds.SeriesDate, ds.SeriesTime  # type 2C: the images are temporally related
         ds.Rows, ds.Columns = ny, nx
         ds.PixelSpacing = [f"{dy:.6g}", f"{dx:.6g}"]  # row spacing, column spacing
         ds.SliceThickness = f"{fov[2]:.6g}"

@@ -132,7 +132,11 @@ def test_patient_and_study_come_from_the_raw_header(tmp_path):
                                                         patientBirthdate=XmlDate(1970, 5, 17),
                                                         patientGender="F")
     hdr.studyInformation = xsd.studyInformationType(studyInstanceUID="1.2.3.4", accessionNumber=42)
-    hdr.measurementInformation = xsd.measurementInformationType(patientPosition=xsd.patientPositionType.HFS)
+    hdr.measurementInformation = xsd.measurementInformationType(patientPosition=xsd.patientPositionType.HFS,
+                                                                seriesDate=XmlDate(2026, 11, 26), seriesTime="10:42:07",
+                                                                protocolName="tf_radial_cine")
+    hdr.acquisitionSystemInformation.systemVendor, hdr.acquisitionSystemInformation.systemFieldStrength_T = "ACME", 1.5
+    hdr.sequenceParameters = xsd.sequenceParametersType(TR=[3.1], TE=[1.45], flipAngle_deg=[12.0])
     _, im = _images(3)
     paths = mrd_to_dicom({3: im}, str(tmp_path), xsd.ToXML(hdr))[3]
     ds = pydicom.dcmread(paths[0])
@@ -140,8 +144,18 @@ def test_patient_and_study_come_from_the_raw_header(tmp_path):
     assert ds.StudyInstanceUID == "1.2.3.4" and ds.AccessionNumber == "42" and ds.StudyDate == ""
     assert ds.SeriesDescription == "DA-INR" and ds.ScanningSequence == "GR"
     assert ds.PatientPosition == "HFS"  # the enum's value, not its name ("patientPositionType.HFS")
+    # the equipment and sequence, as Gadgetron's DICOM writer takes them from the header
+    assert (ds.Manufacturer, float(ds.MagneticFieldStrength), float(ds.ImagingFrequency)) == ("ACME", 1.5, 63.87)
+    assert (float(ds.RepetitionTime), float(ds.EchoTime), float(ds.FlipAngle)) == (3.1, 1.45, 12.0)
+    assert (ds.ProtocolName, ds.SeriesDate, ds.SeriesTime, ds.ContentDate, ds.ContentTime) == \
+        ("tf_radial_cine", "20261126", "104207", "20261126", "104207")
     anonymous = pydicom.dcmread(mrd_to_dicom({3: im}, str(tmp_path / "no_header"))[3][0])  # no header: new UIDs
     assert anonymous.PatientID == "" and anonymous.StudyInstanceUID not in ("", "1.2.3.4")
+    # the MR Image, General Equipment and Frame of Reference modules' type-2 attributes are present, empty if unknown
+    for keyword in ("EchoTime", "RepetitionTime", "ScanOptions", "MRAcquisitionType", "EchoTrainLength",
+                    "Manufacturer", "PositionReferenceIndicator", "ContentDate", "ContentTime", "SliceThickness"):
+        assert keyword in anonymous, keyword
+    assert (anonymous.EchoTime, anonymous.Manufacturer, anonymous.MRAcquisitionType) == (None, "", "2D")
 
 
 def test_names_keep_every_character_and_long_values_fit_their_representation(tmp_path):

@@ -13,6 +13,13 @@ def _to_uint8(frames: np.ndarray) -> np.ndarray:
     return (np.clip(mag / max(hi, 1e-12), 0, 1) * 255).astype(np.uint8)
 
 
+def _nearest(n: int, N: int) -> np.ndarray:
+    """For each pixel of an ``N``-pixel FFT grid, the nearest of an ``n``-pixel one of the same FOV (centres at
+    pixels N // 2 and n // 2, as the reconstruction puts them; ``model.GridUpsampling``)."""
+    u = (np.arange(N) - N // 2) * (n / N) + n // 2
+    return np.clip(np.floor(u + 0.5), 0, n - 1).astype(int)
+
+
 def side_by_side(panels: Sequence[np.ndarray]) -> np.ndarray:
     """Panels of (F, H, W) (each scaled to its own 99.5th percentile, resized to the largest H) → (F, H, ΣW) uint8."""
     height = max(p.shape[-2] for p in panels)
@@ -23,7 +30,7 @@ def side_by_side(panels: Sequence[np.ndarray]) -> np.ndarray:
         h, w = u8.shape[-2:]
         if h != height:  # nearest upsampling keeps pixels honest (any ratio: spatial ×1.5 fits 22² of 32²)
             width = round(w * height / h)
-            u8 = u8[:, np.arange(height) * h // height][:, :, np.arange(width) * w // width]
+            u8 = u8[:, _nearest(h, height)][:, :, _nearest(w, width)]
         if u8.shape[0] != n_frames:  # e.g. temporally interpolated vs acquired frames
             u8 = u8[np.linspace(0, u8.shape[0] - 1, n_frames).round().astype(int)]
         cols.append(u8)

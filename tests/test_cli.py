@@ -615,6 +615,14 @@ def test_preview_panels_of_any_size_ratio_line_up():
     out = side_by_side([big, small, np.ones((2, 16, 16))])
     assert out.shape == (2, 32, 96) and out.dtype == np.uint8
     assert (out[:, :, 32:] == 255).all()  # the constant panels stay constant after resizing
+    # each fitted pixel lands where it lies on the output grid (FFT grids of one FOV, centres at pixel N // 2):
+    # the rows showing fitted row j centre on (j − 11)·32/22 + 16 (the old floor(p·22/32) put them 0.7 px late)
+    dot = np.zeros((1, 22, 22))
+    for j in range(1, 21):
+        dot[:] = 0
+        dot[0, j, 5] = 1
+        rows = np.nonzero(side_by_side([big[:1], dot])[0, :, 32 + 7])[0]
+        assert abs(rows.mean() - ((j - 11) * 32 / 22 + 16)) < 0.3, (j, rows)
 
 
 

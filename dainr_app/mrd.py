@@ -293,6 +293,19 @@ def _partitions(enc) -> int:
     return z
 
 
+def unknown_angles(params: ReconParameters) -> Optional[str]:
+    """Why the angles of readouts without ``acq.traj`` cannot be derived from ``params`` (None when they can)."""
+    if params.trajectory not in RADIAL_TRAJECTORIES:
+        return (f"acquisition has no trajectory and the header trajectory type is {params.trajectory!r}; "
+                "cannot derive radial angles")
+    if params.angle_step_rad is None:
+        return (f"readouts have no acq.traj and the header trajectory is {params.trajectory!r} without the "
+                f"{ANGLE_PARAM!r} trajectory parameter: the spokes' angles are unknown (give each readout acq.traj, "
+                "or the header's trajectory goldenangle or that parameter; `dainr recon --golden-angle "
+                "true|reference` or the gadget property golden_angle reads such a file as golden-angle ordered)")
+    return None
+
+
 def spoke_trajectory(acq, params: ReconParameters, n_samples: int, pre: int = 0, post: int = 0,
                      spoke: Optional[int] = None) -> np.ndarray:
     """(kept samples, 2) trajectory of one readout of ``n_samples`` whose first ``pre`` and last ``post`` samples
@@ -311,15 +324,9 @@ def spoke_trajectory(acq, params: ReconParameters, n_samples: int, pre: int = 0,
         return np.asarray(acq.traj[pre:n_samples - post, :2], dtype=np.float32)
     if acq.trajectory_dimensions == 1:
         raise MRDFormatError(f"readout {acq.scan_counter} has a 1-D acq.traj: a radial readout needs (kx, ky)")
-    if params.trajectory not in RADIAL_TRAJECTORIES:
-        raise MRDFormatError(f"acquisition has no trajectory and the header trajectory type is {params.trajectory!r}; "
-                             "cannot derive radial angles")
-    if params.angle_step_rad is None:
-        raise MRDFormatError(f"readouts have no acq.traj and the header trajectory is {params.trajectory!r} without "
-                             f"the {ANGLE_PARAM!r} trajectory parameter: the spokes' angles are unknown (give each "
-                             "readout acq.traj, or the header's trajectory goldenangle or that parameter; "
-                             "`dainr recon --golden-angle true|reference` or the gadget property golden_angle "
-                             "reads such a file as golden-angle ordered)")
+    unknown = unknown_angles(params)
+    if unknown:
+        raise MRDFormatError(unknown)
     n = n_samples - pre - post
     if acq.center_sample != 0 and acq.center_sample - pre != n // 2:  # 0: not set by the converter
         where = f" ({n} kept after discard_pre {pre}, discard_post {post})" if pre or post else ""

@@ -29,8 +29,8 @@ import ismrmrd
 from dainr import DAINRConfig
 from dainr.trajectory import angle_step
 from dainr_app.host_share import reconstruct_shared
-from dainr_app.mrd import Key, MRDFormatError, ReconParameters, acquisition_key, ends_cine, is_skipped, \
-    make_images, noise_samples, series_index, slice_from_acquisitions
+from dainr_app.mrd import RADIAL_TRAJECTORIES, Key, MRDFormatError, ReconParameters, acquisition_key, ends_cine, \
+    is_skipped, make_images, noise_samples, series_index, slice_from_acquisitions, unknown_angles
 from dainr_app.protocol import error_frame
 
 log = logging.getLogger("dainr.gadget")
@@ -214,10 +214,9 @@ def reconstruct_slice(connection, key: Key, acqs: list, params: ReconParameters,
     log.info("slice %s: %d frames sent %.2f s after the last readout", key, len(result.images), time.perf_counter() - t0)
 
 
-def _pass_through(connection) -> None:
-    """After a configuration error: what the gadget would not have consumed passes on, the readouts it would have
-    reconstructed are counted in one ERROR."""
-    imaging = noise = 0
+def _pass_through(connection, imaging: int = 0, noise: int = 0, error: str = "the configuration error") -> None:
+    """After an error that stops every reconstruction (``imaging`` and ``noise`` readouts received so far): what
+    the gadget would not have consumed passes on, the readouts it would have used are counted in one ERROR."""
     for item in connection:
         if isinstance(item, ismrmrd.Acquisition) and not is_skipped(item):
             if item.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
@@ -228,7 +227,7 @@ def _pass_through(connection) -> None:
             connection.send(item)
     counts = [f"{imaging} readouts not reconstructed"] * bool(imaging) + [f"{noise} noise readouts not used"] * bool(noise)
     if counts:
-        send_error(connection, f"DA-INR: {' and '.join(counts)} (the configuration error above)")
+        send_error(connection, f"DA-INR: {' and '.join(counts)} ({error} above)")
 
 
 def dainr_recon(connection) -> None:
@@ -266,6 +265,11 @@ def dainr_recon(connection) -> None:
             late_noise += 1
             continue
         imaging += not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
+        if imaging == 1 and acq.trajectory_dimensions < 2 and params.trajectory in RADIAL_TRAJECTORIES \
+                and unknown_angles(params):  # a radial header whose readouts come without acq.traj: every slice
+            send_error(connection, f"DA-INR: {unknown_angles(params)}")  # would fail; at once, not at its end
+            _pass_through(connection, 1, len(buffers.noise) + buffers.noise_dropped, "the error")
+            return
         if acq.idx.average > params.last_average and not undeclared_average:
             undeclared_average = True
             send_error(connection, f"DA-INR: readout {acq.scan_counter} is of average {acq.idx.average}, beyond the "

@@ -298,14 +298,17 @@ def test_golden_angle_property_reads_a_radial_header_without_its_angle(two_slice
     hdr.encoding[0].trajectoryDescription = None
     items = []
     for a in acqs:
-        if a.idx.slice == 0:
-            b = ismrmrd.Acquisition.from_array(a.data)  # no acq.traj
-            b.idx, b.flags = a.idx, a.flags
-            items.append(b)
+        b = ismrmrd.Acquisition.from_array(a.data)  # no acq.traj
+        b.idx, b.flags = a.idx, a.flags
+        items.append(b)
+    # refused at the first imaging readout, once, not at the end of every slice; what was not used is counted
     refused = run_gadget(CONFIG.format(steps=5, extra=""), hdr, items)
-    assert len(refused.errors) == 1 and "gadget property golden_angle" in refused.errors[0] and not refused.images
+    n_noise = sum(a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT) for a in items)
+    assert len(refused.errors) == 2 and "gadget property golden_angle" in refused.errors[0] and not refused.images
+    assert refused.errors[1] == f"DA-INR: {len(items) - n_noise} readouts not reconstructed and {n_noise} noise " \
+                                "readouts not used (the error above)"
     run = run_gadget(CONFIG.format(steps=5, extra='<property name="golden_angle" value="true"/>'), hdr, items)
-    assert run.errors == [] and len(run.images) == 6
+    assert run.errors == [] and len(run.images) == 12
     with pytest.raises(ValueError, match="golden_angle"):
         options_from_properties({"golden_angle": "111"})
 

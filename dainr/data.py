@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -146,18 +146,23 @@ def frames_from_spokes(kdata: torch.Tensor, traj: torch.Tensor, frame_index: Opt
     if kdata.ndim != 3 or traj.shape != (kdata.shape[0], kdata.shape[-1], 2):
         raise ValueError(f"kdata must be (spokes, coils, samples) and traj (spokes, samples, 2); got "
                          f"{tuple(kdata.shape)} and {tuple(traj.shape)}")
-    S = kdata.shape[0]
-    if S == 0:
+    if kdata.shape[0] == 0:
         raise ValueError("no spokes to reconstruct")
+    groups = frame_groups(kdata.shape[0], frame_index, spokes_per_frame)
+    return RadialData.from_frames([kdata[g].transpose(0, 1) for g in groups], [traj[g] for g in groups], matrix, noise)
+
+
+def frame_groups(n_spokes: int, frame_index: Optional[torch.Tensor] = None,
+                 spokes_per_frame: Optional[int] = None) -> List[torch.Tensor]:
+    """Each frame's spokes (indices in acquisition order), frames in ascending order of ``frame_index`` (S,), or
+    consecutive runs of ``spokes_per_frame`` spokes without it (a final partial run is a shorter frame)."""
     if frame_index is None:
         if isinstance(spokes_per_frame, bool) or not isinstance(spokes_per_frame, numbers.Integral) \
                 or spokes_per_frame < 1:
             raise ValueError(f"without frame indices, spokes_per_frame must be given (an integer >= 1), got "
                              f"{spokes_per_frame!r}")
-        frame_index = torch.arange(S) // spokes_per_frame
+        frame_index = torch.arange(n_spokes) // spokes_per_frame
     frame_index = torch.as_tensor(frame_index, dtype=torch.int64)
-    if frame_index.shape != (S,):
-        raise ValueError(f"frame_index must have one entry per spoke ({S}), got {tuple(frame_index.shape)}")
-    frames = torch.unique(frame_index, sorted=True)
-    groups = [torch.nonzero(frame_index == f).flatten() for f in frames]
-    return RadialData.from_frames([kdata[g].transpose(0, 1) for g in groups], [traj[g] for g in groups], matrix, noise)
+    if frame_index.shape != (n_spokes,):
+        raise ValueError(f"frame_index must have one entry per spoke ({n_spokes}), got {tuple(frame_index.shape)}")
+    return [torch.nonzero(frame_index == f).flatten() for f in torch.unique(frame_index, sorted=True)]

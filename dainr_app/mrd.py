@@ -23,7 +23,7 @@ import ismrmrd.xsd as xsd
 from xsdata.exceptions import ConverterWarning
 
 from dainr.config import GOLDEN_ANGLE_DEG
-from dainr.data import RadialData, frames_from_spokes
+from dainr.data import RadialData, frame_groups, frames_from_spokes
 from dainr.trajectory import angle_step, radial_trajectory
 
 ANGLE_PARAM = "angle_increment_rad"
@@ -535,21 +535,12 @@ def slice_from_acquisitions(acqs: List, params: ReconParameters, noise: Optional
     except ValueError as exc:
         raise MRDFormatError(f"slice {s}: {exc}") from exc
     first_phase = int(frame_index.min()) if frame_index is not None else 0
-    return RawSlice(s, data, Geometry.from_acquisition(acqs[-1]), len(acqs), first_phase,
-                    frame_time_stamps(acqs, frame_index, params.spokes_per_frame), int(acqs[-1].measurement_uid))
-
-
-def frame_time_stamps(acqs: List, frame_index: Optional[torch.Tensor], spokes_per_frame: Optional[int]) -> np.ndarray:
-    """(frames, 4): each frame's middle readout's (in arrival order) ``acquisition_time_stamp`` and
-    ``physiology_time_stamp`` (the time since the trigger: a cine frame's trigger time), the frame's timing as the
-    images report it; frames in the order :func:`~dainr.data.frames_from_spokes` makes them."""
-    index = frame_index if frame_index is not None else torch.arange(len(acqs)) // spokes_per_frame
-    stamps = []
-    for f in torch.unique(index, sorted=True):
-        readouts = torch.nonzero(index == f).flatten()
-        mid = acqs[int(readouts[len(readouts) // 2])]
-        stamps.append((mid.acquisition_time_stamp, *mid.physiology_time_stamp[:3]))
-    return np.asarray(stamps, dtype=np.uint32).reshape(-1, 4)
+    # each frame's timing: its middle readout's (in arrival order) acquisition_time_stamp and physiology_time_stamp
+    # (the time since the trigger: a cine frame's trigger time)
+    middle = [acqs[int(g[len(g) // 2])] for g in frame_groups(len(acqs), frame_index, params.spokes_per_frame)]
+    stamps = np.array([(a.acquisition_time_stamp, *a.physiology_time_stamp[:3]) for a in middle], dtype=np.uint32)
+    return RawSlice(s, data, Geometry.from_acquisition(acqs[-1]), len(acqs), first_phase, stamps,
+                    int(acqs[-1].measurement_uid))
 
 
 def series_index(value: int) -> int:

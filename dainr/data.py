@@ -8,6 +8,11 @@ from typing import List, Optional, Sequence
 import torch
 
 
+
+def is_count(value, least: int = 1) -> bool:
+    """``value`` is an integer (Python's or numpy's, not a bool) of at least ``least``."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= least
+
 @dataclass
 class RadialData:
     """Golden-angle radial multi-coil k-space of one slice, grouped into frames.
@@ -88,7 +93,7 @@ class RadialData:
     def every_rth_frame(self, r: int) -> "RadialData":
         """Frames 0, r, 2r, …: what a temporal ×r fit sees; it then renders (fitted − 1)·r + 1 frames, so the
         last frame must be among them, or the frames after the last fitted one would get no image.  r = 1: self."""
-        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
+        if not is_count(r):
             raise ValueError(f"the temporal ratio must be an integer >= 1, got {r!r}")
         if r == 1:
             return self
@@ -157,8 +162,7 @@ def frame_groups(n_spokes: int, frame_index: Optional[torch.Tensor] = None,
     """Each frame's spokes (indices in acquisition order), frames in ascending order of ``frame_index`` (S,), or
     consecutive runs of ``spokes_per_frame`` spokes without it (a final partial run is a shorter frame)."""
     if frame_index is None:
-        if isinstance(spokes_per_frame, bool) or not isinstance(spokes_per_frame, numbers.Integral) \
-                or spokes_per_frame < 1:
+        if not is_count(spokes_per_frame):
             raise ValueError(f"without frame indices, spokes_per_frame must be given (an integer >= 1), got "
                              f"{spokes_per_frame!r}")
         frame_index = torch.arange(n_spokes) // spokes_per_frame

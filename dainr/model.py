@@ -16,12 +16,10 @@ def drawn_layer(cls, generator: Optional[torch.Generator], *args, **kwargs) -> n
     PyTorch's ``reset_parameters`` draws them (the same numbers as ``torch.manual_seed(s)`` then ``cls(...)`` for a
     generator seeded with ``s``), without touching torch's global generator (None: from it, as PyTorch does):
     the weights depend on the seed alone, whatever other threads draw meanwhile."""
-    if generator is None:
-        return cls(*args, dtype=torch.float32, **kwargs)
     layer = nn.utils.skip_init(cls, *args, dtype=torch.float32, **kwargs)
     nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
     if layer.bias is not None:
-        bound = 1 / math.sqrt(nn.init._calculate_fan_in_and_fan_out(layer.weight)[0])
+        bound = 1 / math.sqrt(layer.weight[0].numel())  # 1 / sqrt(fan in)
         nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
     return layer
 

@@ -10,14 +10,13 @@ favours every method equally), plus complex Gaussian noise with a coil covarianc
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 
-from .data import RadialData
+from .data import RadialData, is_count
 from .nufft import MulticoilNUFFT
 from .trajectory import golden_angle_trajectory, omega_from_traj
 
@@ -123,7 +122,7 @@ def simulate(matrix: int = 64, frames: int = 12, spokes: int = 13, coils: int = 
     if image is None:
         need.update(matrix=(matrix, 8), frames=(frames, 1))
     bad = [f"{name}={value!r} (need an integer >= {least})" for name, (value, least) in need.items()
-           if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least]
+           if not is_count(value, least)]
     if bad:
         raise ValueError(f"simulate: {'; '.join(bad)}")
     if not (math.isfinite(noise_level) and noise_level >= 0) or n_noise_samples < 0:

@@ -150,12 +150,13 @@ def matching_truth(images: np.ndarray, scan, path: str, found: bool) -> Optional
     """``images`` if it holds a (frames, N, N) cine for every slice of ``scan``, which the images are scored
     against; else an error, or None and a warning when ``found`` (not named by the user)."""
     bad = []
-    for s, raw_slice in sorted((key[0], v) for key, v in scan.slices.items()):
+    # by key: a slice index can have several cines (repetitions, contrasts), each held against that slice's truth
+    for (s, *_), raw_slice in sorted(scan.slices.items(), key=lambda item: item[0]):
         want = (raw_slice.data.n_frames, scan.matrix, scan.matrix)
         got = tuple(images[s].shape) if s < len(images) else None
         if got != want:
-            bad.append(f"slice {s} has {want[0]} frames of {want[1]}², the truth "
-                       + (f"{got[0]} frames of {got[1]}²" if got and len(got) == 3 else f"{got or 'none'}"))
+            bad.append(f"slice {s} has {want[0]} frames of {want[1]}×{want[2]}, the truth "
+                       + (f"{got[0]} frames of {got[1]}×{got[2]}" if got and len(got) == 3 else f"{got or 'none'}"))
     if not bad:
         return images
     problem = f"the ground truth {path} does not match the raw data ({bad[0]}; frames re-binned by " \
@@ -189,7 +190,7 @@ def _recon_slices(scan, output: str, group: str, cfg: DAINRConfig, series: int, 
         if truth_images is not None:
             gt = truth_images[s]
             m = psnr_ssim(result.images, gt)
-            zf_gt = truth_images[s][result.acquired_frames] if cfg.spatial_ratio == 1 else None
+            zf_gt = gt[result.acquired_frames] if cfg.spatial_ratio == 1 else None
             summary.update(psnr=round(m["psnr"], 2), ssim=round(m["ssim"], 4))
             if zf_gt is not None:
                 z = psnr_ssim(result.zero_filled, zf_gt)

@@ -265,9 +265,10 @@ def dainr_recon(connection) -> None:
             late_noise += 1
             continue
         imaging += not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
-        if imaging == 1 and acq.trajectory_dimensions < 2 and params.trajectory in RADIAL_TRAJECTORIES \
-                and unknown_angles(params):  # a radial header whose readouts come without acq.traj: every slice
-            send_error(connection, f"DA-INR: {unknown_angles(params)}")  # would fail; at once, not at its end
+        unknown = imaging == 1 and acq.trajectory_dimensions == 0 and params.trajectory in RADIAL_TRAJECTORIES \
+            and unknown_angles(params)  # a radial header whose readouts come without acq.traj: every slice fails
+        if unknown:  # (an 'other' header: only the readouts without acq.traj, slice by slice)
+            send_error(connection, f"DA-INR: {unknown}")  # at once, not at the end of every slice
             _pass_through(connection, 1, len(buffers.noise) + buffers.noise_dropped, "the error")
             return
         if acq.idx.average > params.last_average and not undeclared_average:

@@ -108,7 +108,7 @@ def test_a_truth_that_does_not_match_the_frames_is_refused_or_left_out(raw2, tmp
     assert cli.main(["recon", raw2, "-o", out, "--steps", "2", "--spokes-per-frame", "6"]) == 0
     captured = capsys.readouterr()
     assert captured.err == (f"dainr recon: warning: the ground truth {raw2.replace('.h5', '_truth.npz')} does not "
-                            "match the raw data (slice 0 has 9 frames of 32², the truth 6 frames of 32²; frames "
+                            "match the raw data (slice 0 has 9 frames of 32×32, the truth 6 frames of 32×32; frames "
                             "re-binned by --spokes-per-frame?): the images are not scored\n")
     lines = [json.loads(line) for line in captured.out.splitlines() if line.startswith("{")]
     assert [line["frames"] for line in lines] == [9, 9] and not any("psnr" in line for line in lines)
@@ -117,11 +117,11 @@ def test_a_truth_that_does_not_match_the_frames_is_refused_or_left_out(raw2, tmp
     np.savez(tmp_path / "one_slice.npz", images=truth[:1])  # named by the user: refused before the fit
     assert cli.main(["recon", raw2, "-o", str(tmp_path / "new.h5"), "--truth", str(tmp_path / "one_slice.npz"),
                      "--quiet"]) == 2
-    assert "(slice 1 has 6 frames of 32², the truth none;" in capsys.readouterr().err
-    np.savez(tmp_path / "coarse.npz", images=truth[..., :16, :16])  # the right frames of another matrix
+    assert "(slice 1 has 6 frames of 32×32, the truth none;" in capsys.readouterr().err
+    np.savez(tmp_path / "coarse.npz", images=truth[..., :16])  # the right frames of another shape
     assert cli.main(["recon", raw2, "-o", str(tmp_path / "new.h5"), "--truth", str(tmp_path / "coarse.npz"),
                      "--quiet"]) == 2
-    assert "(slice 0 has 6 frames of 32², the truth 6 frames of 16²;" in capsys.readouterr().err
+    assert "(slice 0 has 6 frames of 32×32, the truth 6 frames of 32×16;" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "new.h5")
 
 
@@ -256,6 +256,10 @@ def test_repetitions_of_a_slice_are_reconstructed_separately(raw2, tmp_path):
         return acq
     path = _rewrite(raw2, str(tmp_path / "reps.h5"), to_repetition)
     assert sorted(read_raw(path).slices) == [(0, 0, 0, 0), (0, 0, 1, 0)]  # not merged into one cine
+    # each repetition is scored against its slice's truth (checking it raised TypeError: two cines of slice 0)
+    truth = str(tmp_path / "truth.npz")
+    np.savez(truth, images=np.load(raw2.replace(".h5", "_truth.npz"))["images"][:1])
+    assert cli.main(["recon", path, "-o", str(tmp_path / "o.h5"), "--truth", truth, "--steps", "2", "--quiet"]) == 0
 
 
 def test_inconsistent_channels_are_reported(tmp_path):

@@ -475,6 +475,10 @@ def test_a_stream_of_noise_alone_past_the_cap_gets_both_errors_and_no_images(two
                           f"DA-INR: the stream held no imaging readouts ({kept} noise readouts): nothing to "
                           "reconstruct"]
     assert run.images == [] and run.returncode == 0
+
+
+def test_the_output_property_takes_magnitude_or_complex():
+    assert options_from_properties({}).output == "magnitude"
     assert options_from_properties({"output": "complex"}).output == "complex"
     with pytest.raises(ValueError, match="property output='phase': must be magnitude or complex"):
         options_from_properties({"output": "phase"})
@@ -518,7 +522,7 @@ def test_averages_are_one_cine_per_slice(two_slices):
     assert len(run.errors) == 1 and "of average 1, beyond the header's encodingLimits average maximum 0" in run.errors[0]
 
 
-def test_malformed_headers_noise_and_readouts_get_one_line_errors(two_slices):
+def test_the_reader_refuses_malformed_headers_noise_and_readouts_with_the_reason(two_slices):
     import copy
 
     from dainr_app.mrd import MRDFormatError, ReconParameters, noise_samples, slice_from_acquisitions

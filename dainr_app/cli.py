@@ -447,35 +447,42 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("simulate", help="write a simulated golden-angle radial cine as MRD raw data")
-    s.add_argument("-o", "--output", required=True)
-    s.add_argument("--matrix", type=int, default=64)
-    s.add_argument("--frames", type=int, default=12)
+    s.add_argument("-o", "--output", required=True, help="MRD raw file to write (the ground truth goes beside it, "
+                                                          "<name>_truth.npz)")
+    s.add_argument("--matrix", type=int, default=64, help="image matrix N (N x N; default 64)")
+    s.add_argument("--frames", type=int, default=12, help="cine frames (default 12)")
     s.add_argument("--spokes", type=int, default=13, help="spokes per frame")
-    s.add_argument("--coils", type=int, default=4)
-    s.add_argument("--slices", type=int, default=1)
+    s.add_argument("--coils", type=int, default=4, help="receive coils (default 4)")
+    s.add_argument("--slices", type=int, default=1, help="slices, each its own simulated cine (default 1)")
     s.add_argument("--noise", type=_nonnegative, default=0.02, help="noise std relative to k-space RMS")
-    s.add_argument("--golden-angle", choices=("true", "reference"), default="true")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--golden-angle", choices=("true", "reference"), default="true",
+                   help="true: 111.246° steps (default); reference: the released code's 111.246-radian step")
+    s.add_argument("--seed", type=int, default=0, help="phantom, coil maps and noise (default 0; slice k: seed + k)")
     s.set_defaults(func=cmd_simulate)
 
     r = sub.add_parser("recon", help="reconstruct an MRD raw file into MRD images")
-    r.add_argument("raw")
-    r.add_argument("-o", "--output", required=True)
-    r.add_argument("--device", default="auto")
-    r.add_argument("--steps", dest="max_steps", type=_positive_int)
-    r.add_argument("--max-seconds", type=float)
-    r.add_argument("--frames-per-step", type=_positive_int)
+    r.add_argument("raw", help="ISMRMRD raw data file (.h5)")
+    r.add_argument("-o", "--output", required=True, help="MRD image file to write (replaced once every slice is done)")
+    r.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
+    r.add_argument("--steps", dest="max_steps", type=_positive_int,
+                   help=f"most optimisation steps (default {DAINRConfig.max_steps}; the held-out rule stops earlier)")
+    r.add_argument("--max-seconds", type=float, help="stop fitting after this many seconds (default: no limit)")
+    r.add_argument("--frames-per-step", type=_positive_int, help="frames per optimisation step (default "
+                   f"{DAINRConfig().batch_frames('cpu')} on the CPU, {DAINRConfig().batch_frames('cuda')} on CUDA)")
     r.add_argument("--lr", type=_positive, help=f"initial learning rate (default {DAINRConfig.lr:g})")
-    r.add_argument("--holdout-spokes", type=int)
+    r.add_argument("--holdout-spokes", type=int, help=f"spokes per frame held out for the stopping rule (default "
+                                                      f"{DAINRConfig.holdout_spokes}; 0: a fixed budget of --steps)")
     r.add_argument("--sr-ratio", type=_ratio, default=1.0, help="spatial interpolation: fit at N/ratio, query N")
     r.add_argument("--down-ratio", type=_positive_int, default=1, help="temporal interpolation: fit every r-th frame")
-    r.add_argument("--nufft-backend", choices=NUFFT_BACKENDS)
+    r.add_argument("--nufft-backend", choices=NUFFT_BACKENDS,
+                   help="default auto: finufft on the CPU when installed, else gather (our gridding)")
     r.add_argument("--golden-angle", choices=("true", "reference"),
                    help="angle step for readouts without acq.traj (default: the header's; a goldenangle header "
                         "without one: the true golden angle)")
     r.add_argument("--features", dest="use_features", action=argparse.BooleanOptionalAction,
                    help="the reference's frozen CNN features of the neighbouring frames (default: off, see README)")
-    r.add_argument("--no-deformation", action="store_true")
+    r.add_argument("--no-deformation", action="store_true",
+                   help="a plain grid INR without the deformation MLP (the paper's ablation baseline)")
     r.add_argument("--no-memory-check", action="store_true",
                    help="fit even when the estimated peak memory exceeds what the device has available")
     r.add_argument("--reference-grid", action="store_true",
@@ -484,19 +491,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the capped grid's finest level as a fraction of the fitting matrix (default 0.75; 1 = the matrix)")
     r.add_argument("--preview", type=_preview_path, help="write a .gif/.png preview")
     r.add_argument("--series", type=_series, default=1, help="output image_series_index (0..65535)")
-    r.add_argument("--output-type", choices=("magnitude", "complex"), default="magnitude")
+    r.add_argument("--output-type", choices=("magnitude", "complex"), default="magnitude",
+                   help="image type (default magnitude)")
     r.add_argument("--truth", help="ground truth .npz (default: <raw>_truth.npz when present)")
     r.add_argument("--group", default="dataset", help="the raw file's group; the images go to the same group")
     r.add_argument("--spokes-per-frame", type=_positive_int,
                    help="frames of N spokes in acquisition order (overrides the header's phase range)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0,
+                   help="the network's initial weights, frame order and held-out spokes (default 0)")
     r.add_argument("--quiet", action="store_true", help="no progress bar (the per-slice JSON lines stay)")
     r.set_defaults(func=cmd_recon)
 
     d = sub.add_parser("demo", help="simulate a small cine, replay it through the embedded server, write MRD "
                                     "images, DICOM, preview and metrics")
-    d.add_argument("-o", "--outdir", default="dainr-demo")
-    d.add_argument("--device", default="auto")
+    d.add_argument("-o", "--outdir", default="dainr-demo", help="output folder (default dainr-demo)")
+    d.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     d.add_argument("--max-steps", type=_positive_int, default=300,
                    help="fit budget (default 300, inside the 30 s target on 2 CPU cores; the held-out rule alone "
                         "stops this small cine after about 1000 steps, about 15 s: README, Performance)")
@@ -505,9 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     dc = sub.add_parser("dicom", help="convert an MRD image file to DICOM (one folder per series)")
-    dc.add_argument("images")
-    dc.add_argument("-o", "--outdir", required=True)
-    dc.add_argument("--group", default="dataset")
+    dc.add_argument("images", help="MRD image file (from recon or replay)")
+    dc.add_argument("-o", "--outdir", required=True, help="folder for series_<n>/ subfolders")
+    dc.add_argument("--group", default="dataset", help="the images' group in the file (default dataset)")
     dc.set_defaults(func=cmd_dicom)
 
     g = sub.add_parser("gadget-server", help="resident DA-INR gadget for <connect port=.../> pipelines")
@@ -526,7 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also allow <execute> of this Python package (default: gadgets only)")
     sv.add_argument("--allow-connect", action="append", default=[], metavar="HOST",
                     help="also allow <connect> to this host (default: localhost)")
-    sv.add_argument("--max-connections", type=_positive_int, default=8)
+    sv.add_argument("--max-connections", type=_positive_int, default=8,
+                    help="sessions at once (default 8); more get an ERROR 'server busy'")
     sv.add_argument("--buffer-mb", type=_positive_int, default=512, help="per session, data queued ahead of a gadget")
     sv.add_argument("--local-channels", type=_positive_int, default=8,
                     help="<distributed> without workers: at most this many local chains; further index values share them")
@@ -548,13 +558,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("replay", help="stream an MRD raw file through a Gadgetron-protocol server, save the images")
     rp.add_argument("raw", nargs="?", help="MRD raw file (optional with -Q / --query)")
-    rp.add_argument("-a", "--address", default="localhost")
-    rp.add_argument("-p", "--port", type=int, default=9002)
+    rp.add_argument("-a", "--address", default="localhost", help="server host (default localhost)")
+    rp.add_argument("-p", "--port", type=int, default=9002, help="server port (default 9002)")
     rp.add_argument("-c", "--config", default="dainr", help="pipeline name on the server (CONFIG_FILE)")
     rp.add_argument("-C", "--config-local", help="local pipeline XML sent as CONFIG_TEXT")
-    rp.add_argument("-o", "--output", default="out.h5")
-    rp.add_argument("-g", "--in-group", default="dataset")
-    rp.add_argument("-G", "--out-group", default="dataset")
+    rp.add_argument("-o", "--output", default="out.h5", help="MRD file the images go to (default out.h5)")
+    rp.add_argument("-g", "--in-group", default="dataset", help="the raw data's group (default dataset)")
+    rp.add_argument("-G", "--out-group", default="dataset", help="the images' group in the output (default dataset)")
     rp.add_argument("--dicom", metavar="DIR", help="also write the images as DICOM series under DIR")
     rp.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server")
     rp.add_argument("--quiet", action="store_true", help="no per-slice timing table")

@@ -257,7 +257,7 @@ def dainr_recon(connection) -> None:
             send_error(connection, f"DA-INR slice {key[0]} (contrast {key[1]}, repetition {key[2]}, set {key[3]}): {exc}")
 
     connection.filter(lambda item: isinstance(item, ismrmrd.Acquisition) and not is_skipped(item))
-    imaging, late_noise, undeclared_average = 0, 0, False
+    imaging, late_noise, undeclared_average, angles_checked = 0, 0, False, False
     for acq in connection:
         if acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT) and imaging:
             # as Gadgetron's NoiseAdjustGadget: the prewhitener is fixed at the first imaging readout (a noise scan
@@ -265,12 +265,6 @@ def dainr_recon(connection) -> None:
             late_noise += 1
             continue
         imaging += not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
-        unknown = imaging == 1 and acq.trajectory_dimensions == 0 and params.trajectory in RADIAL_TRAJECTORIES \
-            and unknown_angles(params)  # a radial header whose readouts come without acq.traj: every slice fails
-        if unknown:  # (an 'other' header: only the readouts without acq.traj, slice by slice)
-            send_error(connection, f"DA-INR: {unknown}")  # at once, not at the end of every slice
-            _pass_through(connection, 1, len(buffers.noise) + buffers.noise_dropped, "the error")
-            return
         if acq.idx.average > params.last_average and not undeclared_average:
             undeclared_average = True
             send_error(connection, f"DA-INR: readout {acq.scan_counter} is of average {acq.idx.average}, beyond the "
@@ -289,6 +283,14 @@ def dainr_recon(connection) -> None:
             if not acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE):
                 key = None
         else:
+            if not angles_checked and not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):  # the first usable one
+                angles_checked = True
+                unknown = acq.trajectory_dimensions == 0 and params.trajectory in RADIAL_TRAJECTORIES \
+                    and unknown_angles(params)  # a radial header, readouts without acq.traj: every slice would fail
+                if unknown:  # (an 'other' header: only the readouts without acq.traj fail, slice by slice)
+                    send_error(connection, f"DA-INR: {unknown}")  # at once, not at the end of every slice
+                    _pass_through(connection, 1, len(buffers.noise) + buffers.noise_dropped, "the error")
+                    return
             key = buffers.add(acq)
         if key is not None:
             flush(key)

@@ -619,6 +619,11 @@ def test_preview_panels_of_any_size_ratio_line_up():
     out = side_by_side([big, small, np.ones((2, 16, 16))])
     assert out.shape == (2, 32, 96) and out.dtype == np.uint8
     assert (out[:, :, 32:] == 255).all()  # the constant panels stay constant after resizing
+    from dainr.model import GridUpsampling
+    from dainr_app.preview import _nearest
+
+    for n, N in ((22, 32), (21, 32), (21, 33), (16, 33)):  # the same nearest pixels as the library's upsampling
+        assert np.array_equal(_nearest(n, N), (GridUpsampling(n, N).nearest.reshape(N, N)[0] % n).numpy()), (n, N)
     # each fitted pixel lands where it lies on the output grid (FFT grids of one FOV, centres at pixel N // 2):
     # the rows showing fitted row j centre on (j − 11)·32/22 + 16 (the old floor(p·22/32) put them 0.7 px late)
     dot = np.zeros((1, 22, 22))

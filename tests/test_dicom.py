@@ -133,10 +133,13 @@ def test_patient_and_study_come_from_the_raw_header(tmp_path):
                                                         patientGender="F")
     hdr.studyInformation = xsd.studyInformationType(studyInstanceUID="1.2.3.4", accessionNumber=42)
     hdr.measurementInformation = xsd.measurementInformationType(patientPosition=xsd.patientPositionType.HFS,
-                                                                seriesDate=XmlDate(2026, 11, 26), seriesTime="10:42:07",
+                                                                seriesDate=XmlDate(2026, 11, 26),
+                                                                seriesTime="10:42:07.250", sequenceName="tfl2d",
                                                                 protocolName="tf_radial_cine")
-    hdr.acquisitionSystemInformation.systemVendor, hdr.acquisitionSystemInformation.systemFieldStrength_T = "ACME", 1.5
-    hdr.sequenceParameters = xsd.sequenceParametersType(TR=[3.1], TE=[1.45], flipAngle_deg=[12.0])
+    system = hdr.acquisitionSystemInformation
+    system.systemVendor, system.systemModel, system.systemFieldStrength_T = "ACME", "Model 7", 1.5
+    system.institutionName, system.stationName, system.deviceSerialNumber = "Clinic", "S" * 20, "SN1"
+    hdr.sequenceParameters = xsd.sequenceParametersType(TR=[3.1, 5.0], TE=[1.45, 2.9], flipAngle_deg=[12.0, 8.0])
     _, im = _images(3)
     paths = mrd_to_dicom({3: im}, str(tmp_path), xsd.ToXML(hdr))[3]
     ds = pydicom.dcmread(paths[0])
@@ -146,7 +149,9 @@ def test_patient_and_study_come_from_the_raw_header(tmp_path):
     assert ds.PatientPosition == "HFS"  # the enum's value, not its name ("patientPositionType.HFS")
     # the equipment and sequence, as Gadgetron's DICOM writer takes them from the header
     assert (ds.Manufacturer, float(ds.MagneticFieldStrength), float(ds.ImagingFrequency)) == ("ACME", 1.5, 63.87)
-    assert (float(ds.RepetitionTime), float(ds.EchoTime), float(ds.FlipAngle)) == (3.1, 1.45, 12.0)
+    assert (ds.ManufacturerModelName, ds.InstitutionName, ds.StationName, ds.DeviceSerialNumber, ds.SequenceName) \
+        == ("Model 7", "Clinic", "S" * 16, "SN1", "tfl2d")  # (a station name is at most 16 characters)
+    assert (float(ds.RepetitionTime), float(ds.EchoTime), float(ds.FlipAngle)) == (3.1, 1.45, 12.0)  # the first
     assert (ds.ProtocolName, ds.SeriesDate, ds.SeriesTime, ds.ContentDate, ds.ContentTime) == \
         ("tf_radial_cine", "20261126", "104207", "20261126", "104207")
     anonymous = pydicom.dcmread(mrd_to_dicom({3: im}, str(tmp_path / "no_header"))[3][0])  # no header: new UIDs
@@ -156,6 +161,7 @@ def test_patient_and_study_come_from_the_raw_header(tmp_path):
                     "Manufacturer", "PositionReferenceIndicator", "ContentDate", "ContentTime", "SliceThickness"):
         assert keyword in anonymous, keyword
     assert (anonymous.EchoTime, anonymous.Manufacturer, anonymous.MRAcquisitionType) == (None, "", "2D")
+    assert anonymous.EchoTrainLength == 1
 
 
 def test_names_keep_every_character_and_long_values_fit_their_representation(tmp_path):

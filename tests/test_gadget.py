@@ -309,6 +309,15 @@ def test_golden_angle_property_reads_a_radial_header_without_its_angle(two_slice
                                 "readouts not used (the error above)"
     run = run_gadget(CONFIG.format(steps=5, extra='<property name="golden_angle" value="true"/>'), hdr, items)
     assert run.errors == [] and len(run.images) == 12
+    # readouts with acq.traj under that header need no angle step; a first dummy readout without samples (or traj)
+    # is ignored, not taken for the stream's layout (it refused the whole stream)
+    with_traj = [a for a in acqs if a.idx.slice == 0]
+    dummy = ismrmrd.Acquisition.from_array(np.zeros((with_traj[0].active_channels, 0), np.complex64))
+    dummy.idx.slice, dummy.scan_counter = 0, 9999
+    n_noise = sum(a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT) for a in with_traj)
+    run = run_gadget(CONFIG.format(steps=5, extra=""), hdr, with_traj[:n_noise] + [dummy] + with_traj[n_noise:])
+    assert run.errors == ["readout 9999 (slice 0, contrast 0, repetition 0, set 0) has 0 samples; ignored"]
+    assert len(run.images) == 6
     with pytest.raises(ValueError, match="golden_angle"):
         options_from_properties({"golden_angle": "111"})
 

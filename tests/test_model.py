@@ -107,7 +107,11 @@ def test_extractor_weights_are_drawn_in_mdsrs_order():
     nn = torch.nn
     nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
     head = nn.Conv2d(3, 64, 3, padding=1)
-    assert torch.equal(FrozenFeatureExtractor(seed=0).head.weight, head.weight)
+    blocks = [nn.Conv2d(64, 64, 5, padding=2) for _ in range(4)]  # two residual blocks of two convs
+    ours = FrozenFeatureExtractor(seed=0).state_dict()  # weights and biases, as PyTorch's layers draw them
+    theirs = [head] + blocks
+    assert len(ours) == 2 * len(theirs)
+    assert all(torch.equal(a, b) for a, b in zip(ours.values(), [t for c in theirs for t in (c.weight, c.bias)]))
 
 
 def test_reference_feature_sampling_is_grid_sample_at_linspace_whatever_the_size():

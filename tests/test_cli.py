@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from dainr import DAINRConfig
+from dainr import DAINRConfig, zero_filled
+from dainr.metrics import psnr_ssim
 from dainr_app import cli
 from dainr_app.mrd import MRDFormatError, read_images, read_raw, write_raw
 
@@ -83,6 +84,10 @@ def test_recon_round_trip_two_slices(raw2, tmp_path, capsys):
     lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
     assert [l["slice"] for l in lines] == [0, 1]
     assert all(l["psnr"] > l["zero_filled_psnr"] for l in lines)
+    truth = np.load(raw2.replace(".h5", "_truth.npz"))["images"]
+    for s, line in enumerate(lines):  # each slice is scored against its own slice's truth
+        zf = zero_filled(read_raw(raw2).slices[(s, 0, 0, 0)].data, DAINRConfig(device="cpu"))
+        assert line["zero_filled_psnr"] == round(psnr_ssim(zf, truth[s])["psnr"], 2)
     images = read_images(out)
     assert list(images) == [3]
     imgs = images[3]

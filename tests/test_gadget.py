@@ -307,6 +307,8 @@ def test_golden_angle_property_reads_a_radial_header_without_its_angle(two_slice
     assert len(refused.errors) == 2 and "gadget property golden_angle" in refused.errors[0] and not refused.images
     assert refused.errors[1] == f"DA-INR: {len(items) - n_noise} readouts not reconstructed and {n_noise} noise " \
                                 "readouts not used (the error above)"
+    capped = run_gadget(CONFIG.format(steps=5, extra='<property name="max_buffer_mb" value="0.01"/>'), hdr, items)
+    assert capped.errors[1].endswith(f"and {n_noise} noise readouts not used (the error above)")  # kept or dropped
     run = run_gadget(CONFIG.format(steps=5, extra='<property name="golden_angle" value="true"/>'), hdr, items)
     assert run.errors == [] and len(run.images) == 12
     # readouts with acq.traj under that header need no angle step; a first dummy readout without samples (or traj)

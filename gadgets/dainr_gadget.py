@@ -257,7 +257,10 @@ def dainr_recon(connection) -> None:
             send_error(connection, f"DA-INR slice {key[0]} (contrast {key[1]}, repetition {key[2]}, set {key[3]}): {exc}")
 
     connection.filter(lambda item: isinstance(item, ismrmrd.Acquisition) and not is_skipped(item))
-    imaging, late_noise, undeclared_average, angles_checked = 0, 0, False, False
+    imaging, late_noise, undeclared_average = 0, 0, False
+    # a radial header without the angle step: if its first usable imaging readout has no acq.traj, every slice
+    # would fail, so the ERROR comes at once (an 'other' header: readouts without acq.traj fail slice by slice)
+    angle_problem = unknown_angles(params) if params.trajectory in RADIAL_TRAJECTORIES else None
     for acq in connection:
         if acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT) and imaging:
             # as Gadgetron's NoiseAdjustGadget: the prewhitener is fixed at the first imaging readout (a noise scan
@@ -283,14 +286,12 @@ def dainr_recon(connection) -> None:
             if not acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE):
                 key = None
         else:
-            if not angles_checked and not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):  # the first usable one
-                angles_checked = True
-                unknown = acq.trajectory_dimensions == 0 and params.trajectory in RADIAL_TRAJECTORIES \
-                    and unknown_angles(params)  # a radial header, readouts without acq.traj: every slice would fail
-                if unknown:  # (an 'other' header: only the readouts without acq.traj fail, slice by slice)
-                    send_error(connection, f"DA-INR: {unknown}")  # at once, not at the end of every slice
+            if angle_problem and not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+                if acq.trajectory_dimensions == 0:
+                    send_error(connection, f"DA-INR: {angle_problem}")
                     _pass_through(connection, 1, len(buffers.noise) + buffers.noise_dropped, "the error")
                     return
+                angle_problem = None  # the readouts carry acq.traj: no angles needed
             key = buffers.add(acq)
         if key is not None:
             flush(key)

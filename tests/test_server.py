@@ -702,17 +702,28 @@ def test_waveforms_are_replayed_in_time_order_and_pass_through(server, raw, tmp_
     assert res.errors == [] and res.returned == 22
 
 
-def test_server_embedded_in_code_read_from_stdin_still_launches_gadgets(raw):
+def test_server_embedded_in_code_read_from_stdin_still_launches_gadgets(raw, tmp_path):
     """multiprocessing cannot re-import a __main__ read from stdin; the launcher falls back to spawning."""
-    code = ("from tests.server_harness import running_server\n"
+    code = ("import logging, sys\n"
+            "logging.basicConfig(level=logging.INFO, stream=sys.stderr)  # the server's steps, should it hang\n"
+            "from tests.server_harness import running_server\n"
             "from dainr_app.replay import file_items, replay\n"
             f"header, items = file_items({raw!r})\n"
             "with running_server() as srv:\n"
-            "    res = replay(items, header, ('127.0.0.1', srv.port), config='passthrough')\n"
-            "print(res.errors, res.returned)\n")
-    proc = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True, cwd=ROOT, timeout=120,
-                          env=child_env())
-    assert proc.stdout.strip().splitlines()[-1] == "[] 112", proc.stderr[-2000:]
+            "    res = replay(items, header, ('127.0.0.1', srv.port), config='passthrough', timeout=90)\n"
+            "print(res.errors, res.returned, flush=True)\n")
+    # output to files, not pipes: the forkserver the server started keeps the process's stdout and stderr open
+    # until its imports end, after the process itself (reading pipes to their end would wait for it too)
+    (tmp_path / "code.py").write_text(code)
+    with open(tmp_path / "code.py") as stdin, open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-"], stdin=stdin, stdout=out, stderr=err, cwd=ROOT, env=child_env())
+        try:
+            proc.wait(150)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    stdout, stderr = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()[-4000:]
+    assert proc.returncode == 0 and stdout.strip().splitlines()[-1:] == ["[] 112"], (proc.returncode, stdout, stderr)
 
 
 def test_distributed_without_workers_runs_the_inner_stream_locally(server, raw, monkeypatch):

@@ -182,15 +182,17 @@ class TorchGridEncoding(nn.Module):
 class TcnnGridEncoding(nn.Module):
     """tiny-cuda-nn ``HashGrid`` in fp32 (CUDA only).  Same interface as :class:`TorchGridEncoding`, not the same
     function: tcnn hashes the levels whose grid exceeds the table (torch-ngp tiles them), initialises its table
-    itself (``GridConfig.init_std`` and the fit's seed do not apply), and, by our reading of its source (not run
-    here: tinycudann could not be installed on the GPU machines we were lent), does not zero coordinates outside
-    [0, 1] as torch-ngp does.  ``backend="torch"`` gives the reference's encoding on CUDA too."""
+    itself (uniform in ±1e-4; ``GridConfig.init_std`` does not apply) from a seed drawn from ``generator`` (the
+    fit's seed still decides the weights; None: from torch's global generator), and, by our reading of its source
+    (not run here: tinycudann could not be installed on the GPU machines we were lent), does not zero coordinates
+    outside [0, 1] as torch-ngp does.  ``backend="torch"`` gives the reference's encoding on CUDA too."""
 
-    def __init__(self, cfg: GridConfig):
+    def __init__(self, cfg: GridConfig, generator: Optional[torch.Generator] = None):
         super().__init__()
         import tinycudann as tcnn  # noqa: WPS433 (optional dependency)
 
         self.cfg = cfg
+        seed = int(torch.randint(0, 2 ** 31 - 1, (), generator=generator))  # tcnn's seed is an unsigned 32-bit int
         self.encoding = tcnn.Encoding(
             n_input_dims=2,
             encoding_config={
@@ -202,6 +204,7 @@ class TcnnGridEncoding(nn.Module):
                 "per_level_scale": cfg.per_level_scale,
                 "interpolation": "Linear",
             },
+            seed=seed,
             dtype=torch.float32,
         )
 
@@ -234,5 +237,5 @@ def make_grid_encoding(cfg: GridConfig, device: torch.device, generator: Optiona
     if backend == "tcnn":
         if device.type != "cuda" or not tcnn_available():
             raise RuntimeError("grid backend 'tcnn' needs tinycudann and a CUDA device; use backend='torch'")
-        return TcnnGridEncoding(cfg)
+        return TcnnGridEncoding(cfg, generator)
     return TorchGridEncoding(cfg, layout="ngp", generator=generator)

@@ -120,6 +120,32 @@ def test_auto_backend_is_torch_on_cpu():
         make_grid_encoding(GridConfig(backend="tcnn"), torch.device("cpu"))
 
 
+def test_the_fits_generator_seeds_tiny_cuda_nn(monkeypatch):
+    """tcnn initialises its table itself, from the seed it is given (1337 unless told): the seed comes from the
+    fit's generator, so the fit's seed decides the grid's initial values on that backend too (a stand-in module:
+    tinycudann is CUDA only)."""
+    import sys
+    import types
+
+    seeds = []
+
+    class Encoding(torch.nn.Module):
+        def __init__(self, n_input_dims, encoding_config, seed=1337, dtype=None):
+            super().__init__()
+            seeds.append(seed)
+
+    monkeypatch.setitem(sys.modules, "tinycudann", types.SimpleNamespace(Encoding=Encoding))
+    monkeypatch.setattr("dainr.encodings.tcnn_available", lambda: True)
+
+    def tcnn_seed(fit_seed):
+        make_grid_encoding(GridConfig(backend="tcnn"), torch.device("cuda"), torch.Generator().manual_seed(fit_seed))
+        return seeds[-1]
+
+    state = torch.random.get_rng_state()
+    assert tcnn_seed(0) == tcnn_seed(0) != tcnn_seed(1) and all(isinstance(s, int) and 0 <= s < 2 ** 32 for s in seeds)
+    assert torch.equal(torch.random.get_rng_state(), state)  # drawn from the fit's generator, not torch's
+
+
 @pytest.mark.skipif(not tcnn_available(), reason="tinycudann with CUDA not available")
 def test_tcnn_and_torch_backends_agree():
     from dainr.encodings import TcnnGridEncoding

@@ -10,6 +10,7 @@ does.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Dict, List, Optional, Sequence
@@ -62,8 +63,12 @@ def _dicom_time(value) -> str:
 
 
 def _decimal(value, scale: float = 1.0) -> str:
-    """A DICOM decimal string (DS) of ``value`` × ``scale``; '' for none."""
-    return f"{float(value) * scale:.10g}"[:16] if value else ""
+    """A DICOM decimal string (DS, at most 16 characters) of ``value`` × ``scale`` to 10 significant digits (so
+    63.6e6 Hz × 1e-6 is 63.6, not 63.599999999999); '' for none, or a value that is not finite."""
+    from pydicom.valuerep import format_number_as_ds
+
+    x = float(value) * scale if value else 0.0
+    return format_number_as_ds(float(f"{x:.10g}")) if x and math.isfinite(x) else ""
 
 
 def study_attributes(header: Optional[str]) -> Dict[str, str]:

@@ -228,3 +228,14 @@ def test_mrd_images_magnitude_complex_and_window():
     hi = np.percentile(np.abs(frames), 99.5)
     assert float(meta["WindowCenter"]) == pytest.approx(hi / 2, rel=1e-5)
     assert float(meta["WindowWidth"]) == pytest.approx(hi, rel=1e-5)
+
+
+def test_decimal_strings_fit_sixteen_characters_and_keep_their_value():
+    """A DS value is at most 16 characters: cutting '-1.234567891e-100' there made it e-10; NaN is no DS."""
+    from dainr_app.dicom import _decimal
+
+    assert _decimal(63.87e6, 1e-6) == "63.87" and _decimal(2.5) == "2.5"  # 10 significant digits, no float tail
+    for value in (-1.234567891e-100, 1.0 / 3.0, 123456789012345678.0, -0.000012345678901):
+        text = _decimal(value)
+        assert len(text) <= 16 and float(text) == pytest.approx(value, rel=1e-8), text
+    assert [_decimal(v) for v in (None, 0, float("nan"), float("inf"))] == ["", "", "", ""]

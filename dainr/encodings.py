@@ -182,10 +182,10 @@ class TorchGridEncoding(nn.Module):
 class TcnnGridEncoding(nn.Module):
     """tiny-cuda-nn ``HashGrid`` in fp32 (CUDA only).  Same interface as :class:`TorchGridEncoding`, not the same
     function: tcnn hashes the levels whose grid exceeds the table (torch-ngp tiles them), initialises its table
-    itself (uniform in ±1e-4; ``GridConfig.init_std`` does not apply) from a seed drawn from ``generator`` (the
-    fit's seed still decides the weights; None: from torch's global generator), and, by our reading of its source
-    (not run here: tinycudann could not be installed on the GPU machines we were lent), does not zero coordinates
-    outside [0, 1] as torch-ngp does.  ``backend="torch"`` gives the reference's encoding on CUDA too."""
+    itself (uniform in ±1e-4, ``GridConfig.init_std`` does not apply) with a seed drawn from ``generator`` (so the
+    fit's seed decides it; None: torch's global generator), and, by our reading of its source (not run here:
+    tinycudann could not be installed on the GPU machines we were lent), does not zero coordinates outside
+    [0, 1] as torch-ngp does.  ``backend="torch"`` gives the reference's encoding on CUDA too."""
 
     def __init__(self, cfg: GridConfig, generator: Optional[torch.Generator] = None):
         super().__init__()

@@ -315,8 +315,8 @@ def spoke_trajectory(acq, params: ReconParameters, n_samples: int, pre: int = 0,
     ``idx.kspace_encode_step_1``), with the echo (``center_sample``, counted in the whole readout) in the middle of
     the kept samples.  Without ``acq.traj`` spokes are taken as symmetric, as Gadgetron's radial gadgets take
     them: ``center_sample`` 0 is read as not set, so a centre-out readout needs ``acq.traj``.  A readout of twice
-    the encodedSpace matrix's samples that would otherwise reach beyond the reconSpace is oversampled ×2 (how
-    siemens_to_ismrmrd describes radial readouts)."""
+    the encodedSpace matrix's samples (or as many kept samples) is oversampled ×2 (how siemens_to_ismrmrd describes
+    radial readouts)."""
     if acq.trajectory_dimensions >= 2:
         if acq.trajectory_dimensions > 3 and np.any(acq.traj[:, 3:]):
             raise MRDFormatError(f"readout {acq.scan_counter} has a {acq.trajectory_dimensions}-D acq.traj: a 2D "
@@ -334,10 +334,12 @@ def spoke_trajectory(acq, params: ReconParameters, n_samples: int, pre: int = 0,
                              f"{where} (asymmetric echo) and no acq.traj: the sample positions cannot be derived")
     angle = (acq.idx.kspace_encode_step_1 if spoke is None else spoke) * params.angle_step_rad
     traj = radial_trajectory(torch.tensor([angle]), n)[0].numpy()  # kept sample i at (i − n/2)/n cycles/pixel
-    if params.encoded_fov_x:  # the samples are 1/FOV_encoded apart: (FOV_recon/N)/FOV_encoded cycles/pixel
-        factor = n * params.fov_mm[0] / (params.matrix * params.encoded_fov_x)
-        if factor > 1.001 and params.encoded_x and n_samples == 2 * params.encoded_x:
-            factor /= 2  # twice the encoded matrix's samples, reaching beyond it: the readout is oversampled ×2
+    if params.encoded_fov_x:
+        # the samples are 1/FOV_encoded apart, (FOV_recon/N)/FOV_encoded cycles/pixel, or half that where the
+        # readout, whole or its kept samples, has twice the encoded matrix's samples (oversampled ×2, also where
+        # scanner interpolation or discards of half the readout leave the kept samples spanning less than ±0.5)
+        oversampling = 2 if params.encoded_x and 2 * params.encoded_x in (n_samples, n) else 1
+        factor = n * params.fov_mm[0] / (params.matrix * params.encoded_fov_x * oversampling)
         if factor > 1.001:
             raise MRDFormatError(f"{n} readout samples over an encoded FOV of {params.encoded_fov_x:g} mm reach "
                                  f"{0.5 * factor:.3g} cycles/pixel of the {params.matrix}-pixel, {params.fov_mm[0]:g} mm "

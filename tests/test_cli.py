@@ -544,6 +544,46 @@ def test_a_finer_recon_space_than_acquired_scales_the_derived_positions(raw2, tm
                  golden_angle="true")
 
 
+def test_readouts_oversampled_twice_the_encoded_matrix_whatever_the_recon_space_or_discards(raw2, tmp_path):
+    """siemens_to_ismrmrd's radial header (encodedSpace 32 over 320 mm, readouts of 64 samples: oversampled ×2).
+    With scanner interpolation (reconSpace 64) or discards of half the readout the kept samples span ±0.25
+    cycles/pixel; the ×2 was only applied where the readout would otherwise reach beyond the reconSpace, so these
+    spokes were read twice as long (the image at half its size); with 4 + 4 discarded samples around the 64, the
+    file was refused ("coarser than the acquisition")."""
+    key = (0, 0, 0, 0)
+    ref = read_raw(_rewrite(raw2, str(tmp_path / "ref.h5"), _without_traj)).slices[key].data
+
+    def siemens(xml, recon=32):
+        enc = re.search(r"<encodedSpace>.*?</encodedSpace>", xml, re.S).group(0)
+        xml = xml.replace(enc, enc.replace("<x>64</x>", "<x>32</x>").replace("<x>640.0</x>", "<x>320.0</x>"))
+        rec = re.search(r"<reconSpace>.*?</reconSpace>", xml, re.S).group(0)
+        return xml.replace(rec, rec.replace("<x>32</x>", f"<x>{recon}</x>").replace("<y>32</y>", f"<y>{recon}</y>"))
+
+    def read(name, transform=_without_traj, **kw):
+        path = _rewrite(raw2, str(tmp_path / name), transform, header=lambda x: siemens(x, **kw))
+        return read_raw(path).slices[key].data
+
+    interpolated = read("interpolated.h5", recon=64)
+    assert interpolated.matrix == 64 and torch.allclose(interpolated.traj, ref.traj / 2)
+
+    def discard(pre, post, pad=False):
+        def transform(acq):
+            acq = _without_traj(acq)
+            if not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+                if pad:  # samples around the readout, marked as discarded
+                    data = acq.data.copy()
+                    acq.resize(acq.number_of_samples + pre + post, acq.active_channels, 0)
+                    acq.data[:, pre:pre + data.shape[1]] = data
+                acq.discard_pre, acq.discard_post = pre, post
+                acq.center_sample = acq.number_of_samples // 2
+            return acq
+        return transform
+    half = read("half.h5", discard(16, 16))  # the central 32 of 64 samples, the encoded matrix's count
+    assert half.traj.shape[2] == 32 and torch.allclose(half.traj, ref.traj[:, :, 16:48])
+    padded = read("padded.h5", discard(4, 4, pad=True))
+    assert torch.allclose(padded.traj, ref.traj, atol=1e-6)
+
+
 def test_bench_lists_every_case_with_its_description(capsys):
     from dainr_app.bench import CASES
 

@@ -19,7 +19,7 @@ import logging
 import time
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -214,7 +214,8 @@ def reconstruct_slice(connection, key: Key, acqs: list, params: ReconParameters,
     log.info("slice %s: %d frames sent %.2f s after the last readout", key, len(result.images), time.perf_counter() - t0)
 
 
-def _pass_through(connection, imaging: int = 0, noise: int = 0, error: str = "the configuration error") -> None:
+def _pass_through(connection, report: Callable[[str], None], imaging: int = 0, noise: int = 0,
+                  error: str = "the configuration error") -> None:
     """After an error that stops every reconstruction (``imaging`` and ``noise`` readouts received so far): what
     the gadget would not have consumed passes on, the readouts it would have used are counted in one ERROR."""
     for item in connection:
@@ -227,24 +228,41 @@ def _pass_through(connection, imaging: int = 0, noise: int = 0, error: str = "th
             connection.send(item)
     counts = [f"{imaging} readouts not reconstructed"] * bool(imaging) + [f"{noise} noise readouts not used"] * bool(noise)
     if counts:
-        send_error(connection, f"DA-INR: {' and '.join(counts)} ({error} above)")
+        report(f"DA-INR: {' and '.join(counts)} ({error} above)")
 
 
 def dainr_recon(connection) -> None:
-    """Gadget entry point (``<execute name="gadgets.dainr_gadget" target="dainr_recon" type="python"/>``)."""
+    """Gadget entry point (``<execute name="gadgets.dainr_gadget" target="dainr_recon" type="python"/>``).
+
+    Its ERROR messages (a slice that failed, readouts it could not use) are logged at once but sent when the
+    stream has ended, after every image: Gadgetron closes a gadget's input at the gadget's first ERROR
+    (``ExternalChannel``), so an ERROR about one slice sent at once would lose every slice after it."""
+    errors: List[str] = []
+
+    def report(text: str) -> None:
+        log.warning("%s", text)
+        errors.append(text)
+    try:
+        _reconstruct_stream(connection, report)
+    finally:
+        for text in errors:
+            send_error(connection, text)
+
+
+def _reconstruct_stream(connection, report: Callable[[str], None]) -> None:
     try:
         opts = options_from_properties(properties(connection.config, connection.raw_bytes.config or b""))
         params = ReconParameters.from_header(connection.header, opts.spokes_per_frame, opts.golden_angle)
     except (ValueError, MRDFormatError) as exc:
-        send_error(connection, f"DA-INR gadget configuration: {exc}")
-        _pass_through(connection)
+        report(f"DA-INR gadget configuration: {exc}")
+        _pass_through(connection, report)
         return
     buffers = SliceBuffers(opts.max_buffer_mb * 2 ** 20, params.last_average)
 
     def flush(key: Key) -> None:
         acqs, dropped = buffers.pop(key)
         if dropped:
-            send_error(connection, f"DA-INR slice {key[0]} (contrast {key[1]}, repetition {key[2]}, set {key[3]}): "
+            report(f"DA-INR slice {key[0]} (contrast {key[1]}, repetition {key[2]}, set {key[3]}): "
                                    f"{dropped} readouts dropped, not reconstructed: the buffered readouts exceeded "
                                    f"max_buffer_mb={opts.max_buffer_mb:g} before the slice's last readout")
             return
@@ -254,7 +272,7 @@ def dainr_recon(connection) -> None:
             reconstruct_slice(connection, key, acqs, params, opts, noise_samples(buffers.noise))
         except Exception as exc:  # one slice failing must not lose the others
             log.exception("slice %s failed", key)
-            send_error(connection, f"DA-INR slice {key[0]} (contrast {key[1]}, repetition {key[2]}, set {key[3]}): {exc}")
+            report(f"DA-INR slice {key[0]} (contrast {key[1]}, repetition {key[2]}, set {key[3]}): {exc}")
 
     connection.filter(lambda item: isinstance(item, ismrmrd.Acquisition) and not is_skipped(item))
     imaging, late_noise, undeclared_average = 0, 0, False
@@ -270,7 +288,7 @@ def dainr_recon(connection) -> None:
         imaging += not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
         if acq.idx.average > params.last_average and not undeclared_average:
             undeclared_average = True
-            send_error(connection, f"DA-INR: readout {acq.scan_counter} is of average {acq.idx.average}, beyond the "
+            report(f"DA-INR: readout {acq.scan_counter} is of average {acq.idx.average}, beyond the "
                                    f"header's encodingLimits average maximum {params.last_average}: a slice's "
                                    "readouts up to each ACQ_LAST_IN_SLICE are reconstructed as a cine of their own "
                                    "(declared averages are combined into one)")
@@ -281,15 +299,15 @@ def dainr_recon(connection) -> None:
             unusable = f"belongs to encoding space {acq.encoding_space_ref} (DA-INR reconstructs the first)"
         if unusable:  # nothing to reconstruct, but its flags still count
             s, contrast, rep, set_index = key = acquisition_key(acq)
-            send_error(connection, f"readout {acq.scan_counter} (slice {s}, contrast {contrast}, repetition {rep}, "
+            report(f"readout {acq.scan_counter} (slice {s}, contrast {contrast}, repetition {rep}, "
                                    f"set {set_index}) {unusable}; ignored")
             if not acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE):
                 key = None
         else:
             if angle_problem and not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
                 if acq.trajectory_dimensions == 0:
-                    send_error(connection, f"DA-INR: {angle_problem}")
-                    _pass_through(connection, 1, len(buffers.noise) + buffers.noise_dropped, "the error")
+                    report(f"DA-INR: {angle_problem}")
+                    _pass_through(connection, report, 1, len(buffers.noise) + buffers.noise_dropped, "the error")
                     return
                 angle_problem = None  # the readouts carry acq.traj: no angles needed
             key = buffers.add(acq)
@@ -301,12 +319,12 @@ def dainr_recon(connection) -> None:
     for k in buffers.keys():  # end of stream: reconstruct whatever is still buffered
         flush(k)
     if late_noise:
-        send_error(connection, f"DA-INR: {late_noise} noise readouts after the first imaging readout were not used "
+        report(f"DA-INR: {late_noise} noise readouts after the first imaging readout were not used "
                                "(the prewhitening is fixed there, as in Gadgetron's NoiseAdjustGadget)")
     if buffers.noise_dropped:
-        send_error(connection, f"DA-INR: {buffers.noise_dropped} noise readouts past max_buffer_mb="
+        report(f"DA-INR: {buffers.noise_dropped} noise readouts past max_buffer_mb="
                                f"{opts.max_buffer_mb:g} were dropped; the prewhitening used the first "
                                f"{len(buffers.noise)}")
     if not imaging:
-        send_error(connection, f"DA-INR: the stream held no imaging readouts ({len(buffers.noise)} noise readouts): "
+        report(f"DA-INR: the stream held no imaging readouts ({len(buffers.noise)} noise readouts): "
                                "nothing to reconstruct")

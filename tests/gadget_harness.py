@@ -2,7 +2,9 @@
 
 Opens a port, spawns ``python -m gadgetron PORT MODULE TARGET``, sends CONFIG (the ``<configuration>``
 block), HEADER and the acquisitions with ismrmrd's ``ProtocolSerializer`` on a sender thread, and reads
-images / pass-through items / ERROR messages back until CLOSE.
+images / pass-through items / ERROR messages back until CLOSE.  As Gadgetron's ``ExternalChannel`` does, the
+gadget's first ERROR closes its input: the items not sent by then never reach it (``GadgetRun.sent`` counts
+those that did).
 """
 from __future__ import annotations
 
@@ -25,8 +27,14 @@ class GadgetRun:
     images: List = field(default_factory=list)
     passthrough: List = field(default_factory=list)
     errors: List[str] = field(default_factory=list)
+    kinds: List[str] = field(default_factory=list)  # "image", "acquisition", "error": every reply in arrival order
+    sent: int = 0  # items sent before CLOSE
     returncode: int = None
     log: str = ""
+
+    def errors_come_last(self) -> bool:
+        """Every ERROR arrived after every other reply (it closes the gadget's input in Gadgetron)."""
+        return "error" not in self.kinds or self.kinds[self.kinds.index("error"):] == ["error"] * len(self.errors)
 
 
 def run_gadget(config_xml: str, header, items, module: str = "gadgets.dainr_gadget", target: str = "dainr_recon",
@@ -78,6 +86,7 @@ def exchange(conn: socket.socket, config_xml: str, header, items, timeout: float
     """Send CONFIG, HEADER, items and CLOSE on a thread while reading replies until CLOSE."""
     conn.settimeout(timeout)
     run = GadgetRun()
+    closed = threading.Event()  # set at the gadget's first ERROR
 
     def send():
         with conn.makefile("wb") as wf:
@@ -85,7 +94,10 @@ def exchange(conn: socket.socket, config_xml: str, header, items, timeout: float
             ser.serialize(ConfigText(config_xml))
             ser.serialize(header)
             for item in items:
+                if closed.is_set():
+                    break
                 ser.serialize(item)
+                run.sent += 1
             ser.close()
 
     sender = threading.Thread(target=send, daemon=True)
@@ -96,11 +108,15 @@ def exchange(conn: socket.socket, config_xml: str, header, items, timeout: float
             if frame.mid == CLOSE:
                 break
             if frame.mid == ERROR:
+                closed.set()
                 run.errors.append(frame.text())
+                run.kinds.append("error")
             elif frame.mid == IMAGE:
                 run.images.append(frame.decode())
+                run.kinds.append("image")
             elif frame.mid == ACQUISITION:
                 run.passthrough.append(frame.decode())
+                run.kinds.append("acquisition")
             else:
                 raise AssertionError(f"unexpected message {frame.name}")
     sender.join(timeout)

@@ -80,6 +80,8 @@ def test_failures_become_error_messages_and_other_slices_survive(two_slices):
     run = run_gadget(CONFIG.format(steps=5, extra=""), header, bad)
     assert len(run.errors) == 1 and "slice 0" in run.errors[0] and "NaN" in run.errors[0]
     assert len(run.images) == 6 and {im.slice for im in run.images} == {1}
+    # Gadgetron closes a gadget's input at its first ERROR: sent at once, it lost every later slice at a scanner
+    assert run.errors_come_last() and run.sent == len(bad)
 
 
 def test_bad_property_is_an_error_message(two_slices):

@@ -302,11 +302,14 @@ class Session:
 
 class Peer:
     """A gadget process or worker server at the other end of a socket: CONFIG + HEADER + frames out on a
-    sender thread (byte-bounded queue), frames back on a receiver thread until it sends CLOSE."""
+    sender thread (byte-bounded queue), frames back on a receiver thread until it sends CLOSE.
+    ``close_on_error``: its first ERROR closes its input (CLOSE; what was still to send is counted, not sent), as
+    Gadgetron's ``ExternalChannel`` treats an external gadget."""
 
     def __init__(self, session: Session, sock: socket.socket, config_xml: str, header: str,
-                 emit: Callable[[List[Frame]], None], label: str):
+                 emit: Callable[[List[Frame]], None], label: str, close_on_error: bool = False):
         self.session, self.sock, self.emit, self.label = session, sock, emit, label
+        self.close_on_error = close_on_error
         self.queue = ByteQueue(session.opts.buffer_bytes)
         self.remote_error = False
         self.closed_cleanly = False
@@ -351,6 +354,8 @@ class Peer:
                 if frame.mid == ERROR:
                     self.remote_error = True
                     self.session.error(f"{self.label}: {frame.text()}")
+                    if self.close_on_error:
+                        self.queue.drop_all()
                 elif frame.mid == TEXT:
                     log.info("%s: %s: %s", self.session.label, self.label, frame.text())
                 elif frame.mid in DATA_IDS:
@@ -411,7 +416,8 @@ class ExternalStage:
                 sock = socket.create_connection(self.node.address, timeout=opts.start_timeout)
             except OSError as exc:
                 raise PipelineError(f"gadget {self.node.label}: cannot connect: {exc}") from exc
-        self.peer = Peer(self.session, sock, self.node.configuration, header, self.emit, f"gadget {self.node.label}")
+        self.peer = Peer(self.session, sock, self.node.configuration, header, self.emit, f"gadget {self.node.label}",
+                         close_on_error=True)
 
     def put(self, frames: List[Frame]) -> None:
         self.peer.put(frames)
@@ -430,8 +436,9 @@ class ExternalStage:
             self.session.error(f"gadget {self.node.label} exited with code {rc}"
                                + (f": {self.child.last_lines()}" if self.child.last_lines() else ""))
         elif self.peer.queue.dropped:
-            self.session.error(f"gadget {self.node.label} closed before reading all input: "
-                               f"{self.peer.queue.dropped} message(s) not delivered")
+            why = "its ERROR closed its input, as Gadgetron closes it" if self.peer.remote_error else \
+                "it closed before reading all input"
+            self.session.error(f"gadget {self.node.label}: {self.peer.queue.dropped} message(s) not delivered ({why})")
         if self.child:
             self.child.close()
 

@@ -23,7 +23,7 @@ from ismrmrd.serialization import ConfigFile, ConfigText
 from dainr.sim import simulate
 from dainr_app.mrd import iter_acquisitions, open_raw, write_raw
 from dainr_app.protocol import ACQUISITION, CLOSE, CONFIG_TEXT, HEADER, IMAGE, TEXT, ProtocolError, StreamEnded, \
-    encode, read_frame, text_frame
+    encode, error_frame, read_frame, text_frame
 from dainr_app.replay import ReplayResult, SliceTiming, replay, timing_table
 
 from dainr_app.server import Server, ServerOptions, child_env
@@ -480,6 +480,38 @@ def test_a_peer_that_closes_early_and_stops_reading_does_not_hang_the_session(ra
     listener.close()
     assert time.monotonic() - t0 < 30 and frames[-1].mid == CLOSE
     assert any("closed before reading all input" in e for e in errors(frames)), errors(frames)
+
+
+def test_a_gadgets_error_closes_its_input_as_gadgetron_does(raw):
+    """Gadgetron's ExternalChannel closes an external gadget's input at the gadget's first ERROR; the embedded
+    server kept feeding it, so a gadget that reported an error mid-stream worked here and lost data there."""
+    header, acqs = load(raw)
+    listener = socket.create_server(("127.0.0.1", 0))
+    received = []
+
+    def peer():  # reads one acquisition, reports an error, then reads (slowly) until the server's CLOSE
+        conn, _ = listener.accept()
+        with conn, conn.makefile("rb") as rf:
+            read_frame(rf.read)
+            read_frame(rf.read)
+            read_frame(rf.read)
+            conn.sendall(error_frame("slice 0 failed").raw)
+            time.sleep(1)  # meanwhile the server's sender is held by the full socket buffers
+            while read_frame(rf.read).mid != CLOSE:
+                received.append(1)
+            conn.sendall(struct.pack("<H", CLOSE))
+    thread = threading.Thread(target=peer, daemon=True)
+    thread.start()
+    xml = _pipeline_xml(f'<connect address="localhost" port="{listener.getsockname()[1]}"/>')
+    sent = acqs * 100  # ~20 MB: more than the socket buffers hold
+    with running_server() as srv:
+        frames = raw_session(srv.port, stream(ConfigText(xml), header, sent), timeout=60)
+    thread.join(30)
+    listener.close()
+    assert frames[-1].mid == CLOSE and len(received) < len(sent) - 1
+    errs = errors(frames)
+    assert errs[0].endswith("slice 0 failed") and any(
+        f"{len(sent) - 1 - len(received)} message(s) not delivered (its ERROR closed its input" in e for e in errs), errs
 
 
 @pytest.mark.parametrize("dimension", ["user_3", "kspace_encode_step_2"])

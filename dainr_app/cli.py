@@ -169,9 +169,9 @@ def matching_truth(images: np.ndarray, scan, path: str, found: bool) -> Optional
 
 def _recon_slices(scan, output: str, group: str, cfg: DAINRConfig, series: int, output_type: str,
                   truth_images: Optional[np.ndarray], quiet: bool):
-    from .mrd import make_images, write_images
+    from .mrd import index_strides, make_images, write_images
 
-    summaries, panels = [], []
+    summaries, panels, strides = [], [], index_strides(scan.header)
     for (s, contrast, repetition, set_index), raw_slice in scan.slices.items():
         data = raw_slice.data.every_rth_frame(cfg.temporal_ratio)  # the paper's protocol: fit every r-th, query all
         t0 = time.perf_counter()
@@ -182,7 +182,7 @@ def _recon_slices(scan, output: str, group: str, cfg: DAINRConfig, series: int, 
         images = make_images(result.images.numpy(), series, s, scan.fov_mm, raw_slice.geometry, output_type,
                              history=history, repetition=repetition, contrast=contrast, set_index=set_index,
                              first_phase=raw_slice.first_phase, time_stamps=raw_slice.time_stamps,
-                             measurement_uid=raw_slice.measurement_uid)
+                             measurement_uid=raw_slice.measurement_uid, strides=strides)
         write_images(output, images, group)
         summary = dict(slice=s, contrast=contrast, repetition=repetition, set=set_index, frames=len(images), seconds=round(seconds, 2), steps=info["steps"],
                        stop_reason=info["stop_reason"], seconds_per_step=round(info["seconds_per_step"], 4),

@@ -120,7 +120,7 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    # numbered in order within the series (MRD image_index restarts per slice, repetition, contrast, set)
+    # numbered in order within the series (other writers' MRD image_index may restart per slice or repetition)
     images = sorted(images, key=lambda im: (im.slice, im.contrast, im.repetition, im.set, im.phase, im.image_index))
     mags = [_magnitude(im) for im in images]
     os.makedirs(folder, exist_ok=True)

@@ -210,6 +210,7 @@ class ReconParameters:
     first_phase: int = 0  # the header's phase minimum
     last_average: int = 0  # the header's average maximum: averages are one cine, complete at the last one's end
     encoded_x: Optional[int] = None  # encodedSpace matrix x: readouts of twice as many samples are oversampled ×2
+    strides: Tuple[int, int, int] = (1, 1, 1)  # the header's (slices, contrasts, sets): the images' numbering
 
     @classmethod
     def from_header(cls, header, spokes_per_frame: Optional[int] = None,
@@ -269,7 +270,7 @@ class ReconParameters:
         enc_x = getattr(getattr(enc.encodedSpace, "matrixSize", None), "x", None)
         enc_x = _header_number(enc_x, "encodedSpace matrixSize x") if enc_x else None
         return cls(matrix, fov_mm, from_phase, n_frames, spokes_per_frame, step, traj, enc_fov, first_phase,
-                   last_average, enc_x)
+                   last_average, enc_x, index_strides(header))
 
 
 def _header_number(value, what: str, cast=int):
@@ -552,12 +553,30 @@ def series_index(value: int) -> int:
     return value
 
 
+def index_strides(header) -> Tuple[int, int, int]:
+    """(slices, contrasts, sets) of the header's first encoding (its encodingLimits maxima + 1; 1 where absent):
+    the strides of the image numbering (:func:`make_images`)."""
+    limits = header.encoding[0].encodingLimits if header is not None and header.encoding else None
+
+    def count(name: str) -> int:
+        limit = getattr(limits, name, None)
+        return _header_number(limit.maximum, f"{name} maximum") + 1 if limit is not None and \
+            limit.maximum is not None else 1
+    return count("slice"), count("contrast"), count("set")
+
+
 def make_images(frames: np.ndarray, series: int, slice_index: int, fov_mm: Sequence[float], geometry: Geometry,
                 output: str = "magnitude", comment: str = "DA-INR", history: Sequence[str] = (),
                 repetition: int = 0, contrast: int = 0, set_index: int = 0, first_phase: int = 0,
-                time_stamps: Optional[np.ndarray] = None, measurement_uid: int = 0) -> List["ismrmrd.Image"]:
+                time_stamps: Optional[np.ndarray] = None, measurement_uid: int = 0,
+                strides: Tuple[int, int, int] = (1, 1, 1)) -> List["ismrmrd.Image"]:
     """One ``ismrmrd.Image`` per frame with series/index/geometry/meta set (both meta key families);
-    ``time_stamps`` (:attr:`RawSlice.time_stamps`, one row per frame) give each image its frame's time stamps."""
+    ``time_stamps`` (:attr:`RawSlice.time_stamps`, one row per frame) give each image its frame's time stamps.
+
+    ``image_index`` numbers the series' images as Gadgetron's recon gadgets do (``ImageArraySendMixin``): slice
+    fastest, then contrast, frame, set and repetition, with ``strides`` = (slices, contrasts, sets) from the
+    header (:func:`index_strides`), so every image of a series has its own index (DICOM InstanceNumber),
+    whichever process reconstructed its slice; 1-based, wrapping past 65535 as the uint16 field does."""
     if output not in ("magnitude", "complex"):
         raise ValueError(f"output must be 'magnitude' or 'complex', got {output!r}")
     series_index(series)
@@ -577,7 +596,9 @@ def make_images(frames: np.ndarray, series: int, slice_index: int, fov_mm: Seque
             im.physiology_time_stamp[:] = [int(v) for v in time_stamps[f, 1:]]
         im.image_type = ismrmrd.IMTYPE_MAGNITUDE if output == "magnitude" else ismrmrd.IMTYPE_COMPLEX
         im.image_series_index = int(series)
-        im.image_index = f + 1
+        slices, contrasts, sets = strides
+        number = slice_index + slices * (contrast + contrasts * (f + len(arr) * (set_index + sets * repetition)))
+        im.image_index = number % 65535 + 1
         im.slice, im.phase, im.repetition, im.contrast, im.set = slice_index, first_phase + f, repetition, contrast, set_index
         im.field_of_view[:] = tuple(float(v) for v in fov_mm)
         im.position[:] = geometry.position

@@ -197,7 +197,8 @@ def reconstruct_slice(connection, key: Key, acqs: list, params: ReconParameters,
         for im in make_images(images.numpy(), series, s, params.fov_mm, raw.geometry, opts.output,
                               comment="DA-INR" if series == opts.series else "DA-INR preview", history=history,
                               repetition=rep, contrast=contrast, set_index=set_index, first_phase=raw.first_phase,
-                              time_stamps=raw.time_stamps, measurement_uid=raw.measurement_uid):
+                              time_stamps=raw.time_stamps, measurement_uid=raw.measurement_uid,
+                              strides=params.strides):
             connection.send(im)
 
     def on_progress(progress):

@@ -93,7 +93,8 @@ def test_dicom_command_converts_an_mrd_file(tmp_path, capsys):
 
 
 def test_images_of_several_slices_and_repetitions_get_their_own_files_and_numbers(tmp_path):
-    """MRD image_index restarts for every slice and repetition; no DICOM file may overwrite another."""
+    """Other writers' MRD image_index may restart for every slice and repetition; no DICOM file may overwrite
+    another."""
     images = []
     for repetition in (0, 1):
         im = _images(7)[1]
@@ -239,3 +240,26 @@ def test_decimal_strings_fit_sixteen_characters_and_keep_their_value():
         text = _decimal(value)
         assert len(text) <= 16 and float(text) == pytest.approx(value, rel=1e-8), text
     assert [_decimal(v) for v in (None, 0, float("nan"), float("inf"))] == ["", "", "", ""]
+
+
+def test_image_indices_number_the_series_as_gadgetron_does():
+    """Slice fastest, then contrast, frame, set and repetition, within the header's counts: each image of a
+    series has its own image_index (it restarted at 1 for every cine: duplicate DICOM InstanceNumbers
+    downstream of Gadgetron's DICOM writer or the scanner's)."""
+    from ismrmrd import xsd
+
+    from dainr_app.mrd import build_header, index_strides
+
+    hdr = build_header(32, 64, 2, 3, 10, 2)
+    hdr.encoding[0].encodingLimits.contrast = xsd.limitType(minimum=0, maximum=1, center=0)
+    strides = index_strides(hdr)
+    assert strides == (2, 2, 1)
+    frames = np.ones((3, 8, 8), np.float32)
+    numbers = {(s, c, r, f): im.image_index for s in (0, 1) for c in (0, 1) for r in (0, 1)
+               for f, im in enumerate(make_images(frames, 1, s, (320.0, 320.0, 8.0), Geometry(), repetition=r,
+                                                  contrast=c, strides=strides))}
+    assert sorted(numbers.values()) == list(range(1, 25))
+    assert [numbers[(s, c, 0, 0)] for c in (0, 1) for s in (0, 1)] == [1, 2, 3, 4]  # slice, then contrast
+    assert numbers[(0, 0, 0, 1)] == 5 and numbers[(0, 0, 1, 0)] == 13  # then the frame, then the repetition
+    late = make_images(frames, 1, 1, (320.0, 320.0, 8.0), Geometry(), repetition=40000, strides=(2, 1, 1))
+    assert [im.image_index for im in late] == [(1 + 2 * (f + 3 * 40000)) % 65535 + 1 for f in range(3)]  # uint16

@@ -42,7 +42,8 @@ def test_execute_mode_two_slices_with_noise_scan(two_slices):
     assert len(run.images) == 12
     for s, scan in enumerate(scans):
         imgs = sorted((im for im in run.images if im.slice == s), key=lambda im: im.image_index)
-        assert [im.image_index for im in imgs] == list(range(1, 7)) and [im.phase for im in imgs] == list(range(6))
+        assert [im.image_index for im in imgs] == [1 + s + 2 * f for f in range(6)]  # each image its own index
+        assert [im.phase for im in imgs] == list(range(6))
         assert all(im.image_series_index == 7 and im.measurement_uid == 4242 for im in imgs)
         assert [im.physiology_time_stamp[0] for im in imgs] == [9 * f + 4 for f in range(6)]  # middle spokes'
         frames = np.stack([im.data[0, 0] for im in imgs])

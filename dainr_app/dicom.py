@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -22,6 +22,7 @@ import ismrmrd
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 TICK_MS = 2.5  # the MRD time stamps' unit, as scanners (Siemens) and Gadgetron count them
 FILE_NAME = re.compile(r"IM_\d{5}_s\d{3}\.dcm")  # what write_series names its files
+UID_ROOT = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")  # the components of a DICOM UID
 # the value representations' maximum lengths (characters) of the text attributes taken from the MRD header
 MAX_LENGTH = dict(PatientName=64, PatientID=64, StudyID=16, AccessionNumber=16, ReferringPhysicianName=64,
                   StudyDescription=64, SeriesDescription=64, PatientPosition=16, Manufacturer=64,
@@ -113,9 +114,25 @@ def study_attributes(header: Optional[str]) -> Dict[str, str]:
     )
 
 
-def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str, str]) -> List[str]:
+def series_numbering(header: Optional[str]) -> Tuple[int, Optional[str]]:
+    """What Gadgetron's DICOM writer takes from ``measurementInformation`` for the series: SeriesNumber =
+    ``initialSeriesNumber`` × 100 + ``image_series_index`` (so a study's scans keep their own numbers), and the
+    prefix of new series UIDs (the first 20 characters of ``seriesInstanceUIDRoot``, where they form a UID root;
+    None: pydicom's)."""
+    from .mrd import parse_header
+
+    measurement = getattr(parse_header(header), "measurementInformation", None) if header else None
+    initial = getattr(measurement, "initialSeriesNumber", None) or 0
+    root = str(getattr(measurement, "seriesInstanceUIDRoot", None) or "")[:20].rstrip(".")
+    prefix = root + "." if UID_ROOT.fullmatch(root) else None
+    return int(initial) * 100, prefix
+
+
+def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str, str], series_base: int = 0,
+                 uid_prefix: Optional[str] = None) -> List[str]:
     """Write one series (images sharing ``image_series_index``) into ``folder``; returns the file paths.
-    ``study``: :func:`study_attributes`; the series is described by its images' ``ImageComment``."""
+    ``study``: :func:`study_attributes`; the series is described by its images' ``ImageComment``;
+    ``series_base`` and ``uid_prefix``: :func:`series_numbering`."""
     import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -127,7 +144,7 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str
     for name in os.listdir(folder):  # an earlier export of this series number: replaced, not mixed in
         if FILE_NAME.fullmatch(name):
             os.remove(os.path.join(folder, name))
-    series_uid = generate_uid()
+    series_uid = generate_uid(uid_prefix) if uid_prefix else generate_uid()
     description = str(_first(_meta(images[0]), "ImageComment", "DA-INR")) if images else "DA-INR"
     peak = max(float(m.max()) for m in mags) if mags else 1.0
     slope = peak / 65535.0 if peak > 0 else 1.0
@@ -150,7 +167,8 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str
         for key, value in study.items():
             setattr(ds, key, value[:MAX_LENGTH.get(key, len(value))])
         ds.SeriesInstanceUID = series_uid
-        ds.SeriesNumber, ds.InstanceNumber = int(im.image_series_index), number
+        ds.SeriesNumber, ds.InstanceNumber = series_base + int(im.image_series_index), number
+        ds.EchoNumbers, ds.AcquisitionNumber = int(im.contrast) + 1, int(im.repetition) + 1  # (they tell them apart)
         ds.SeriesDescription = description[:MAX_LENGTH["SeriesDescription"]]
         meta = _meta(im)
         ds.ImageComments = str(_first(meta, "ImageComment", description))
@@ -183,6 +201,6 @@ def mrd_to_dicom(images_by_series: Dict[int, Sequence["ismrmrd.Image"]], outdir:
                  header: Optional[str] = None) -> Dict[int, List[str]]:
     """Every series to ``outdir/series_<n>/``, in one study and frame of reference: the raw data's (its MRD
     ``header`` text, when given), else new ones."""
-    study = study_attributes(header)
-    return {series: write_series(imgs, os.path.join(outdir, f"series_{series:03d}"), study)
+    study, (base, prefix) = study_attributes(header), series_numbering(header)
+    return {series: write_series(imgs, os.path.join(outdir, f"series_{series:03d}"), study, base, prefix)
             for series, imgs in sorted(images_by_series.items())}

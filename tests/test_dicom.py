@@ -104,6 +104,9 @@ def test_images_of_several_slices_and_repetitions_get_their_own_files_and_number
     paths = mrd_to_dicom({7: images}, str(tmp_path))[7]
     assert len(set(paths)) == 6 and len(os.listdir(tmp_path / "series_007")) == 6
     assert sorted(pydicom.dcmread(p).InstanceNumber for p in paths) == [1, 2, 3, 4, 5, 6]
+    # which repetition (AcquisitionNumber) and contrast (EchoNumbers) an image is: nothing else told them apart
+    assert sorted((int(d.AcquisitionNumber), int(d.EchoNumbers)) for d in map(pydicom.dcmread, paths)) == \
+        [(1, 1)] * 3 + [(2, 1)] * 3
 
 
 def _with_nan(im):
@@ -136,7 +139,8 @@ def test_patient_and_study_come_from_the_raw_header(tmp_path):
     hdr.measurementInformation = xsd.measurementInformationType(patientPosition=xsd.patientPositionType.HFS,
                                                                 seriesDate=XmlDate(2026, 11, 26),
                                                                 seriesTime="10:42:07.250", sequenceName="tfl2d",
-                                                                protocolName="tf_radial_cine")
+                                                                protocolName="tf_radial_cine", initialSeriesNumber=7,
+                                                                seriesInstanceUIDRoot="1.3.12.2.1107.5.2.32.35162.7")
     system = hdr.acquisitionSystemInformation
     system.systemVendor, system.systemModel, system.systemFieldStrength_T = "ACME", "Model 7", 1.5
     system.institutionName, system.stationName, system.deviceSerialNumber = "Clinic", "S" * 20, "SN1"
@@ -147,6 +151,9 @@ def test_patient_and_study_come_from_the_raw_header(tmp_path):
     assert (str(ds.PatientName), ds.PatientID, ds.PatientBirthDate, ds.PatientSex) == ("DOE^JANE", "P123", "19700517", "F")
     assert ds.StudyInstanceUID == "1.2.3.4" and ds.AccessionNumber == "42" and ds.StudyDate == ""
     assert ds.SeriesDescription == "DA-INR" and ds.ScanningSequence == "GR"
+    # the series as Gadgetron's DICOM writer numbers it: initialSeriesNumber × 100 + image_series_index, and its
+    # UID under the first 20 characters of the header's series UID root (it was series 3 whatever the scan)
+    assert ds.SeriesNumber == 703 and ds.SeriesInstanceUID.startswith("1.3.12.2.1107.5.2.32.")
     assert ds.PatientPosition == "HFS"  # the enum's value, not its name ("patientPositionType.HFS")
     # the equipment and sequence, as Gadgetron's DICOM writer takes them from the header
     assert (ds.Manufacturer, float(ds.MagneticFieldStrength), float(ds.ImagingFrequency)) == ("ACME", 1.5, 63.87)
@@ -157,6 +164,10 @@ def test_patient_and_study_come_from_the_raw_header(tmp_path):
         ("tf_radial_cine", "20261126", "104207", "20261126", "104207")
     anonymous = pydicom.dcmread(mrd_to_dicom({3: im}, str(tmp_path / "no_header"))[3][0])  # no header: new UIDs
     assert anonymous.PatientID == "" and anonymous.StudyInstanceUID not in ("", "1.2.3.4")
+    assert anonymous.SeriesNumber == 3 and not anonymous.SeriesInstanceUID.startswith("1.3.12.2.1107.5.2.32.")
+    hdr.measurementInformation.seriesInstanceUIDRoot = "1.3.12.x"  # not a UID root: pydicom's
+    assert pydicom.dcmread(mrd_to_dicom({3: im}, str(tmp_path / "bad_root"), xsd.ToXML(hdr))[3][0]).SeriesInstanceUID \
+        .startswith("1.2.826.0.1.3680043.8.498.")
     # the MR Image, General Equipment and Frame of Reference modules' type-2 attributes are present, empty if unknown
     for keyword in ("EchoTime", "RepetitionTime", "ScanOptions", "MRAcquisitionType", "EchoTrainLength",
                     "Manufacturer", "PositionReferenceIndicator", "ContentDate", "ContentTime", "SliceThickness"):

@@ -370,13 +370,17 @@ def cmd_replay(args) -> int:
         raise ValueError("give a raw MRD file to replay (or -Q / --query to only ask the server)")
     check_output(args.output, args.raw)
     check_image_group(args.output, args.out_group)
-    header, items = file_items(args.raw, args.in_group)
+    if args.config and args.config_local:
+        raise ValueError("give a pipeline name on the server (-c) or a local pipeline XML (-C), not both")
     config_xml = None
     if args.config_local:
         with open(args.config_local, encoding="utf-8") as fh:
             config_xml = fh.read()
-    res = replay(items, header, (args.address, args.port), None if config_xml else args.config, config_xml,
-                 timeout=args.timeout)
+        if not config_xml.strip():
+            raise ValueError(f"{args.config_local}: the pipeline XML file is empty")
+    header, items = file_items(args.raw, args.in_group)
+    res = replay(items, header, (args.address, args.port), None if config_xml else args.config or "dainr",
+                 config_xml, timeout=args.timeout)
     save_images(res.images, args.output, args.out_group, header)
     print(f"sent {res.sent} messages ({res.readouts} readouts) in {res.send_seconds:.2f} s; received "
           f"{res.n_images} images in {len(res.images)} series"
@@ -560,13 +564,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("raw", nargs="?", help="MRD raw file (optional with -Q / --query)")
     rp.add_argument("-a", "--address", default="localhost", help="server host (default localhost)")
     rp.add_argument("-p", "--port", type=int, default=9002, help="server port (default 9002)")
-    rp.add_argument("-c", "--config", default="dainr", help="pipeline name on the server (CONFIG_FILE)")
-    rp.add_argument("-C", "--config-local", help="local pipeline XML sent as CONFIG_TEXT")
+    rp.add_argument("-c", "--config", help="pipeline name on the server, sent as CONFIG_FILE (default dainr: "
+                                           "pipelines/dainr.xml on our server)")
+    rp.add_argument("-C", "--config-local", help="local pipeline XML sent as CONFIG_TEXT (instead of -c)")
     rp.add_argument("-o", "--output", default="out.h5", help="MRD file the images go to (default out.h5)")
     rp.add_argument("-g", "--in-group", default="dataset", help="the raw data's group (default dataset)")
     rp.add_argument("-G", "--out-group", default="dataset", help="the images' group in the output (default dataset)")
     rp.add_argument("--dicom", metavar="DIR", help="also write the images as DICOM series under DIR")
-    rp.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the server")
+    rp.add_argument("--timeout", type=_positive, default=600.0, help="seconds to wait for the server (default 600)")
     rp.add_argument("--quiet", action="store_true", help="no per-slice timing table")
     rp.add_argument("-Q", "--info", action="store_true", help="print the server's gadgetron::info (QUERY)")
     rp.add_argument("--query", action="append", metavar="KEY",

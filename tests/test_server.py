@@ -171,6 +171,20 @@ def test_replay_command_writes_images_dicom_and_reports_server_errors(server, ra
     err = capsys.readouterr().err
     assert "dainr replay: error: " in err and "replay stopped after 20 items" in err and "acquisition 20" in err
     assert "server error: replay stopped" not in err
+    # refused before connecting: both -c and -C (-C won silently), an empty -C file ("not both", misleading),
+    # a timeout that is not a positive number (a session was opened, then a socket error)
+    empty = tmp_path / "empty.xml"
+    empty.write_text(" \n")
+    sessions = len(server.history)
+    for args, reason in ((["-c", "relay", "-C", str(pipeline)], "(-c) or a local pipeline XML (-C), not both"),
+                         (["-C", str(empty)], "empty.xml: the pipeline XML file is empty")):
+        assert cli.main(["replay", raw, "-p", port, *args, "-o", out]) == 2
+        assert reason in capsys.readouterr().err
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(SystemExit):
+            cli.main(["replay", raw, "-p", port, "--timeout", bad, "-o", out])
+        assert "--timeout" in capsys.readouterr().err
+    assert len(server.history) == sessions  # no session was opened
 
 
 # ----------------------------------------------------------------- bad input, one test each

@@ -128,6 +128,9 @@ def options_from_properties(props: Dict[str, str]) -> GadgetOptions:
     if preview and preview_series > 0xFFFF:
         raise ValueError(f"property preview_series_index: the default image_series_index + 100 = {preview_series} "
                          "is above 65535; set it")
+    if preview and preview_series == series:
+        raise ValueError(f"property preview_series_index={preview_series} is the image_series_index: the preview "
+                         "and the final images would be one series")
     golden = get("golden_angle", lambda v: angle_step(v) and v)  # "true" or "reference"
     return GadgetOptions(DAINRConfig().replace(**changes), get("spokes_per_frame", int), series, preview,
                          preview_series, output, max_buffer_mb, golden)

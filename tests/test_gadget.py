@@ -173,6 +173,10 @@ def test_series_indices_must_fit_the_image_header():
     assert options_from_properties({"image_series_index": "65535"}).series == 65535  # preview off: no clash
     with pytest.raises(ValueError, match="preview_series_index"):
         options_from_properties({"image_series_index": "65535", "preview": "true"})
+    # the preview in the final series: 6 preview and 6 final images of one series, indices twice (accepted)
+    with pytest.raises(ValueError, match="preview_series_index=4 is the image_series_index"):
+        options_from_properties({"image_series_index": "4", "preview_series_index": "4", "preview": "true"})
+    assert options_from_properties({"image_series_index": "4", "preview_series_index": "4"}).series == 4  # no preview
 
 
 def test_preview_series_comes_before_the_final_one(two_slices):

@@ -10,6 +10,7 @@ does.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -19,6 +20,7 @@ import numpy as np
 
 import ismrmrd
 
+log = logging.getLogger("dainr.dicom")
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 TICK_MS = 2.5  # the MRD time stamps' unit, as scanners (Siemens) and Gadgetron count them
 FILE_NAME = re.compile(r"IM_\d{5}_s\d{3}\.dcm")  # what write_series names its files
@@ -148,12 +150,14 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str
     description = str(_first(_meta(images[0]), "ImageComment", "DA-INR")) if images else "DA-INR"
     peak = max(float(m.max()) for m in mags) if mags else 1.0
     slope = peak / 65535.0 if peak > 0 else 1.0
-    paths = []
+    paths, unset = [], 0
     for number, (im, mag) in enumerate(zip(images, mags), start=1):
         ny, nx = mag.shape
         fov = [float(v) for v in im.field_of_view]
         dx, dy = fov[0] / nx, fov[1] / ny
         read, phase = np.asarray(im.read_dir, float), np.asarray(im.phase_dir, float)
+        if not (np.linalg.norm(read) > 0.5 and np.linalg.norm(phase) > 0.5):  # unset: DICOM needs unit cosines
+            read, phase, unset = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0]), unset + 1
         corner = np.asarray(im.position, float) - (nx // 2) * dx * read - (ny // 2) * dy * phase
         fm = FileMetaDataset()
         fm.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
@@ -194,6 +198,9 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str
         ds.PixelData = np.round(mag / slope).clip(0, 65535).astype("<u2").tobytes()
         pydicom.dcmwrite(path, ds, enforce_file_format=True)
         paths.append(path)
+    if unset:
+        log.warning("%s: %d image(s) without read/phase directions (zeros in the raw data): written as an axial "
+                    "slice, ImageOrientationPatient 1\\0\\0\\0\\1\\0", folder, unset)
     return paths
 
 

@@ -274,3 +274,17 @@ def test_image_indices_number_the_series_as_gadgetron_does():
     assert numbers[(0, 0, 0, 1)] == 5 and numbers[(0, 0, 1, 0)] == 13  # then the frame, then the repetition
     late = make_images(frames, 1, 1, (320.0, 320.0, 8.0), Geometry(), repetition=40000, strides=(2, 1, 1))
     assert [im.image_index for im in late] == [(1 + 2 * (f + 3 * 40000)) % 65535 + 1 for f in range(3)]  # uint16
+
+
+def test_unset_directions_are_written_as_an_axial_slice_with_a_warning(tmp_path, caplog):
+    """A converter that leaves read_dir/phase_dir zero: ImageOrientationPatient 0\\0\\0\\0\\0\\0 is no DICOM (unit
+    direction cosines, PS3.3 C.7.6.2.1.1); it was written silently."""
+    frames = np.ones((2, 8, 8), np.float32)
+    images = make_images(frames, 1, 0, (320.0, 320.0, 8.0), Geometry(position=(1.0, 2.0, 3.0), read_dir=(0.0, 0.0, 0.0),
+                                                                 phase_dir=(0.0, 0.0, 0.0)))
+    with caplog.at_level("WARNING", logger="dainr.dicom"):
+        paths = mrd_to_dicom({1: images}, str(tmp_path))[1]
+    ds = pydicom.dcmread(paths[0])
+    assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+    assert [float(v) for v in ds.ImagePositionPatient] == [1 - 4 * 40.0, 2 - 4 * 40.0, 3]  # the corner pixel
+    assert "2 image(s) without read/phase directions" in caplog.text

@@ -329,7 +329,11 @@ def spoke_trajectory(acq, params: ReconParameters, n_samples: int, pre: int = 0,
     if unknown:
         raise MRDFormatError(unknown)
     n = n_samples - pre - post
-    if acq.center_sample != 0 and acq.center_sample - pre != n // 2:  # 0: not set by the converter
+    if acq.center_sample == 0 and pre != post:  # 0: not set by the converter
+        raise MRDFormatError(f"readout {acq.scan_counter} discards {pre} samples before and {post} after, without "
+                             "center_sample or acq.traj: whether its echo is the middle of the readout or of the kept "
+                             "samples is unknown (set center_sample, or give acq.traj)")
+    if acq.center_sample != 0 and acq.center_sample - pre != n // 2:
         where = f" ({n} kept after discard_pre {pre}, discard_post {post})" if pre or post else ""
         raise MRDFormatError(f"readout {acq.scan_counter} has its echo at sample {acq.center_sample} of {n_samples}"
                              f"{where} (asymmetric echo) and no acq.traj: the sample positions cannot be derived")

@@ -424,6 +424,17 @@ def test_discarded_samples_around_the_encoded_readout_without_trajectory(raw2, t
     got = read_raw(_rewrite(raw2, str(tmp_path / "padded.h5"), pad), golden_angle="true").slices[(0, 0, 0, 0)].data
     assert torch.equal(got.kdata, ref.kdata) and torch.allclose(got.traj, ref.traj, atol=1e-5)
 
+    def unmarked(acq):  # the same without center_sample: the echo's place is known only where the discards match
+        acq = pad(acq)
+        acq.center_sample = 0
+        return _without_traj(acq)
+    path = _rewrite(raw2, str(tmp_path / "unmarked.h5"), unmarked)
+    if pre == post:
+        assert torch.allclose(read_raw(path).slices[(0, 0, 0, 0)].data.traj, ref.traj, atol=1e-5)
+    else:  # it put the echo in the middle of the kept samples, 2 samples off, and the centre check let it pass
+        with pytest.raises(MRDFormatError, match="discards 4 samples before and 0 after, without center_sample"):
+            read_raw(path)
+
 
 def test_reversed_readouts_without_trajectory_get_the_reversed_positions(raw2, tmp_path):
     """A reversed readout runs the spoke backwards through the same echo sample (``center_sample`` = n/2): stored

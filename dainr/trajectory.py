@@ -48,12 +48,23 @@ def golden_angle_trajectory(n_frames: int, spokes_per_frame: int, n_samples: int
 def ramp_dcf(traj: torch.Tensor) -> torch.Tensor:
     """Ramp density compensation |k| / 0.5 for a radial trajectory (..., R, 2) → (..., R).
 
-    The centre sample gets a quarter of the first ring's weight instead of zero, the usual
-    correction for the area the DC sample represents (the reference's linear ramp is ≈0 there).
+    A sample at the centre gets the share of the central disc (radius Δk/2) it represents instead of zero (the
+    reference's linear ramp is ≈ 0 there): in ramp units Δk·m/8, where m is the number of samples a spoke puts
+    on each ring near the centre: Δk/4 for a spoke through the centre (m = 2: its ends lie on opposite sides),
+    Δk/8 for a centre-out one (m = 1).  Δk, the median step along each spoke, is read from the trajectory, so
+    readouts of any scale (scanner interpolation) and centre-out ones get their own weight; the ratio to the usual
+    rule 0.25 / R is rounded to 1 % (a spoke written as (i − R/2)/R gets exactly that rule whatever float32 does
+    to its steps).
     """
-    k = torch.linalg.vector_norm(traj.float(), dim=-1)
+    traj = traj.float()
+    k = torch.linalg.vector_norm(traj, dim=-1)
     n = traj.shape[-2]
-    return torch.clamp(k, min=0.25 / n) / 0.5
+    if n < 2:
+        return torch.clamp(k, min=0.25 / n) / 0.5
+    step = torch.linalg.vector_norm(torch.diff(traj, dim=-2), dim=-1).median(dim=-1).values
+    through = (traj[..., 0, :] * traj[..., -1, :]).sum(-1) < 0  # its two ends on opposite sides of the centre
+    ratio = torch.round(n * step * torch.where(through, 2.0, 1.0) / 2 * 100) / 100
+    return torch.maximum(k, (0.25 / n) * ratio[..., None]) / 0.5
 
 
 def omega_from_traj(traj: torch.Tensor) -> torch.Tensor:

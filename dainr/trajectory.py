@@ -63,7 +63,7 @@ def ramp_dcf(traj: torch.Tensor) -> torch.Tensor:
         return torch.clamp(k, min=0.25 / n) / 0.5
     step = torch.linalg.vector_norm(torch.diff(traj, dim=-2), dim=-1).median(dim=-1).values
     through = (traj[..., 0, :] * traj[..., -1, :]).sum(-1) < 0  # its two ends on opposite sides of the centre
-    ratio = torch.round(n * step * torch.where(through, 2.0, 1.0) / 2 * 100) / 100
+    ratio = torch.round(n * step * (1 + through.float()) / 2 * 100) / 100  # float32 whatever the default dtype
     return torch.maximum(k, (0.25 / n) * ratio[..., None]) / 0.5
 
 

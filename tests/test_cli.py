@@ -93,7 +93,8 @@ def test_recon_round_trip_two_slices(raw2, tmp_path, capsys):
     imgs = images[3]
     assert len(imgs) == 12
     # numbered as Gadgetron numbers a series (slice fastest, then frame): an image_index of its own for each image
-    assert [(i.slice, i.phase, i.image_index) for i in imgs] == [(s, f, 1 + s + 2 * f) for s in (0, 1) for f in range(6)]
+    assert [(i.slice, i.phase, i.image_index) for i in imgs] == \
+        [(s, f, 1 + s + 2 * f) for s in (0, 1) for f in range(6)]
     assert imgs[0].data.shape == (1, 1, 32, 32) and imgs[0].image_series_index == 3
     assert imgs[0].field_of_view[0] == pytest.approx(320.0)
     meta = ismrmrd.Meta.deserialize(imgs[0].attribute_string)

@@ -267,8 +267,8 @@ def _reconstruct_stream(connection, report: Callable[[str], None]) -> None:
         acqs, dropped = buffers.pop(key)
         if dropped:
             report(f"DA-INR slice {key[0]} (contrast {key[1]}, repetition {key[2]}, set {key[3]}): "
-                                   f"{dropped} readouts dropped, not reconstructed: the buffered readouts exceeded "
-                                   f"max_buffer_mb={opts.max_buffer_mb:g} before the slice's last readout")
+                   f"{dropped} readouts dropped, not reconstructed: the buffered readouts exceeded "
+                   f"max_buffer_mb={opts.max_buffer_mb:g} before the slice's last readout")
             return
         if not acqs:
             return
@@ -293,9 +293,9 @@ def _reconstruct_stream(connection, report: Callable[[str], None]) -> None:
         if acq.idx.average > params.last_average and not undeclared_average:
             undeclared_average = True
             report(f"DA-INR: readout {acq.scan_counter} is of average {acq.idx.average}, beyond the "
-                                   f"header's encodingLimits average maximum {params.last_average}: a slice's "
-                                   "readouts up to each ACQ_LAST_IN_SLICE are reconstructed as a cine of their own "
-                                   "(declared averages are combined into one)")
+                   f"header's encodingLimits average maximum {params.last_average}: a slice's "
+                   "readouts up to each ACQ_LAST_IN_SLICE are reconstructed as a cine of their own "
+                   "(declared averages are combined into one)")
         unusable = None
         if acq.number_of_samples == 0:
             unusable = "has 0 samples"
@@ -304,7 +304,7 @@ def _reconstruct_stream(connection, report: Callable[[str], None]) -> None:
         if unusable:  # nothing to reconstruct, but its flags still count
             s, contrast, rep, set_index = key = acquisition_key(acq)
             report(f"readout {acq.scan_counter} (slice {s}, contrast {contrast}, repetition {rep}, "
-                                   f"set {set_index}) {unusable}; ignored")
+                   f"set {set_index}) {unusable}; ignored")
             if not acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE):
                 key = None
         else:
@@ -324,11 +324,11 @@ def _reconstruct_stream(connection, report: Callable[[str], None]) -> None:
         flush(k)
     if late_noise:
         report(f"DA-INR: {late_noise} noise readouts after the first imaging readout were not used "
-                               "(the prewhitening is fixed there, as in Gadgetron's NoiseAdjustGadget)")
+               "(the prewhitening is fixed there, as in Gadgetron's NoiseAdjustGadget)")
     if buffers.noise_dropped:
         report(f"DA-INR: {buffers.noise_dropped} noise readouts past max_buffer_mb="
-                               f"{opts.max_buffer_mb:g} were dropped; the prewhitening used the first "
-                               f"{len(buffers.noise)}")
+               f"{opts.max_buffer_mb:g} were dropped; the prewhitening used the first "
+               f"{len(buffers.noise)}")
     if not imaging:
         report(f"DA-INR: the stream held no imaging readouts ({len(buffers.noise)} noise readouts): "
-                               "nothing to reconstruct")
+               "nothing to reconstruct")

@@ -210,7 +210,7 @@ class ReconParameters:
     first_phase: int = 0  # the header's phase minimum
     last_average: int = 0  # the header's average maximum: averages are one cine, complete at the last one's end
     encoded_x: Optional[int] = None  # encodedSpace matrix x: readouts of twice as many samples are oversampled ×2
-    strides: Tuple[int, int, int] = (1, 1, 1)  # the header's (slices, contrasts, sets): the images' numbering
+    strides: Tuple[int, int, int, int] = (1, 1, 1, 1)  # the header's (slices, contrasts, phases, sets): numbering
 
     @classmethod
     def from_header(cls, header, spokes_per_frame: Optional[int] = None,
@@ -557,30 +557,35 @@ def series_index(value: int) -> int:
     return value
 
 
-def index_strides(header) -> Tuple[int, int, int]:
-    """(slices, contrasts, sets) of the header's first encoding (its encodingLimits maxima + 1; 1 where absent):
-    the strides of the image numbering (:func:`make_images`)."""
+def index_strides(header) -> Tuple[int, int, int, int]:
+    """(slices, contrasts, phases, sets) of the header's first encoding (the encodingLimits ranges; 1 where
+    absent): the strides of the image numbering (:func:`make_images`)."""
     limits = header.encoding[0].encodingLimits if header is not None and header.encoding else None
 
     def count(name: str) -> int:
         limit = getattr(limits, name, None)
-        return _header_number(limit.maximum, f"{name} maximum") + 1 if limit is not None and \
-            limit.maximum is not None else 1
-    return count("slice"), count("contrast"), count("set")
+        if limit is None or limit.maximum is None:
+            return 1
+        first = _header_number(limit.minimum or 0, f"{name} minimum") if name == "phase" else 0
+        return max(1, _header_number(limit.maximum, f"{name} maximum") - first + 1)
+    return count("slice"), count("contrast"), count("phase"), count("set")
 
 
 def make_images(frames: np.ndarray, series: int, slice_index: int, fov_mm: Sequence[float], geometry: Geometry,
                 output: str = "magnitude", comment: str = "DA-INR", history: Sequence[str] = (),
                 repetition: int = 0, contrast: int = 0, set_index: int = 0, first_phase: int = 0,
                 time_stamps: Optional[np.ndarray] = None, measurement_uid: int = 0,
-                strides: Tuple[int, int, int] = (1, 1, 1)) -> List["ismrmrd.Image"]:
+                strides: Tuple[int, int, int, int] = (1, 1, 1, 1)) -> List["ismrmrd.Image"]:
     """One ``ismrmrd.Image`` per frame with series/index/geometry/meta set (both meta key families);
     ``time_stamps`` (:attr:`RawSlice.time_stamps`, one row per frame) give each image its frame's time stamps.
 
     ``image_index`` numbers the series' images as Gadgetron's recon gadgets do (``ImageArraySendMixin``): slice
-    fastest, then contrast, frame, set and repetition, with ``strides`` = (slices, contrasts, sets) from the
-    header (:func:`index_strides`), so every image of a series has its own index (DICOM InstanceNumber),
-    whichever process reconstructed its slice; 1-based, wrapping past 65535 as the uint16 field does."""
+    fastest, then contrast, frame, set and repetition, with ``strides`` = (slices, contrasts, phases, sets) from
+    the header (:func:`index_strides`; the frames' stride is the larger of the header's phases and this cine's
+    frames), so every image of a series has its own index (DICOM InstanceNumber), whichever process
+    reconstructed its slice, where the indices lie within the header's limits and the cines have the header's
+    frame count (cines re-binned by spokes per frame into different counts can share indices); 1-based,
+    wrapping past 65535 as the uint16 field does."""
     if output not in ("magnitude", "complex"):
         raise ValueError(f"output must be 'magnitude' or 'complex', got {output!r}")
     series_index(series)
@@ -591,6 +596,8 @@ def make_images(frames: np.ndarray, series: int, slice_index: int, fov_mm: Seque
     window = dict(WindowCenter=f"{hi / 2:.6g}", WindowWidth=f"{hi:.6g}")
     if time_stamps is not None and len(time_stamps) != len(arr):
         raise ValueError(f"{len(time_stamps)} frames of time stamps for {len(arr)} images")
+    slices, contrasts, phases, sets = strides
+    per_frame = max(phases, len(arr))  # the frames' stride
     images = []
     for f, img in enumerate(arr):
         im = ismrmrd.Image.from_array(np.ascontiguousarray(img), transpose=False)
@@ -600,8 +607,7 @@ def make_images(frames: np.ndarray, series: int, slice_index: int, fov_mm: Seque
             im.physiology_time_stamp[:] = [int(v) for v in time_stamps[f, 1:]]
         im.image_type = ismrmrd.IMTYPE_MAGNITUDE if output == "magnitude" else ismrmrd.IMTYPE_COMPLEX
         im.image_series_index = int(series)
-        slices, contrasts, sets = strides
-        number = slice_index + slices * (contrast + contrasts * (f + len(arr) * (set_index + sets * repetition)))
+        number = slice_index + slices * (contrast + contrasts * (f + per_frame * (set_index + sets * repetition)))
         im.image_index = number % 65535 + 1
         im.slice, im.phase, im.repetition, im.contrast, im.set = slice_index, first_phase + f, repetition, contrast, set_index
         im.field_of_view[:] = tuple(float(v) for v in fov_mm)

@@ -405,7 +405,7 @@ def test_samples_the_scanner_marks_as_discarded_are_dropped(raw2, tmp_path, with
     assert torch.equal(got.kdata, ref.kdata[..., 4:-3]) and torch.allclose(got.traj, ref.traj[:, :, 4:-3], atol=1e-3)  # (a sample is 1/64)
 
 
-@pytest.mark.parametrize("pre, post", [(4, 4), (4, 0)])
+@pytest.mark.parametrize("pre, post", [(4, 4), (4, 0), (0, 4)])
 def test_discarded_samples_around_the_encoded_readout_without_trajectory(raw2, tmp_path, pre, post):
     """A scanner's readout with extra samples it marks as discarded (siemens_to_ismrmrd fills discard_pre/post and
     center_sample from the MDH; radial data comes without acq.traj): the kept samples are the encoded readout.
@@ -433,7 +433,7 @@ def test_discarded_samples_around_the_encoded_readout_without_trajectory(raw2, t
     if pre == post:
         assert torch.allclose(read_raw(path).slices[(0, 0, 0, 0)].data.traj, ref.traj, atol=1e-5)
     else:  # it put the echo in the middle of the kept samples, 2 samples off, and the centre check let it pass
-        with pytest.raises(MRDFormatError, match="discards 4 samples before and 0 after, without center_sample"):
+        with pytest.raises(MRDFormatError, match=f"discards {pre} samples before and {post} after, without center"):
             read_raw(path)
 
 

@@ -140,7 +140,7 @@ def test_patient_and_study_come_from_the_raw_header(tmp_path):
                                                                 seriesDate=XmlDate(2026, 11, 26),
                                                                 seriesTime="10:42:07.250", sequenceName="tfl2d",
                                                                 protocolName="tf_radial_cine", initialSeriesNumber=7,
-                                                                seriesInstanceUIDRoot="1.3.12.2.1107.5.2.32.35162.7")
+                                                                seriesInstanceUIDRoot="1.3.12.2.1107.5.2.3245.16")
     system = hdr.acquisitionSystemInformation
     system.systemVendor, system.systemModel, system.systemFieldStrength_T = "ACME", "Model 7", 1.5
     system.institutionName, system.stationName, system.deviceSerialNumber = "Clinic", "S" * 20, "SN1"
@@ -153,7 +153,7 @@ def test_patient_and_study_come_from_the_raw_header(tmp_path):
     assert ds.SeriesDescription == "DA-INR" and ds.ScanningSequence == "GR"
     # the series as Gadgetron's DICOM writer numbers it: initialSeriesNumber × 100 + image_series_index, and its
     # UID under the first 20 characters of the header's series UID root (it was series 3 whatever the scan)
-    assert ds.SeriesNumber == 703 and ds.SeriesInstanceUID.startswith("1.3.12.2.1107.5.2.32.")
+    assert ds.SeriesNumber == 703 and ds.SeriesInstanceUID.startswith("1.3.12.2.1107.5.2.32.")  # 20, not 21
     assert ds.PatientPosition == "HFS"  # the enum's value, not its name ("patientPositionType.HFS")
     # the equipment and sequence, as Gadgetron's DICOM writer takes them from the header
     assert (ds.Manufacturer, float(ds.MagneticFieldStrength), float(ds.ImagingFrequency)) == ("ACME", 1.5, 63.87)
@@ -255,33 +255,38 @@ def test_decimal_strings_fit_sixteen_characters_and_keep_their_value():
 
 def test_image_indices_number_the_series_as_gadgetron_does():
     """Slice fastest, then contrast, frame, set and repetition, within the header's counts: each image of a
-    series has its own image_index (it restarted at 1 for every cine: duplicate DICOM InstanceNumbers
-    downstream of Gadgetron's DICOM writer or the scanner's)."""
+    series has its own index (it restarted at 1 for every cine: duplicate DICOM InstanceNumbers downstream of
+    Gadgetron's DICOM writer or the scanner's)."""
     from ismrmrd import xsd
 
     from dainr_app.mrd import build_header, index_strides
 
     hdr = build_header(32, 64, 2, 3, 10, 2)
-    hdr.encoding[0].encodingLimits.contrast = xsd.limitType(minimum=0, maximum=1, center=0)
+    limits = hdr.encoding[0].encodingLimits
+    limits.contrast, limits.set = (xsd.limitType(minimum=0, maximum=1, center=0) for _ in range(2))
     strides = index_strides(hdr)
-    assert strides == (2, 2, 1)
+    assert strides == (2, 2, 3, 2)
     frames = np.ones((3, 8, 8), np.float32)
-    numbers = {(s, c, r, f): im.image_index for s in (0, 1) for c in (0, 1) for r in (0, 1)
+    numbers = {(s, c, t, r, f): im.image_index for s in (0, 1) for c in (0, 1) for t in (0, 1) for r in (0, 1)
                for f, im in enumerate(make_images(frames, 1, s, (320.0, 320.0, 8.0), Geometry(), repetition=r,
-                                                  contrast=c, strides=strides))}
-    assert sorted(numbers.values()) == list(range(1, 25))
-    assert [numbers[(s, c, 0, 0)] for c in (0, 1) for s in (0, 1)] == [1, 2, 3, 4]  # slice, then contrast
-    assert numbers[(0, 0, 0, 1)] == 5 and numbers[(0, 0, 1, 0)] == 13  # then the frame, then the repetition
-    late = make_images(frames, 1, 1, (320.0, 320.0, 8.0), Geometry(), repetition=40000, strides=(2, 1, 1))
+                                                  contrast=c, set_index=t, strides=strides))}
+    assert sorted(numbers.values()) == list(range(1, 49))
+    assert [numbers[(s, c, 0, 0, 0)] for c in (0, 1) for s in (0, 1)] == [1, 2, 3, 4]  # slice, then contrast
+    assert (numbers[(0, 0, 0, 0, 1)], numbers[(0, 0, 1, 0, 0)], numbers[(0, 0, 0, 1, 0)]) == (5, 13, 25)  # frame,
+    # set, repetition; a cine of fewer frames than the header's phases keeps the header's stride
+    short = make_images(frames[:2], 1, 0, (320.0, 320.0, 8.0), Geometry(), repetition=1, strides=strides)
+    assert [im.image_index for im in short] == [25, 29]
+    late = make_images(frames, 1, 1, (320.0, 320.0, 8.0), Geometry(), repetition=40000, strides=(2, 1, 1, 1))
     assert [im.image_index for im in late] == [(1 + 2 * (f + 3 * 40000)) % 65535 + 1 for f in range(3)]  # uint16
 
 
 def test_unset_directions_are_written_as_an_axial_slice_with_a_warning(tmp_path, caplog):
     """A converter that leaves read_dir/phase_dir zero: ImageOrientationPatient 0\\0\\0\\0\\0\\0 is no DICOM (unit
     direction cosines, PS3.3 C.7.6.2.1.1); it was written silently."""
-    frames = np.ones((2, 8, 8), np.float32)
-    images = make_images(frames, 1, 0, (320.0, 320.0, 8.0), Geometry(position=(1.0, 2.0, 3.0), read_dir=(0.0, 0.0, 0.0),
-                                                                 phase_dir=(0.0, 0.0, 0.0)))
+    frames = np.ones((1, 8, 8), np.float32)
+    images = [im for read in ((0.0, 0.0, 0.0), (0.0, 1.0, 0.0))  # both unset, or only the phase direction
+              for im in make_images(frames, 1, 0, (320.0, 320.0, 8.0),
+                                    Geometry(position=(1.0, 2.0, 3.0), read_dir=read, phase_dir=(0.0, 0.0, 0.0)))]
     with caplog.at_level("WARNING", logger="dainr.dicom"):
         paths = mrd_to_dicom({1: images}, str(tmp_path))[1]
     ds = pydicom.dcmread(paths[0])

@@ -250,7 +250,10 @@ def dainr_recon(connection) -> None:
         _reconstruct_stream(connection, report)
     finally:
         for text in errors:
-            send_error(connection, text)
+            try:
+                send_error(connection, text)
+            except OSError:  # the connection is gone (each was logged): its own error is the one to raise
+                break
 
 
 def _reconstruct_stream(connection, report: Callable[[str], None]) -> None:

@@ -75,6 +75,12 @@ def test_ramp_dcf_centre_weight_follows_the_spokes_own_spacing(n):
     assert torch.allclose(ramp_dcf(out)[:, 0], torch.full((5,), (0.5 / n) / 8 / 0.5))
     assert torch.allclose(ramp_dcf(out)[:, 1:], torch.linalg.vector_norm(out[:, 1:], dim=-1) / 0.5)
     assert torch.allclose(ramp_dcf(full / 2)[:, n // 2], torch.full((5,), (0.5 / n) / 4 / 0.5))
+    # ramp sampling (wider steps on the outer eighth at each end): Δk is the steps' median, the centre's
+    steps = torch.ones(n - 1, dtype=torch.float64)
+    steps[: n // 8], steps[-(n // 8):] = 2.0, 2.0
+    positions = torch.cat((torch.zeros(1, dtype=torch.float64), steps.cumsum(0)))
+    ramped = _spokes(angles, (positions - positions[n // 2]) / n)
+    assert torch.allclose(ramp_dcf(ramped)[:, n // 2], torch.full((5,), (1 / n) / 4 / 0.5))
 
 
 def test_centre_out_readouts_grid_as_well_as_full_spokes():

@@ -129,7 +129,8 @@ def replay(items, header: str, address: Tuple[str, int], config: Optional[str] =
            on_image=None) -> ReplayResult:
     """Send ``header`` and ``items`` (ismrmrd objects) to a server; collect what comes back until CLOSE."""
     if (config is None) == (config_xml is None):
-        raise ValueError("give a remote pipeline name or a local pipeline XML, not both")
+        raise ValueError("give a remote pipeline name or a local pipeline XML: one of them, not both"
+                         if config is not None else "give a remote pipeline name or a local pipeline XML")
     sock = _connect(address, timeout)
     res = ReplayResult()
     t0 = time.monotonic()

@@ -188,6 +188,14 @@ def test_replay_command_writes_images_dicom_and_reports_server_errors(server, ra
     assert len(server.history) == sessions  # no session was opened
 
 
+def test_replay_needs_exactly_one_pipeline():
+    """Neither a pipeline name nor an XML was refused as "not both"."""
+    with pytest.raises(ValueError, match="local pipeline XML$"):
+        replay([], "", ("127.0.0.1", _free_port()))
+    with pytest.raises(ValueError, match="one of them, not both"):
+        replay([], "", ("127.0.0.1", _free_port()), "dainr", "<configuration/>")
+
+
 # ----------------------------------------------------------------- bad input, one test each
 
 def _expect_error(server, data, pattern, **kw):

@@ -558,16 +558,14 @@ def series_index(value: int) -> int:
 
 
 def index_strides(header) -> Tuple[int, int, int, int]:
-    """(slices, contrasts, phases, sets) of the header's first encoding (the encodingLimits ranges; 1 where
-    absent): the strides of the image numbering (:func:`make_images`)."""
+    """(slices, contrasts, phases, sets) of the header's first encoding (the encodingLimits maxima + 1, as
+    Gadgetron counts them; 1 where absent): the strides of the image numbering (:func:`make_images`)."""
     limits = header.encoding[0].encodingLimits if header is not None and header.encoding else None
 
     def count(name: str) -> int:
         limit = getattr(limits, name, None)
-        if limit is None or limit.maximum is None:
-            return 1
-        first = _header_number(limit.minimum or 0, f"{name} minimum") if name == "phase" else 0
-        return max(1, _header_number(limit.maximum, f"{name} maximum") - first + 1)
+        return 1 if limit is None or limit.maximum is None else \
+            max(1, _header_number(limit.maximum, f"{name} maximum") + 1)
     return count("slice"), count("contrast"), count("phase"), count("set")
 
 

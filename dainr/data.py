@@ -8,10 +8,10 @@ from typing import List, Optional, Sequence
 import torch
 
 
-
 def is_count(value, least: int = 1) -> bool:
     """``value`` is an integer (Python's or numpy's, not a bool) of at least ``least``."""
     return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= least
+
 
 @dataclass
 class RadialData:

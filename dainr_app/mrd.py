@@ -689,4 +689,3 @@ def read_images(path: str, group: str = "dataset") -> Dict[int, List["ismrmrd.Im
     finally:
         ds.close()
     return out
-

@@ -186,6 +186,7 @@ def _rewrite(src_path: str, dst_path: str, transform, header=None) -> str:
 
 def test_trajectory_from_golden_angle_index_matches_stored_traj(raw2, tmp_path):
     a = read_raw(raw2).slices[(0, 0, 0, 0)].data
+
     # rewrite slice 0 without acq.traj: the reader must derive the same angles from kspace_encode_step_1
     def drop_traj(acq):
         if acq.idx.slice != 0:
@@ -690,7 +691,6 @@ def test_preview_panels_of_any_size_ratio_line_up():
         dot[0, j, 5] = 1
         rows = np.nonzero(side_by_side([big[:1], dot])[0, :, 32 + 7])[0]
         assert abs(rows.mean() - ((j - 11) * 32 / 22 + 16)) < 0.3, (j, rows)
-
 
 
 def test_preview_stretches_a_shorter_panel_and_keeps_every_frame(tmp_path):

@@ -924,6 +924,7 @@ def test_fits_started_in_threads_at_once_get_their_seeds_weights(tiny_scan):
     serial = [reconstruct(tiny_scan.data, c).images for c in cfgs]
     assert not torch.equal(serial[0], serial[1]) and torch.equal(serial[0], serial[2])
     done = threading.Event()
+
     def draw():
         while not done.is_set():
             torch.rand(1000)

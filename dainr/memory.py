@@ -48,9 +48,11 @@ class MemoryEstimate:
 def autograd_bytes(cfg: DAINRConfig, fit_matrix: int, device: torch.device) -> Tuple[float, float]:
     """Bytes autograd keeps for one training forward pass of the model built for a fit at ``fit_matrix``: (per
     pixel and frame, per pass whatever the pixels).  Measured at two probe sizes (each saved storage counted
-    once): the per-pass part is the grid's level images, which ``grid_sample`` keeps once per pass."""
-    model = DAINR(cfg.model_config(fit_matrix), device, generator=torch.Generator())  # (global generator untouched)
-    small, large = (_saved_bytes(model, cfg, side, device) for side in PROBE_SIDES)
+    once): the per-pass part is the grid's level images, which ``grid_sample`` keeps once per pass.  A fit
+    trains with autograd on, so the probe does too, whatever the caller's grad mode."""
+    with torch.inference_mode(False):  # (which turns grad mode on too)
+        model = DAINR(cfg.model_config(fit_matrix), device, generator=torch.Generator())  # (global RNG untouched)
+        small, large = (_saved_bytes(model, cfg, side, device) for side in PROBE_SIDES)
     per_pixel = (large - small) / (PROBE_SIDES[1] ** 2 - PROBE_SIDES[0] ** 2)
     return per_pixel, max(0.0, small - per_pixel * PROBE_SIDES[0] ** 2)
 
@@ -64,7 +66,9 @@ def _saved_bytes(model: DAINR, cfg: DAINRConfig, side: int, device: torch.device
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
+        # detached: a saved output returned as is holds its own grad_fn, a cycle through C++ that the garbage
+        # collector cannot see (the probe model would outlive every preflight); the storage stays held
+        return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(xy, torch.zeros(1, device=device, dtype=xy.dtype), feats)

@@ -130,3 +130,27 @@ def test_rendering_counts_every_output_frame():
     data = RadialData(torch.zeros(4, 2, 5, 2 * N, dtype=torch.complex64), golden_angle_trajectory(4, 5, 2 * N), N)
     one, eight = (estimate_memory(data, DAINRConfig(temporal_ratio=r), torch.device("cpu")).parts for r in (1, 8))
     assert eight["render"] - one["render"] == 2 * (25 - 4) * N * N * 8  # complex64 output frames, twice
+
+
+def test_the_probe_model_is_freed_and_counted_in_any_grad_mode(monkeypatch):
+    """The preflight runs before every fit (twice for a shared host): its probe model must not outlive it (a saved
+    tensor that holds its own grad_fn is a cycle the garbage collector cannot see), and a caller's no_grad or
+    inference mode must not hide what a fit's autograd keeps."""
+    import gc
+    import weakref
+    built = []
+
+    class Probe(memory.DAINR):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(weakref.ref(self))
+
+    monkeypatch.setattr(memory, "DAINR", Probe)
+    counted = autograd_bytes(DAINRConfig(), 64, CPU)
+    gc.collect()
+    assert built and all(ref() is None for ref in built)
+    assert counted[0] > 1000
+    with torch.no_grad():
+        assert autograd_bytes(DAINRConfig(), 64, CPU) == counted
+    with torch.inference_mode():
+        assert autograd_bytes(DAINRConfig(), 64, CPU) == counted

@@ -90,7 +90,8 @@ def temporal_tv(data: RadialData, lam: float = 0.02, iterations: int = 100, cfg:
         for _ in range(iterations):
             dual_k = (dual_k + sigma * (A(x_bar) - y)) / (1 + sigma)
             dual_t = dual_t + sigma * _time_diff(x_bar)
-            dual_t = dual_t / torch.clamp(dual_t.abs() / lam, min=1.0)
+            # projection onto the ball |·| <= λ (λ = 0: the point 0, no regulariser; 0/0 elsewhere)
+            dual_t = dual_t / torch.clamp(dual_t.abs() / lam, min=1.0) if lam > 0 else torch.zeros_like(dual_t)
             x_new = x - tau * (AH(dual_k) + _time_diff_adjoint(dual_t))
             x_bar = 2 * x_new - x
             x = x_new

@@ -287,7 +287,9 @@ class DAINRConfig:
              "seed and feature_seed must be in [0, 2**63 - 1)")
         need(min(self.deform_width, self.canonical_width, self.feature_channels, self.grid.features_per_level) >= 1,
              "network widths, feature_channels and grid features_per_level must be >= 1")
-        need(min(self.freq_degree_xy, self.freq_degree_t) >= 0, "frequency encoding degrees must be >= 0")
+        need(0 <= min(self.freq_degree_xy, self.freq_degree_t) and max(self.freq_degree_xy, self.freq_degree_t) <= 24,
+             "frequency encoding degrees must be in [0, 24] (frequencies up to 2^(degree-1); a float32 coordinate "
+             "carries 24 bits, so higher ones are rounding noise)")
         need(self.frames_per_step is None or self.frames_per_step >= 1, "frames_per_step must be >= 1 (or None = auto)")
         need(0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)")
         need(0 < self.lr_decay <= 1 and self.max_decays >= 0, "lr_decay must be in (0, 1] and max_decays >= 0")
@@ -305,6 +307,7 @@ class DAINRConfig:
              "temporal_offset must be >= 0 and temporal_frames >= 1 (or None)")
         need(self.deform_layers >= 2, "deform_layers must be >= 2")
         need(self.grid.num_levels >= 1 and self.grid.base_resolution >= 2, "grid levels/base resolution")
+        need(1 <= self.grid.log2_table_size <= 30, "grid log2_table_size must be in [1, 30]")
         need(self.grid.finest_resolution >= self.grid.base_resolution, "finest_resolution < base_resolution")
         need(0 < self.cap_grid_ratio <= 1, "cap_grid_ratio must be in (0, 1]")
         need(0.0 <= self.dcf_power <= 2.0, "dcf_power must be in [0, 2]")

@@ -22,7 +22,7 @@ import torch
 
 from .coils import apply_prewhitener, noise_prewhitener, walsh_coil_maps
 from .config import DAINRConfig
-from .data import RadialData
+from .data import RadialData, is_count
 from .features import FrozenFeatureExtractor, neighbour_frames, normalise_for_extractor, sample_features
 from .memory import check_memory, render_batch
 from .model import DAINR, GridUpsampling, pixel_grid
@@ -554,4 +554,9 @@ def zero_filled(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
 def upsample_bilinear(images: torch.Tensor, size: int) -> torch.Tensor:
     """Bilinear upsampling of complex frames (F, n, n) → (F, size, size) of the same FOV (the spatial baseline),
     on the FFT-grid geometry of :class:`~dainr.model.GridUpsampling`."""
+    if not isinstance(images, torch.Tensor) or images.ndim < 2 or images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"images must be a tensor of square frames (..., n, n), got "
+                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    if not is_count(size):
+        raise ValueError(f"size must be an integer >= 1, got {size!r}")
     return GridUpsampling(images.shape[-1], size, images.device).bilinear(images)

@@ -239,6 +239,10 @@ def test_spatial_upsampling_geometry_is_the_fft_grid_of_the_cropped_k_space():
     for N in (30, 32):
         row = upsample_bilinear(ramp, N)[0, 0]
         assert row[0] == 0 and row[-1] == 14 and bool((row.diff() >= 0).all())  # it read the far edge (7.0)
+    # (a non-square frame would be read as its top square only; a fractional size rounded)
+    for frames, size in ((torch.zeros(1, 8, 4, dtype=torch.complex64), 16), (x, 16.5), (x, 0), (x, -3), (x[0, 0], 8)):
+        with pytest.raises(ValueError, match="square frames|integer >= 1"):
+            upsample_bilinear(frames, size)
 
     scan = simulate(matrix=32, frames=2, spokes=48, coils=4, noise_level=0.0, n_noise_samples=0)
     scan.data.noise = None
@@ -309,6 +313,8 @@ def test_temporal_tv_improves_on_zero_filled(small_scan):
 def test_baselines_take_a_single_frame_and_refuse_bad_arguments(small_scan):
     one = small_scan.data.select_frames([0])
     assert temporal_tv(one, iterations=3)["images"].shape == (1, 32, 32)  # (the time difference of 1 frame is empty)
+    three = small_scan.data.select_frames([0, 0, 1])  # (two equal frames: a time difference of exactly 0)
+    assert bool(temporal_tv(three, lam=0.0, iterations=5)["images"].isfinite().all())  # λ = 0: no regulariser
     for kwargs, match in ((dict(lam=-0.1), "lam >= 0"), (dict(lam=float("nan")), "finite lam"),
                           (dict(power_iterations=0), "power_iterations >= 1")):
         with pytest.raises(ValueError, match=match):
@@ -650,7 +656,7 @@ def test_fit_with_unequal_spokes_per_frame(small_scan):
     ("frames_per_step", 1.5, "frames_per_step must be an integer"),
     ("grid_features_per_level", 0, "features_per_level must be >= 1"),
     ("canonical_width", 0, "widths"),
-    ("freq_degree_xy", -1, "degrees must be >= 0"),
+    ("freq_degree_xy", -1, r"degrees must be in \[0, 24\]"),
     ("lr", float("inf"), "lr must be a finite number, got inf"),
     ("lr", "1e-3", "lr must be a finite number, got '1e-3'"),
     ("lr", 0.0, "lr must be finite and > 0"),
@@ -667,6 +673,10 @@ def test_fit_with_unequal_spokes_per_frame(small_scan):
     ("seed", 2 ** 64, "seed and feature_seed must be in"),
     ("seed", -1, "seed and feature_seed must be in"),
     ("grid", None, "grid must be a GridConfig or a dict, got None"),
+    ("freq_degree_xy", 129, r"degrees must be in \[0, 24\]"),  # 2^128 is inf in float32: "the fit diverged"
+    ("freq_degree_t", 25, r"degrees must be in \[0, 24\]"),
+    ("grid_log2_table_size", -3, r"log2_table_size must be in \[1, 30\]"),  # ran with an 8-row table
+    ("grid_log2_table_size", 80, r"log2_table_size must be in \[1, 30\]"),
 ])
 def test_config_rejects_bad_values(field, value, match):
     with pytest.raises(ValueError, match=match):

@@ -356,16 +356,21 @@ def cmd_replay(args) -> int:
     from .replay import file_items, query, replay, timing_table
 
     queries = (["gadgetron::info"] if args.info else []) + (args.query or [])
+    query_failed = False
     if queries:
         try:
-            answers = query((args.address, args.port), queries, args.timeout)
+            answers, errors = query((args.address, args.port), queries, args.timeout)
         except ProtocolError as exc:
             print(f"dainr replay: server error: {exc}", file=sys.stderr)
             return 1
         for q in queries:
-            print(answers[q] if len(queries) == 1 else f"{q}: {answers[q]}")
+            if q in answers:
+                print(answers[q] if len(queries) == 1 else f"{q}: {answers[q]}")
+        for text in errors:
+            print(f"dainr replay: server error: {text}", file=sys.stderr)
+        query_failed = bool(errors)
         if args.raw is None:
-            return 0
+            return 1 if query_failed else 0
     if args.raw is None:
         raise ValueError("give a raw MRD file to replay (or -Q / --query to only ask the server)")
     check_output(args.output, args.raw)
@@ -402,7 +407,7 @@ def cmd_replay(args) -> int:
     if res.input_error:  # the file's fault, not the server's
         print(f"dainr replay: error: {args.raw}: {res.input_error}", file=sys.stderr)
         return 2
-    return 1 if res.errors else 0
+    return 1 if res.errors or query_failed else 0
 
 
 def check_image_group(path: str, group: str) -> None:

@@ -83,15 +83,18 @@ def _connect(address: Tuple[str, int], timeout: float) -> socket.socket:
     return sock
 
 
-def query(address: Tuple[str, int], queries: List[str], timeout: float = 30.0) -> Dict[str, str]:
-    """Ask a server QUERY (6) messages (``gadgetron_ismrmrd_client -Q`` asks ``gadgetron::info``) and return
-    the RESPONSE (7) texts by query.  A server error raises :class:`ProtocolError` with its text."""
+def query(address: Tuple[str, int], queries: List[str], timeout: float = 30.0) -> Tuple[Dict[str, str], List[str]]:
+    """Ask a server QUERY (6) messages (``gadgetron_ismrmrd_client -Q`` asks ``gadgetron::info``): the RESPONSE (7)
+    texts by query, and the texts of the ERRORs the server sent instead for the others (e.g. an unknown key; the
+    session goes on, so one bad key costs no other answer).  A server that answers not every query raises
+    :class:`ProtocolError`."""
     answers: Dict[str, str] = {}
+    errors: List[str] = []
     with _connect(address, timeout) as sock:
         sock.sendall(b"".join(query_frame(q, i).raw for i, q in enumerate(queries)) + Frame.of(CLOSE).raw)
         reader = FrameReader(sock)  # (a claimed length costs memory only as its bytes arrive)
         reader.deadline = time.monotonic() + timeout  # one for all the answers: other messages cannot hold us
-        while len(answers) < len(queries):
+        while len(answers) + len(errors) < len(queries):
             try:
                 frame = reader.frame()
             except StreamEnded:  # e.g. a python-ismrmrd-server, which closes on an id it does not know
@@ -102,9 +105,11 @@ def query(address: Tuple[str, int], queries: List[str], timeout: float = 30.0) -
                 if frame.correlation_id >= len(queries):
                     raise ProtocolError(f"RESPONSE to an unknown correlation id {frame.correlation_id}")
                 answers[queries[frame.correlation_id]] = frame.text()
-            elif frame.mid in (ERROR, CLOSE):
-                raise ProtocolError(frame.text() if frame.mid == ERROR else "server closed without answering")
-    return answers
+            elif frame.mid == ERROR:
+                errors.append(frame.text())
+            elif frame.mid == CLOSE:
+                raise ProtocolError("; ".join(errors + ["server closed without answering every query"]))
+    return answers, errors
 
 
 class _InputFailed(Exception):

@@ -206,14 +206,15 @@ def _expect_error(server, data, pattern, **kw):
     return frames
 
 
-def test_queries_are_answered_before_the_configuration(server, raw, capsys):
+def test_queries_are_answered_before_the_configuration(server, raw, capsys, tmp_path):
     """gadgetron_ismrmrd_client -Q: QUERY (reserved 0, correlation id, text) -> RESPONSE (correlation id, text)."""
     from dainr import __version__
     from dainr_app import cli
     from dainr_app.protocol import QUERY, RESPONSE, query_frame
     from dainr_app.replay import query
 
-    answers = query(("127.0.0.1", server.port), ["dainr::pipelines", "gadgetron::info", "ismrmrd::version"])
+    answers, errs = query(("127.0.0.1", server.port), ["dainr::pipelines", "gadgetron::info", "ismrmrd::version"])
+    assert errs == []
     assert {"dainr.xml", "passthrough.xml", "relay.xml"} <= set(answers["dainr::pipelines"].split("\n"))
     assert f"dainr serve {__version__}" in answers["gadgetron::info"] and "Pipelines" in answers["gadgetron::info"]
     assert answers["ismrmrd::version"].startswith("1.")
@@ -234,6 +235,11 @@ def test_queries_are_answered_before_the_configuration(server, raw, capsys):
     assert capsys.readouterr().out.strip() == __version__
     assert cli.main(["replay", "-p", str(server.port), "--query", "nope"]) == 1
     assert "unknown query 'nope'" in capsys.readouterr().err
+    # one unknown key costs no other answer (the session goes on), and the replay still runs; the exit status says
+    assert cli.main(["replay", "-p", str(server.port), "--query", "nope", "--query", "dainr::version",
+                     raw, "-c", "passthrough", "-o", str(tmp_path / "out.h5"), "--quiet"]) == 1
+    out, err = capsys.readouterr()
+    assert f"dainr::version: {__version__}" in out and "unknown query 'nope'" in err and "sent " in out
     assert cli.main(["replay", "-p", str(server.port)]) == 2  # neither a file nor a query
 
 

@@ -18,19 +18,19 @@ setup(
         "torch>=2.4",  # dainr.optim runs torch._fused_adamw_, which has a CPU kernel from 2.4
         "torchkbnufft>=1.4",
         "numpy>=2.0",
-        "scipy>=1.8",
-        "scikit-image>=0.19",
-        "h5py>=3.0",
+        "scipy>=1.13",  # the floors of scipy, scikit-image, h5py and finufft: the first built against numpy 2
+        "scikit-image>=0.24",
+        "h5py>=3.11",
         "ismrmrd>=1.15",
         "defusedxml>=0.7",
         "gadgetron>=1.4",  # the external-gadget runtime (python -m gadgetron PORT MODULE TARGET)
         "pillow>=9.0",
-        "pydicom>=2.4",
+        "pydicom>=3.0",  # dcmwrite(enforce_file_format=)
         "tqdm>=4.60",
     ],
     extras_require={
-        "fast": ["finufft>=2.2"],  # CPU NUFFT ~10x faster than torchkbnufft, ~4x than gather (README)
-        "test": ["pytest>=7", "finufft>=2.2"],
+        "fast": ["finufft>=2.3"],  # CPU NUFFT ~10x faster than torchkbnufft, ~4x than gather (README)
+        "test": ["pytest>=7", "finufft>=2.3"],
         # tinycudann is not on PyPI: pip install git+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch
     },
     entry_points={"console_scripts": ["dainr=dainr_app.cli:main"]},

@@ -36,6 +36,7 @@ from dainr.sim import simulate
 from .bench_server import case_concurrent, case_ingest, case_overhead
 from .server import ROOT
 
+# beside a source checkout (an installed package cannot know where the checkout is: DAINR_REAL_DATA says)
 REAL_DATA = os.environ.get("DAINR_REAL_DATA", os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "cine_real_complex_110x110x10.npy"))
 TV_LAMBDAS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.04)
@@ -79,7 +80,7 @@ def _real_scan(spokes: int = 13, coils: int = 8, golden_angle: str = "true"):
 
 def _real_missing() -> Optional[dict]:
     """The result of a real-cine case when the data file is absent (None when it is there)."""
-    return None if os.path.exists(REAL_DATA) else dict(skipped=f"{REAL_DATA} not present")
+    return None if os.path.exists(REAL_DATA) else dict(skipped=f"{REAL_DATA} not present (DAINR_REAL_DATA=path names the file)")
 
 
 def _quality(scan) -> dict:

@@ -637,7 +637,7 @@ def run_session(session: Session, next_frames: Callable[[], List[Frame]], pipeli
             reason = (f"no complete message within {session.opts.idle_timeout:g} s" if isinstance(exc, socket.timeout)
                       else str(exc))
             session.error(f"input ended: {reason} (after {stats.received} data messages; those are processed)")
-        if isinstance(exc, (ConnectionError, socket.timeout)) or on_disconnect():
+        if isinstance(exc, ConnectionError) or on_disconnect():  # (an idle client is not a gone one)
             session.abort()
     except PipelineError as exc:
         session.error(str(exc))

@@ -845,17 +845,21 @@ def test_session_queue_is_bounded_in_bytes():
     assert q.dropped == 4 and q.get_batch() == [None]
 
 
-def test_idle_client_gets_a_clear_error(raw):
-    header, _ = load(raw)
+def test_idle_client_gets_a_clear_error_and_what_it_sent_is_processed(raw):
+    """As the ERROR says ("those are processed"): an idle client is not a gone one (its data was dropped)."""
+    header, acqs = load(raw)
     with running_server(idle_timeout=1.0) as srv:
         sock = socket.create_connection(("127.0.0.1", srv.port))
-        sock.sendall(stream(ConfigFile("passthrough"), header, [], close=False))  # then nothing
+        sock.sendall(stream(ConfigText(small_pipeline(steps=150)), header, acqs, close=False))  # then nothing
         with sock.makefile("rb") as rf:
             frames = [read_frame(rf.read)]
             while frames[-1].mid != CLOSE:
                 frames.append(read_frame(rf.read))
         sock.close()
-    assert any("no complete message within 1 s" in e for e in errors(frames))
+    n = len(acqs)
+    assert errors(frames) == [f"input ended: no complete message within 1 s (after {n} data messages; those are "
+                              "processed)"]
+    assert len(images(frames)) == 12  # both slices' cines (the fits outlast the timeout)
 
 
 def _pipeline_xml(external: str) -> str:

@@ -865,8 +865,10 @@ def _close_gracefully(conn: socket.socket, linger: float = 2.0) -> None:
 
 def _watch_after_close(conn: socket.socket, reader: FrameReader, session: Session, closed: threading.Event) -> None:
     """While the images of a closed stream are still coming: anything the client sends after its CLOSE is
-    reported (one ERROR) and discarded.  Its end of stream ends the watch: it may have shut only its sending
-    side and still be reading."""
+    reported (one ERROR) and discarded.  After its end of stream (it may have shut only its sending side and
+    still be reading), a reset says it has closed completely: the first image sent to such a client still goes
+    out (the kernel takes it) and only the next send would fail, so the session ends at the reset, not at the
+    next image (the whole fit, without a preview)."""
     pending, reported = reader.buffered > 0, False  # (bytes the reader received beyond CLOSE)
     while True:
         if pending and not reported:
@@ -881,6 +883,15 @@ def _watch_after_close(conn: socket.socket, reader: FrameReader, session: Sessio
         except (OSError, ValueError):  # the session closed the socket meanwhile
             return
         if not pending:
+            break
+    while not closed.wait(0.2):
+        try:
+            reset = conn.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
+        except OSError:  # the session closed the socket meanwhile
+            return
+        if reset and not closed.is_set():
+            log.warning("%s: the client closed after its CLOSE (reset); session aborted", session.label)
+            session.abort()
             return
 
 

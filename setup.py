@@ -25,7 +25,7 @@ setup(
         "defusedxml>=0.7",
         "gadgetron>=1.4",  # the external-gadget runtime (python -m gadgetron PORT MODULE TARGET)
         "pillow>=9.0",
-        "pydicom>=3.0",  # dcmwrite(enforce_file_format=)
+        "pydicom>=3.0.1",  # dcmwrite(enforce_file_format=); 3.0.0 fetches example files over the network at import
         "tqdm>=4.60",
     ],
     extras_require={

@@ -80,8 +80,11 @@ class Child:
                 return self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 return None
-        self.proc.join(timeout)
-        return self.proc.exitcode
+        try:
+            self.proc.join(timeout)
+            return self.proc.exitcode
+        except ValueError:  # closed meanwhile by close() in another thread (a shutdown's or an abort's)
+            return self._closed_rc
 
     def kill(self) -> None:
         if self.alive():
@@ -99,9 +102,9 @@ class Child:
             rc = self.wait(0)
             if rc is None:  # not dead 10 s after SIGKILL (uninterruptible I/O): a later close tries again
                 return
+            self._closed_rc = rc  # (first: a wait() in another thread returns it once the process is closed)
             if not isinstance(self.proc, subprocess.Popen):
                 self.proc.close()
-            self._closed_rc = rc
 
     def last_lines(self) -> str:
         return " | ".join(self.tail)

@@ -1197,3 +1197,46 @@ def test_timing_table_latency_is_last_image_after_last_readout():
     rows = timing_table(res).splitlines()
     assert rows[1].split()[:5] == ["0", "0", "0", "0", "54"] and rows[1].rstrip().endswith("-")  # no images yet
     assert rows[2].split()[-2:] == ["7.25", "s"]  # 9.25 − 2.0: until the slice's last image
+
+
+def test_a_gadget_process_closed_while_its_session_waits_for_it():
+    """SIGTERM during a session: the shutdown closes the gadget's process while the session thread waits for it
+    (multiprocessing's join / exitcode then raise 'process object is closed': an internal server error)."""
+    from dainr_app.server import Child
+
+    class Process:  # multiprocessing.Process's semantics, the waiter held until the close
+        pid = 1
+
+        def __init__(self):
+            self.dead, self.closed = threading.Event(), threading.Event()
+
+        def is_alive(self):
+            return not self.dead.is_set()
+
+        def kill(self):
+            self.dead.set()
+
+        def join(self, timeout=None):
+            if self.closed.is_set():
+                raise ValueError("process object is closed")
+            self.dead.wait(timeout)
+            if threading.current_thread() is waiter:
+                self.closed.wait(5)
+
+        @property
+        def exitcode(self):
+            if self.closed.is_set():
+                raise ValueError("process object is closed")
+            return -9 if self.dead.is_set() else None
+
+        def close(self):
+            self.closed.set()
+
+    child = Child(Process())
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(child.wait(30)))
+    waiter.start()
+    time.sleep(0.1)
+    child.close()
+    waiter.join(10)
+    assert got == [-9] and child.wait(0) == -9 and not child.alive()

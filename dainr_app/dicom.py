@@ -192,9 +192,14 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str
             ds.TriggerTime = f"{trigger_ms:.6g}"
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = f"{slope:.10g}", "0", "US"
-        if _first(meta, "WindowCenter") is not None and _first(meta, "WindowWidth") is not None:
-            ds.WindowCenter, ds.WindowWidth = str(_first(meta, "WindowCenter")), str(_first(meta, "WindowWidth"))
+        # the window in stored pixel values, as Gadgetron's writer (no Rescale: the MR Image IOD has no Modality
+        # LUT, and after one the window of images in data units (≈ 1) would be below DICOM's minimum width 1);
+        # the data units stay recoverable through the Real World Value Mapping, which does not change the display
+        ds.RealWorldValueMappingSequence = [_real_world_value_mapping(slope)]
+        center, width = _first(meta, "WindowCenter"), _first(meta, "WindowWidth")
+        if center is not None and width is not None:
+            ds.WindowCenter = f"{float(center) / slope:.0f}"
+            ds.WindowWidth = f"{max(1.0, float(width) / slope):.0f}"
         ds.PixelData = np.round(mag / slope).clip(0, 65535).astype("<u2").tobytes()
         pydicom.dcmwrite(path, ds, enforce_file_format=True)
         paths.append(path)
@@ -202,6 +207,20 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str
         log.warning("%s: %d image(s) without read/phase directions (zeros in the raw data): written as an axial "
                     "slice, ImageOrientationPatient 1\\0\\0\\0\\1\\0", folder, unset)
     return paths
+
+
+def _real_world_value_mapping(slope: float):
+    """The mapping of stored pixel values to the images' data units (prewhitened, no physical unit)."""
+    from pydicom.dataset import Dataset
+
+    unit = Dataset()
+    unit.CodeValue, unit.CodingSchemeDesignator, unit.CodeMeaning = "1", "UCUM", "no units"
+    item = Dataset()
+    item.RealWorldValueFirstValueMapped, item.RealWorldValueLastValueMapped = 0, 65535
+    item.RealWorldValueIntercept, item.RealWorldValueSlope = 0.0, float(slope)
+    item.LUTExplanation, item.LUTLabel = "DA-INR data units (prewhitened k-space)", "DAINR"
+    item.MeasurementUnitsCodeSequence = [unit]
+    return item
 
 
 def mrd_to_dicom(images_by_series: Dict[int, Sequence["ismrmrd.Image"]], outdir: str,

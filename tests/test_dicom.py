@@ -37,9 +37,19 @@ def test_dicom_geometry_pixels_and_series(tmp_path):
     # the centre (MRD position) is pixel (ny // 2, nx // 2): IPP = centre - (nx // 2) dx read - (ny // 2) dy phase
     expected = np.array([10.0, -20.0, 30.0]) - 16 * 10.0 * np.array([0, 1, 0]) - 12 * 10.0 * np.array([1, 0, 0])
     assert [float(v) for v in ds.ImagePositionPatient] == pytest.approx(expected.tolist())
-    pixels = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-    assert np.allclose(pixels, f1[0], atol=float(ds.RescaleSlope))
-    assert float(ds.WindowWidth) > 0
+    # stored values without a Modality LUT, their data units through the Real World Value Mapping
+    mapping = ds.RealWorldValueMappingSequence[0]
+    assert "RescaleSlope" not in ds and mapping.RealWorldValueIntercept == 0
+    slope = mapping.RealWorldValueSlope
+    assert np.allclose(ds.pixel_array * slope, f1[0], atol=slope)
+    # the window in stored values, >= 1 as DICOM requires: a viewer (pydicom's VOI LUT) shows c ± w/2 of the
+    # images' 99.5th percentile, as the MRD meta says (its window was in data units, ≈ 0.1–1 here: refused)
+    hi = np.percentile(f1, 99.5)
+    assert float(ds.WindowCenter) * slope == pytest.approx(hi / 2, abs=slope)
+    assert float(ds.WindowWidth) * slope == pytest.approx(hi, abs=slope)
+    from pydicom.pixels import apply_voi_lut
+    shown = apply_voi_lut(ds.pixel_array, ds)
+    assert 0.001 < np.mean(shown >= shown.max()) < 0.02  # about 0.5 % saturated
     other = pydicom.dcmread(written[101][0])
     assert other.SeriesInstanceUID != ds.SeriesInstanceUID and other.StudyInstanceUID == ds.StudyInstanceUID
 

@@ -636,13 +636,33 @@ def processing_history(image: "ismrmrd.Image") -> str:
 
 
 def write_images(path: str, images: Sequence["ismrmrd.Image"], group: str = "dataset") -> None:
-    """Append images to ``path`` under ``<group>/image_<series>``."""
-    ds = ismrmrd.Dataset(path, group, create_if_needed=True)
-    try:
-        for im in images:
-            ds.append_image(f"image_{im.image_series_index}", im)
-    finally:
-        ds.close()
+    """Append images to ``path`` under ``<group>/image_<series>``, in the layout of ismrmrd-python's
+    ``append_image`` except where the C library (Gadgetron's, ``ismrmrd_read_image``) could not read it back:
+    the meta as an ASCII-typed string (its UTF-8 bytes: HDF5 converts no UTF-8 string to the ASCII one the C
+    library asks for) and its length in the header's ``attribute_string_len`` (the C library reads that many
+    bytes; ismrmrd-python sets it only on the wire)."""
+    import h5py
+    from ismrmrd.hdf5 import get_hdf5type, image_header_dtype
+
+    by_series: Dict[int, List["ismrmrd.Image"]] = {}
+    for im in images:
+        by_series.setdefault(im.image_series_index, []).append(im)
+    with h5py.File(path, "a") as h5:
+        for series, ims in by_series.items():
+            node = h5.require_group(group).require_group(f"image_{series}")
+            metas = [(im.attribute_string or "").encode("utf-8") for im in ims]
+            heads = np.concatenate([np.frombuffer(im.getHead(), dtype=image_header_dtype) for im in ims])
+            heads["attribute_string_len"] = [len(m) for m in metas]
+            data = np.stack([im.data.view(get_hdf5type(im.data_type)) for im in ims])
+            if "header" not in node:
+                node.create_dataset("header", (0,), maxshape=(None,), dtype=image_header_dtype)
+                node.create_dataset("attributes", (0,), maxshape=(None,), dtype=h5py.string_dtype("ascii"))
+                node.create_dataset("data", (0,) + data.shape[1:], maxshape=(None,) + data.shape[1:],
+                                    dtype=data.dtype)
+            start = node["header"].shape[0]
+            for name, values in (("header", heads), ("attributes", metas), ("data", data)):
+                node[name].resize(start + len(ims), axis=0)
+                node[name][start:] = values
 
 
 def write_header(path: str, header: Optional[str], group: str = "dataset") -> None:

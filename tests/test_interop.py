@@ -76,3 +76,49 @@ def test_cartesian_data_gets_a_clear_error_everywhere(server, cpp_raw, tmp_path,
     assert res.n_images == 0 and len(res.errors) == 2 and "trajectory is 'cartesian'" in res.errors[0]
     assert res.errors[1].endswith("DA-INR: 64 readouts not reconstructed and 1 noise readouts not used "
                                   "(the configuration error above)")
+
+
+def cpp_read_image(path: str, series: int, index: int):
+    """``ismrmrd_read_image`` of the C library (libismrmrd, which ismrmrd-tools installs) through ctypes: (status,
+    number of images, the image header's ``attribute_string_len``, the meta bytes it read).  ISMRMRD 1.x's
+    structs are packed to 2 bytes: the 198-byte image header (``attribute_string_len`` at 194), then the meta
+    pointer."""
+    import ctypes
+    import ctypes.util
+
+    lib = ctypes.CDLL(ctypes.util.find_library("ismrmrd") or "libismrmrd.so.1.8")
+    lib.ismrmrd_get_number_of_images.restype = ctypes.c_uint32
+    dataset, image = ctypes.create_string_buffer(256), ctypes.create_string_buffer(512)
+    lib.ismrmrd_init_dataset(dataset, path.encode(), b"dataset")
+    assert lib.ismrmrd_open_dataset(dataset, 0) == 0
+    try:
+        var = f"image_{series}".encode()
+        count = lib.ismrmrd_get_number_of_images(dataset, var)
+        lib.ismrmrd_init_image(image)
+        status = lib.ismrmrd_read_image(dataset, var, ctypes.c_uint32(index), image)
+        length = ctypes.c_uint32.from_buffer(image, 194).value
+        pointer = ctypes.c_void_p.from_buffer(image, 198).value
+        meta = ctypes.string_at(pointer, length) if pointer and length else b""
+        lib.ismrmrd_cleanup_image(image)
+    finally:
+        lib.ismrmrd_close_dataset(dataset)
+    return status, count, length, meta
+
+
+def test_cpp_library_reads_the_image_files_we_write(tmp_path):
+    """Gadgetron's C library read none of our image files (the meta stored as a UTF-8 string, which HDF5 does not
+    convert to the ASCII one it asks for; and a zero ``attribute_string_len``, so no meta even then)."""
+    import numpy as np
+
+    from dainr_app.mrd import Geometry, make_images, write_images
+
+    frames = np.random.default_rng(0).uniform(0, 1, (3, 8, 8)).astype(np.float32)
+    images = make_images(frames, 1, 0, (200.0, 200.0, 8.0), Geometry(), comment="DA-INR ×2 (spatial)")
+    path = str(tmp_path / "images.h5")
+    write_images(path, images[:2])
+    write_images(path, images[2:])  # appended
+    for index, image in enumerate(images):
+        status, count, length, meta = cpp_read_image(path, 1, index)
+        assert (status, count) == (0, 3)
+        assert length == len(meta) > 0 and meta.decode("utf-8") == image.attribute_string
+    assert "DA-INR ×2 (spatial)" in images[0].attribute_string

@@ -79,6 +79,7 @@ class RawSlice:
     # (frames, 4) uint32: acquisition_time_stamp and physiology_time_stamp[0..2] of each frame's middle readout
     time_stamps: Optional[np.ndarray] = None
     measurement_uid: int = 0
+    warnings: List[str] = field(default_factory=list)  # what was done differently, for the user
 
 
 def acquisition_key(acq) -> Key:
@@ -491,8 +492,11 @@ def slice_from_acquisitions(acqs: List, params: ReconParameters, noise: Optional
     C, R = shapes.pop()
     if R < 2:
         raise MRDFormatError(f"slice {s}: readouts have {R} samples")
-    if noise is not None and noise.shape[0] != C:
-        raise MRDFormatError(f"slice {s}: {C} channels but the noise scan has {noise.shape[0]}")
+    notes = []
+    if noise is not None and noise.shape[0] != C:  # as Gadgetron's NoiseAdjustGadget: passed on as it is
+        notes.append(f"slice {s}: {C} channels but the noise scan has {noise.shape[0]}: reconstructed without "
+                     "prewhitening")
+        noise = None
     discards = {(int(a.discard_pre), int(a.discard_post)) for a in acqs}  # samples the scanner marks as unusable
     if len(discards) != 1:
         raise MRDFormatError(f"slice {s}: readouts discard different samples (discard_pre, discard_post): "
@@ -547,7 +551,7 @@ def slice_from_acquisitions(acqs: List, params: ReconParameters, noise: Optional
     middle = [acqs[int(g[len(g) // 2])] for g in frame_groups(len(acqs), frame_index, params.spokes_per_frame)]
     stamps = np.array([(a.acquisition_time_stamp, *a.physiology_time_stamp[:3]) for a in middle], dtype=np.uint32)
     return RawSlice(s, data, Geometry.from_acquisition(acqs[-1]), len(acqs), first_phase, stamps,
-                    int(acqs[-1].measurement_uid))
+                    int(acqs[-1].measurement_uid), notes)
 
 
 def series_index(value: int) -> int:

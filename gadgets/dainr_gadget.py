@@ -188,11 +188,13 @@ class SliceBuffers:
 
 
 def reconstruct_slice(connection, key: Key, acqs: list, params: ReconParameters, opts: GadgetOptions,
-                      noise: Optional[torch.Tensor]) -> None:
+                      noise: Optional[torch.Tensor], report: Callable[[str], None]) -> None:
     """Reconstruct one buffered slice and send its frames (and a preview series when enabled)."""
     s, contrast, rep, set_index = key
     t0 = time.perf_counter()
     raw = slice_from_acquisitions(acqs, params, noise, s)
+    for note in raw.warnings:
+        report(f"DA-INR {note}")
     data = raw.data.every_rth_frame(opts.cfg.temporal_ratio)  # fit every r-th frame, query all
     sent_preview = []
 
@@ -276,7 +278,7 @@ def _reconstruct_stream(connection, report: Callable[[str], None]) -> None:
         if not acqs:
             return
         try:
-            reconstruct_slice(connection, key, acqs, params, opts, noise_samples(buffers.noise))
+            reconstruct_slice(connection, key, acqs, params, opts, noise_samples(buffers.noise), report)
         except Exception as exc:  # one slice failing must not lose the others
             log.exception("slice %s failed", key)
             report(f"DA-INR slice {key[0]} (contrast {key[1]}, repetition {key[2]}, set {key[3]}): {exc}")

@@ -75,6 +75,19 @@ def test_noise_after_imaging_is_not_used_and_is_reported(raw2, tmp_path, capsys)
     assert cli.main(["recon", path, "-o", str(tmp_path / "img.h5"), "--steps", "2", "--quiet"]) == 0
     assert f"dainr recon: warning: {len(noise)} noise readouts after the first imaging readout were not used" in \
         capsys.readouterr().err
+    # a noise scan of fewer channels: the slices unwhitened with a warning (as the gadget and Gadgetron), not refused
+    path = str(tmp_path / "other_channels.h5")
+    out = ismrmrd.Dataset(path, "dataset", create_if_needed=True)
+    out.write_xml_header(xml)
+    for a in late:
+        a.resize(a.number_of_samples, 1)
+    for a in late + [a for a in acqs if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]:
+        out.append_acquisition(a)
+    out.close()
+    assert all(s.data.noise is None for s in read_raw(path).slices.values())
+    assert cli.main(["recon", path, "-o", str(tmp_path / "img2.h5"), "--steps", "2", "--quiet"]) == 0
+    assert "dainr recon: warning: slice 1: 3 channels but the noise scan has 1: reconstructed without " \
+        "prewhitening" in capsys.readouterr().err
 
 
 def test_recon_round_trip_two_slices(raw2, tmp_path, capsys):

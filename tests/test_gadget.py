@@ -514,6 +514,23 @@ def test_noise_after_imaging_is_reported_not_used_for_some_slices(two_slices):
     assert [im.data.tobytes() for im in late.images] == [im.data.tobytes() for im in without.images]
 
 
+def test_a_noise_scan_of_other_channels_leaves_the_data_unwhitened_with_a_warning(two_slices):
+    """As Gadgetron's NoiseAdjustGadget passes such data on: the slices were refused."""
+    header, acqs = _load(two_slices[1])
+    noise = [ismrmrd.Acquisition.from_array(a.data[:2]) for a in acqs
+             if a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
+    for a in noise:
+        a.set_flag(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
+    config = CONFIG.format(steps=3, extra="")
+    imaging = _imaging(acqs, 0) + _imaging(acqs, 1)
+    run = run_gadget(config, header, noise + imaging)
+    assert run.errors == [f"DA-INR slice {s}: 3 channels but the noise scan has 2: reconstructed without prewhitening"
+                          for s in (0, 1)] and run.errors_come_last
+    assert [im.data.tobytes() for im in run.images] == [im.data.tobytes() for im in run_gadget(config, header,
+                                                                                               imaging).images]
+    assert len(run.images) == 12
+
+
 def test_averages_are_one_cine_per_slice(two_slices):
     """Averages in the outer loop end each average with ACQ_LAST_IN_SLICE: two cines per slice with the same
     labels, each from half the spokes. Declared in the header they are combined; undeclared, an ERROR says so."""

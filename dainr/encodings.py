@@ -229,11 +229,16 @@ def tcnn_available() -> bool:
     return True
 
 
+def grid_backend(cfg: GridConfig, device: torch.device) -> str:
+    """The backend ``cfg.backend`` resolves to on ``device``: ``auto`` → tcnn on CUDA when importable."""
+    if cfg.backend == "auto":
+        return "tcnn" if device.type == "cuda" and tcnn_available() else "torch"
+    return cfg.backend
+
+
 def make_grid_encoding(cfg: GridConfig, device: torch.device, generator: Optional[torch.Generator] = None) -> nn.Module:
     """Build the grid encoding for ``cfg.backend`` (``auto`` → tcnn on CUDA when importable)."""
-    backend = cfg.backend
-    if backend == "auto":
-        backend = "tcnn" if device.type == "cuda" and tcnn_available() else "torch"
+    backend = grid_backend(cfg, device)
     if backend == "tcnn":
         if device.type != "cuda" or not tcnn_available():
             raise RuntimeError("grid backend 'tcnn' needs tinycudann and a CUDA device; use backend='torch'")

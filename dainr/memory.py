@@ -18,6 +18,7 @@ import torch
 from .coils import BATCHED_EIGH_MAX, COV_BUDGET, EIGH_CHUNK, EIGH_WORKSPACE_32
 from .config import DAINRConfig
 from .data import RadialData
+from .encodings import grid_backend
 from .model import DAINR, pixel_grid
 
 PROBE_SIDES = (16, 32)  # the probes' pixels: 16 × 16 and 32 × 32 patches
@@ -85,6 +86,8 @@ def estimate_memory(data: RadialData, cfg: DAINRConfig, device: torch.device) ->
     B = min(cfg.batch_frames(device.type), Fa)
     c8, f4 = 8, 4  # bytes of complex64, float32
     per_pixel, per_pass = autograd_bytes(cfg, n, device)
+    if grid_backend(cfg.grid, device) == "tcnn":  # kept in tcnn's own arena, unseen by the probe: the encoding's
+        per_pixel += 2 * cfg.grid.out_dim * f4  # output gradient w.r.t. the input (dy_dx, 2 per output) until backward
     widest = max(cfg.deform_width if cfg.use_deformation else 0, cfg.canonical_width)
     render_pixels = render_batch(N) * N ** 2
     stays = {

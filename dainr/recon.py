@@ -403,6 +403,7 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
     t0 = time.perf_counter()
     estimate = check_memory(data, cfg, device) if cfg.check_memory else None
     if device.type == "cuda":
+        torch.cuda.init()  # (resetting the statistics of an explicit cuda:N before CUDA's lazy start-up raises)
         torch.cuda.reset_peak_memory_stats(device)
     problem = Problem(data, cfg, coil_maps, device)
     fitter = Fitter(problem, cfg)

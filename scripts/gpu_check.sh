@@ -42,14 +42,14 @@ import dainr.recon as R
 from dainr import DAINRConfig, reconstruct
 from dainr.sim import simulate
 
-def staged(owner, name):  # print wall time and peak GPU memory of each call
-    fn = getattr(owner, name)
+def staged(owner, name):  # print wall time of each call and the run's peak GPU memory so far (no reset: the
+    fn = getattr(owner, name)  # stages nest, and reconstruct's own peak_gpu_bytes must cover its whole run)
     @functools.wraps(fn)
     def wrapper(*a, **k):
-        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); t0 = time.perf_counter()
+        torch.cuda.synchronize(); t0 = time.perf_counter()
         out = fn(*a, **k)
         torch.cuda.synchronize()
-        print(f"{name:22s} {1000 * (time.perf_counter() - t0):9.1f} ms  peak {torch.cuda.max_memory_allocated() / 2**20:8.1f} MiB")
+        print(f"{name:22s} {1000 * (time.perf_counter() - t0):9.1f} ms  peak so far {torch.cuda.max_memory_allocated() / 2**20:8.1f} MiB")
         return out
     setattr(owner, name, wrapper)
 

@@ -154,3 +154,13 @@ def test_the_probe_model_is_freed_and_counted_in_any_grad_mode(monkeypatch):
         assert autograd_bytes(DAINRConfig(), 64, CPU) == counted
     with torch.inference_mode():
         assert autograd_bytes(DAINRConfig(), 64, CPU) == counted
+
+
+def test_the_tcnn_grid_counts_what_it_keeps_outside_pytorch(monkeypatch):
+    """tiny-cuda-nn keeps the encoding's input gradient (2 floats per output, per pixel) in its own arena, which
+    the saved-tensor probe cannot see; the estimate adds it for the fit step."""
+    data = _tiny(64)
+    cfg = DAINRConfig(frames_per_step=6)  # (the fit step is then the largest phase)
+    torch_grid = estimate_memory(data, cfg, CPU).parts["fit step"]
+    monkeypatch.setattr(memory, "grid_backend", lambda grid, device: "tcnn")
+    assert estimate_memory(data, cfg, CPU).parts["fit step"] - torch_grid == 6 * 64 * 64 * 2 * 32 * 4

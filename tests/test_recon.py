@@ -629,6 +629,21 @@ def test_gpu_fit_beats_zero_filled(small_scan):
     assert ours > zf + 4
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_an_explicit_cuda_device_without_the_memory_check_in_a_fresh_process():
+    """The peak-memory reset was the process's first CUDA call there: for cuda:N before CUDA's lazy start-up it
+    raises ("Invalid device argument 0: did you call init?")."""
+    import subprocess
+    import sys
+
+    code = ("from dainr import DAINRConfig, reconstruct; from dainr.sim import simulate; "
+            "d = simulate(matrix=16, frames=2, spokes=4, coils=2).data; "
+            "print(reconstruct(d, DAINRConfig(device='cuda:0', check_memory=False, max_steps=2)).info['device'])")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().startswith("cuda")
+
+
 def test_fit_with_unequal_spokes_per_frame(small_scan):
     d = small_scan.data
     spokes = d.kdata.permute(0, 2, 1, 3).reshape(-1, d.n_coils, d.kdata.shape[-1])[:-4]  # last frame is partial

@@ -80,7 +80,8 @@ def _real_scan(spokes: int = 13, coils: int = 8, golden_angle: str = "true"):
 
 def _real_missing() -> Optional[dict]:
     """The result of a real-cine case when the data file is absent (None when it is there)."""
-    return None if os.path.exists(REAL_DATA) else dict(skipped=f"{REAL_DATA} not present (DAINR_REAL_DATA=path names the file)")
+    return None if os.path.exists(REAL_DATA) else dict(
+        skipped=f"{REAL_DATA} not present (DAINR_REAL_DATA=path names the file)")
 
 
 def _quality(scan) -> dict:

@@ -29,7 +29,7 @@ from .model import DAINR, GridUpsampling, pixel_grid
 from .nufft import MulticoilNUFFT
 from .optim import AdamW
 from .trajectory import omega_from_traj, ramp_dcf
-from .utils import resolve_device
+from .utils import on_cpu_default_device, resolve_device
 
 
 @dataclass
@@ -385,6 +385,7 @@ def epoch_steps(n_frames: int, batch: int, cfg: DAINRConfig) -> int:
 
 @torch.inference_mode(False)
 @torch.enable_grad()  # a fit under the caller's no_grad() / inference_mode() (an evaluation loop) still learns
+@on_cpu_default_device
 def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: Optional[torch.Tensor] = None,
                 callback: Optional[Callable[[FitProgress], Optional[bool]]] = None) -> ReconResult:
     """Fit DA-INR to ``data`` and return every output frame.
@@ -546,12 +547,14 @@ def acquired_problem(data: RadialData, cfg: Optional[DAINRConfig], coil_maps: Op
     return Problem(data, cfg, coil_maps, resolve_device(cfg.device))
 
 
+@on_cpu_default_device
 def zero_filled(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Zero-filled (DCF gridding, coil-combined) images (F, N, N) in data units, no fitting."""
     p = acquired_problem(data, cfg, coil_maps)
     return (p.zero_filled * p.output_scale).cpu()
 
 
+@on_cpu_default_device
 def upsample_bilinear(images: torch.Tensor, size: int) -> torch.Tensor:
     """Bilinear upsampling of complex frames (F, n, n) → (F, size, size) of the same FOV (the spatial baseline),
     on the FFT-grid geometry of :class:`~dainr.model.GridUpsampling`."""

@@ -6,6 +6,19 @@ import functools
 import torch
 
 
+def on_cpu_default_device(fn):
+    """Run ``fn`` with torch's default device the CPU, as the package's code assumes (tensors for the fit's device
+    are placed there explicitly): a caller's ``torch.set_default_device("cuda")`` put CPU-generator draws on CUDA
+    and host-side bookkeeping on the device.  ``cfg.device`` says where a reconstruction runs."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if torch.get_default_device().type == "cpu":  # (the usual case: no device mode on every op)
+            return fn(*args, **kwargs)
+        with torch.device("cpu"):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` → CUDA when available, else CPU.  Anything else is passed to ``torch.device``."""
     if device == "auto":

@@ -9,6 +9,7 @@ from dainr.baselines import cg_sense, cg_sense_holdout_iterations, temporal_tv
 from dainr.data import frames_from_spokes
 from dainr.metrics import psnr_ssim
 from dainr.recon import Problem, acquired_problem, epoch_steps
+from dainr.sim import simulate
 
 FAST = dict(max_steps=120, device="cpu", holdout_spokes=1, patience=100)
 
@@ -48,6 +49,23 @@ def test_the_frame_order_reaches_the_gpu_without_a_sync(small_scan):
         torch.cuda.set_sync_debug_mode(0)
     order = torch.cat(batches).cpu()
     assert all(sorted(order[i:i + 8].tolist()) == list(range(8)) for i in range(0, 80, 8))
+
+
+def test_a_callers_default_device_does_not_move_the_fit(small_scan):
+    """cfg.device says where the fit runs: a caller's torch.set_default_device (here 'meta', standing in for
+    'cuda' on a machine without one) put the fit's host-side tensors and CPU-generator draws there."""
+    cfg = DAINRConfig(device="cpu", max_steps=3)
+    data = small_scan.data.select_frames([0, 1, 2])
+    expected = reconstruct(data, cfg).images
+    torch.set_default_device("meta")
+    try:
+        images = reconstruct(data, cfg).images
+        others = [zero_filled(data), temporal_tv(data, iterations=2)["images"], cg_sense(data, iterations=2)["images"],
+                  simulate(matrix=16, frames=2, spokes=4, coils=2).data.kdata]
+        assert torch.get_default_device().type == "meta"  # the caller's setting stays
+    finally:
+        torch.set_default_device(None)
+    assert torch.equal(images, expected) and all(t.device.type == "cpu" for t in others)
 
 
 def test_a_batch_spanning_two_passes_takes_no_frame_twice(small_scan):

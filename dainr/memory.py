@@ -88,8 +88,9 @@ def estimate_memory(data: RadialData, cfg: DAINRConfig, device: torch.device) ->
     B = min(cfg.batch_frames(device.type), Fa)
     c8, f4 = 8, 4  # bytes of complex64, float32
     per_pixel, per_pass = autograd_bytes(cfg, n, device)
-    if grid_backend(cfg.grid, device) == "tcnn":  # kept in tcnn's own arena, unseen by the probe: the encoding's
-        per_pixel += 2 * cfg.grid.out_dim * f4  # output gradient w.r.t. the input (dy_dx, 2 per output) until backward
+    # what tcnn keeps in its own arena, unseen by the probe, for a training pass: the encoding's output gradient
+    # w.r.t. the input (dy_dx, 2 per output) until backward
+    tcnn_per_pixel = 2 * cfg.grid.out_dim * f4 if grid_backend(cfg.grid, device) == "tcnn" else 0
     widest = max(cfg.deform_width if cfg.use_deformation else 0, cfg.canonical_width)
     render_pixels = render_batch(N) * N ** 2
     stays = {
@@ -109,7 +110,7 @@ def estimate_memory(data: RadialData, cfg: DAINRConfig, device: torch.device) ->
         "feature extraction": 3 * min(8, Fa) * cfg.feature_channels * n * n * f4 if cfg.use_features else 0,
         # autograd's saved tensors, plus the gradient of the widest layer's output that the backward pass
         # allocates while they are still held; the NUFFT's oversampled grids
-        "fit step": B * n * n * (per_pixel + widest * f4) + per_pass + 3 * B * C * (2 * n) ** 2 * c8,
+        "fit step": B * n * n * (per_pixel + tcnn_per_pixel + widest * f4) + per_pass + 3 * B * C * (2 * n) ** 2 * c8,
         # no autograd, but live intermediates (the 4 corner evaluations and the anti-ringing pass above the fit
         # matrix); the factors are calibrated against the peak RSS of CPU runs (README, Performance)
         "render": 2 * F_out * N * N * c8 + (F_out * n * n * c8 if n != N else 0)

@@ -872,7 +872,7 @@ def _watch_after_close(conn: socket.socket, reader: FrameReader, session: Sessio
     still be reading), a reset says it has closed completely: the first image sent to such a client still goes
     out (the kernel takes it) and only the next send would fail, so the session ends at the reset, not at the
     next image (the whole fit, without a preview)."""
-    pending, reported = reader.buffered > 0, False  # (bytes the reader received beyond CLOSE)
+    pending, reported, reset = reader.buffered > 0, False, False  # (bytes the reader received beyond CLOSE)
     while True:
         if pending and not reported:
             session.error("data after CLOSE ignored: CLOSE must be the client's last message")
@@ -883,19 +883,21 @@ def _watch_after_close(conn: socket.socket, reader: FrameReader, session: Sessio
             if not readable(conn, 0.2):
                 continue
             pending = bool(conn.recv(1 << 16))
+        except ConnectionError:  # a reset: the client closed with images unread
+            reset = True
+            break
         except (OSError, ValueError):  # the session closed the socket meanwhile
             return
         if not pending:
             break
-    while not closed.wait(0.2):
+    while not reset and not closed.wait(0.2):
         try:
             reset = conn.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
         except OSError:  # the session closed the socket meanwhile
             return
-        if reset and not closed.is_set():
-            log.warning("%s: the client closed after its CLOSE (reset); session aborted", session.label)
-            session.abort()
-            return
+    if reset and not closed.is_set():
+        log.warning("%s: the client closed after its CLOSE (reset); session aborted", session.label)
+        session.abort()
 
 
 def _client_gone(conn: socket.socket) -> bool:

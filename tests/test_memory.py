@@ -143,7 +143,7 @@ def test_the_probe_model_is_freed_and_counted_in_any_grad_mode(monkeypatch):
     class Probe(memory.DAINR):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            built.append(weakref.ref(self))
+            built.extend(weakref.ref(p) for p in self.parameters())  # (the graph holds parameters, not the module)
 
     monkeypatch.setattr(memory, "DAINR", Probe)
     counted = autograd_bytes(DAINRConfig(), 64, CPU)

@@ -4,6 +4,7 @@ import ctypes
 import gc
 import os
 import random
+import select
 import shutil
 import signal
 import socket
@@ -305,17 +306,23 @@ def test_data_after_close_gets_an_error_and_the_stream_before_it_is_kept(server,
     assert sum(im.image_series_index == 1 for im in images(got)) == 6  # the closed stream's frames
 
 
-def test_a_client_that_leaves_after_its_close_is_noticed_at_the_preview(server, raw):
+@pytest.mark.parametrize("leaves", ["before the preview", "with the preview unread"])
+def test_a_client_that_leaves_after_its_close_is_noticed_at_the_preview(server, raw, leaves):
     """The first image sent to a client that has closed completely still goes out (the kernel takes it) and
-    only the next send fails: its reset ends the session at the preview, not when the whole fit is done."""
+    only the next send fails: its reset ends the session at the preview, not when the whole fit is done. A
+    client that closes with the preview unread sends the reset itself (no end of stream first)."""
     header, acqs = load(raw)
     spokes = [a for a in acqs if not a.flags & 1 and a.idx.slice == 0]
     done = len(server.history)
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(stream(ConfigText(small_pipeline(steps=100000, preview="true", preview_steps=5,
                                                       holdout_spokes=0, max_seconds=60)), header, spokes))
-        time.sleep(0.3)  # then gone, without reading anything
-    t0 = time.monotonic()
+        if leaves == "before the preview":
+            time.sleep(0.3)
+        else:
+            assert select.select([sock], [], [], 60)[0]
+            time.sleep(1.0)
+    t0 = time.monotonic()  # (gone, without reading anything)
     assert wait_until(lambda: len(server.history) > done, 40)
     assert server.history[-1]["aborted"] and server.history[-1]["sent"] <= 6  # at most the preview series
     assert time.monotonic() - t0 < 40  # (the fit alone runs 60 s)

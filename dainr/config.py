@@ -121,7 +121,7 @@ class DAINRConfig:
       k-space (and given coil maps, by their peak root-sum-of-squares) are divided by a power of two, which is
       exact: data at ×2^±20 give bit-identical images in their units (float32 sums of squares overflowed at
       ×1e20, and whitened maps scale as 1/σ, which AdamW's eps felt).
-    * ``nufft_backend`` (the reference: torchkbnufft).  ``auto`` is finufft on CPU (about 10× faster than
+    * ``nufft_backend`` (the reference: python_nufft's CPU type-3 ``nufft2d3``; the issue names torchkbnufft).  ``auto`` is finufft on CPU (about 10× faster than
       torchkbnufft here, each call on one thread and the calls side by side, so results are bit-identical at any
       thread count) and ``dainr.nufft``'s own Kaiser–Bessel gridding (``gather``) on CUDA, where torchkbnufft
       with a trajectory per frame was launch bound (148 ms per 32-coil step vs 11–13 ms).  torchkbnufft stays
@@ -146,7 +146,8 @@ class DAINRConfig:
       x' = x + Δ of each of the 4 surrounding fitted pixels, with their γ(x), γ(t) (γ(x)'s finest
       frequencies alias on the fitting grid), and blends the 4 outputs bilinearly (``Fitter.render``).
       ``cap_grid_at_matrix=False`` restores the reference in both respects (its query takes every input
-      but the features from the nearest fitted pixel).
+      but the features from the nearest fitted pixel, by our FFT-grid geometry: the release's nearest pixel
+      lies about one output pixel the other way, README *Faithfulness*).
     * ``lr`` 4e-3 (reference: 1e-3, constant over its 1001 steps).  Our stopping rule halves the rate on
       plateaus, so a higher start pays: mean over the fit's seeds 0–3, 1 frame per step, 8 coils, PSNR dB /
       SSIM at 1e-3 / 2e-3 / 4e-3 / 8e-3: phantom at 13 spokes 34.93 / 0.950, 35.50 / 0.953, 36.03 / 0.953,

@@ -4,8 +4,9 @@ The reference builds EDSR-repo MDSR but only the head conv (3→64, 3×3) and th
 ``pre_process`` (two residual blocks of 5×5 convs) reach its output, with PyTorch's default
 random initialisation and no weights loaded (``dainr-paper.md`` §1.3).  :class:`FrozenFeatureExtractor`
 is that encoder, its weights drawn in MDSR's order after ``torch.manual_seed(seed)`` (MDSR first builds its two
-1×1 ``MeanShift`` convs, which draw random numbers too; whether the reference's random stream was further along
-when it built the extractor, after its data preparation, is not reproduced): frozen random features.
+1×1 ``MeanShift`` convs, which draw random numbers too): frozen random features.  In the release the extractor is
+the first random draw after ``torch.manual_seed(opt.seed)`` (``Solver.__init__`` loads the ground truth, then calls
+``make_mdsr``), so ``feature_seed`` = its ``--seed`` gives its weights exactly.
 """
 from __future__ import annotations
 

@@ -50,6 +50,8 @@ def test_dicom_geometry_pixels_and_series(tmp_path):
     from pydicom.pixels import apply_voi_lut
     shown = apply_voi_lut(ds.pixel_array, ds)
     assert 0.001 < np.mean(shown >= shown.max()) < 0.02  # about 0.5 % saturated
+    assert (mapping.RealWorldValueFirstValueMapped, mapping.RealWorldValueLastValueMapped) == (0, 65535)
+    assert mapping.MeasurementUnitsCodeSequence[0].CodeValue == "1"  # (type 1: UCUM's "no units")
     other = pydicom.dcmread(written[101][0])
     assert other.SeriesInstanceUID != ds.SeriesInstanceUID and other.StudyInstanceUID == ds.StudyInstanceUID
 
@@ -96,6 +98,16 @@ def test_dicom_command_converts_an_mrd_file(tmp_path, capsys):
     path = str(tmp_path / "img.h5")
     write_images(path, im)
     assert list(read_images(path)) == [4]
+    # several series in one call, and complex images, read back as written
+    both = str(tmp_path / "both.h5")
+    frames = np.random.default_rng(1).normal(size=(2, 8, 8)) + 1j * np.random.default_rng(2).normal(size=(2, 8, 8))
+    complex_images = make_images(frames, 5, 0, (200.0, 200.0, 8.0), Geometry(), output="complex")
+    write_images(both, im + complex_images)
+    back = read_images(both)
+    assert sorted(back) == [4, 5] and [len(v) for _, v in sorted(back.items())] == [3, 2]
+    assert all(np.array_equal(a.data, b.data) and a.attribute_string == b.attribute_string
+               for a, b in zip(im + complex_images, back[4] + back[5]))
+    assert back[5][0].data.dtype == np.complex64 and np.allclose(back[5][1].data[0, 0], frames[1])
     out = str(tmp_path / "dcm")
     assert cli.main(["dicom", path, "-o", out]) == 0
     assert sorted(os.listdir(os.path.join(out, "series_004"))) == [f"IM_0000{i}_s002.dcm" for i in (1, 2, 3)]
@@ -303,3 +315,17 @@ def test_unset_directions_are_written_as_an_axial_slice_with_a_warning(tmp_path,
     assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
     assert [float(v) for v in ds.ImagePositionPatient] == [1 - 4 * 40.0, 2 - 4 * 40.0, 3]  # the corner pixel
     assert "2 image(s) without read/phase directions" in caplog.text
+
+
+def test_the_window_is_at_least_one_stored_value_and_written_only_when_whole(tmp_path):
+    frames = np.zeros((2, 32, 32), np.float32)
+    frames[:, 3, 4] = 1.0  # one hot pixel: the 99.5th percentile, hence the window, is 0
+    images = make_images(frames, 1, 0, (320.0, 320.0, 8.0), Geometry())
+    ds = pydicom.dcmread(mrd_to_dicom({1: images}, str(tmp_path / "zero"))[1][0])
+    assert (float(ds.WindowCenter), float(ds.WindowWidth)) == (0, 1)  # DICOM: width >= 1
+    for im in images:  # a centre without a width (another writer's meta): no window rather than half of one
+        meta = im.meta
+        del meta["WindowWidth"], meta["GADGETRON_WindowWidth"]
+        im.meta = meta
+    ds = pydicom.dcmread(mrd_to_dicom({1: images}, str(tmp_path / "half"))[1][0])
+    assert "WindowCenter" not in ds and "WindowWidth" not in ds

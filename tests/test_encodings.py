@@ -188,3 +188,16 @@ def test_tcnn_layout_hashes_like_tiny_cuda_nn():
     x, y = base[:, 0, 0], base[:, 0, 1]
     expected = torch.bitwise_xor(x, (y * 2654435761) & 0xFFFFFFFF) % enc.sizes[level] + enc.offsets[level]
     assert torch.equal(corner, expected)
+
+
+def test_auto_resolves_to_tcnn_only_on_cuda_where_it_imports(monkeypatch):
+    from dainr import encodings
+    from dainr.encodings import grid_backend
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(encodings, "tcnn_available", lambda: True)
+    assert grid_backend(GridConfig(), cuda) == "tcnn" and grid_backend(GridConfig(), cpu) == "torch"
+    assert grid_backend(GridConfig(backend="torch"), cuda) == "torch"
+    assert grid_backend(GridConfig(backend="tcnn"), cpu) == "tcnn"  # (make_grid_encoding refuses it there)
+    monkeypatch.setattr(encodings, "tcnn_available", lambda: False)
+    assert grid_backend(GridConfig(), cuda) == "torch"

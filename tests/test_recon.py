@@ -258,9 +258,11 @@ def test_spatial_upsampling_geometry_is_the_fft_grid_of_the_cropped_k_space():
         row = upsample_bilinear(ramp, N)[0, 0]
         assert row[0] == 0 and row[-1] == 14 and bool((row.diff() >= 0).all())  # it read the far edge (7.0)
     # (a non-square frame would be read as its top square only; a fractional size rounded)
-    for frames, size in ((torch.zeros(1, 8, 4, dtype=torch.complex64), 16), (x, 16.5), (x, 0), (x, -3), (x[0, 0], 8)):
+    for frames, size in ((torch.zeros(1, 8, 4, dtype=torch.complex64), 16), (x, 16.5), (x, 0), (x, -3), (x[0, 0], 8),
+                         (x.numpy(), 32)):
         with pytest.raises(ValueError, match="square frames|integer >= 1"):
             upsample_bilinear(frames, size)
+    assert torch.equal(upsample_bilinear(x[0], 32), up.bilinear(x)[0])  # one frame (n, n)
 
     scan = simulate(matrix=32, frames=2, spokes=48, coils=4, noise_level=0.0, n_noise_samples=0)
     scan.data.noise = None
@@ -332,7 +334,9 @@ def test_baselines_take_a_single_frame_and_refuse_bad_arguments(small_scan):
     one = small_scan.data.select_frames([0])
     assert temporal_tv(one, iterations=3)["images"].shape == (1, 32, 32)  # (the time difference of 1 frame is empty)
     three = small_scan.data.select_frames([0, 0, 1])  # (two equal frames: a time difference of exactly 0)
-    assert bool(temporal_tv(three, lam=0.0, iterations=5)["images"].isfinite().all())  # λ = 0: no regulariser
+    unregularised = temporal_tv(three, lam=0.0, iterations=5)["images"]  # λ = 0: no regulariser (was NaN: 0/0)
+    assert bool(unregularised.isfinite().all())
+    assert torch.allclose(unregularised, temporal_tv(three, lam=1e-6, iterations=5)["images"], rtol=1e-3, atol=1e-4)
     for kwargs, match in ((dict(lam=-0.1), "lam >= 0"), (dict(lam=float("nan")), "finite lam"),
                           (dict(power_iterations=0), "power_iterations >= 1")):
         with pytest.raises(ValueError, match=match):
@@ -710,11 +714,15 @@ def test_fit_with_unequal_spokes_per_frame(small_scan):
     ("freq_degree_t", 25, r"degrees must be in \[0, 24\]"),
     ("grid_log2_table_size", -3, r"log2_table_size must be in \[1, 30\]"),  # ran with an 8-row table
     ("grid_log2_table_size", 80, r"log2_table_size must be in \[1, 30\]"),
+    ("grid_log2_table_size", 0, r"log2_table_size must be in \[1, 30\]"),
+    ("grid_log2_table_size", 31, r"log2_table_size must be in \[1, 30\]"),
 ])
 def test_config_rejects_bad_values(field, value, match):
     with pytest.raises(ValueError, match=match):
         DAINRConfig(**{field: value}) if field == "grid" else DAINRConfig().replace(**{field: value})
-    DAINRConfig(nufft_backend="gather", min_epoch_frames=1)  # the valid neighbours
+    DAINRConfig(nufft_backend="gather", min_epoch_frames=1, freq_degree_xy=24, freq_degree_t=0)  # valid neighbours
+    for size in (1, 30):
+        DAINRConfig().replace(grid_log2_table_size=size)
     numpy_scalars = DAINRConfig(max_steps=np.int64(20), lr=np.float32(1e-3), temporal_ratio=2.0)
     assert type(numpy_scalars.max_steps) is int and type(numpy_scalars.lr) is float  # were refused
     with pytest.raises(ValueError, match="fits a 16² scan at 2², below the smallest matrix"):

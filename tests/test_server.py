@@ -993,6 +993,17 @@ def test_query_to_a_server_that_closes_without_answering_is_a_clear_error(capsys
     assert "server closed the connection without answering" in capsys.readouterr().err
 
 
+def test_query_reports_the_errors_before_a_close_and_asks_a_repeated_key_once(server):
+    from dainr_app.protocol import ERROR, text_frame
+    from dainr_app.replay import query
+
+    port, _ = _fire_style_server(text_frame(ERROR, "no such key").raw + struct.pack("<H", CLOSE))
+    with pytest.raises(ProtocolError, match="no such key; server closed without answering every query"):
+        query(("127.0.0.1", port), ["a", "b"], timeout=10)
+    answers, errs = query(("127.0.0.1", server.port), ["dainr::version", "dainr::version"], timeout=30)
+    assert list(answers) == ["dainr::version"] and errs == []  # (it waited for a second answer that never came)
+
+
 def test_query_has_one_deadline_for_all_its_answers():
     """A server that keeps sending other messages held `query` past its timeout (which bounded each receive)."""
     from dainr_app.replay import query
@@ -1238,6 +1249,7 @@ def test_a_gadget_process_closed_while_its_session_waits_for_it():
 
         def close(self):
             self.closed.set()
+            time.sleep(0.2)  # (the waiter reads the exit code while close() is still running)
 
     child = Child(Process())
     got = []

@@ -1,4 +1,5 @@
 import os
+import shutil
 import tempfile
 
 # Before torch (and the gadget processes, which inherit it) start OpenMP: idle OpenMP threads that spin
@@ -11,6 +12,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(os.environ["DAINR_SHARE_DIR"], ignore_errors=True)  # (one per run, left in /tmp before)
 
 
 @pytest.fixture(scope="session")

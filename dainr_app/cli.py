@@ -357,7 +357,7 @@ def cmd_replay(args) -> int:
     from .protocol import ProtocolError
     from .replay import file_items, query, replay, timing_table
 
-    queries = (["gadgetron::info"] if args.info else []) + (args.query or [])
+    queries = list(dict.fromkeys((["gadgetron::info"] if args.info else []) + (args.query or [])))  # (each once)
     query_failed = False
     if queries:
         try:

@@ -88,7 +88,7 @@ def query(address: Tuple[str, int], queries: List[str], timeout: float = 30.0) -
     texts by query, and the texts of the ERRORs the server sent instead for the others (e.g. an unknown key; the
     session goes on, so one bad key costs no other answer).  A server that answers not every query raises
     :class:`ProtocolError`."""
-    queries = list(dict.fromkeys(queries))  # (a key asked twice is answered once)
+    queries = list(dict.fromkeys(queries))  # (a key asked twice is asked once: the answers are by key)
     answers: Dict[str, str] = {}
     errors: List[str] = []
     with _connect(address, timeout) as sock:

@@ -1,7 +1,7 @@
 """Benchmarks: quality vs zero-filled, temporal TV and CG-SENSE, the paper's relative claims, speed and memory.
 
-``dainr bench`` runs every case in its own subprocess (so peak memory is per case), prints a
-table and writes ``bench-out/results.json``.  ``dainr bench --case NAME`` runs one case.
+``dainr bench`` runs every case in its own subprocess (so peak memory is per case), prints each
+case's results as a JSON line and writes ``bench-out/results.json``.  ``dainr bench --case NAME`` runs one case.
 Cases (``--list`` shows them): the 128² × 23 frames × 8 coils cine at 5/13/21 spokes per frame
 (DA-INR, zero-filled, temporal TV and CG-SENSE with λ / the iteration count picked by held-out
 spokes and, as an oracle that favours the baseline, against the truth), the ablations (the full model with

@@ -585,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ask the server a QUERY key, e.g. dainr::pipelines, gadgetron::version (repeatable)")
     rp.set_defaults(func=cmd_replay)
 
-    b = sub.add_parser("bench", help="quality/speed benchmarks (prints a table, writes JSON)")
+    b = sub.add_parser("bench", help="quality/speed benchmarks (a JSON line per case, and results.json)")
     from .bench import add_arguments
 
     add_arguments(b)

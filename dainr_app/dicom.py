@@ -4,7 +4,9 @@ Geometry: MRD ``position`` is the image centre, which the reconstruction (like G
 pixel (ny // 2, nx // 2); DICOM ``ImagePositionPatient`` is the centre of the first (top-left) pixel, so it is
 moved back by nx // 2 pixels along the row direction and ny // 2 along the column direction (half the FOV for an
 even matrix, as Gadgetron's DICOM writer does).  Pixel spacing is FOV / matrix.  Pixels are stored as unsigned
-16-bit with a rescale slope, so the rescaled values (and the window from the meta) are in the image's own units.
+16-bit scaled to the series' peak, without a Rescale; the window from the meta is written in stored pixel values,
+as Gadgetron's writer does, and the image's own units are recoverable through a Real World Value Mapping
+(slope = peak / 65535).
 ``TriggerTime`` is ``physiology_time_stamp[0]`` in 2.5 ms ticks, written where it lies in (0, 60 s), as Gadgetron
 does.
 """

@@ -313,6 +313,17 @@ def server_options(args):
                          max_gadgets=args.max_gadgets)
 
 
+def raise_open_file_limit() -> None:
+    """A server's sessions hold sockets, pipes and gadget processes: the soft limit of open files (often 1024) up
+    to the hard one (whose descriptors poll() handles; nothing here uses select())."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def cmd_serve(args) -> int:
     import contextlib
     import logging
@@ -324,6 +335,7 @@ def cmd_serve(args) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     opts = server_options(args)
+    raise_open_file_limit()
     if args.from_stream:
         if not args.config:
             raise ValueError("--from_stream needs -c PIPELINE (a name in the pipelines folder or an XML file)")

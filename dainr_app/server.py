@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import math
 import os
 import socket
 import subprocess
@@ -632,7 +633,7 @@ def run_session(session: Session, next_frames: Callable[[], List[Frame]], pipeli
                 stats.acquisitions += len(frames) if frame.mid == ACQUISITION else 0
                 chain.put(frames)
             elif frame.mid == TEXT:  # python-ismrmrd-server clients may send a JSON config here
-                log.info("%s: client text: %.200s", session.label, frame.text())
+                log.info("%s: client text: %.200r", session.label, frame.text())  # (repr: no forged log lines)
             else:
                 raise ProtocolError(f"unexpected {frame.name} message in the data stream")
     except (ProtocolError, StreamEnded, socket.timeout, OSError) as exc:
@@ -724,13 +725,22 @@ class Server:
         log.info("dainr serve: listening on %s:%d (pipelines %s, launcher %s)", self.opts.host, self.port,
                  self.opts.pipelines, self.opts.launcher)
         self.listener.settimeout(0.2)
+        warned = -math.inf
         while not self.stopping.is_set():
             try:
                 conn, addr = self.listener.accept()
             except socket.timeout:
                 continue
-            except OSError:
-                break
+            except OSError as exc:
+                # out of file descriptors or memory, or a connection aborted before its accept: transient (the
+                # server stopped for good on it, so a client opening connections could shut the service down)
+                if self.stopping.is_set() or self.listener.fileno() < 0:  # (closed by a shutdown)
+                    break
+                if time.monotonic() - warned > 10:
+                    log.warning("dainr serve: accept failed (%s); retrying", exc)
+                    warned = time.monotonic()
+                time.sleep(0.1)
+                continue
             thread = threading.Thread(target=self._handle, args=(conn, addr), daemon=True)
             thread.start()
         self.shutdown()

@@ -1259,3 +1259,48 @@ def test_a_gadget_process_closed_while_its_session_waits_for_it():
     child.close()
     waiter.join(10)
     assert got == [-9] and child.wait(0) == -9 and not child.alive()
+
+
+def test_the_server_survives_accept_failures():
+    """Out of file descriptors (a client opening connections by the hundred), accept() raises EMFILE: the server
+    stopped for good on any accept error."""
+    import errno
+
+    from dainr_app.replay import query
+
+    class Listener:  # the server's listening socket, whose accept fails three times
+        def __init__(self, sock):
+            self.sock, self.failures = sock, 3
+
+        def accept(self):
+            if self.failures:
+                self.failures -= 1
+                raise OSError(errno.EMFILE, "Too many open files")
+            return self.sock.accept()
+
+        def __getattr__(self, name):
+            return getattr(self.sock, name)
+
+    server = Server(ServerOptions(port=0))
+    server.listener = Listener(server.listener)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert query(("127.0.0.1", server.port), ["dainr::version"], timeout=30)[0]
+        assert thread.is_alive() and server.listener.failures == 0
+    finally:
+        server.stopping.set()
+        thread.join(30)
+    assert not thread.is_alive()
+
+
+def test_serve_raises_its_open_file_limit():
+    """Sessions hold sockets, pipes and gadget processes: at a soft limit of 1024 descriptors a few hundred
+    connections exhausted them."""
+    code = ("import resource; from dainr_app.cli import raise_open_file_limit; "
+            "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)); raise_open_file_limit(); "
+            "soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]; "
+            "print(soft == hard or (hard == resource.RLIM_INFINITY and soft >= 65536))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=child_env())
+    assert res.stdout.strip() == "True", res.stderr

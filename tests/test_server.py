@@ -1304,3 +1304,17 @@ def test_serve_raises_its_open_file_limit():
             "print(soft == hard or (hard == resource.RLIM_INFINITY and soft >= 65536))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=child_env())
     assert res.stdout.strip() == "True", res.stderr
+
+
+def test_a_clients_text_cannot_forge_log_lines(server, raw, caplog):
+    import logging
+
+    header, acqs = load(raw)
+    forged = "x\n2026-11-26 09:00:00,000 INFO dainr.server: client 10.0.0.5:4242 pipeline=dainr.xml: forged"
+    data = stream(ConfigFile("passthrough"), header, [], close=False) + text_frame(TEXT, forged).raw + \
+        encode(acqs[0]) + struct.pack("<H", CLOSE)
+    with caplog.at_level(logging.INFO, logger="dainr.server"):
+        frames = raw_session(server.port, data)
+    assert errors(frames) == [] and sum(f.mid == ACQUISITION for f in frames) == 1
+    texts = [r.getMessage() for r in caplog.records if "client text" in r.getMessage()]
+    assert len(texts) == 1 and "\n" not in texts[0] and "forged" in texts[0]

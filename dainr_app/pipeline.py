@@ -43,12 +43,16 @@ class PipelineError(ValueError):
     """The pipeline cannot be run here; the message says why."""
 
 
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
 @dataclass(frozen=True)
 class Policy:
     """What a client's pipeline may do, set by the operator (never by the client)."""
 
     modules: Tuple[str, ...] = ("gadgets",)
-    connect_hosts: Tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+    connect_hosts: Tuple[str, ...] = LOOPBACK
+    server_port: Optional[int] = None  # the serving port: no <connect> back into the server on this host
 
     def module_allowed(self, module: str) -> bool:
         return any(module == m or module.startswith(m + ".") for m in self.modules)
@@ -175,6 +179,8 @@ def _parse_external(el: ET.Element, policy: Policy, source: str) -> External:
         if host not in policy.connect_hosts:
             raise PipelineError(f"pipeline {source}: <connect address={host!r}> is not an allowed host "
                                 f"{list(policy.connect_hosts)} (the operator extends it with --allow-connect)")
+        if port == policy.server_port and host in LOOPBACK:  # (each level a session slot: nested, they took all)
+            raise PipelineError(f"pipeline {source}: <connect port={port}> is this server's own port")
         return External(configuration, address=(host, port))
     raise PipelineError(f"pipeline {source}: <external> needs <execute> or <connect>")
 

@@ -14,6 +14,7 @@ Failures reach the client as ERROR (8) with the reason; the session still return
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import math
@@ -714,6 +715,7 @@ class Server:
         except OSError as exc:
             raise ValueError(f"cannot listen on {opts.host}:{opts.port}: {exc}") from exc
         self.port = self.listener.getsockname()[1]
+        self.opts = opts = dataclasses.replace(opts, policy=dataclasses.replace(opts.policy, server_port=self.port))
         self.launcher = make_launcher(opts.launcher, opts.policy)
         self.stopping = threading.Event()
         self.sessions: dict = {}

@@ -1318,3 +1318,11 @@ def test_a_clients_text_cannot_forge_log_lines(server, raw, caplog):
     assert errors(frames) == [] and sum(f.mid == ACQUISITION for f in frames) == 1
     texts = [r.getMessage() for r in caplog.records if "client text" in r.getMessage()]
     assert len(texts) == 1 and "\n" not in texts[0] and "forged" in texts[0]
+
+
+def test_a_pipeline_cannot_connect_back_into_the_server(server, raw):
+    """Nested <connect>s to the server's own port held a session slot at every level: one client took them all."""
+    header = load(raw)[0]
+    for host in ("localhost", "127.0.0.1"):
+        xml = _pipeline_xml(f'<connect address="{host}" port="{server.port}"/>')
+        _expect_error(server, stream(ConfigText(xml), header, []), "is this server's own port")

@@ -538,6 +538,7 @@ def _checked_arguments(data: RadialData, cfg: Optional[DAINRConfig]) -> DAINRCon
     return cfg
 
 
+@on_cpu_default_device
 def acquired_problem(data: RadialData, cfg: Optional[DAINRConfig], coil_maps: Optional[torch.Tensor] = None,
                      holdout_spokes: int = 0) -> Problem:
     """A :class:`Problem` of the acquired frames at the acquired matrix (no features, no spatial or temporal

@@ -321,7 +321,10 @@ def raise_open_file_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
     if soft != resource.RLIM_INFINITY and soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError) as exc:  # (e.g. above a system's per-process maximum): serve with what it has
+            print(f"dainr serve: open-file limit stays {soft} ({exc})", file=sys.stderr)
 
 
 def cmd_serve(args) -> int:

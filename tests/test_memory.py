@@ -162,5 +162,7 @@ def test_the_tcnn_grid_counts_what_it_keeps_outside_pytorch(monkeypatch):
     data = _tiny(64)
     cfg = DAINRConfig(frames_per_step=6)  # (the fit step is then the largest phase)
     torch_grid = estimate_memory(data, cfg, CPU).parts["fit step"]
+    render = estimate_memory(data, DAINRConfig(frames_per_step=2), CPU)  # (the render is then the largest phase)
     monkeypatch.setattr(memory, "grid_backend", lambda grid, device: "tcnn")
     assert estimate_memory(data, cfg, CPU).parts["fit step"] - torch_grid == 6 * 64 * 64 * 2 * 32 * 4
+    assert estimate_memory(data, DAINRConfig(frames_per_step=2), CPU) == render  # rendering keeps no input gradient

@@ -323,3 +323,14 @@ def test_named_pipelines_resolve_and_unknown_names_list_the_available_ones():
     assert load_named("dainr.xml").source == "dainr.xml"
     with pytest.raises(PipelineError, match="unknown pipeline 'nope'.*dainr.xml"):
         load_named("nope")
+
+
+def test_connect_refuses_the_servers_own_port_on_this_host_only():
+    policy = Policy(connect_hosts=("localhost", "127.0.0.1", "::1", "10.0.0.5"), server_port=9002)
+    for host in ("localhost", "127.0.0.1", "::1"):
+        with pytest.raises(PipelineError, match="is this server's own port"):
+            parse_pipeline(XML.format(f'<external><connect address="{host}" port="9002"/></external>'), policy)
+    for host, port in (("10.0.0.5", 9002), ("localhost", 9003)):  # another host's 9002, another port here
+        node = parse_pipeline(XML.format(f'<external><connect address="{host}" port="{port}"/></external>'),
+                              policy).nodes[0]
+        assert node.address == (host, port)

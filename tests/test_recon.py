@@ -7,6 +7,7 @@ import torch
 from dainr import DAINRConfig, RadialData, reconstruct, zero_filled
 from dainr.baselines import cg_sense, cg_sense_holdout_iterations, temporal_tv
 from dainr.data import frames_from_spokes
+from dainr.memory import estimate_memory
 from dainr.metrics import psnr_ssim
 from dainr.recon import Problem, acquired_problem, epoch_steps
 from dainr.sim import simulate
@@ -57,9 +58,12 @@ def test_a_callers_default_device_does_not_move_the_fit(small_scan):
     cfg = DAINRConfig(device="cpu", max_steps=3)
     data = small_scan.data.select_frames([0, 1, 2])
     expected = reconstruct(data, cfg).images
+    estimate = estimate_memory(data, cfg, torch.device("cpu"))
     torch.set_default_device("meta")
     try:
         images = reconstruct(data, cfg).images
+        assert estimate_memory(data, cfg, torch.device("cpu")) == estimate
+        assert acquired_problem(data, cfg).zero_filled.device.type == "cpu"
         others = [zero_filled(data), temporal_tv(data, iterations=2)["images"], cg_sense(data, iterations=2)["images"],
                   simulate(matrix=16, frames=2, spokes=4, coils=2).data.kdata]
         assert torch.get_default_device().type == "meta"  # the caller's setting stays

@@ -1261,18 +1261,21 @@ def test_a_gadget_process_closed_while_its_session_waits_for_it():
     assert got == [-9] and child.wait(0) == -9 and not child.alive()
 
 
-def test_the_server_survives_accept_failures():
+def test_the_server_survives_accept_failures(caplog):
     """Out of file descriptors (a client opening connections by the hundred), accept() raises EMFILE: the server
-    stopped for good on any accept error."""
+    stopped for good on any accept error. It retries, pausing (the pending connection stays queued: no busy
+    loop) and warning once, not per failure."""
     import errno
+    import logging
 
     from dainr_app.replay import query
 
-    class Listener:  # the server's listening socket, whose accept fails three times
-        def __init__(self, sock):
-            self.sock, self.failures = sock, 3
+    class Listener:  # the server's listening socket, whose accept fails for a while
+        def __init__(self, sock, failures):
+            self.sock, self.failures, self.calls = sock, failures, 0
 
         def accept(self):
+            self.calls += 1
             if self.failures:
                 self.failures -= 1
                 raise OSError(errno.EMFILE, "Too many open files")
@@ -1282,16 +1285,47 @@ def test_the_server_survives_accept_failures():
             return getattr(self.sock, name)
 
     server = Server(ServerOptions(port=0))
-    server.listener = Listener(server.listener)
+    server.listener = Listener(server.listener, 5)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        assert query(("127.0.0.1", server.port), ["dainr::version"], timeout=30)[0]
-        assert thread.is_alive() and server.listener.failures == 0
-    finally:
-        server.stopping.set()
-        thread.join(30)
+    with caplog.at_level(logging.WARNING, logger="dainr.server"):
+        thread.start()
+        try:
+            assert query(("127.0.0.1", server.port), ["dainr::version"], timeout=30)[0]
+            assert thread.is_alive() and server.listener.failures == 0
+            server.listener.failures = 10 ** 6  # failing on: paced (0.1 s a retry)
+            calls = server.listener.calls
+            time.sleep(0.5)
+            assert server.listener.calls - calls <= 8
+        finally:
+            server.stopping.set()
+            thread.join(30)
     assert not thread.is_alive()
+    assert sum("accept failed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_the_open_file_limit_rises_to_the_hard_one_and_a_refusal_is_no_failure(monkeypatch):
+    import resource
+
+    from dainr_app import cli
+
+    calls = []
+    monkeypatch.setattr(resource, "setrlimit", lambda which, limits: calls.append(limits))
+    for soft, hard, expected in ((1024, 4096, (4096, 4096)), (1024, resource.RLIM_INFINITY,
+                                                              (65536, resource.RLIM_INFINITY)), (4096, 4096, None)):
+        calls.clear()
+        monkeypatch.setattr(resource, "getrlimit", lambda which: (soft, hard))
+        cli.raise_open_file_limit()
+        assert calls == ([expected] if expected else [])
+
+    def refuse(which, limits):
+        raise ValueError("not allowed")
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 4096))
+    monkeypatch.setattr(resource, "setrlimit", refuse)
+    cli.raise_open_file_limit()  # (the server starts with the limit it has)
+    # and `dainr serve` raises it
+    raised = []
+    monkeypatch.setattr(cli, "raise_open_file_limit", lambda: raised.append(True))
+    assert cli.main(["serve", "--from_stream", "-c", "no-such-pipeline"]) == 2 and raised  # (before the pipeline)
 
 
 def test_serve_raises_its_open_file_limit():

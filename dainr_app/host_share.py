@@ -102,6 +102,15 @@ def _parse(text: str) -> RunningFit:
         return RunningFit("cpu", 0, 0)
 
 
+def _open_shared(path: str, flags: int) -> int:
+    """Open (creating) a file of the share folder, readable by every uid sharing the folder whatever the umask."""
+    fd = os.open(path, flags, 0o644)
+    with contextlib.suppress(OSError):  # (another uid's existing file: its owner set the mode)
+        if os.fstat(fd).st_uid == os.geteuid():
+            os.fchmod(fd, 0o644)
+    return fd
+
+
 class HostShare:
     """``with HostShare(device=..., preflight=...):`` around a fit; call :meth:`update` now and then during it.
 
@@ -133,7 +142,8 @@ class HostShare:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
             if self.directory == _private_directory():
                 _check_private(self.directory)
-            folder = os.open(os.path.join(self.directory, ".lock"), os.O_CREAT | os.O_RDWR, 0o600)
+            # readable by all (flock needs no write access): fits of other uids sharing one folder (containers)
+            folder = _open_shared(os.path.join(self.directory, ".lock"), os.O_CREAT | os.O_RDONLY)
         except OSError as exc:
             return self._alone(exc)
         try:
@@ -164,7 +174,7 @@ class HostShare:
         # already excludes it: all of it counts as in use (else a resident gadget's estimate stayed outstanding)
         self._base_in_use = _in_use(self.device) if self.device.type == "cpu" else 0
         try:
-            fd = os.open(partial, os.O_CREAT | os.O_RDWR, 0o600)
+            fd = _open_shared(partial, os.O_CREAT | os.O_RDWR)
         except OSError as exc:
             log.warning("host share off, the fit keeps %d threads: %s", self.base, exc)
             return
@@ -181,14 +191,17 @@ class HostShare:
         self._fd, self._path = fd, path
 
     def __exit__(self, *exc) -> None:
-        if self._fd is None:
+        if self._fd is None and self.threads == self.base:
             return
         torch.set_num_threads(self.base)
         self.threads = self.base
-        try:
+        self._unregister()
+
+    def _unregister(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
             os.unlink(self._path)
-        except FileNotFoundError:
-            pass
         os.close(self._fd)
         self._fd = None
 
@@ -203,13 +216,17 @@ class HostShare:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:  # its fit just ended
                 continue
+            except PermissionError:  # another uid's file of an older version (0600): cannot tell, not counted
+                continue
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # shared: it fails only against the running fit's exclusive lock, not against another fit
+                # checking the same file at this moment (which made a dead fit count as running)
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
                 found.append(_parse(os.pread(fd, 256, 0).decode("ascii", "replace")))
             else:
-                with contextlib.suppress(FileNotFoundError):  # another fit may have removed it first
-                    os.unlink(path)
+                with contextlib.suppress(FileNotFoundError, PermissionError):  # removed first by another fit; or
+                    os.unlink(path)  # another uid's in a sticky folder: left for a fit of that uid
             finally:
                 os.close(fd)
         return found
@@ -228,10 +245,16 @@ class HostShare:
         Returns the threads."""
         if self._fd is None:
             return self.threads
-        os.pwrite(self._fd, self._record(_in_use(self.device) - self._base_in_use), 0)
-        if self.device.type != "cpu":
+        try:
+            os.pwrite(self._fd, self._record(_in_use(self.device) - self._base_in_use), 0)
+            if self.device.type != "cpu":
+                return self.threads
+            running = self.running()
+        except OSError as exc:  # the folder removed (a tmp cleaner), unreadable, full: the fit goes on unshared
+            log.warning("host share off for the rest of this fit, which keeps %d threads: %s", self.threads, exc)
+            self._unregister()
             return self.threads
-        threads = max(1, min(self.base, self.cores // max(1, self.running())))
+        threads = max(1, min(self.base, self.cores // max(1, running)))
         if threads != self.threads:
             torch.set_num_threads(threads)
             self.threads = threads

@@ -221,3 +221,45 @@ def test_a_cuda_fit_counts_the_allocator_cache_it_already_holds(tmp_path, monkey
     with HostShare(str(tmp_path), device=torch.device("cuda"), preflight=lambda elsewhere: 2 * GIB):
         with HostShare(str(tmp_path), device=torch.device("cuda"), preflight=check):
             assert seen == [0]  # the first fit's 2 GiB are within the 3 GiB it holds
+
+
+def test_a_folder_that_goes_away_mid_fit_leaves_the_fit_running_unshared(tmp_path, four_threads, caplog):
+    """A tmp cleaner (or an operator) removing the folder, or another uid's unreadable file: update() raised and
+    the reconstruction failed."""
+    import shutil
+
+    d = str(tmp_path / "share")
+    with HostShare(d, cores=4) as a, HostShare(d, cores=4) as b:
+        assert a.update() == b.update() == 2
+        shutil.rmtree(d)
+        assert a.update() == 2 and a._fd is None and "host share off for the rest of this fit" in caplog.text
+    assert torch.get_num_threads() == 4  # given back
+
+
+def test_a_dead_fit_is_not_counted_while_another_fit_checks_it_too(tmp_path):
+    """Checking a file took an exclusive lock: a second checker at that moment saw it locked, as if running."""
+    import fcntl
+
+    dead = tmp_path / "999-x.fit"
+    dead.write_text(f"cpu {10 ** 12:020d} {0:020d}\n")
+    fd = os.open(dead, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # another fit checking it right now
+        assert HostShare(str(tmp_path)).reserved_elsewhere() == 0
+    finally:
+        os.close(fd)
+
+
+def test_the_share_files_are_readable_by_other_uids_whatever_the_umask(tmp_path):
+    """One folder mounted into containers of different uids: files created 0600 left every other uid's fits
+    unshared ("Permission denied: .lock")."""
+    import stat
+
+    old = os.umask(0o077)
+    try:
+        with HostShare(str(tmp_path), cores=2) as share:
+            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+            assert share._path.endswith(".fit")
+    finally:
+        os.umask(old)
+    assert set(modes.values()) == {0o644} and ".lock" in modes and len(modes) == 2

@@ -294,7 +294,7 @@ def cmd_gadget_server(args) -> int:
     from gadgets.resident import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(args.port, args.connections, args.start_timeout)
+    serve(args.port, args.connections, args.start_timeout, args.host)
     return 0
 
 
@@ -547,6 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("gadget-server", help="resident DA-INR gadget for <connect port=.../> pipelines")
     g.add_argument("-p", "--port", type=int, default=18000, help="port to listen on (0: a free one, logged)")
+    g.add_argument("--host", default="", help="address to listen on (default: every interface, as gadgetron-python, "
+                   "for a Gadgetron on another host; 127.0.0.1: this host only)")
     g.add_argument("--connections", type=_positive_int, help="exit after this many connections, scans or not (one "
                    "closed by --start-timeout counts; default: serve forever)")
     g.add_argument("--start-timeout", type=_positive, default=60.0,

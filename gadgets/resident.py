@@ -26,10 +26,11 @@ class _StartTimeout:
         return getattr(self._sock, name)
 
 
-def serve(port: int, connections: Optional[int] = None, start_timeout: float = 60.0) -> None:
+def serve(port: int, connections: Optional[int] = None, start_timeout: float = 60.0, host: str = "") -> None:
     """Accept Gadgetron connections on ``port`` (0: a free one, logged) one after another (``connections``: stop
     after that many); a connection that has not sent its CONFIG and HEADER within ``start_timeout`` seconds is
-    closed.
+    closed.  ``host``: the address to listen on ('': every interface, IPv4 and IPv6, as gadgetron-python's
+    ``listen()``, for a Gadgetron on another host; '127.0.0.1' for one on this host only).
 
     One listening socket for the life of the process (gadgetron-python's ``listen()`` binds a new one per
     connection and leaves the old one to the garbage collector, so a connection arriving between two scans
@@ -41,21 +42,22 @@ def serve(port: int, connections: Optional[int] = None, start_timeout: float = 6
     from gadgetron.external.connection import Connection
 
     from .dainr_gadget import dainr_recon  # its import makes a closed connection raise (connection_eof)
-    server = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)  # dual stack: IPv4 clients too
+    # '': dual stack, IPv4 clients too
+    server = socket.socket(socket.AF_INET6 if host == "" or ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        server.bind(("", port))
+        server.bind((host, port))
         server.listen(8)
-        port = server.getsockname()[1]
+        address, port = server.getsockname()[:2]
     except OSError as exc:
         server.close()
-        raise ValueError(f"cannot listen on port {port}: {exc}") from exc
+        raise ValueError(f"cannot listen on {host or '*'} port {port}: {exc}") from exc
     if torch.cuda.is_available():
         torch.zeros(1, device="cuda")  # create the CUDA context once, before the first scan
     with server:
         served = 0
         while connections is None or served < connections:
-            log.info("DA-INR gadget waiting for Gadgetron on port %d", port)
+            log.info("DA-INR gadget waiting for Gadgetron on port %d (address %s)", port, address)
             sock, address = server.accept()
             served += 1
             log.info("connection %d from %s", served, address[0])

@@ -260,6 +260,21 @@ def test_a_connection_that_sends_nothing_does_not_block_the_resident_process(two
         if proc.poll() is None:
             proc.kill()
     assert "sent no CONFIG and HEADER in 2 s; closed" in server.log()
+    assert f"waiting for Gadgetron on port {port} (address ::)" in server.log()  # every interface (dual stack)
+
+
+def test_the_resident_process_can_listen_on_this_host_only():
+    server = _resident("--connections", "1", "--start-timeout", "1", "--host", "127.0.0.1")
+    proc, port = server.proc, server.port
+    try:
+        from .gadget_harness import dial
+
+        dial(port).close()  # (counted; it exits)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert f"waiting for Gadgetron on port {port} (address 127.0.0.1)" in server.log()
 
 
 def _imaging(acqs, s):

@@ -51,7 +51,7 @@ def serve(port: int, connections: Optional[int] = None, start_timeout: float = 6
         address, port = server.getsockname()[:2]
     except OSError as exc:
         server.close()
-        raise ValueError(f"cannot listen on {host or '*'} port {port}: {exc}") from exc
+        raise ValueError(f"cannot listen on port {port}{f' of {host}' if host else ''}: {exc}") from exc
     if torch.cuda.is_available():
         torch.zeros(1, device="cuda")  # create the CUDA context once, before the first scan
     with server:

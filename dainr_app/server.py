@@ -709,7 +709,6 @@ def query_answers(opts: ServerOptions) -> Dict[str, Callable[[], str]]:
 
 class Server:
     def __init__(self, opts: ServerOptions = ServerOptions()):
-        self.opts = opts
         try:
             self.listener = socket.create_server((opts.host, opts.port), reuse_port=False)
         except OSError as exc:
@@ -904,7 +903,7 @@ def _watch_after_close(conn: socket.socket, reader: FrameReader, session: Sessio
             break
     while not reset and not closed.wait(0.2):
         try:
-            reset = conn.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
+            reset = _reset(conn)
         except OSError:  # the session closed the socket meanwhile
             return
     if reset and not closed.is_set():
@@ -912,12 +911,17 @@ def _watch_after_close(conn: socket.socket, reader: FrameReader, session: Sessio
         session.abort()
 
 
+def _reset(conn: socket.socket) -> bool:
+    """Whether the socket has an error pending (a peer that closed completely answers what we send with a reset)."""
+    return conn.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
+
+
 def _client_gone(conn: socket.socket) -> bool:
     """After an end of stream without CLOSE: has the client closed completely (vs. only its sending side)?
     Our ERROR was just sent; a fully closed peer answers it with a reset, which sets the socket error."""
     time.sleep(0.1)
     try:
-        return conn.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
+        return _reset(conn)
     except OSError:
         return True
 

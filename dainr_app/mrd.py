@@ -484,6 +484,20 @@ def noise_samples(scans: Sequence[np.ndarray]) -> Optional[torch.Tensor]:
     return torch.from_numpy(np.concatenate(scans, axis=1))
 
 
+def geometry_spread(acqs: List) -> Optional[str]:
+    """How far one slice's readouts disagree on where the slice is (None within float32 rounding): a converter
+    writing per-spoke rotated directions, or readouts of two slices under one index, would otherwise be labelled
+    silently with one readout's geometry."""
+    pos = np.array([a.position for a in acqs], dtype=np.float64)
+    dirs = np.array([(a.read_dir, a.phase_dir, a.slice_dir) for a in acqs], dtype=np.float64)
+    shift = float(np.linalg.norm(pos - pos[-1], axis=1).max())  # mm
+    # the angle between two unit vectors from their chord; the largest over the three directions
+    turn = float(np.degrees(2 * np.arcsin(np.clip(np.linalg.norm(dirs - dirs[-1], axis=2).max() / 2, 0, 1))))
+    spread = ([f"position differs by up to {shift:.3g} mm"] if shift > 1e-2 else []) + \
+        ([f"read/phase/slice directions differ by up to {turn:.3g}°"] if turn > 1e-2 else [])
+    return " and ".join(spread) or None
+
+
 def slice_from_acquisitions(acqs: List, params: ReconParameters, noise: Optional[torch.Tensor], s: int) -> RawSlice:
     """One slice's imaging readouts (in order) → :class:`RawSlice`; a clear :class:`MRDFormatError` otherwise."""
     shapes = {a.data.shape for a in acqs}
@@ -497,6 +511,9 @@ def slice_from_acquisitions(acqs: List, params: ReconParameters, noise: Optional
         notes.append(f"slice {s}: {C} channels but the noise scan has {noise.shape[0]}: reconstructed without "
                      "prewhitening")
         noise = None
+    moved = geometry_spread(acqs)
+    if moved:
+        notes.append(f"slice {s}: the readouts' {moved}: the images carry the last readout's geometry")
     discards = {(int(a.discard_pre), int(a.discard_post)) for a in acqs}  # samples the scanner marks as unusable
     if len(discards) != 1:
         raise MRDFormatError(f"slice {s}: readouts discard different samples (discard_pre, discard_post): "

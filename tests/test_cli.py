@@ -295,6 +295,28 @@ def test_inconsistent_channels_are_reported(tmp_path):
     assert raw_slice.warnings == ["slice 0: 2 channels but the noise scan has 3: reconstructed without prewhitening"]
 
 
+def test_readouts_that_disagree_on_the_slice_geometry_are_reported(raw2, tmp_path):
+    def move(acq, counter=iter(range(10**6))):  # the second half of each slice 40 mm along z, last readout turned
+        i = next(counter)
+        if i % 2:
+            acq.position = tuple(np.add(acq.position, (0.0, 0.0, 40.0)))
+        if i == n - 1:
+            acq.read_dir, acq.phase_dir = (0.0, 1.0, 0.0), (-1.0, 0.0, 0.0)
+        return acq
+
+    (raw_slice,) = (s for k, s in read_raw(raw2).slices.items() if k[0] == 0)
+    assert raw_slice.warnings == []  # the simulator's readouts agree
+    src = ismrmrd.Dataset(raw2, "dataset", create_if_needed=False, mode="r")
+    n = src.number_of_acquisitions()
+    src.close()
+    slices = read_raw(_rewrite(raw2, str(tmp_path / "moved.h5"), move)).slices
+    notes = [note for s in slices.values() for note in s.warnings]
+    assert notes[-1] == ("slice 1: the readouts' position differs by up to 40 mm and read/phase/slice directions "
+                         "differ by up to 90°: the images carry the last readout's geometry")
+    assert notes[0].startswith("slice 0: the readouts' position differs by up to 40 mm: the images")
+    assert slices[max(slices)].geometry.read_dir == (0.0, 1.0, 0.0)
+
+
 def test_demo_command(tmp_path, capsys):
     out = str(tmp_path / "demo")
     assert cli.main(["demo", "-o", out, "--max-steps", "150", "--quiet"]) == 0

@@ -113,6 +113,9 @@ def run_recon(raw: str, output: str, cfg: DAINRConfig, series: int = 1, preview:
         print(f"dainr recon: warning: {scan.late_noise} noise readouts after the first imaging readout were not used "
               "(the prewhitening uses the noise scan before it, as the gadget and Gadgetron's NoiseAdjustGadget do)",
               file=sys.stderr)
+    for space, n in scan.other_encodings.items():
+        print(f"dainr recon: warning: {n} readouts of encoding space {space} were not reconstructed (DA-INR "
+              "reconstructs the header's first encoding)", file=sys.stderr)
     for note in (note for raw_slice in scan.slices.values() for note in raw_slice.warnings):
         print(f"dainr recon: warning: {note}", file=sys.stderr)
     truth_images = matching_truth(load_truth(truth), scan, truth, truth_found) if truth else None

@@ -97,6 +97,8 @@ class RawScan:
     header: object = field(repr=False, default=None)
     header_text: Optional[str] = field(repr=False, default=None)
     late_noise: int = 0  # noise readouts after the first imaging readout: not used, as the gadget does
+    # readouts per encoding space other than the header's first: not reconstructed, as the gadget does
+    other_encodings: Dict[int, int] = field(default_factory=dict)
 
 
 def build_header(matrix: int, n_samples: int, n_coils: int, n_frames: int, n_spokes: int, n_slices: int,
@@ -432,25 +434,26 @@ def read_raw(path: str, group: str = "dataset", spokes_per_frame: Optional[int] 
     text = open_raw(path, group)[0]
     header = parse_header(text)
     params = ReconParameters.from_header(header, spokes_per_frame, golden_angle)
-    noise, per_key, late_noise = [], {}, 0
+    noise, per_key, late_noise, other_encodings = [], {}, 0, {}
     for acq in iter_acquisitions(path, group):
         if acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
             if per_key:  # the gadget's prewhitener is fixed at the first imaging readout: the same images here
                 late_noise += 1
             else:
                 noise.append(acq.data.copy())
-        elif acq.encoding_space_ref != 0 and not is_skipped(acq):
-            raise MRDFormatError(f"{path}: readout {acq.scan_counter} belongs to encoding space "
-                                 f"{acq.encoding_space_ref}: DA-INR reconstructs the header's first encoding only")
+        elif acq.encoding_space_ref != 0 and not is_skipped(acq):  # as the gadget: not used, counted
+            other_encodings[acq.encoding_space_ref] = other_encodings.get(acq.encoding_space_ref, 0) + 1
         elif not is_skipped(acq):
             per_key.setdefault(acquisition_key(acq), []).append(acq)
     if not per_key:
-        raise MRDFormatError(f"{path}: no imaging acquisitions")
+        raise MRDFormatError(f"{path}: no imaging acquisitions" + (
+            f" of the first encoding (the readouts are of encoding space(s) {sorted(other_encodings)})"
+            if other_encodings else ""))
     for key, acqs in per_key.items():
         _check_one_pass(path, key, acqs, params.last_average)
     noise_t = noise_samples(noise)
     slices = {key: slice_from_acquisitions(acqs, params, noise_t, key[0]) for key, acqs in sorted(per_key.items())}
-    return RawScan(params.matrix, params.fov_mm, slices, noise_t, header, text, late_noise)
+    return RawScan(params.matrix, params.fov_mm, slices, noise_t, header, text, late_noise, other_encodings)
 
 
 def ends_cine(acq, last_average: int) -> bool:

@@ -285,6 +285,7 @@ def _reconstruct_stream(connection, report: Callable[[str], None]) -> None:
 
     connection.filter(lambda item: isinstance(item, ismrmrd.Acquisition) and not is_skipped(item))
     imaging, late_noise, undeclared_average = 0, 0, False
+    passed_on: Dict[str, int] = {}
     # a radial header without the angle step: if its first usable imaging readout has no acq.traj, every slice
     # would fail, so the ERROR comes at once (an 'other' header: readouts without acq.traj fail slice by slice)
     angle_problem = unknown_angles(params) if params.trajectory in RADIAL_TRAJECTORIES else None
@@ -303,15 +304,13 @@ def _reconstruct_stream(connection, report: Callable[[str], None]) -> None:
                    "(declared averages are combined into one)")
         unusable = None
         if acq.number_of_samples == 0:
-            unusable = "has 0 samples"
+            unusable = "with 0 samples"
         elif acq.encoding_space_ref != 0 and not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
-            unusable = f"belongs to encoding space {acq.encoding_space_ref} (DA-INR reconstructs the first)"
-        if unusable:  # nothing to reconstruct, but its flags still count
-            s, contrast, rep, set_index = key = acquisition_key(acq)
-            report(f"readout {acq.scan_counter} (slice {s}, contrast {contrast}, repetition {rep}, "
-                   f"set {set_index}) {unusable}; ignored")
-            if not acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE):
-                key = None
+            unusable = f"of encoding space {acq.encoding_space_ref} (DA-INR reconstructs the header's first)"
+        if unusable:  # passed on as a readout the gadget does not use, counted in one ERROR; its flags still count
+            passed_on[unusable] = passed_on.get(unusable, 0) + 1
+            connection.send(acq)
+            key = acquisition_key(acq) if acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE) else None
         else:
             if angle_problem and not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
                 if acq.trajectory_dimensions == 0:
@@ -327,6 +326,8 @@ def _reconstruct_stream(connection, report: Callable[[str], None]) -> None:
                 flush(k)
     for k in buffers.keys():  # end of stream: reconstruct whatever is still buffered
         flush(k)
+    for what, n in passed_on.items():
+        report(f"DA-INR: {n} readouts {what} were passed on, not reconstructed")
     if late_noise:
         report(f"DA-INR: {late_noise} noise readouts after the first imaging readout were not used "
                "(the prewhitening is fixed there, as in Gadgetron's NoiseAdjustGadget)")

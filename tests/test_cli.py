@@ -509,13 +509,21 @@ def _without_traj(acq):
     return acq
 
 
-def test_readouts_of_a_second_encoding_space_are_refused(raw2, tmp_path):
+def test_readouts_of_a_second_encoding_space_are_counted_not_reconstructed(raw2, tmp_path, capsys):
+    """They refused the whole file (the gadget passes them on and reconstructs the first encoding)."""
     def second(acq):
         if acq.idx.slice == 1 and not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
             acq.encoding_space_ref = 1
         return acq
-    with pytest.raises(MRDFormatError, match="belongs to encoding space 1"):
-        read_raw(_rewrite(raw2, str(tmp_path / "enc.h5"), second))
+    path = _rewrite(raw2, str(tmp_path / "enc.h5"), second)
+    scan = read_raw(path)
+    assert [k[0] for k in scan.slices] == [0] and scan.other_encodings == {1: 6 * 9}  # a slice: 6 frames × 9 spokes
+    assert torch.equal(scan.slices[0, 0, 0, 0].data.kdata, read_raw(raw2).slices[0, 0, 0, 0].data.kdata)
+    assert cli.main(["recon", path, "-o", str(tmp_path / "o.h5"), "--steps", "2", "--quiet"]) == 0
+    assert "warning: 54 readouts of encoding space 1 were not reconstructed" in capsys.readouterr().err
+    with pytest.raises(MRDFormatError, match=r"no imaging acquisitions of the first encoding \(the readouts are of "
+                                             r"encoding space\(s\) \[1\]\)"):
+        read_raw(_rewrite(raw2, str(tmp_path / "enc1.h5"), lambda a: second(a) if a.idx.slice == 1 else None))
 
 
 def test_uniform_radial_without_trajectory_needs_the_angle_step(raw2, tmp_path):

@@ -340,8 +340,8 @@ def test_golden_angle_property_reads_a_radial_header_without_its_angle(two_slice
     dummy.idx.slice, dummy.scan_counter = 0, 9999
     n_noise = sum(a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT) for a in with_traj)
     run = run_gadget(CONFIG.format(steps=5, extra=""), hdr, with_traj[:n_noise] + [dummy] + with_traj[n_noise:])
-    assert run.errors == ["readout 9999 (slice 0, contrast 0, repetition 0, set 0) has 0 samples; ignored"]
-    assert len(run.images) == 6
+    assert run.errors == ["DA-INR: 1 readouts with 0 samples were passed on, not reconstructed"]
+    assert len(run.images) == 6 and [a.scan_counter for a in run.passthrough] == [9999]
     with pytest.raises(ValueError, match="golden_angle"):
         options_from_properties({"golden_angle": "111"})
 
@@ -369,15 +369,18 @@ def test_mismatched_channel_counts_are_an_error(two_slices):
     assert {im.slice for im in run.images} == {1}
 
 
-def test_readouts_of_a_second_encoding_space_are_reported_not_merged(two_slices):
-    """They joined slice 0's buffer: one cine of two encodings' spokes."""
+def test_readouts_of_a_second_encoding_space_are_passed_on_not_merged(two_slices):
+    """They joined slice 0's buffer (one cine of two encodings' spokes); then each got an ERROR of its own and was
+    dropped (a second encoding of thousands of readouts: thousands of ERRORs)."""
     header, acqs = _load(two_slices[1])
-    other = [a for a in acqs if a.idx.slice == 0 and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)][:2]
+    other = [a for a in acqs if a.idx.slice == 0 and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)][:3]
     for a in other:
         a.encoding_space_ref = 1
     run = run_gadget(CONFIG.format(steps=5, extra=""), header, acqs)
-    assert len(run.errors) == 2 and all("belongs to encoding space 1" in e for e in run.errors), run.errors
+    assert run.errors == ["DA-INR: 3 readouts of encoding space 1 (DA-INR reconstructs the header's first) were "
+                          "passed on, not reconstructed"]
     assert len(run.images) == 12  # slice 0 from the readouts of encoding 0
+    assert [a.scan_counter for a in run.passthrough] == [a.scan_counter for a in other]
 
 
 def test_unconsumed_items_pass_through_unchanged(two_slices):

@@ -215,6 +215,26 @@ class ReconParameters:
     encoded_x: Optional[int] = None  # encodedSpace matrix x: readouts of twice as many samples are oversampled ×2
     strides: Tuple[int, int, int, int] = (1, 1, 1, 1)  # the header's (slices, contrasts, phases, sets): numbering
 
+    def recon_pixels_per_encoded_pixel(self) -> float:
+        """The reconSpace pixel over the encodedSpace pixel (1 without the encoded matrix or FOV): a k-space
+        position in cycles per encoded pixel times this is in cycles per reconSpace pixel."""
+        if not (self.encoded_x and self.encoded_fov_x):
+            return 1.0
+        return self.fov_mm[0] * self.encoded_x / (self.matrix * self.encoded_fov_x)
+
+    def oversampling(self, n_samples: int, kept: int) -> float:
+        """A readout's samples per encoded-matrix sample: 2 where the readout (or its ``kept`` samples) has twice
+        the encodedSpace matrix's samples, ½ where it has half of them under an encoded FOV twice the reconSpace's
+        (oversampling removed upstream, as ``RemoveROOversamplingGadget`` decides it), else 1."""
+        if not self.encoded_x:
+            return 1
+        if 2 * self.encoded_x in (n_samples, kept):
+            return 2
+        if self.encoded_x == 2 * n_samples and self.encoded_fov_x and \
+                abs(self.encoded_fov_x - 2 * self.fov_mm[0]) <= 1e-3 * self.fov_mm[0]:
+            return 0.5
+        return 1
+
     @classmethod
     def from_header(cls, header, spokes_per_frame: Optional[int] = None,
                     golden_angle: Optional[str] = None) -> "ReconParameters":
@@ -320,12 +340,17 @@ def spoke_trajectory(acq, params: ReconParameters, n_samples: int, pre: int = 0,
     the kept samples.  Without ``acq.traj`` spokes are taken as symmetric, as Gadgetron's radial gadgets take
     them: ``center_sample`` 0 is read as not set, so a centre-out readout needs ``acq.traj``.  A readout of twice
     the encodedSpace matrix's samples (or as many kept samples) is oversampled ×2 (how siemens_to_ismrmrd describes
-    radial readouts)."""
+    radial readouts); one of half as many, under an encoded FOV twice the reconSpace's, had its oversampling removed
+    upstream (Gadgetron's ``RemoveROOversamplingGadget`` does not rewrite the header).  ``acq.traj`` is in cycles
+    per encodedSpace pixel (±0.5 at the encoded matrix's Nyquist, as Gadgetron's radial gadgets read it): scaled to
+    the reconSpace pixel where the two differ (scanner interpolation)."""
     if acq.trajectory_dimensions >= 2:
         if acq.trajectory_dimensions > 3 and np.any(acq.traj[:, 3:]):
             raise MRDFormatError(f"readout {acq.scan_counter} has a {acq.trajectory_dimensions}-D acq.traj: a 2D "
                                  "radial readout has (kx, ky) and at most a density weight")
-        return np.asarray(acq.traj[pre:n_samples - post, :2], dtype=np.float32)
+        traj = np.asarray(acq.traj[pre:n_samples - post, :2], dtype=np.float32)
+        scale = params.recon_pixels_per_encoded_pixel()
+        return traj * np.float32(scale) if abs(scale - 1) > 1e-3 else traj
     if acq.trajectory_dimensions == 1:
         raise MRDFormatError(f"readout {acq.scan_counter} has a 1-D acq.traj: a radial readout needs (kx, ky)")
     unknown = unknown_angles(params)
@@ -345,9 +370,9 @@ def spoke_trajectory(acq, params: ReconParameters, n_samples: int, pre: int = 0,
     if params.encoded_fov_x:
         # the samples are 1/FOV_encoded apart, (FOV_recon/N)/FOV_encoded cycles/pixel, or half that where the
         # readout, whole or its kept samples, has twice the encoded matrix's samples (oversampled ×2, also where
-        # scanner interpolation or discards of half the readout leave the kept samples spanning less than ±0.5)
-        oversampling = 2 if params.encoded_x and 2 * params.encoded_x in (n_samples, n) else 1
-        factor = n * params.fov_mm[0] / (params.matrix * params.encoded_fov_x * oversampling)
+        # scanner interpolation or discards of half the readout leave the kept samples spanning less than ±0.5),
+        # or twice that where its oversampling was removed upstream
+        factor = n * params.fov_mm[0] / (params.matrix * params.encoded_fov_x * params.oversampling(n_samples, n))
         if factor > 1.001:
             raise MRDFormatError(f"{n} readout samples over an encoded FOV of {params.encoded_fov_x:g} mm reach "
                                  f"{0.5 * factor:.3g} cycles/pixel of the {params.matrix}-pixel, {params.fov_mm[0]:g} mm "
@@ -501,6 +526,28 @@ def geometry_spread(acqs: List) -> Optional[str]:
     return " and ".join(spread) or None
 
 
+def _check_trajectory_units(acqs: List, params: ReconParameters, n_samples: int, pre: int, post: int, s: int,
+                            notes: List[str]) -> None:
+    """``acq.traj``'s step from sample to sample against the header's (1 / (encoded matrix × oversampling) cycles
+    per encoded pixel): another unit (cycles per reconSpace pixel under scanner interpolation, 1/mm, radians) gave
+    a wrong image silently.  Off by more than 1.5× either way: refused; by more than 10 %: noted (ramp sampling,
+    a header rounded)."""
+    if not (acqs and params.encoded_x and params.encoded_fov_x):
+        return
+    step = float(np.median(np.concatenate([np.linalg.norm(np.diff(a.traj[pre:n_samples - post, :2], axis=0), axis=1)
+                                           for a in acqs])))
+    expected = 1 / (params.encoded_x * params.oversampling(n_samples, n_samples - pre - post))
+    if 1 / 1.1 <= step / expected <= 1.1:
+        return
+    text = (f"slice {s}: acq.traj moves {step:.4g} from sample to sample where the header implies {expected:.4g} "
+            f"cycles per encoded pixel (encodedSpace x {params.encoded_x} over {params.encoded_fov_x:g} mm, readouts of "
+            f"{n_samples} samples)")
+    if not 1 / 1.5 <= step / expected <= 1.5:
+        raise MRDFormatError(f"{text}: it is in other units (ISMRMRD radial trajectories are in cycles per encoded "
+                             "pixel, ±0.5 at the encoded matrix's Nyquist)")
+    notes.append(f"{text}: reconstructed with acq.traj as given")
+
+
 def slice_from_acquisitions(acqs: List, params: ReconParameters, noise: Optional[torch.Tensor], s: int) -> RawSlice:
     """One slice's imaging readouts (in order) → :class:`RawSlice`; a clear :class:`MRDFormatError` otherwise."""
     shapes = {a.data.shape for a in acqs}
@@ -533,10 +580,15 @@ def slice_from_acquisitions(acqs: List, params: ReconParameters, noise: Optional
                              f"(scan counters {[int(acqs[i].scan_counter) for i in bad[:5]]})")
     if all(a.trajectory_dimensions < 2 for a in acqs):  # positions derived as symmetric spokes: is the echo there?
         peak = int(kdata.abs().sum(dim=(0, 1)).argmax())
-        if abs(peak - (R - pre - post) // 2) > (R - pre - post) // 4:
-            raise MRDFormatError(f"slice {s}: the readouts have no acq.traj and their k-space centre (the largest "
-                                 f"samples) lies at sample {peak + pre} of {R}, not in the middle: centre-out or "
-                                 "asymmetric readouts need acq.traj")
+        off = peak - (R - pre - post) // 2
+        where = f"the readouts have no acq.traj and their k-space centre (the largest samples) lies at sample " \
+                f"{peak + pre} of {R}"
+        if abs(off) > (R - pre - post) // 4:
+            raise MRDFormatError(f"slice {s}: {where}, not in the middle: centre-out or asymmetric readouts need "
+                                 "acq.traj")
+        if abs(off) > max(2, (R - pre - post) // 32):  # more than a gradient delay: a partial echo read as whole
+            notes.append(f"slice {s}: {where}, {abs(off)} from the middle: reconstructed as symmetric spokes (an "
+                         "asymmetric echo needs acq.traj)")
     traj = torch.from_numpy(np.stack([spoke_trajectory(a, params, R, pre, post, spoke)
                                       for a, spoke in zip(acqs, spoke_indices(acqs))]))
     frame_index = torch.tensor([a.idx.phase for a in acqs]) if params.frames_from_phase else None
@@ -565,6 +617,7 @@ def slice_from_acquisitions(acqs: List, params: ReconParameters, noise: Optional
         data = frames_from_spokes(kdata, traj, frame_index, params.matrix, params.spokes_per_frame, noise)
     except ValueError as exc:
         raise MRDFormatError(f"slice {s}: {exc}") from exc
+    _check_trajectory_units([a for a in acqs if a.trajectory_dimensions >= 2], params, R, pre, post, s, notes)
     first_phase = int(frame_index.min()) if frame_index is not None else 0
     # each frame's timing: its middle readout's (in arrival order) acquisition_time_stamp and physiology_time_stamp
     # (the time since the trigger: a cine frame's trigger time)

@@ -567,13 +567,21 @@ def test_scanner_converter_layouts_give_the_same_trajectory(raw2, tmp_path):
     assert torch.equal(read_raw(_rewrite(raw2, str(tmp_path / "w.h5"), weighted)).slices[key].data.traj,
                        read_raw(raw2).slices[key].data.traj)  # (it was refused as a non-zero kz)
 
-    def centre_out(acq):  # the echo at the first sample: read as symmetric spokes it gave a meaningless image
-        acq = _without_traj(acq)
-        if not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
-            acq.data[:] = np.roll(acq.data, -acq.number_of_samples // 2, axis=1)
-        return acq
+    def centre_out(shift):  # the echo moved ``shift`` samples towards the start
+        def f(acq):
+            acq = _without_traj(acq)
+            if not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+                acq.data[:] = np.roll(acq.data, -shift, axis=1)
+            return acq
+        return f
+    # at the first sample: read as symmetric spokes it gave a meaningless image
     with pytest.raises(MRDFormatError, match="centre-out or asymmetric readouts need acq.traj"):
-        read_raw(_rewrite(raw2, str(tmp_path / "out.h5"), centre_out))
+        read_raw(_rewrite(raw2, str(tmp_path / "out.h5"), centre_out(32)))
+    # a partial echo within a quarter of the middle was read as whole without a word; a gradient delay is not noted
+    assert read_raw(_rewrite(raw2, str(tmp_path / "p.h5"), centre_out(8))).slices[key].warnings == [
+        "slice 0: the readouts have no acq.traj and their k-space centre (the largest samples) lies at sample 24 of "
+        "64, 8 from the middle: reconstructed as symmetric spokes (an asymmetric echo needs acq.traj)"]
+    assert read_raw(_rewrite(raw2, str(tmp_path / "d.h5"), centre_out(2))).slices[key].warnings == []
 
 
 def test_spoke_indices_count_each_average():
@@ -600,6 +608,46 @@ def test_a_finer_recon_space_than_acquired_scales_the_derived_positions(raw2, tm
     with pytest.raises(MRDFormatError, match="coarser than the acquisition"):
         read_raw(_rewrite(raw2, str(tmp_path / "c.h5"), _without_traj, header=lambda x: finer(x, 16)),
                  golden_angle="true")
+
+
+def test_oversampling_removed_upstream_and_trajectory_units_against_the_header(raw2, tmp_path):
+    """Found by a review with scanner layouts; each gave a wrong image without a word: readouts whose ×2 readout
+    oversampling Gadgetron's RemoveROOversamplingGadget removed (the header still says encodedSpace 64 over 640 mm:
+    the 32 samples were read at ±0.25), acq.traj in cycles per encoded pixel under scanner interpolation (read as
+    reconSpace cycles/pixel) and acq.traj in other units within ±0.5 (1/mm at 10 mm pixels, ±0.25)."""
+    key = (0, 0, 0, 0)
+    full = read_raw(raw2).slices[key].data  # 64 samples over ±0.5 of the 32-pixel grid
+
+    def removed(acq):  # the oversampling removed: 32 samples 1/32 apart (every other position of the 64)
+        acq = _without_traj(acq)
+        if not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            data = acq.data[:, ::2].copy()
+            acq.resize(data.shape[1], acq.active_channels, 0)
+            acq.data[:], acq.center_sample = data, acq.center_sample // 2
+        return acq
+    got = read_raw(_rewrite(raw2, str(tmp_path / "ro.h5"), removed)).slices[key].data
+    assert got.kdata.shape[-1] == 32 and torch.allclose(got.traj, full.traj[..., ::2, :], atol=1e-4)
+
+    def scaled(factor):
+        def f(acq):
+            if not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+                acq.traj[:] = acq.traj * factor
+            return acq
+        return f
+
+    def finer(xml):  # scanner interpolation: reconSpace 64 over the same FOV
+        recon = re.search(r"<reconSpace>.*?</reconSpace>", xml, re.S).group(0)
+        return xml.replace(recon, recon.replace("<x>32</x>", "<x>64</x>").replace("<y>32</y>", "<y>64</y>"))
+    got = read_raw(_rewrite(raw2, str(tmp_path / "interp.h5"), scaled(1.0), header=finer)).slices[key]
+    assert got.data.matrix == 64 and torch.allclose(got.data.traj, full.traj / 2) and got.warnings == []
+    for factor in (0.1, 0.5, 0.6):  # (beyond ±0.5: refused as before)
+        with pytest.raises(MRDFormatError, match=rf"slice 0: acq.traj moves {1 / 64 * factor:.4g} from sample to sample "
+                                                 r"where the header implies 0.01562 cycles per encoded pixel \(encodedSpace "
+                                                 r"x 64 over 640 mm, readouts of 64 samples\): it is in other units"):
+            read_raw(_rewrite(raw2, str(tmp_path / f"{factor}.h5"), scaled(factor)))
+    got = read_raw(_rewrite(raw2, str(tmp_path / "ramp.h5"), scaled(0.8))).slices[key]
+    assert got.warnings[0].endswith("readouts of 64 samples): reconstructed with acq.traj as given")
+    assert torch.allclose(got.data.traj, full.traj * 0.8)
 
 
 def test_readouts_oversampled_twice_the_encoded_matrix_whatever_the_recon_space_or_discards(raw2, tmp_path):

@@ -22,7 +22,7 @@ import torch
 from .config import DAINRConfig
 from .data import RadialData
 from .recon import Problem, acquired_problem
-from .utils import on_cpu_default_device
+from .utils import library_defaults
 
 
 def _time_diff(x: torch.Tensor) -> torch.Tensor:
@@ -50,7 +50,7 @@ def _holdout_residual(p: Problem, pred: torch.Tensor) -> Optional[float]:
     return float((diff.real.abs().sum() + diff.imag.abs().sum()) / (p.hold_w.sum() * p.n_coils))
 
 
-@on_cpu_default_device
+@library_defaults
 def temporal_tv(data: RadialData, lam: float = 0.02, iterations: int = 100, cfg: Optional[DAINRConfig] = None,
                 coil_maps: Optional[torch.Tensor] = None, power_iterations: int = 15, holdout_spokes: int = 0) -> dict:
     """Temporal-TV SENSE reconstruction.  Returns ``dict(images, seconds, iterations, lam, holdout_residual)``.
@@ -112,7 +112,7 @@ def temporal_tv_holdout_lambda(data: RadialData, lambdas=(0.001, 0.002, 0.005, 0
     return out
 
 
-@on_cpu_default_device
+@library_defaults
 def cg_sense(data: RadialData, iterations: int = 10, cfg: Optional[DAINRConfig] = None,
              coil_maps: Optional[torch.Tensor] = None, holdout_spokes: int = 0, keep_iterates: bool = False) -> dict:
     """CG-SENSE, every frame on its own (batched).  Returns ``dict(images, seconds, iterations,

@@ -20,7 +20,7 @@ from .config import DAINRConfig
 from .data import RadialData
 from .encodings import grid_backend
 from .model import DAINR, pixel_grid
-from .utils import on_cpu_default_device
+from .utils import library_defaults
 
 PROBE_SIDES = (16, 32)  # the probes' pixels: 16 × 16 and 32 × 32 patches
 RUNTIME_BYTES = 128 << 20  # thread pools, FFT plans, libraries loaded on first use (measured on the CPU: ≈ 0.1 GiB)
@@ -77,7 +77,7 @@ def _saved_bytes(model: DAINR, cfg: DAINRConfig, side: int, device: torch.device
     return sum(saved.values())
 
 
-@on_cpu_default_device
+@library_defaults
 def estimate_memory(data: RadialData, cfg: DAINRConfig, device: torch.device) -> MemoryEstimate:
     """Peak bytes of ``reconstruct(data, cfg)`` on ``device``: what stays for the whole run plus the largest of
     its phases (coil maps, features, a fit step, rendering)."""
@@ -180,7 +180,7 @@ def _cgroup_headroom(root: str = "/sys/fs/cgroup", self_cgroup: str = "/proc/sel
     return None
 
 
-@on_cpu_default_device
+@library_defaults
 def check_memory(data: RadialData, cfg: DAINRConfig, device: torch.device,
                  reserved_elsewhere: int = 0) -> MemoryEstimate:
     """The estimate (:func:`estimate_memory`); raises :class:`InsufficientMemoryError` when it exceeds

@@ -29,7 +29,7 @@ from .model import DAINR, GridUpsampling, pixel_grid
 from .nufft import MulticoilNUFFT
 from .optim import AdamW
 from .trajectory import omega_from_traj, ramp_dcf
-from .utils import on_cpu_default_device, resolve_device
+from .utils import library_defaults, resolve_device
 
 
 @dataclass
@@ -126,7 +126,7 @@ class Problem:
         # division by the frame's spoke count, which the loss's mean over the frame's samples already makes
         # (exactly the previous weights when every frame has as many spokes)
         grad_w = (self.dcf.clamp_min(0) * (counts / counts.mean())[:, None]) ** cfg.dcf_power * self.train_w
-        self.dcf_grad = grad_w / (grad_w.sum() / self.train_w.sum().clamp_min(1)).clamp_min(1e-30)
+        self.dcf_grad = grad_w / (_sum64(grad_w) / _sum64(self.train_w).clamp_min(1)).clamp_min(1e-30)
 
         given_maps = coil_maps is not None
         self.map_scale = 1.0  # self.op's maps × map_scale = the maps in (whitened) data units
@@ -193,7 +193,7 @@ class Problem:
             zf = zf / self.combine_norm
         pred = self._batched(lambda sl: self.op.forward(zf[sl], self.omega[sl]))
         w = w[:, None, :]
-        return zf * ((pred.conj() * self.kdata * w).sum().real / (pred.abs() ** 2 * w).sum().clamp_min(1e-30))
+        return zf * (_sum64(pred.conj() * self.kdata * w).real / _sum64(pred.abs() ** 2 * w).clamp_min(1e-30))
 
     def _batched(self, fn: Callable, batch: int = 8) -> torch.Tensor:
         return torch.cat([fn(slice(i, i + batch)) for i in range(0, self.n_acq, batch)])
@@ -217,9 +217,21 @@ class Problem:
         return sample_features(maps, hw, self.cfg.pixel_centred_features).reshape(len(frames), hw[0] * hw[1], -1)
 
 
-def _l1_per_frame(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(B,) L1(Re) + L1(Im) of each frame over its weighted samples (B, C, M) × (B, M), summed over coils × samples."""
+def _sum64(x: torch.Tensor, dim=None) -> torch.Tensor:
+    """``x.sum(dim)`` accumulated in double precision and rounded back to ``x``'s dtype.  Torch's CPU sum splits its
+    work by the thread count, so a float32 sum's last bits depended on it (from about 65k elements), and through
+    the data's calibration and the stopping rule a fit's images did (OMP_NUM_THREADS, a container's CPU limit,
+    the host share's threads); the double sum's own order differences lie some 1e-8 below float32's rounding."""
+    wide = torch.complex128 if x.is_complex() else torch.float64
+    return (x.sum(dtype=wide) if dim is None else x.sum(dim, dtype=wide)).to(x.dtype)
+
+
+def _l1_per_frame(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, exact: bool = False) -> torch.Tensor:
+    """(B,) L1(Re) + L1(Im) of each frame over its weighted samples (B, C, M) × (B, M), summed over coils × samples
+    (``exact``: in double precision, the same bits whatever the thread count, for the stopping rule)."""
     diff = (pred - target) * weight[:, None, :]
+    if exact:
+        return _sum64(diff.real.abs(), (1, 2)) + _sum64(diff.imag.abs(), (1, 2))
     return diff.real.abs().sum((1, 2)) + diff.imag.abs().sum((1, 2))
 
 
@@ -250,7 +262,7 @@ class Fitter:
         # the same number for an all-zero image: a fit whose best is far above it has failed, not converged
         count = problem.hold_w.sum(1)
         zero = _l1_per_frame(torch.zeros((), dtype=problem.kdata.dtype, device=problem.device), problem.kdata,
-                             problem.hold_w) / (count.clamp_min(1) * problem.n_coils)
+                             problem.hold_w, exact=True) / (count.clamp_min(1) * problem.n_coils)
         self.zero_image_residual = float(torch.where(count > 0, zero, math.nan).nanmean())
 
     def weights(self) -> dict:
@@ -324,7 +336,7 @@ class Fitter:
                 torch._foreach_lerp_(self.ema, self.params, 1.0 - self.cfg.ema_decay)
             w = p.hold_w[acq]
             count = w.sum(1)
-            per_frame = _l1_per_frame(pred.detach(), target, w) / (count.clamp_min(1) * target.shape[1])
+            per_frame = _l1_per_frame(pred.detach(), target, w, exact=True) / (count.clamp_min(1) * target.shape[1])
             self.heldout[acq] = torch.where(count > 0, per_frame, self.heldout[acq])
         return loss.detach()
 
@@ -385,7 +397,7 @@ def epoch_steps(n_frames: int, batch: int, cfg: DAINRConfig) -> int:
 
 @torch.inference_mode(False)
 @torch.enable_grad()  # a fit under the caller's no_grad() / inference_mode() (an evaluation loop) still learns
-@on_cpu_default_device
+@library_defaults
 def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: Optional[torch.Tensor] = None,
                 callback: Optional[Callable[[FitProgress], Optional[bool]]] = None) -> ReconResult:
     """Fit DA-INR to ``data`` and return every output frame.
@@ -538,7 +550,7 @@ def _checked_arguments(data: RadialData, cfg: Optional[DAINRConfig]) -> DAINRCon
     return cfg
 
 
-@on_cpu_default_device
+@library_defaults
 def acquired_problem(data: RadialData, cfg: Optional[DAINRConfig], coil_maps: Optional[torch.Tensor] = None,
                      holdout_spokes: int = 0) -> Problem:
     """A :class:`Problem` of the acquired frames at the acquired matrix (no features, no spatial or temporal
@@ -548,14 +560,14 @@ def acquired_problem(data: RadialData, cfg: Optional[DAINRConfig], coil_maps: Op
     return Problem(data, cfg, coil_maps, resolve_device(cfg.device))
 
 
-@on_cpu_default_device
+@library_defaults
 def zero_filled(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Zero-filled (DCF gridding, coil-combined) images (F, N, N) in data units, no fitting."""
     p = acquired_problem(data, cfg, coil_maps)
     return (p.zero_filled * p.output_scale).cpu()
 
 
-@on_cpu_default_device
+@library_defaults
 def upsample_bilinear(images: torch.Tensor, size: int) -> torch.Tensor:
     """Bilinear upsampling of complex frames (F, n, n) → (F, size, size) of the same FOV (the spatial baseline),
     on the FFT-grid geometry of :class:`~dainr.model.GridUpsampling`."""

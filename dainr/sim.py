@@ -19,7 +19,7 @@ import torch
 from .data import RadialData, is_count
 from .nufft import MulticoilNUFFT
 from .trajectory import golden_angle_trajectory, omega_from_traj
-from .utils import on_cpu_default_device
+from .utils import library_defaults
 
 
 def _ellipse(xx, yy, cx, cy, ax, ay, angle=0.0):
@@ -111,7 +111,7 @@ class SimulatedScan:
     noise_std: float
 
 
-@on_cpu_default_device
+@library_defaults
 def simulate(matrix: int = 64, frames: int = 12, spokes: int = 13, coils: int = 4, noise_level: float = 0.02,
              golden_angle: str = "true", seed: int = 0, n_noise_samples: int = 1024, readout_oversampling: int = 2,
              image: Optional[np.ndarray] = None) -> SimulatedScan:

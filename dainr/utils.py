@@ -1,20 +1,26 @@
 """Small runtime helpers: device choice, optional-dependency probes."""
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 
 
-def on_cpu_default_device(fn):
-    """Run ``fn`` with torch's default device the CPU, as the package's code assumes (tensors for the fit's device
-    are placed there explicitly): a caller's ``torch.set_default_device("cuda")`` put CPU-generator draws on CUDA
-    and host-side bookkeeping on the device.  ``cfg.device`` says where a reconstruction runs."""
+def library_defaults(fn):
+    """Run ``fn`` with torch's default device the CPU and autocast off, as the package's code assumes (tensors for
+    the fit's device are placed there explicitly; the network is float32 and the physics complex): a caller's
+    ``torch.set_default_device("cuda")`` put CPU-generator draws on CUDA and host-side bookkeeping on the device,
+    and a caller's ``torch.autocast`` failed the fit (bfloat16 matmuls against float32 ones; no complex float16).
+    ``cfg.device`` says where a reconstruction runs."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if torch.get_default_device().type == "cpu":  # (the usual case: no device mode on every op)
-            return fn(*args, **kwargs)
-        with torch.device("cpu"):
+        with contextlib.ExitStack() as modes:
+            if torch.get_default_device().type != "cpu":
+                modes.enter_context(torch.device("cpu"))
+            for kind in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(kind):
+                    modes.enter_context(torch.autocast(kind, enabled=False))
             return fn(*args, **kwargs)
     return wrapper
 

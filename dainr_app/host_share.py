@@ -30,6 +30,7 @@ import logging
 import os
 import stat
 import tempfile
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Callable, List, Optional
@@ -111,6 +112,30 @@ def _open_shared(path: str, flags: int) -> int:
     return fd
 
 
+_process_lock = threading.Lock()
+_process_shares = 0  # this process's running shares (fits in threads)
+_process_threads = 1  # torch's threads when the first of them began: the most any gets, restored by the last
+
+
+def _process_share_begins() -> int:
+    """Count a share of this process in; returns torch's threads from before the process's first running share
+    (a fit in a thread that began while another had cut the threads took that as its own and left it so)."""
+    global _process_shares, _process_threads
+    with _process_lock:
+        if _process_shares == 0:
+            _process_threads = torch.get_num_threads()
+        _process_shares += 1
+        return _process_threads
+
+
+def _process_share_ends() -> None:
+    global _process_shares
+    with _process_lock:
+        _process_shares -= 1
+        if _process_shares == 0 and torch.get_num_threads() != _process_threads:
+            torch.set_num_threads(_process_threads)
+
+
 class HostShare:
     """``with HostShare(device=..., preflight=...):`` around a fit; call :meth:`update` now and then during it.
 
@@ -137,7 +162,16 @@ class HostShare:
         return f"{self.key} {self.reserved:0{_FIELD}d} {max(0, in_use):0{_FIELD}d}\n".encode()
 
     def __enter__(self) -> "HostShare":
-        self.threads = self.base = torch.get_num_threads()
+        self.base = _process_share_begins()
+        self.threads = torch.get_num_threads()
+        try:
+            return self._enter()
+        except BaseException:  # the preflight refused the fit, or an interrupt
+            self._unregister()
+            _process_share_ends()
+            raise
+
+    def _enter(self) -> "HostShare":
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
             if self.directory == _private_directory():
@@ -191,11 +225,9 @@ class HostShare:
         self._fd, self._path = fd, path
 
     def __exit__(self, *exc) -> None:
-        if self._fd is None and self.threads == self.base:
-            return
-        torch.set_num_threads(self.base)
-        self.threads = self.base
         self._unregister()
+        _process_share_ends()  # the process's last running share restores its threads
+        self.threads = torch.get_num_threads()
 
     def _unregister(self) -> None:
         if self._fd is None:
@@ -255,9 +287,9 @@ class HostShare:
             self._unregister()
             return self.threads
         threads = max(1, min(self.base, self.cores // max(1, running)))
-        if threads != self.threads:
+        if threads != torch.get_num_threads():  # (another share of this process may have set them)
             torch.set_num_threads(threads)
-            self.threads = threads
+        self.threads = threads
         return threads
 
 

@@ -35,6 +35,30 @@ def test_fits_split_the_cores_and_get_them_back(tmp_path, four_threads):
     assert torch.get_num_threads() == 4 and os.listdir(d) == [".lock"]
 
 
+def test_overlapping_fits_of_one_process_give_back_the_threads_it_had(tmp_path, four_threads):
+    """Fits in threads of one process (``reconstruct_shared`` from threads): one that began while another had cut
+    the threads took the cut count as its own, kept it when alone, and left the process at it (a determinism
+    review: every later fit ran on 1 thread)."""
+    d = str(tmp_path)
+    a, b, c = (HostShare(d, cores=4) for _ in range(3))
+    a.__enter__()
+    b.__enter__()
+    assert a.update() == 2 and torch.get_num_threads() == 2
+    a.__exit__(None, None, None)
+    assert torch.get_num_threads() == 2  # b still runs with its share
+    c.__enter__()  # begins at 2 threads
+    b.__exit__(None, None, None)
+    assert c.update() == 4 and torch.get_num_threads() == 4  # alone: every core the process had
+    c.__exit__(None, None, None)
+    assert torch.get_num_threads() == 4 and os.listdir(d) == [".lock"]
+    with pytest.raises(MemoryError):  # a refused fit counts itself out again
+        with HostShare(d, cores=4, preflight=lambda elsewhere: (_ for _ in ()).throw(MemoryError("no room"))):
+            pass
+    torch.set_num_threads(3)
+    with HostShare(d, cores=4) as share:  # the next first share of the process takes the threads it finds
+        assert share.threads == 3
+
+
 def test_the_folder_can_be_set_for_the_host(monkeypatch, tmp_path):
     monkeypatch.delenv("DAINR_SHARE_DIR", raising=False)
     monkeypatch.setenv("DAINR_CPU_SHARE_DIR", str(tmp_path / "old"))  # the earlier name still works

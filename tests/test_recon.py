@@ -35,6 +35,28 @@ def test_deterministic_on_cpu(small_scan):
     assert not torch.equal(a, c)
 
 
+def test_the_thread_count_does_not_change_the_images():
+    """Torch's CPU sum splits its work by the thread count: from ~65k k-space samples the data's calibration and
+    the stopping rule's sums, and with them the images, changed in the last bits with OMP_NUM_THREADS (found by a
+    determinism review)."""
+    data = simulate(matrix=32, frames=4, spokes=32, coils=8).data  # 65,536 samples
+    cfg = DAINRConfig(device="cpu", max_steps=12, min_steps=4, patience=2, min_epoch_frames=4, check_memory=False)
+    from dainr.recon import _l1_per_frame
+
+    g = torch.Generator().manual_seed(0)  # a held-out residual's sum: one frame of 32 coils at 128², 13 spokes
+    residuals = [(torch.randn(1, 32, 3328, dtype=torch.complex64, generator=g), torch.ones(1, 3328)) for _ in range(20)]
+    threads = torch.get_num_threads()
+    try:
+        images, sums = [], []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            images.append(reconstruct(data, cfg).images)
+            sums.append(torch.cat([_l1_per_frame(r, torch.zeros(()), w, exact=True) for r, w in residuals]))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(images[0], images[1]) and torch.equal(sums[0], sums[1])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_frame_order_reaches_the_gpu_without_a_sync(small_scan):
     """The training step must not wait for the device: the shuffled frame order was a blocking host-to-device
@@ -957,6 +979,10 @@ def test_the_callers_random_numbers_and_modes_are_left_alone(tiny_scan):
     assert random.getstate() == before[2]
     with torch.inference_mode():
         assert torch.equal(reconstruct(tiny_scan.data, TINY).images, ref)
+    for dtype in (torch.bfloat16, torch.float16):  # a caller's autocast failed the fit (a dtype error)
+        with torch.autocast("cpu", dtype=dtype):
+            assert torch.equal(reconstruct(tiny_scan.data, TINY).images, ref)
+            assert torch.is_autocast_enabled("cpu")
     variants = [TINY, TINY.replace(spatial_ratio=2, pixel_centred_features=False, nufft_backend="torchkbnufft")]
     before = [reconstruct(tiny_scan.data, c) for c in variants]
     default = torch.get_default_dtype()

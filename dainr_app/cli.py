@@ -338,6 +338,10 @@ def cmd_serve(args) -> int:
     from .pipeline import PipelineError, load_named, parse_pipeline
     from .server import Server, Terminated, run_stream
 
+    # SIGHUP too: the terminal that started the server closed, its ssh session dropped (it killed the server with
+    # every session in flight, no ERROR, no CLOSE, the forkserver's socket folder left behind)
+    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     opts = server_options(args)
@@ -357,7 +361,7 @@ def cmd_serve(args) -> int:
         def terminate(signum, _frame):
             raise Terminated(signal.Signals(signum).name)
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in stop_signals:
             signal.signal(sig, terminate)
         with contextlib.ExitStack() as files:
             inp = files.enter_context(open(args.input, "rb")) if args.input else sys.stdin.buffer
@@ -365,7 +369,7 @@ def cmd_serve(args) -> int:
             return run_stream(pipeline, inp, outp, opts)
     server = Server(opts)
     print(f"dainr serve: listening on {opts.host}:{server.port}", file=sys.stderr, flush=True)
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in stop_signals:
         signal.signal(sig, lambda *_: server.stopping.set())
     server.serve_forever()
     return 0

@@ -6,24 +6,56 @@ is handled by :func:`gadgets.dainr_gadget.dainr_recon` exactly as in execute mod
 from __future__ import annotations
 
 import logging
+import socket
+import time
 from typing import Optional
+
+from dainr_app.protocol import Limits
 
 log = logging.getLogger("dainr.gadget")
 
 
-class _StartTimeout:
-    """The socket as gadgetron-python's ``Connection`` sees it while reading CONFIG and HEADER: its
-    ``settimeout(None)`` is ignored, so a peer that connects and stalls there (a port probe left open, a lost
-    host) times out instead of blocking every later scan."""
+# CONFIG (file name or text) and HEADER together, with their framing: ``dainr serve``'s limits for each
+START_BYTES = Limits().max_text + Limits().max_header + 64
 
-    def __init__(self, sock):
+
+class _StartTimeout:
+    """The socket as gadgetron-python's ``Connection`` sees it: its ``settimeout(None)`` is ignored, and until
+    :meth:`started` every read shares one deadline and one byte budget, so a peer that connects and stalls (a port
+    probe left open, a lost host), sends a byte now and then (each read would wait anew), or claims a huge CONFIG
+    or HEADER is closed instead of blocking every later scan (the limits of ``dainr serve``)."""
+
+    def __init__(self, sock, seconds: float, budget: int):
         self._sock = sock
+        self._deadline: Optional[float] = time.monotonic() + seconds
+        self._budget = budget
+
+    def started(self) -> None:
+        self._deadline = None
+        self._sock.settimeout(None)  # a scan's fit may keep it quiet for long
 
     def settimeout(self, value) -> None:
         pass
 
+    def recv(self, n: int, *flags):
+        if self._deadline is None:
+            return self._sock.recv(n, *flags)
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("CONFIG and HEADER not received in time")
+        if n > self._budget:
+            raise _TooLarge(f"a CONFIG and HEADER of more than {self._budget} bytes")
+        self._sock.settimeout(left)
+        data = self._sock.recv(n, *flags)
+        self._budget -= len(data)
+        return data
+
     def __getattr__(self, name):
         return getattr(self._sock, name)
+
+
+class _TooLarge(ValueError):
+    pass
 
 
 def serve(port: int, connections: Optional[int] = None, start_timeout: float = 60.0, host: str = "") -> None:
@@ -36,8 +68,6 @@ def serve(port: int, connections: Optional[int] = None, start_timeout: float = 6
     connection and leaves the old one to the garbage collector, so a connection arriving between two scans
     was refused or reset). TCP keepalive ends a scan whose host is lost without a FIN or RST (within about 2
     minutes)."""
-    import socket
-
     import torch
     from gadgetron.external.connection import Connection
 
@@ -65,15 +95,17 @@ def serve(port: int, connections: Optional[int] = None, start_timeout: float = 6
             for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6)):  # ~2 min, not 2 h
                 if hasattr(socket, option):
                     sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
-            sock.settimeout(start_timeout)
             try:
                 with sock:
-                    conn = Connection(_StartTimeout(sock))
-                    sock.settimeout(None)  # a scan's fit may keep it quiet for long
+                    wrapped = _StartTimeout(sock, start_timeout, START_BYTES)
+                    conn = Connection(wrapped)
+                    wrapped.started()
                     with conn:
                         dainr_recon(conn)
             except socket.timeout:
                 log.warning("connection %d from %s sent no CONFIG and HEADER in %g s; closed", served, address[0],
                             start_timeout)
+            except _TooLarge as exc:
+                log.warning("connection %d from %s sent %s; closed", served, address[0], exc)
             except Exception:  # a broken scan must not take the resident process down
                 log.exception("connection failed")

@@ -263,6 +263,50 @@ def test_a_connection_that_sends_nothing_does_not_block_the_resident_process(two
     assert f"waiting for Gadgetron on port {port} (address ::)" in server.log()  # every interface (dual stack)
 
 
+def test_a_connection_that_dribbles_or_claims_a_huge_config_does_not_block_the_resident_process(two_slices):
+    """--start-timeout limited each read, not CONFIG and HEADER together: a peer sending a byte every second held
+    the resident process (and every scan queued behind it) for as long as it liked; a 1 GiB CONFIG length was
+    read as claimed."""
+    import struct
+    import threading
+    import time
+
+    from dainr_app.protocol import CONFIG_TEXT
+
+    from .gadget_harness import connect_gadget, dial
+
+    header, acqs = _load(two_slices[1])
+    server = _resident("--connections", "3", "--start-timeout", "2")
+    proc, port = server.proc, server.port
+    stop = threading.Event()
+
+    def dribble(sock):
+        sock.sendall(struct.pack("<HI", CONFIG_TEXT, 1000))
+        while not stop.wait(0.5):
+            try:
+                sock.sendall(b"x")
+            except OSError:  # closed by the resident process
+                return
+    try:
+        with dial(port) as slow, dial(port) as huge:
+            dripping = threading.Thread(target=dribble, args=(slow,))
+            dripping.start()
+            huge.sendall(struct.pack("<HI", CONFIG_TEXT, 1 << 30) + b"<" * 4096)
+            t0 = time.monotonic()
+            run = connect_gadget(port, CONFIG.format(steps=5, extra=""), header, acqs, timeout=120)
+            assert run.errors == [] and len(run.images) == 12
+            assert time.monotonic() - t0 < 60  # (it waited as long as the dribble lasted: forever)
+            stop.set()
+            dripping.join()
+        assert proc.wait(60) == 0
+    finally:
+        stop.set()
+        if proc.poll() is None:
+            proc.kill()
+    assert "connection 1 from" in server.log() and "sent no CONFIG and HEADER in 2 s; closed" in server.log()
+    assert "connection 2 from" in server.log() and "sent a CONFIG and HEADER of more than" in server.log()
+
+
 def test_the_resident_process_can_listen_on_this_host_only():
     server = _resident("--connections", "1", "--start-timeout", "1", "--host", "127.0.0.1")
     proc, port = server.proc, server.port

@@ -665,7 +665,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_sigterm_ends_sessions_with_an_error_and_exits_cleanly(raw):
+# SIGHUP (the terminal that started it closed, an ssh session dropped) killed the server at once: no ERROR, no CLOSE
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_ends_sessions_with_an_error_and_exits_cleanly(raw, sig):
     from dainr_app.bench_server import Listening
 
     header, acqs = load(raw)
@@ -687,7 +689,7 @@ def test_sigterm_ends_sessions_with_an_error_and_exits_cleanly(raw):
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
         time.sleep(4)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         assert proc.wait(30) == 0
         reader.join(10)
         assert any("shutting down" in e for e in errors(frames)) and frames[-1].mid == CLOSE
@@ -714,7 +716,8 @@ def test_from_stream_mode_in_a_shell_pipe(raw, tmp_path):
     assert len(images(frames)) == 12 and rf.read() == b""
 
 
-def test_from_stream_mode_ends_with_an_error_and_close_on_sigterm(raw):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_from_stream_mode_ends_with_an_error_and_close_on_sigterm(raw, sig):
     header, acqs = load(raw)
     proc = _cli("serve", "--from_stream", "-c", "dainr", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE)
@@ -723,14 +726,14 @@ def test_from_stream_mode_ends_with_an_error_and_close_on_sigterm(raw):
         proc.stdin.flush()  # no CLOSE: the stream is still open when the signal comes
         assert read_frame(proc.stdout.read).mid == HEADER
         time.sleep(2)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         frames = [read_frame(proc.stdout.read)]
         while frames[-1].mid != CLOSE:
             frames.append(read_frame(proc.stdout.read))
         assert proc.wait(30) == 1
     finally:
         proc.kill()
-    assert errors(frames) == ["terminated by SIGTERM: the stream's gadgets were stopped"]
+    assert errors(frames) == [f"terminated by {sig.name}: the stream's gadgets were stopped"]
 
 
 def _fire_style_server(reply: bytes):

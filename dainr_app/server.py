@@ -88,6 +88,11 @@ class Child:
         except ValueError:  # closed meanwhile by close() in another thread (a shutdown's or an abort's)
             return self._closed_rc
 
+    def status_lost(self, rc: Optional[int]) -> bool:
+        """Whether ``rc`` is multiprocessing's stand-in for an exit status nobody has: a forked gadget's status
+        reaches the server through the forkserver, and 255 is what its handle reads once the forkserver is gone."""
+        return rc == 255 and not isinstance(self.proc, subprocess.Popen)
+
     def kill(self) -> None:
         if self.alive():
             self.proc.kill()
@@ -142,7 +147,11 @@ def run_external(port: int, module: str, target: str) -> None:
         return run
 
     entry.load_target = load_target
-    entry.main([str(port), module, target])
+    try:
+        entry.main([str(port), module, target])
+    except (ConnectionError, BrokenPipeError) as exc:  # the server ended the session (its client went away): one
+        log.warning("gadget %s.%s: its connection closed: %s", module, target, exc)  # line, not a traceback
+        sys.exit(1)  # (an uncaught exception's exit code)
 
 
 class SpawnLauncher:
@@ -437,6 +446,8 @@ class ExternalStage:
             self.session.error(f"gadget {self.node.label} ended without CLOSE ({self.peer.problem}; exit code {rc}; "
                                f"{self.peer.queue.dropped} message(s) not delivered"
                                + (f": {self.child.last_lines()}" if self.child and self.child.last_lines() else "") + ")")
+        elif self.child and self.child.status_lost(rc):  # it sent CLOSE: a finished gadget, not a failed one
+            log.warning("gadget %s: exit status unknown (the forkserver that launched it is gone)", self.node.label)
         elif rc not in (0, None) and not self.peer.remote_error:
             self.session.error(f"gadget {self.node.label} exited with code {rc}"
                                + (f": {self.child.last_lines()}" if self.child.last_lines() else ""))

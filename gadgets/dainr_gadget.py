@@ -280,7 +280,9 @@ def _reconstruct_stream(connection, report: Callable[[str], None]) -> None:
         try:
             reconstruct_slice(connection, key, acqs, params, opts, noise_samples(buffers.noise), report)
         except Exception as exc:  # one slice failing must not lose the others
-            log.exception("slice %s failed", key)
+            # data it cannot use, or a scan too large (the report logs its line): the traceback only for a bug
+            log.log(logging.DEBUG if isinstance(exc, (ValueError, MemoryError)) else logging.ERROR,
+                    "slice %s failed", key, exc_info=True)
             report(f"DA-INR slice {key[0]} (contrast {key[1]}, repetition {key[2]}, set {key[3]}): {exc}")
 
     connection.filter(lambda item: isinstance(item, ismrmrd.Acquisition) and not is_skipped(item))

@@ -333,6 +333,7 @@ def test_slice_with_fewer_spokes_than_frames_is_an_error(two_slices):
     run = run_gadget(CONFIG.format(steps=5, extra=""), header, noise + short + _imaging(acqs, 1))
     assert len(run.errors) == 1 and "4 spokes for 6 frames" in run.errors[0]
     assert {im.slice for im in run.images} == {1} and len(run.images) == 6
+    assert "4 spokes for 6 frames" in run.log and "Traceback" not in run.log  # data it cannot use: one line
 
 
 def test_missing_trajectory_with_unknown_trajectory_type_is_an_error(two_slices):

@@ -659,6 +659,46 @@ def _cli(*args, **kw):
     return subprocess.Popen([sys.executable, "-m", "dainr_app.cli", *args], cwd=ROOT, env=env, **kw)
 
 
+def test_a_gadget_whose_session_ended_logs_one_line_not_a_traceback(raw):
+    """A client that left mid-stream: the server closes its gadget's connection, and the forked gadget printed a
+    ~45-line traceback (ConnectionResetError, then BrokenPipeError from gadgetron-python's Connection.__exit__)
+    into the server's log, for 1 in 5 such sessions (a soak review)."""
+    from .server_harness import stream
+    header, acqs = load(raw)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        code = f"from dainr_app.server import run_external; run_external({listener.getsockname()[1]}, " \
+               "'gadgets.passthrough', 'passthrough')"
+        proc = subprocess.Popen([sys.executable, "-c", code], env=child_env(), stderr=subprocess.PIPE, text=True)
+        listener.settimeout(60)
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(stream(ConfigText("<configuration/>"), header, acqs[:3], close=False))
+            conn.recv(1)  # the first readout back: the gadget is inside its loop
+        err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert "gadget gadgets.passthrough.passthrough: its connection closed: " in err, err
+
+
+def test_a_lost_forkserver_does_not_fail_a_finished_gadget(raw):
+    """The gadgets' forkserver killed (the OOM killer may pick it: it holds torch) during a session: the gadget
+    finished and sent CLOSE, but its exit status, which only the forkserver had, read 255, and the client got
+    "exited with code 255" for a good session (a soak review)."""
+    from multiprocessing import forkserver
+
+    header, acqs = load(raw)
+    with running_server() as srv, socket.create_connection(("127.0.0.1", srv.port), timeout=60) as sock:
+        sock.sendall(stream(ConfigFile("passthrough"), header, acqs[:3], close=False))
+        with sock.makefile("rb") as rf:
+            frames = [read_frame(rf.read)]
+            while frames[-1].mid != ACQUISITION:  # the gadget runs
+                frames.append(read_frame(rf.read))
+            os.kill(forkserver._forkserver._forkserver_pid, signal.SIGKILL)
+            sock.sendall(b"".join(encode(a) for a in acqs[3:]) + struct.pack("<H", CLOSE))
+            while frames[-1].mid != CLOSE:
+                frames.append(read_frame(rf.read))
+    assert errors(frames) == [] and sum(f.mid == ACQUISITION for f in frames) == len(acqs)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -442,12 +442,13 @@ class ExternalStage:
         rc = self.child.wait(30) if self.child else 0
         if self.session.aborted.is_set():
             return
+        if self.peer.closed_cleanly and self.child and self.child.status_lost(rc):  # finished, not failed
+            log.warning("gadget %s: exit status unknown (the forkserver that launched it is gone)", self.node.label)
+            rc = 0
         if not self.peer.closed_cleanly:
             self.session.error(f"gadget {self.node.label} ended without CLOSE ({self.peer.problem}; exit code {rc}; "
                                f"{self.peer.queue.dropped} message(s) not delivered"
                                + (f": {self.child.last_lines()}" if self.child and self.child.last_lines() else "") + ")")
-        elif self.child and self.child.status_lost(rc):  # it sent CLOSE: a finished gadget, not a failed one
-            log.warning("gadget %s: exit status unknown (the forkserver that launched it is gone)", self.node.label)
         elif rc not in (0, None) and not self.peer.remote_error:
             self.session.error(f"gadget {self.node.label} exited with code {rc}"
                                + (f": {self.child.last_lines()}" if self.child.last_lines() else ""))

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import List
 
@@ -65,8 +66,6 @@ def run_gadget(config_xml: str, header, items, module: str = "gadgets.dainr_gadg
 
 def dial(port: int) -> socket.socket:
     """A connection to a resident gadget process on ``port`` (retrying while it starts)."""
-    import time
-
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -77,13 +76,14 @@ def dial(port: int) -> socket.socket:
             time.sleep(0.2)
 
 
-def connect_gadget(port: int, config_xml: str, header, items, timeout: float = 300.0) -> GadgetRun:
+def connect_gadget(port: int, config_xml: str, header, items, timeout: float = 300.0, pause: float = 0.0) -> GadgetRun:
     """Connect mode: Gadgetron connects to a resident gadget process on ``port``."""
-    return exchange(dial(port), config_xml, header, items, timeout)
+    return exchange(dial(port), config_xml, header, items, timeout, pause)
 
 
-def exchange(conn: socket.socket, config_xml: str, header, items, timeout: float) -> GadgetRun:
-    """Send CONFIG, HEADER, items and CLOSE on a thread while reading replies until CLOSE."""
+def exchange(conn: socket.socket, config_xml: str, header, items, timeout: float, pause: float = 0.0) -> GadgetRun:
+    """Send CONFIG, HEADER, items and CLOSE on a thread (``pause`` seconds between the HEADER and the items) while
+    reading replies until CLOSE."""
     conn.settimeout(timeout)
     run = GadgetRun()
     closed = threading.Event()  # set at the gadget's first ERROR
@@ -93,6 +93,9 @@ def exchange(conn: socket.socket, config_xml: str, header, items, timeout: float
             ser = ProtocolSerializer(wf)
             ser.serialize(ConfigText(config_xml))
             ser.serialize(header)
+            if pause:
+                wf.flush()
+                time.sleep(pause)
             for item in items:
                 if closed.is_set():
                     break

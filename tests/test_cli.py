@@ -316,6 +316,19 @@ def test_readouts_that_disagree_on_the_slice_geometry_are_reported(raw2, tmp_pat
     assert notes[0].startswith("slice 0: the readouts' position differs by up to 40 mm: the images")
     assert slices[max(slices)].geometry.read_dir == (0.0, 1.0, 0.0)
 
+    def nudge(acq, counter=iter(range(10**6))):  # one readout 0.1 mm off, another turned by 1°
+        i = next(counter)
+        if i == n // 2:
+            acq.position = tuple(np.add(acq.position, (0.1, 0.0, 0.0)))
+        if i == n // 2 + 1:
+            c, s_ = np.cos(np.radians(1)), np.sin(np.radians(1))
+            acq.read_dir, acq.phase_dir = (c, s_, 0.0), (-s_, c, 0.0)
+        return acq
+    notes = [note for s in read_raw(_rewrite(raw2, str(tmp_path / "nudged.h5"), nudge)).slices.values()
+             for note in s.warnings]
+    assert notes == ["slice 0: the readouts' position differs by up to 0.1 mm and read/phase/slice directions differ "
+                     "by up to 1°: the images carry the last readout's geometry"]
+
 
 def test_demo_command(tmp_path, capsys):
     out = str(tmp_path / "demo")
@@ -582,6 +595,7 @@ def test_scanner_converter_layouts_give_the_same_trajectory(raw2, tmp_path):
         "slice 0: the readouts have no acq.traj and their k-space centre (the largest samples) lies at sample 24 of "
         "64, 8 from the middle: reconstructed as symmetric spokes (an asymmetric echo needs acq.traj)"]
     assert read_raw(_rewrite(raw2, str(tmp_path / "d.h5"), centre_out(2))).slices[key].warnings == []
+    assert "3 from the middle" in read_raw(_rewrite(raw2, str(tmp_path / "e.h5"), centre_out(3))).slices[key].warnings[0]
 
 
 def test_spoke_indices_count_each_average():
@@ -645,9 +659,29 @@ def test_oversampling_removed_upstream_and_trajectory_units_against_the_header(r
                                                  r"where the header implies 0.01562 cycles per encoded pixel \(encodedSpace "
                                                  r"x 64 over 640 mm, readouts of 64 samples\): it is in other units"):
             read_raw(_rewrite(raw2, str(tmp_path / f"{factor}.h5"), scaled(factor)))
-    got = read_raw(_rewrite(raw2, str(tmp_path / "ramp.h5"), scaled(0.8))).slices[key]
-    assert got.warnings[0].endswith("readouts of 64 samples): reconstructed with acq.traj as given")
-    assert torch.allclose(got.data.traj, full.traj * 0.8)
+    for factor, noted in ((0.8, True), (0.88, True), (0.95, False)):  # noted beyond 10 %
+        got = read_raw(_rewrite(raw2, str(tmp_path / f"ramp{factor}.h5"), scaled(factor))).slices[key]
+        assert [w.endswith("readouts of 64 samples): reconstructed with acq.traj as given") for w in got.warnings] \
+            == [True] * noted, factor
+        assert torch.allclose(got.data.traj, full.traj * factor)
+
+    def steeper(factor, cut):  # above 1: only the central samples kept (discarded), to stay within ±0.5
+        def f(acq):
+            acq = scaled(factor)(acq)
+            if not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+                acq.discard_pre = acq.discard_post = cut
+            return acq
+        return f
+    assert read_raw(_rewrite(raw2, str(tmp_path / "s1.h5"), steeper(1.2, 6))).slices[key].warnings[0].endswith(
+        "reconstructed with acq.traj as given")
+    with pytest.raises(MRDFormatError, match="it is in other units"):
+        read_raw(_rewrite(raw2, str(tmp_path / "s2.h5"), steeper(1.6, 12)))
+
+    def same_fov(xml):  # 32 samples under encodedSpace 64 over the reconSpace's FOV: not oversampling removed
+        enc = re.search(r"<encodedSpace>.*?</encodedSpace>", xml, re.S).group(0)
+        return xml.replace(enc, enc.replace("<x>640.0</x>", "<x>320.0</x>"))
+    got = read_raw(_rewrite(raw2, str(tmp_path / "same.h5"), removed, header=same_fov)).slices[key].data
+    assert torch.allclose(got.traj, full.traj[..., ::2, :], atol=1e-4)  # 1/320 mm apart, as the FOV says
 
 
 def test_readouts_oversampled_twice_the_encoded_matrix_whatever_the_recon_space_or_discards(raw2, tmp_path):
@@ -688,6 +722,20 @@ def test_readouts_oversampled_twice_the_encoded_matrix_whatever_the_recon_space_
     assert half.traj.shape[2] == 32 and torch.allclose(half.traj, ref.traj[:, :, 16:48])
     padded = read("padded.h5", discard(4, 4, pad=True))
     assert torch.allclose(padded.traj, ref.traj, atol=1e-6)
+    # with acq.traj (cycles per encoded pixel: 64 samples 1/64 apart), whole or padded with discarded samples:
+    # the file's positions, without a note
+    stored = read_raw(raw2).slices[key].data.traj
+
+    def padded_traj(acq):
+        if not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            data, traj = acq.data.copy(), acq.traj.copy()
+            acq.resize(acq.number_of_samples + 8, acq.active_channels, 2)
+            acq.data[:, 4:-4], acq.traj[4:-4], acq.traj[:4], acq.traj[-4:] = data, traj, 7.0, 7.0
+            acq.discard_pre = acq.discard_post = 4
+        return acq
+    for name, transform in (("traj.h5", lambda a: a), ("padded_traj.h5", padded_traj)):
+        got = read_raw(_rewrite(raw2, str(tmp_path / name), transform, header=siemens)).slices[key]
+        assert got.warnings == [] and torch.equal(got.data.traj, stored), name
 
 
 def test_bench_lists_every_case_with_its_description(capsys):

@@ -49,11 +49,17 @@ def test_overlapping_fits_of_one_process_give_back_the_threads_it_had(tmp_path, 
     c.__enter__()  # begins at 2 threads
     b.__exit__(None, None, None)
     assert c.update() == 4 and torch.get_num_threads() == 4  # alone: every core the process had
+    with HostShare(d, cores=4) as e:  # another share of the process set the threads: each sets its own
+        assert c.update() == 2
+        with HostShare(d, cores=4):
+            assert c.update() == 1 and torch.get_num_threads() == 1
+        assert e.update() == 2 and torch.get_num_threads() == 2  # (its own count was 2 all along)
     c.__exit__(None, None, None)
     assert torch.get_num_threads() == 4 and os.listdir(d) == [".lock"]
-    with pytest.raises(MemoryError):  # a refused fit counts itself out again
-        with HostShare(d, cores=4, preflight=lambda elsewhere: (_ for _ in ()).throw(MemoryError("no room"))):
-            pass
+    for exc in (MemoryError("no room"), KeyboardInterrupt()):  # a refused or interrupted fit counts itself out
+        with pytest.raises(type(exc)):
+            with HostShare(d, cores=4, preflight=lambda elsewhere, exc=exc: (_ for _ in ()).throw(exc)):
+                pass
     torch.set_num_threads(3)
     with HostShare(d, cores=4) as share:  # the next first share of the process takes the threads it finds
         assert share.threads == 3

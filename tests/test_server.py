@@ -761,6 +761,8 @@ def test_from_stream_mode_ends_with_an_error_and_close_on_sigterm(raw, sig):
     header, acqs = load(raw)
     proc = _cli("serve", "--from_stream", "-c", "dainr", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE)
+    watchdog = threading.Timer(120, proc.kill)  # a signal it ignores: a failure, not a hang of the suite
+    watchdog.start()
     try:
         proc.stdin.write(text_frame(HEADER, header).raw + b"".join(encode(a) for a in acqs[:20]))
         proc.stdin.flush()  # no CLOSE: the stream is still open when the signal comes
@@ -772,6 +774,7 @@ def test_from_stream_mode_ends_with_an_error_and_close_on_sigterm(raw, sig):
             frames.append(read_frame(proc.stdout.read))
         assert proc.wait(30) == 1
     finally:
+        watchdog.cancel()
         proc.kill()
     assert errors(frames) == [f"terminated by {sig.name}: the stream's gadgets were stopped"]
 

@@ -64,6 +64,16 @@ def run_gadget(config_xml: str, header, items, module: str = "gadgets.dainr_gadg
     return run
 
 
+def failing_dainr_recon(connection) -> None:
+    """The DA-INR gadget with a bug in its slice reconstruction (a RuntimeError), run as a gadget target."""
+    from gadgets import dainr_gadget
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+    dainr_gadget.reconstruct_slice = broken
+    dainr_gadget.dainr_recon(connection)
+
+
 def dial(port: int) -> socket.socket:
     """A connection to a resident gadget process on ``port`` (retrying while it starts)."""
     deadline = time.monotonic() + 60

@@ -339,6 +339,10 @@ def test_slice_with_fewer_spokes_than_frames_is_an_error(two_slices):
     assert len(run.errors) == 1 and "4 spokes for 6 frames" in run.errors[0]
     assert {im.slice for im in run.images} == {1} and len(run.images) == 6
     assert "4 spokes for 6 frames" in run.log and "Traceback" not in run.log  # data it cannot use: one line
+    bug = run_gadget(CONFIG.format(steps=5, extra=""), header, noise + _imaging(acqs, 1), module="tests.gadget_harness",
+                     target="failing_dainr_recon")
+    assert bug.errors == ["DA-INR slice 1 (contrast 0, repetition 0, set 0): a bug"]
+    assert "Traceback" in bug.log and "RuntimeError: a bug" in bug.log  # a bug: its traceback
 
 
 def test_missing_trajectory_with_unknown_trajectory_type_is_an_error(two_slices):

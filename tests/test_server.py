@@ -358,8 +358,10 @@ def test_zero_sample_acquisition_is_reported_and_the_slice_still_reconstructs(se
     empty = ismrmrd.Acquisition.from_array(np.zeros((3, 0), np.complex64))
     empty.scan_counter = 4242
     items = acqs[:60] + [empty] + acqs[60:]
-    frames = _expect_error(server, stream(ConfigText(small_pipeline()), header, items), "readout 4242")
+    frames = _expect_error(server, stream(ConfigText(small_pipeline()), header, items),
+                           "1 readouts with 0 samples were passed on, not reconstructed")
     assert len(images(frames)) == 12
+    assert [f.decode().scan_counter for f in frames if f.mid == ACQUISITION] == [4242]  # passed on, not dropped
 
 
 def test_nan_data_is_reported_per_slice_and_other_slices_survive(server, raw):

@@ -12,6 +12,7 @@ does.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
@@ -64,7 +65,20 @@ def _dicom_date(value) -> str:
 
 
 def _dicom_time(value) -> str:
-    return str(value or "").replace(":", "").split(".")[0]
+    """HHMMSS from an xs:time (its fraction and a time-zone suffix, which a TM value cannot hold, dropped)."""
+    return re.split(r"[.+Z-]", str(value or "").replace(":", ""))[0]
+
+
+def _uid(value: str, name: str) -> str:
+    """A UID from the header as it is where it is one (digits and dots, components without leading zeros, ≤ 64
+    characters); else one derived from it (the same value gives the same UID), with a warning: a strict PACS
+    refuses every instance that carries an invalid UID."""
+    from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
+
+    if len(value) <= 64 and UID_ROOT.fullmatch(value):
+        return value
+    log.warning("the header's %s %r is not a DICOM UID: a UID derived from it is written instead", name, value)
+    return generate_uid(PYDICOM_ROOT_UID, entropy_srcs=[name, value])
 
 
 def _decimal(value, scale: float = 1.0) -> str:
@@ -81,17 +95,25 @@ def study_attributes(header: Optional[str]) -> Dict[str, str]:
     (``subjectInformation``, ``studyInformation``, ``measurementInformation``, ``acquisitionSystemInformation``,
     ``experimentalConditions``, ``sequenceParameters``, as Gadgetron's DICOM writer reads them), so the images
     file with their source study and carry the MR Image module's type-2 attributes; new UIDs and empty type-2
-    values where the header has none."""
-    from pydicom.uid import generate_uid
+    values where the header has none.  UIDs the header lacks are derived from the header's text, so exporting
+    the same scan again files it in the same study (without a header: new ones)."""
+    from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 
     from .mrd import parse_header
+
+    def uid(obj, name: str) -> str:
+        given = text(obj, name)
+        if given:
+            return _uid(given, name)
+        return generate_uid(PYDICOM_ROOT_UID, entropy_srcs=[name, header]) if header else generate_uid()
 
     hdr = parse_header(header) if header else None
     part = lambda name: getattr(hdr, name, None)  # noqa: E731
     subject, study, measurement = part("subjectInformation"), part("studyInformation"), part("measurementInformation")
     system, sequence = part("acquisitionSystemInformation"), part("sequenceParameters")
     get = lambda obj, name: getattr(obj, name, None) if obj is not None else None  # noqa: E731
-    text = lambda obj, name: str(get(obj, name) or "")  # noqa: E731
+    # one value: a backslash would split it into several (DICOM's value delimiter)
+    text = lambda obj, name: str(get(obj, name) or "").replace("\\", "/")  # noqa: E731
     first = lambda obj, name: (get(obj, name) or [None])[0]  # noqa: E731  (TR, TE and the flip angle are lists)
     gender = get(subject, "patientGender")
     sex = str(getattr(gender, "value", gender) or "")[:1].upper()
@@ -100,14 +122,15 @@ def study_attributes(header: Optional[str]) -> Dict[str, str]:
         PatientName=text(subject, "patientName") or "DAINR^ANONYMOUS", PatientID=text(subject, "patientID"),
         PatientBirthDate=_dicom_date(get(subject, "patientBirthdate")),
         PatientSex=sex if sex in ("M", "F", "O") else "",
-        StudyInstanceUID=text(study, "studyInstanceUID") or generate_uid(),
+        StudyInstanceUID=uid(study, "studyInstanceUID"),
         StudyDate=_dicom_date(get(study, "studyDate")), StudyTime=_dicom_time(get(study, "studyTime")),
         StudyID=text(study, "studyID"), AccessionNumber=text(study, "accessionNumber"),
         ReferringPhysicianName=text(study, "referringPhysicianName"), StudyDescription=text(study, "studyDescription"),
-        FrameOfReferenceUID=text(measurement, "frameOfReferenceUID") or generate_uid(),
+        FrameOfReferenceUID=uid(measurement, "frameOfReferenceUID"),
         PatientPosition=str(getattr(position, "value", position) or ""),
         SeriesDate=_dicom_date(get(measurement, "seriesDate")), SeriesTime=_dicom_time(get(measurement, "seriesTime")),
         SequenceName=text(measurement, "sequenceName"), ProtocolName=text(measurement, "protocolName"),
+        SeriesDescription=text(measurement, "seriesDescription"),  # the scan's; write_series adds the series
         Manufacturer=text(system, "systemVendor"), ManufacturerModelName=text(system, "systemModel"),
         InstitutionName=text(system, "institutionName"), StationName=text(system, "stationName"),
         DeviceSerialNumber=text(system, "deviceSerialNumber"),
@@ -137,9 +160,11 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str
     """Write one series (images sharing ``image_series_index``) into ``folder``; returns the file paths.
     ``study``: :func:`study_attributes`; the series is described by its images' ``ImageComment``;
     ``series_base`` and ``uid_prefix``: :func:`series_numbering`."""
+    import hashlib
+
     import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import PYDICOM_ROOT_UID, ExplicitVRLittleEndian, generate_uid
 
     # numbered in order within the series (other writers' MRD image_index may restart per slice or repetition)
     images = sorted(images, key=lambda im: (im.slice, im.contrast, im.repetition, im.set, im.phase, im.image_index))
@@ -148,8 +173,16 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str
     for name in os.listdir(folder):  # an earlier export of this series number: replaced, not mixed in
         if FILE_NAME.fullmatch(name):
             os.remove(os.path.join(folder, name))
-    series_uid = generate_uid(uid_prefix) if uid_prefix else generate_uid()
+    # UIDs from the study's, the series number and the pixels: the same images exported again are the same
+    # instances (a PACS files them once), other images (another reconstruction) a series of their own
+    pixels = hashlib.sha256(b"".join(m.astype("<f4").tobytes() for m in mags)).hexdigest()
+    series_number = series_base + int(images[0].image_series_index) if images else series_base
+    root = uid_prefix or PYDICOM_ROOT_UID
+    series_uid = generate_uid(root, entropy_srcs=[study["StudyInstanceUID"], str(series_number), pixels])
     description = str(_first(_meta(images[0]), "ImageComment", "DA-INR")) if images else "DA-INR"
+    # the scan's description (the header's) before the series' own: DA-INR series of different scans differ
+    series_description = f"{study.get('SeriesDescription', '')} {description}".strip()
+    frames = collections.Counter((im.slice, im.contrast, im.repetition, im.set) for im in images)
     peak = max(float(m.max()) for m in mags) if mags else 1.0
     slope = peak / 65535.0 if peak > 0 else 1.0
     paths, unset = [], 0
@@ -163,7 +196,7 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str
         corner = np.asarray(im.position, float) - (nx // 2) * dx * read - (ny // 2) * dy * phase
         fm = FileMetaDataset()
         fm.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
-        fm.MediaStorageSOPInstanceUID = generate_uid()
+        fm.MediaStorageSOPInstanceUID = generate_uid(root, entropy_srcs=[series_uid, str(number)])
         fm.TransferSyntaxUID = ExplicitVRLittleEndian
         path = os.path.join(folder, f"IM_{number:05d}_s{im.slice:03d}.dcm")
         ds = FileDataset(path, {}, file_meta=fm, preamble=b"\0" * 128)
@@ -175,7 +208,7 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str
         ds.SeriesInstanceUID = series_uid
         ds.SeriesNumber, ds.InstanceNumber = series_base + int(im.image_series_index), number
         ds.EchoNumbers, ds.AcquisitionNumber = int(im.contrast) + 1, int(im.repetition) + 1  # (they tell them apart)
-        ds.SeriesDescription = description[:MAX_LENGTH["SeriesDescription"]]
+        ds.SeriesDescription = series_description[:MAX_LENGTH["SeriesDescription"]]
         meta = _meta(im)
         ds.ImageComments = str(_first(meta, "ImageComment", description))
         ds.ScanningSequence, ds.SequenceVariant = "GR", "NONE"  # type 1 in MR Image; radial gradient echo
@@ -189,6 +222,8 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str
         ds.ImagePositionPatient = [f"{v:.6f}" for v in corner]
         ds.SliceLocation = f"{float(np.dot(np.asarray(im.position, float), np.asarray(im.slice_dir, float))):.6g}"
         ds.TemporalPositionIdentifier = int(im.phase) + 1
+        # the cine's frames (type 3; viewers recognise and loop a cine by them)
+        ds.NumberOfTemporalPositions = ds.CardiacNumberOfImages = frames[im.slice, im.contrast, im.repetition, im.set]
         trigger_ms = int(im.physiology_time_stamp[0]) * TICK_MS
         if 0 < trigger_ms < 60000:  # as Gadgetron's DICOM writer (a cine frame's time since the R wave)
             ds.TriggerTime = f"{trigger_ms:.6g}"

@@ -1,4 +1,5 @@
 import os
+import re
 
 import ismrmrd
 import numpy as np
@@ -211,6 +212,46 @@ def test_names_keep_every_character_and_long_values_fit_their_representation(tmp
     ds = pydicom.dcmread(mrd_to_dicom({3: im}, str(tmp_path), xsd.ToXML(hdr, encoding="utf-8"))[3][0])
     assert ds.SpecificCharacterSet == "ISO_IR 192" and str(ds.PatientName) == "Łukasiewicz^Jan Иванов"
     assert ds.StudyID == "S" * 16
+
+
+def test_the_same_scan_exported_again_keeps_its_uids_and_header_text_stays_valid(tmp_path):
+    """Found by a PACS-side review: every export drew new UIDs (a re-export of a scan without UIDs in its header
+    landed in a second study), UIDs from the header went out as they were (letters, leading zeros, 84 characters:
+    refused by a strict PACS), a backslash split one value into several, an xs:time's zone suffix made an invalid
+    TM, and the scan's series description and the cine's frame count were not written."""
+    from ismrmrd import xsd
+
+    from dainr_app.mrd import build_header
+
+    hdr = build_header(32, 64, 2, 6, 10, 1)
+    hdr.subjectInformation = xsd.subjectInformationType(patientName="Doe\\Jane", patientID="A\\B")
+    hdr.measurementInformation = xsd.measurementInformationType(patientPosition=xsd.patientPositionType.HFS,
+                                                                seriesDescription="SAX radial cine",
+                                                                seriesTime="13:14:15+02:00")
+    header = xsd.ToXML(hdr)
+    _, im = _images(3)
+
+    def export(name, images=im, text=header):
+        return [pydicom.dcmread(p) for p in mrd_to_dicom({3: images}, str(tmp_path / name), text)[3]]
+    a, b = export("a"), export("b")
+    uids = ("StudyInstanceUID", "FrameOfReferenceUID", "SeriesInstanceUID", "SOPInstanceUID")
+    assert [[d[k].value for k in uids] for d in a] == [[d[k].value for k in uids] for d in b]
+    assert len({d.SOPInstanceUID for d in a}) == 3
+    other = export("other", _images(3, n=3)[1][:2])  # other images of the same scan: its study, a series of its own
+    assert other[0].StudyInstanceUID == a[0].StudyInstanceUID and other[0].SeriesInstanceUID != a[0].SeriesInstanceUID
+    assert not {d.SOPInstanceUID for d in other} & {d.SOPInstanceUID for d in a}
+    assert export("none", text=None)[0].StudyInstanceUID != export("none2", text=None)[0].StudyInstanceUID
+    ds = a[0]
+    assert (str(ds.PatientName), ds.PatientID, ds.SeriesTime) == ("Doe/Jane", "A/B", "131415")  # one value each
+    assert ds.SeriesDescription == "SAX radial cine DA-INR"
+    assert ds.NumberOfTemporalPositions == ds.CardiacNumberOfImages == 3
+    hdr.studyInformation = xsd.studyInformationType(studyInstanceUID="1.2.840.0123.abc")
+    hdr.measurementInformation.frameOfReferenceUID = "1." + "2" * 82
+    bad = export("bad", text=xsd.ToXML(hdr))[0]
+    for key in ("StudyInstanceUID", "FrameOfReferenceUID"):
+        value = bad[key].value
+        assert len(value) <= 64 and re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*", value), (key, value)
+    assert bad.StudyInstanceUID == export("bad2", text=xsd.ToXML(hdr))[0].StudyInstanceUID  # derived, not drawn
 
 
 def test_exporting_again_replaces_the_series_files(tmp_path):

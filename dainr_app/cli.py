@@ -116,6 +116,9 @@ def run_recon(raw: str, output: str, cfg: DAINRConfig, series: int = 1, preview:
     for space, n in scan.other_encodings.items():
         print(f"dainr recon: warning: {n} readouts of encoding space {space} were not reconstructed (DA-INR "
               "reconstructs the header's first encoding)", file=sys.stderr)
+    if scan.empty_readouts:
+        print(f"dainr recon: warning: {scan.empty_readouts} readouts without samples were not reconstructed",
+              file=sys.stderr)
     for note in (note for raw_slice in scan.slices.values() for note in raw_slice.warnings):
         print(f"dainr recon: warning: {note}", file=sys.stderr)
     truth_images = matching_truth(load_truth(truth), scan, truth, truth_found) if truth else None
@@ -340,7 +343,9 @@ def cmd_serve(args) -> int:
 
     # SIGHUP too: the terminal that started the server closed, its ssh session dropped (it killed the server with
     # every session in flight, no ERROR, no CLOSE, the forkserver's socket folder left behind)
-    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    # (not where it is ignored: `nohup dainr serve` keeps serving when its terminal closes)
+    stop_signals = (signal.SIGINT, signal.SIGTERM) + \
+        ((signal.SIGHUP,) if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN else ())
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -132,8 +132,8 @@ def _process_share_ends() -> None:
     global _process_shares
     with _process_lock:
         _process_shares -= 1
-        if _process_shares == 0 and torch.get_num_threads() != _process_threads:
-            torch.set_num_threads(_process_threads)
+        if _process_shares == 0:  # (always: with OpenMP a thread's count is its own, and the one new threads
+            torch.set_num_threads(_process_threads)  # start with was set by whichever fit set it last)
 
 
 class HostShare:

@@ -99,6 +99,7 @@ class RawScan:
     late_noise: int = 0  # noise readouts after the first imaging readout: not used, as the gadget does
     # readouts per encoding space other than the header's first: not reconstructed, as the gadget does
     other_encodings: Dict[int, int] = field(default_factory=dict)
+    empty_readouts: int = 0  # imaging readouts without samples: not reconstructed, as the gadget does
 
 
 def build_header(matrix: int, n_samples: int, n_coils: int, n_frames: int, n_spokes: int, n_slices: int,
@@ -459,14 +460,16 @@ def read_raw(path: str, group: str = "dataset", spokes_per_frame: Optional[int] 
     text = open_raw(path, group)[0]
     header = parse_header(text)
     params = ReconParameters.from_header(header, spokes_per_frame, golden_angle)
-    noise, per_key, late_noise, other_encodings = [], {}, 0, {}
+    noise, per_key, late_noise, other_encodings, empty = [], {}, 0, {}, 0
     for acq in iter_acquisitions(path, group):
         if acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
             if per_key:  # the gadget's prewhitener is fixed at the first imaging readout: the same images here
                 late_noise += 1
             else:
                 noise.append(acq.data.copy())
-        elif acq.encoding_space_ref != 0 and not is_skipped(acq):  # as the gadget: not used, counted
+        elif acq.number_of_samples == 0 and not is_skipped(acq):  # as the gadget: not used, counted
+            empty += 1
+        elif acq.encoding_space_ref != 0 and not is_skipped(acq):
             other_encodings[acq.encoding_space_ref] = other_encodings.get(acq.encoding_space_ref, 0) + 1
         elif not is_skipped(acq):
             per_key.setdefault(acquisition_key(acq), []).append(acq)
@@ -478,7 +481,7 @@ def read_raw(path: str, group: str = "dataset", spokes_per_frame: Optional[int] 
         _check_one_pass(path, key, acqs, params.last_average)
     noise_t = noise_samples(noise)
     slices = {key: slice_from_acquisitions(acqs, params, noise_t, key[0]) for key, acqs in sorted(per_key.items())}
-    return RawScan(params.matrix, params.fov_mm, slices, noise_t, header, text, late_noise, other_encodings)
+    return RawScan(params.matrix, params.fov_mm, slices, noise_t, header, text, late_noise, other_encodings, empty)
 
 
 def ends_cine(acq, last_average: int) -> bool:
@@ -536,7 +539,10 @@ def _check_trajectory_units(acqs: List, params: ReconParameters, n_samples: int,
         return
     step = float(np.median(np.concatenate([np.linalg.norm(np.diff(a.traj[pre:n_samples - post, :2], axis=0), axis=1)
                                            for a in acqs])))
-    expected = 1 / (params.encoded_x * params.oversampling(n_samples, n_samples - pre - post))
+    # a partial echo's readout is shorter than the whole echo its oversampling is judged by (center_sample set)
+    centre = int(acqs[0].center_sample)
+    whole = 2 * max(centre, n_samples - centre) if centre else n_samples
+    expected = 1 / (params.encoded_x * params.oversampling(whole, n_samples - pre - post))
     if 1 / 1.1 <= step / expected <= 1.1:
         return
     text = (f"slice {s}: acq.traj moves {step:.4g} from sample to sample where the header implies {expected:.4g} "

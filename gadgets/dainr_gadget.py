@@ -297,7 +297,6 @@ def _reconstruct_stream(connection, report: Callable[[str], None]) -> None:
             # between slices prewhitened only the later ones)
             late_noise += 1
             continue
-        imaging += not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
         if acq.idx.average > params.last_average and not undeclared_average:
             undeclared_average = True
             report(f"DA-INR: readout {acq.scan_counter} is of average {acq.idx.average}, beyond the "
@@ -314,6 +313,8 @@ def _reconstruct_stream(connection, report: Callable[[str], None]) -> None:
             connection.send(acq)
             key = acquisition_key(acq) if acq.is_flag_set(ismrmrd.ACQ_LAST_IN_SLICE) else None
         else:
+            # (a readout it does not use does not fix the prewhitener, as in dainr recon)
+            imaging += not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
             if angle_problem and not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
                 if acq.trajectory_dimensions == 0:
                     report(f"DA-INR: {angle_problem}")

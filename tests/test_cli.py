@@ -539,6 +539,18 @@ def test_readouts_of_a_second_encoding_space_are_counted_not_reconstructed(raw2,
         read_raw(_rewrite(raw2, str(tmp_path / "enc1.h5"), lambda a: second(a) if a.idx.slice == 1 else None))
 
 
+def test_readouts_without_samples_are_counted_not_reconstructed(raw2, tmp_path, capsys):
+    """As the gadget passes them on (the README said so); recon refused the slice ("different (channels, samples)")."""
+    def empty(acq, counter=iter(range(10**6))):
+        if next(counter) == 40 and not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            acq.resize(0, acq.active_channels, 0)
+        return acq
+    path = _rewrite(raw2, str(tmp_path / "empty.h5"), empty)
+    assert read_raw(path).empty_readouts == 1
+    assert cli.main(["recon", path, "-o", str(tmp_path / "o.h5"), "--steps", "2", "--quiet"]) == 0
+    assert "warning: 1 readouts without samples were not reconstructed" in capsys.readouterr().err
+
+
 def test_uniform_radial_without_trajectory_needs_the_angle_step(raw2, tmp_path):
     """A uniform ``radial`` header without acq.traj and without the angle parameter was read with golden angles."""
     def radial(xml):
@@ -733,9 +745,16 @@ def test_readouts_oversampled_twice_the_encoded_matrix_whatever_the_recon_space_
             acq.data[:, 4:-4], acq.traj[4:-4], acq.traj[:4], acq.traj[-4:] = data, traj, 7.0, 7.0
             acq.discard_pre = acq.discard_post = 4
         return acq
-    for name, transform in (("traj.h5", lambda a: a), ("padded_traj.h5", padded_traj)):
+    def partial_echo(acq):  # the first 16 of the 64 samples not acquired: the echo at sample 16 of 48
+        if not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+            data, traj = acq.data[:, 16:].copy(), acq.traj[16:].copy()
+            acq.resize(48, acq.active_channels, 2)
+            acq.data[:], acq.traj[:], acq.center_sample = data, traj, 16
+        return acq
+    for name, transform, samples in (("traj.h5", lambda a: a, slice(None)), ("padded_traj.h5", padded_traj,
+                                     slice(None)), ("partial.h5", partial_echo, slice(16, None))):
         got = read_raw(_rewrite(raw2, str(tmp_path / name), transform, header=siemens)).slices[key]
-        assert got.warnings == [] and torch.equal(got.data.traj, stored), name
+        assert got.warnings == [] and torch.equal(got.data.traj, stored[..., samples, :]), name
 
 
 def test_bench_lists_every_case_with_its_description(capsys):

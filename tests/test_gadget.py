@@ -1,3 +1,5 @@
+import copy
+
 import ismrmrd
 import numpy as np
 import pytest
@@ -346,8 +348,6 @@ def test_slice_with_fewer_spokes_than_frames_is_an_error(two_slices):
 
 
 def test_missing_trajectory_with_unknown_trajectory_type_is_an_error(two_slices):
-    import copy
-
     header, acqs = _load(two_slices[1])
     hdr = copy.deepcopy(header)
     hdr.encoding[0].trajectory = ismrmrd.xsd.trajectoryType.OTHER
@@ -366,7 +366,6 @@ def test_missing_trajectory_with_unknown_trajectory_type_is_an_error(two_slices)
 def test_golden_angle_property_reads_a_radial_header_without_its_angle(two_slices):
     """A uniform ``radial`` header without the angle parameter and readouts without acq.traj (siemens_to_ismrmrd's
     golden-angle scans): `dainr recon --golden-angle` read it, the gadget had no way to (found by a review)."""
-    import copy
 
     header, acqs = _load(two_slices[1])
     hdr = copy.deepcopy(header)
@@ -435,6 +434,12 @@ def test_readouts_of_a_second_encoding_space_are_passed_on_not_merged(two_slices
                           "passed on, not reconstructed"]
     assert len(run.images) == 12  # slice 0 from the readouts of encoding 0
     assert [a.scan_counter for a in run.passthrough] == [a.scan_counter for a in other]
+    # one before the noise scan: counted as the first imaging readout, it threw the noise scan away (dainr recon
+    # prewhitened with it)
+    first = copy.deepcopy(other[0])
+    run = run_gadget(CONFIG.format(steps=5, extra=""), header, [first] + [a for a in acqs if a not in other])
+    assert run.errors == ["DA-INR: 1 readouts of encoding space 1 (DA-INR reconstructs the header's first) were "
+                          "passed on, not reconstructed"] and len(run.images) == 12
 
 
 def test_unconsumed_items_pass_through_unchanged(two_slices):
@@ -606,7 +611,6 @@ def test_a_noise_scan_of_other_channels_leaves_the_data_unwhitened_with_a_warnin
 def test_averages_are_one_cine_per_slice(two_slices):
     """Averages in the outer loop end each average with ACQ_LAST_IN_SLICE: two cines per slice with the same
     labels, each from half the spokes. Declared in the header they are combined; undeclared, an ERROR says so."""
-    import copy
 
     header, acqs = _load(two_slices[1])
     noise = [a for a in acqs if a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
@@ -630,8 +634,6 @@ def test_averages_are_one_cine_per_slice(two_slices):
 
 
 def test_the_reader_refuses_malformed_headers_noise_and_readouts_with_the_reason(two_slices):
-    import copy
-
     from dainr_app.mrd import MRDFormatError, ReconParameters, noise_samples, slice_from_acquisitions
 
     header, acqs = _load(two_slices[1])

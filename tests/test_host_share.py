@@ -65,6 +65,27 @@ def test_overlapping_fits_of_one_process_give_back_the_threads_it_had(tmp_path, 
         assert share.threads == 3
 
 
+def test_the_last_share_to_end_restores_the_threads_new_threads_start_with(tmp_path, four_threads):
+    """With OpenMP a thread's count is its own and new threads start with the one set last: a fit in another
+    thread that cut it and ended first left every later thread at the cut count (a code review)."""
+    import threading
+
+    d = str(tmp_path)
+    a, b = HostShare(d, cores=4), HostShare(d, cores=4)
+
+    def in_thread(fn):
+        t = threading.Thread(target=fn)
+        t.start()
+        t.join()
+    a.__enter__()  # (this thread)
+    in_thread(lambda: (b.__enter__(), b.update(), b.__exit__(None, None, None)))  # cut to 2 there, ended first
+    assert a.update() == 4
+    a.__exit__(None, None, None)
+    seen = []
+    in_thread(lambda: seen.append(torch.get_num_threads()))
+    assert seen == [4]
+
+
 def test_the_folder_can_be_set_for_the_host(monkeypatch, tmp_path):
     monkeypatch.delenv("DAINR_SHARE_DIR", raising=False)
     monkeypatch.setenv("DAINR_CPU_SHARE_DIR", str(tmp_path / "old"))  # the earlier name still works

@@ -661,6 +661,22 @@ def _cli(*args, **kw):
     return subprocess.Popen([sys.executable, "-m", "dainr_app.cli", *args], cwd=ROOT, env=env, **kw)
 
 
+def test_a_server_started_with_sighup_ignored_keeps_serving_on_sighup():
+    """`nohup dainr serve &`: the SIGHUP handler replaced the inherited SIG_IGN, so the terminal closing stopped it."""
+    proc = _cli("serve", "-p", "0", stderr=subprocess.PIPE, text=True,
+                preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        while "listening on" not in proc.stderr.readline():
+            assert proc.poll() is None
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert proc.poll() is None  # still serving
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+
+
 def test_a_gadget_whose_session_ended_logs_one_line_not_a_traceback(raw):
     """A client that left mid-stream: the server closes its gadget's connection, and the forked gadget printed a
     ~45-line traceback (ConnectionResetError, then BrokenPipeError from gadgetron-python's Connection.__exit__)

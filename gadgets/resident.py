@@ -28,7 +28,7 @@ class _StartTimeout:
     def __init__(self, sock, seconds: float, budget: int):
         self._sock = sock
         self._deadline: Optional[float] = time.monotonic() + seconds
-        self._budget = budget
+        self._budget = self._limit = budget
 
     def started(self) -> None:
         self._deadline = None
@@ -44,7 +44,7 @@ class _StartTimeout:
         if left <= 0:
             raise socket.timeout("CONFIG and HEADER not received in time")
         if n > self._budget:
-            raise _TooLarge(f"a CONFIG and HEADER of more than {self._budget} bytes")
+            raise _TooLarge(f"a CONFIG and HEADER of more than {self._limit} bytes")
         self._sock.settimeout(left)
         data = self._sock.recv(n, *flags)
         self._budget -= len(data)

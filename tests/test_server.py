@@ -1,4 +1,5 @@
 """The embedded server: sessions, pipelines, bad input, concurrency, shutdown, stream mode, fuzzing."""
+import contextlib
 import copy
 import ctypes
 import gc
@@ -656,6 +657,17 @@ def test_fuzzed_streams_never_kill_the_server_and_always_get_an_answer(server, r
 
 # ----------------------------------------------------------------- process-level behaviour
 
+@contextlib.contextmanager
+def _sighup_default():
+    """Processes started inside get SIGHUP's default action: one the tests run under ignores (nohup, some CI
+    runners) would be inherited, and an ignored SIGHUP stays ignored by `dainr serve` (as it should)."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 def _cli(*args, **kw):
     env = child_env()
     return subprocess.Popen([sys.executable, "-m", "dainr_app.cli", *args], cwd=ROOT, env=env, **kw)
@@ -729,7 +741,8 @@ def test_sigterm_ends_sessions_with_an_error_and_exits_cleanly(raw, sig):
     from dainr_app.bench_server import Listening
 
     header, acqs = load(raw)
-    server = Listening("serve")
+    with _sighup_default():
+        server = Listening("serve")
     proc, port = server.proc, server.port
     try:
         frames = []
@@ -777,8 +790,9 @@ def test_from_stream_mode_in_a_shell_pipe(raw, tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_from_stream_mode_ends_with_an_error_and_close_on_sigterm(raw, sig):
     header, acqs = load(raw)
-    proc = _cli("serve", "--from_stream", "-c", "dainr", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE)
+    with _sighup_default():
+        proc = _cli("serve", "--from_stream", "-c", "dainr", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE)
     watchdog = threading.Timer(120, proc.kill)  # a signal it ignores: a failure, not a hang of the suite
     watchdog.start()
     try:

@@ -15,7 +15,7 @@ from dainr_app.protocol import Limits
 log = logging.getLogger("dainr.gadget")
 
 
-# CONFIG (file name or text) and HEADER together, with their framing: ``dainr serve``'s limits for each
+# CONFIG (file name or text) and HEADER together, with their framing: ``dainr serve``'s two limits summed
 START_BYTES = Limits().max_text + Limits().max_header + 64
 
 

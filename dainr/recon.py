@@ -230,14 +230,13 @@ def _l1_per_frame(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
     """(B,) L1(Re) + L1(Im) of each frame over its weighted samples (B, C, M) × (B, M), summed over coils × samples
     (``exact``: in double precision, the same bits whatever the thread count, for the stopping rule)."""
     diff = (pred - target) * weight[:, None, :]
-    if exact:
-        return _sum64(diff.real.abs(), (1, 2)) + _sum64(diff.imag.abs(), (1, 2))
-    return diff.real.abs().sum((1, 2)) + diff.imag.abs().sum((1, 2))
+    total = _sum64 if exact else torch.sum
+    return total(diff.real.abs(), (1, 2)) + total(diff.imag.abs(), (1, 2))
 
 
-def _loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, exact: bool = False) -> torch.Tensor:
     """L1(Re) + L1(Im) over the weighted samples (the reference's loss), mean over coils × samples."""
-    return _l1_per_frame(pred, target, weight).sum() / (weight.sum().clamp_min(1) * target.shape[1])
+    return _l1_per_frame(pred, target, weight, exact).sum() / (weight.sum().clamp_min(1) * target.shape[1])
 
 
 class Fitter:

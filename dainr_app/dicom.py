@@ -206,7 +206,7 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str
         for key, value in study.items():
             setattr(ds, key, value[:MAX_LENGTH.get(key, len(value))])
         ds.SeriesInstanceUID = series_uid
-        ds.SeriesNumber, ds.InstanceNumber = series_base + int(im.image_series_index), number
+        ds.SeriesNumber, ds.InstanceNumber = series_number, number
         ds.EchoNumbers, ds.AcquisitionNumber = int(im.contrast) + 1, int(im.repetition) + 1  # (they tell them apart)
         ds.SeriesDescription = series_description[:MAX_LENGTH["SeriesDescription"]]
         meta = _meta(im)

@@ -16,6 +16,7 @@ angle step of readouts without ``acq.traj`` where the header gives none, as ``da
 from __future__ import annotations
 
 import logging
+import re
 import time
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
@@ -51,11 +52,17 @@ class GadgetOptions:
 def properties(config, raw: bytes = b"") -> Dict[str, str]:
     """The ``<configuration>`` element's properties, in Gadgetron's two forms: ``<property name= value=/>`` and
     ``<property><name/><value/></property>``.  None with ``raw`` bytes (gadgetron-python could not parse them),
-    a property without a name or one given twice raises ValueError: ignored, the fit would run on defaults."""
+    a property without a name or one given twice raises ValueError: ignored, the fit would run on defaults.
+
+    An ``<external>`` without ``<configuration>`` reaches the gadget from a real Gadgetron as an XML declaration
+    alone (pugixml saves an empty document so): no properties.  The legacy v1 ``PythonGadget`` form, which
+    Gadgetron turns into an ``<external>``, copies its ``python_path``/``python_module``/``python_class`` into the
+    properties: those name the gadget itself and are left out."""
     if config is None:
-        if bytes(raw).strip(b"\x00 \t\r\n"):
+        body = XML_DECLARATION.sub(b"", bytes(raw).rstrip(b"\x00 \t\r\n"), count=1)
+        if body.strip(b"\x00 \t\r\n"):
             try:
-                ElementTree.fromstring(bytes(raw).rstrip(b"\x00"))
+                ElementTree.fromstring(body)
             except ElementTree.ParseError as exc:
                 raise ValueError(f"the gadget's <configuration> is not XML ({exc})") from None
         return {}
@@ -67,8 +74,13 @@ def properties(config, raw: bytes = b"") -> Dict[str, str]:
             raise ValueError(f"a <property> without a name and a value: {ElementTree.tostring(p, 'unicode')[:200]}")
         if name in props:
             raise ValueError(f"property {name} is given twice")
-        props[name] = value
+        if name not in LEGACY_PYTHON_GADGET:
+            props[name] = value
     return props
+
+
+XML_DECLARATION = re.compile(rb"^\s*<\?xml[^>]*\?>")
+LEGACY_PYTHON_GADGET = ("python_path", "python_module", "python_class")
 
 
 BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}

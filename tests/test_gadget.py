@@ -244,6 +244,35 @@ def test_connect_mode_resident_process_serves_two_scans(two_slices):
             proc.kill()
 
 
+def test_the_distributed_connect_pipeline_reaches_the_resident_gadget_slice_by_slice(two_slices):
+    """pipelines/dainr_distributed_connect.xml (the distributed pipeline for a real Gadgetron, whose workers keep
+    <connect port=> only) run by dainr serve without workers: each slice's chain connects to the one resident
+    gadget, which serves them one after another; both slices come back whole."""
+    import pathlib
+
+    from dainr_app.replay import file_items, replay
+
+    from .server_harness import running_server
+
+    xml = (pathlib.Path(__file__).resolve().parents[1] / "pipelines" / "dainr_distributed_connect.xml").read_text()
+    resident = _resident("--connections", "2")
+    try:
+        for old, new in (('port="18000"', f'port="{resident.port}"'), ('"steps" value="3000"', '"steps" value="5"'),
+                         ('"device" value="auto"', '"device" value="cpu"')):
+            assert old in xml
+            xml = xml.replace(old, new)
+        with running_server() as server:
+            header, items = file_items(two_slices[1])
+            run = replay(items, header, ("127.0.0.1", server.port), config_xml=xml, timeout=120)
+        assert run.errors == []
+        images = [im for ims in run.images.values() for im in ims]
+        assert sorted((im.slice, im.phase) for im in images) == [(s, f) for s in (0, 1) for f in range(6)]
+        assert resident.proc.wait(60) == 0  # one connection per slice
+    finally:
+        if resident.proc.poll() is None:
+            resident.proc.kill()
+
+
 def test_a_connection_that_sends_nothing_does_not_block_the_resident_process(two_slices):
     """Connections are served one after another: an idle one blocked every later scan."""
     from .gadget_harness import connect_gadget, dial
@@ -542,6 +571,14 @@ def test_properties_in_gadgetrons_other_form_twice_or_unparsable_are_not_ignored
     with pytest.raises(ValueError, match="<configuration> is not XML"):
         properties(None, b'<configuration><property name="steps" value="5"></configuration>')
     assert properties(None, b"") == {} and properties(None, b"\x00") == {}
+    # what a real Gadgetron sends for an <external> without <configuration>: pugixml's empty document
+    assert properties(None, b'<?xml version="1.0"?>\n') == {} == properties(None, b"<?xml version='1.0'?>\x00")
+    with pytest.raises(ValueError, match="<configuration> is not XML"):
+        properties(None, b'<?xml version="1.0"?>\n<configuration>')
+    # Gadgetron's legacy v1 PythonGadget: its own python_* properties are copied into <configuration>
+    assert props('<configuration><property name="python_module" value="gadgets.dainr_gadget"/><property '
+                 'name="python_class" value="dainr_recon"/><property name="python_path" value="/opt"/>'
+                 '<property name="steps" value="5"/></configuration>') == {"steps": "5"}
     with pytest.raises(ValueError, match="preview_steps=0: must be >= 1"):  # accepted, then no preview was sent
         options_from_properties({"preview": "true", "preview_steps": "0"})
 

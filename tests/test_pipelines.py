@@ -46,3 +46,40 @@ def test_installed_pipelines_are_found_after_a_user_install(monkeypatch, tmp_pat
     monkeypatch.setattr(site, "getuserbase", lambda: str(tmp_path / "user"))
     monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv"))
     assert pipeline._pipelines_dir() == str(user)
+
+
+def gadgetron_worker_copy(worker_config: str) -> str:
+    """A ``<distributed>`` inner stream as a real Gadgetron sends it to each worker: its XMLSerializer
+    (apps/gadgetron/connection/config/Config.cpp) writes an ``<execute>`` with name= and type= only (no target=)
+    and a ``<connect>`` with port= only (no address=: the worker dials its own host)."""
+    root = ET.fromstring(worker_config)
+    for execute in root.iter("execute"):
+        execute.attrib.pop("target", None)
+    for connect in root.iter("connect"):
+        connect.attrib.pop("address", None)
+    return ET.tostring(root, "unicode")
+
+
+def test_the_gadgetron_distributed_pipeline_survives_gadgetrons_copy_for_its_workers():
+    """dainr_distributed.xml's workers, on a real Gadgetron, ran ``python -m gadgetron PORT gadgets.dainr_gadget``
+    without its target: no images, no ERROR. The pipeline for a real Gadgetron connects to a resident gadget on
+    each worker's host; the <execute> one is for dainr serve only and is not installed into Gadgetron's folder."""
+    import re
+
+    from dainr_app.pipeline import Distributed, PipelineError, parse_pipeline
+
+    root = PIPELINES[0].parent
+
+    def worker(name):
+        (node,) = [n for n in parse_pipeline((root / name).read_text()).nodes if isinstance(n, Distributed)]
+        return parse_pipeline(gadgetron_worker_copy(node.worker_config))
+
+    (ext,) = worker("dainr_distributed_connect.xml").nodes
+    assert ext.address == ("localhost", 18000) and ext.module is None
+    assert options_from_properties(properties(ET.fromstring(ext.configuration))).cfg.max_steps == 3000
+    with pytest.raises(PipelineError, match="needs name= .module. and target="):
+        worker("dainr_distributed.xml")
+    dockerfile = (root.parent / "docker" / "Dockerfile").read_text()
+    installed = re.search(r"cp (.*) \"\$\{CONDA_PREFIX\}/share/gadgetron/config/\"", dockerfile).group(1).split()
+    assert "/opt/dainr/pipelines/dainr_distributed_connect.xml" in installed
+    assert not any(p.endswith(("*.xml", "/dainr_distributed.xml")) for p in installed), installed

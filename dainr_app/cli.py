@@ -382,7 +382,7 @@ def cmd_serve(args) -> int:
 
 def cmd_replay(args) -> int:
     from .protocol import ProtocolError
-    from .replay import file_items, query, replay, timing_table
+    from .replay import ReplayResult, file_items, query, replay, timing_table
 
     queries = list(dict.fromkeys((["gadgetron::info"] if args.info else []) + (args.query or [])))  # (each once)
     query_failed = False
@@ -413,8 +413,13 @@ def cmd_replay(args) -> int:
         if not config_xml.strip():
             raise ValueError(f"{args.config_local}: the pipeline XML file is empty")
     header, items = file_items(args.raw, args.in_group)
-    res = replay(items, header, (args.address, args.port), None if config_xml else args.config or "dainr",
-                 config_xml, timeout=args.timeout)
+    res, interrupted = ReplayResult(), False
+    try:
+        replay(items, header, (args.address, args.port), None if config_xml else args.config or "dainr",
+               config_xml, timeout=args.timeout, result=res)
+    except KeyboardInterrupt:  # the images received so far are kept
+        interrupted = True
+        print(f"dainr replay: interrupted after {res.n_images} images; writing those", file=sys.stderr)
     save_images(res.images, args.output, args.out_group, header)
     print(f"sent {res.sent} messages ({res.readouts} readouts) in {res.send_seconds:.2f} s; received "
           f"{res.n_images} images in {len(res.images)} series"
@@ -436,6 +441,8 @@ def cmd_replay(args) -> int:
     if res.input_error:  # the file's fault, not the server's
         print(f"dainr replay: error: {args.raw}: {res.input_error}", file=sys.stderr)
         return 2
+    if interrupted:
+        return 130
     return 1 if res.errors or query_failed else 0
 
 
@@ -630,6 +637,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, OSError, MemoryError) as exc:  # bad files and arguments: a clear message, no traceback
         print(f"dainr {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's exit status for SIGINT
+        print(f"dainr {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -132,13 +132,14 @@ def _guarded(items):
 
 def replay(items, header: str, address: Tuple[str, int], config: Optional[str] = None,
            config_xml: Optional[str] = None, timeout: float = 600.0, limits: Limits = Limits(),
-           on_image=None) -> ReplayResult:
-    """Send ``header`` and ``items`` (ismrmrd objects) to a server; collect what comes back until CLOSE."""
+           on_image=None, result: Optional[ReplayResult] = None) -> ReplayResult:
+    """Send ``header`` and ``items`` (ismrmrd objects) to a server; collect what comes back until CLOSE (into
+    ``result`` if given: what arrived before an exception such as a KeyboardInterrupt is kept there)."""
     if (config is None) == (config_xml is None):
         raise ValueError("give a remote pipeline name or a local pipeline XML: one of them, not both"
                          if config is not None else "give a remote pipeline name or a local pipeline XML")
     sock = _connect(address, timeout)
-    res = ReplayResult()
+    res = result if result is not None else ReplayResult()
     t0 = time.monotonic()
 
     def send():

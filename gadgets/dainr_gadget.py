@@ -148,18 +148,31 @@ def options_from_properties(props: Dict[str, str]) -> GadgetOptions:
                          preview_series, output, max_buffer_mb, golden)
 
 
+class PeerGone(ConnectionError):
+    """Sending failed: Gadgetron (or the client behind it) has gone, so no later slice would reach anyone."""
+
+
 def send_error(connection, text: str) -> None:
     """ERROR message (id 8: uint64 length + text), which Gadgetron turns into a RemoteError; gadgetron-python
     has no writer for it."""
     connection.socket.write(error_frame(text).raw)
 
 
+# what a buffered readout holds besides its samples and acq.traj: its header and the Python objects around them
+READOUT_OVERHEAD = 1024
+
+
+def readout_bytes(acq) -> int:
+    return acq.data.nbytes + acq.traj.nbytes + READOUT_OVERHEAD
+
+
 class SliceBuffers:
     """Readouts per (slice, contrast, repetition, set), plus the noise scan, within ``max_bytes`` in all.
 
-    A readout that would take the total over ``max_bytes`` (a stream whose slices never end) drops its key's
-    buffer; that key's further readouts are only counted, and :meth:`pop` reports the count when the key is
-    flushed, so the loss reaches the client as an ERROR instead of exhausting the gadget's memory.
+    A readout that would take the total over ``max_bytes`` drops the buffer that has waited longest for a readout
+    (a slice whose end never came), or its own when no other is left; a dropped key's further readouts are only
+    counted, and :meth:`pop` reports the count when the key is flushed, so the loss reaches the client as an ERROR
+    instead of exhausting the gadget's memory.
     """
 
     def __init__(self, max_bytes: float = float("inf"), last_average: int = 0):
@@ -179,20 +192,23 @@ class SliceBuffers:
                 self.noise.append(acq.data.copy())
                 self.used += acq.data.nbytes
             return None
-        key = acquisition_key(acq)
+        key, size = acquisition_key(acq), readout_bytes(acq)
+        while key not in self.dropped and self.used + size > self.max_bytes:
+            # the buffers are in the order they last grew: the first other one is the stalest (its own if alone)
+            stalest = next((k for k in self.buffers if k != key), key)
+            self.dropped[stalest] = len(self.pop(stalest)[0])
         if key in self.dropped:
             self.dropped[key] += 1
-        elif self.used + acq.data.nbytes > self.max_bytes:
-            self.dropped[key] = len(self.pop(key)[0]) + 1
         else:
-            self.buffers.setdefault(key, []).append(acq)
-            self.used += acq.data.nbytes
+            self.buffers[key] = self.buffers.pop(key, [])  # to the end of the order
+            self.buffers[key].append(acq)
+            self.used += size
         return key if ends_cine(acq, self.last_average) else None
 
     def pop(self, key: Key) -> Tuple[list, int]:
         """The key's buffered readouts and how many of its readouts were dropped at the memory cap."""
         acqs = self.buffers.pop(key, [])
-        self.used -= sum(a.data.nbytes for a in acqs)
+        self.used -= sum(map(readout_bytes, acqs))
         return acqs, self.dropped.pop(key, 0)
 
     def keys(self) -> List[Key]:
@@ -216,7 +232,10 @@ def reconstruct_slice(connection, key: Key, acqs: list, params: ReconParameters,
                               repetition=rep, contrast=contrast, set_index=set_index, first_phase=raw.first_phase,
                               time_stamps=raw.time_stamps, measurement_uid=raw.measurement_uid,
                               strides=params.strides):
-            connection.send(im)
+            try:
+                connection.send(im)
+            except OSError as exc:
+                raise PeerGone(f"slice {s}'s images could not be sent ({exc}): the connection is gone") from exc
 
     def on_progress(progress):
         if progress.preview and not sent_preview:  # one preview series: later ones are not rendered
@@ -279,8 +298,13 @@ def _reconstruct_stream(connection, report: Callable[[str], None]) -> None:
         _pass_through(connection, report)
         return
     buffers = SliceBuffers(opts.max_buffer_mb * 2 ** 20, params.last_average)
+    # the averages of each cine's readouts, buffered and reconstructed: a readout of a cine already reconstructed
+    # (a slice index sent again, a converter that numbers slices by position only) starts a second pass
+    pending: Dict[Key, set] = {}
+    done: Dict[Key, set] = {}
 
     def flush(key: Key) -> None:
+        done.setdefault(key, set()).update(pending.pop(key, ()))
         acqs, dropped = buffers.pop(key)
         if dropped:
             report(f"DA-INR slice {key[0]} (contrast {key[1]}, repetition {key[2]}, set {key[3]}): "
@@ -291,6 +315,9 @@ def _reconstruct_stream(connection, report: Callable[[str], None]) -> None:
             return
         try:
             reconstruct_slice(connection, key, acqs, params, opts, noise_samples(buffers.noise), report)
+        except PeerGone as exc:  # the readouts still buffered in the socket are nobody's any more: stop
+            log.warning("%s; the scan's later slices are not reconstructed", exc)
+            raise
         except Exception as exc:  # one slice failing must not lose the others
             # data it cannot use, or a scan too large (the report logs its line): the traceback only for a bug
             log.log(logging.DEBUG if isinstance(exc, (ValueError, MemoryError)) else logging.ERROR,
@@ -298,7 +325,7 @@ def _reconstruct_stream(connection, report: Callable[[str], None]) -> None:
             report(f"DA-INR slice {key[0]} (contrast {key[1]}, repetition {key[2]}, set {key[3]}): {exc}")
 
     connection.filter(lambda item: isinstance(item, ismrmrd.Acquisition) and not is_skipped(item))
-    imaging, late_noise, undeclared_average = 0, 0, False
+    imaging, late_noise, undeclared_average, repeated = 0, 0, False, set()
     passed_on: Dict[str, int] = {}
     # a radial header without the angle step: if its first usable imaging readout has no acq.traj, every slice
     # would fail, so the ERROR comes at once (an 'other' header: readouts without acq.traj fail slice by slice)
@@ -333,6 +360,15 @@ def _reconstruct_stream(connection, report: Callable[[str], None]) -> None:
                     _pass_through(connection, report, 1, len(buffers.noise) + buffers.noise_dropped, "the error")
                     return
                 angle_problem = None  # the readouts carry acq.traj: no angles needed
+            if not acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
+                cine = acquisition_key(acq)
+                if acq.idx.average in done.get(cine, ()) and cine not in repeated:
+                    repeated.add(cine)
+                    report(f"DA-INR slice {cine[0]} (contrast {cine[1]}, repetition {cine[2]}, set {cine[3]}): "
+                           f"readout {acq.scan_counter} comes after that cine's last readout; the readouts after "
+                           "it are reconstructed as a cine of their own, whose images repeat the first one's "
+                           "image_index (give each pass its own repetition, or declare the passes as averages)")
+                pending.setdefault(cine, set()).add(acq.idx.average)
             key = buffers.add(acq)
         if key is not None:
             flush(key)

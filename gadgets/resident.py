@@ -107,5 +107,7 @@ def serve(port: int, connections: Optional[int] = None, start_timeout: float = 6
                             start_timeout)
             except _TooLarge as exc:
                 log.warning("connection %d from %s sent %s; closed", served, address[0], exc)
+            except ConnectionError as exc:  # Gadgetron went away mid-scan (the gadget logged where)
+                log.warning("connection %d from %s ended without CLOSE: %s", served, address[0], exc)
             except Exception:  # a broken scan must not take the resident process down
                 log.exception("connection failed")

@@ -1438,3 +1438,40 @@ def test_a_pipeline_cannot_connect_back_into_the_server(server, raw):
     for host in ("localhost", "127.0.0.1"):
         xml = _pipeline_xml(f'<connect address="{host}" port="{server.port}"/>')
         _expect_error(server, stream(ConfigText(xml), header, []), "is this server's own port")
+
+
+def test_an_interrupted_replay_writes_the_images_it_received(raw, tmp_path):
+    """Ctrl-C during `dainr replay` (a long scan, a server that stopped answering) printed a traceback and wrote
+    nothing: the images already received were lost. A server here sends one image and then nothing."""
+    image = ismrmrd.Image.from_array(np.ones((8, 8), np.float32), transpose=False)
+    image.image_series_index = 3
+    listener = socket.create_server(("127.0.0.1", 0))
+    out = tmp_path / "images.h5"
+
+    def default_sigint():  # a runner's background job (`cmd &`) passes SIGINT on ignored: Python then never raises
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    with listener:
+        proc = _cli("replay", raw, "-p", str(listener.getsockname()[1]), "-o", str(out), "-c", "dainr",
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+        try:
+            listener.settimeout(60)
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(encode(image))
+                deadline = time.monotonic() + 30
+                conn.settimeout(1)
+                while time.monotonic() < deadline:  # the client's whole stream (its CLOSE last) has arrived ...
+                    data = conn.recv(1 << 20)
+                    if data.endswith(struct.pack("<H", CLOSE)) or not data:
+                        break
+                time.sleep(1)  # ... and the image before it was read
+                proc.send_signal(signal.SIGINT)
+                stdout, stderr = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert "interrupted after 1 images; writing those" in stderr
+    with h5py.File(out, "r") as h5:
+        assert "image_3" in h5["dataset"] and h5["dataset/image_3/data"].shape[0] == 1

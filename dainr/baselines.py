@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from .config import DAINRConfig
-from .data import RadialData
+from .data import RadialData, is_count
 from .recon import Problem, _loss, acquired_problem
 from .utils import library_defaults
 
@@ -100,9 +100,17 @@ def temporal_tv(data: RadialData, lam: float = 0.02, iterations: int = 100, cfg:
                 holdout_residual=_holdout_residual(p, _forward(p, x)) if p.has_holdout else None)
 
 
+def _need_holdout(holdout_spokes) -> None:
+    if not is_count(holdout_spokes):
+        raise ValueError(f"choosing by the held-out residual needs holdout_spokes >= 1, got {holdout_spokes!r}")
+
+
 def temporal_tv_holdout_lambda(data: RadialData, lambdas=(0.001, 0.002, 0.005, 0.01, 0.02), holdout_spokes: int = 1,
                                **kwargs) -> dict:
     """Pick λ by the held-out-spoke residual (no ground truth), then reconstruct from all spokes with it."""
+    _need_holdout(holdout_spokes)
+    if not len(lambdas):
+        raise ValueError("give at least one λ to choose from")
     scores = {lam: temporal_tv(data, lam=lam, holdout_spokes=holdout_spokes, **kwargs)["holdout_residual"]
               for lam in lambdas}
     best = min(scores, key=scores.get)
@@ -150,6 +158,7 @@ def cg_sense(data: RadialData, iterations: int = 10, cfg: Optional[DAINRConfig] 
 
 def cg_sense_holdout_iterations(data: RadialData, max_iterations: int = 30, holdout_spokes: int = 1, **kwargs) -> dict:
     """Pick the CG iteration count by the held-out-spoke residual (no ground truth), then run it on all spokes."""
+    _need_holdout(holdout_spokes)
     held = cg_sense(data, max_iterations, holdout_spokes=holdout_spokes, **kwargs)["holdout_residuals"]
     best = 1 + min(range(len(held)), key=held.__getitem__)
     out = cg_sense(data, best, **kwargs)

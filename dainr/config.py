@@ -297,6 +297,8 @@ class DAINRConfig:
         need(self.max_steps >= 1, "max_steps must be >= 1")
         need(self.holdout_spokes >= 0, "holdout_spokes must be >= 0")
         need(self.patience >= 1, "patience must be >= 1")
+        need(self.min_steps >= 0, "min_steps must be >= 0")
+        need(self.preview_every >= 0, "preview_every must be >= 0 (0: no previews)")
         need(self.min_epoch_frames >= 1, "min_epoch_frames must be >= 1")
         need(0 <= self.min_improvement < 1, "min_improvement must be in [0, 1)")
         need(self.lr > 0, "lr must be finite and > 0")

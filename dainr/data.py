@@ -5,12 +5,34 @@ import numbers
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
+
+# the largest magnitude of k-space or noise samples the fit takes: it computes in float32 (complex64) after dividing
+# by a power of two near the peak, and the calibration's sums of squares need headroom on both sides
+FLOAT32_PEAK_RANGE = (1e-30, 1e30)
 
 
 def is_count(value, least: int = 1) -> bool:
     """``value`` is an integer (Python's or numpy's, not a bool) of at least ``least``."""
     return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= least
+
+
+def as_tensor(x) -> torch.Tensor:
+    """``torch.as_tensor``, also for numpy arrays torch cannot view: negative strides (``a[..., ::-1]``) and a
+    non-native byte order (big-endian arrays from HDF5 or MAT files)."""
+    if isinstance(x, np.ndarray) and (any(s < 0 for s in x.strides) or not x.dtype.isnative):
+        x = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))
+    return torch.as_tensor(x)
+
+
+def check_float32_range(x: torch.Tensor, what: str) -> None:
+    """Refuse samples (finite, e.g. complex128) whose largest magnitude float32 arithmetic does not hold."""
+    peak = float(x.abs().amax()) if x.numel() else 0.0
+    low, high = FLOAT32_PEAK_RANGE
+    if peak > 0 and not low <= peak <= high:
+        raise ValueError(f"{what}'s largest magnitude {peak:.3g} is outside what the fit's float32 arithmetic holds "
+                         f"({low:g} to {high:g}): rescale it")
 
 
 @dataclass
@@ -34,8 +56,8 @@ class RadialData:
     def __post_init__(self) -> None:
         # measured data, not parameters: detached, so a caller's autograd graph never reaches the fit
         # (contiguous: the same values in another memory layout gave other float rounding in the DCF)
-        self.kdata = torch.as_tensor(self.kdata).detach().contiguous()
-        self.traj = torch.as_tensor(self.traj).detach().contiguous()
+        self.kdata = as_tensor(self.kdata).detach().contiguous()
+        self.traj = as_tensor(self.traj).detach().contiguous()
         if not self.kdata.is_complex():
             raise ValueError(f"kdata must be complex, got {self.kdata.dtype}")
         if not self.traj.is_floating_point():
@@ -50,7 +72,7 @@ class RadialData:
             raise ValueError(f"traj must be {(F_, S, R, 2)} to match kdata {tuple(self.kdata.shape)}, got {tuple(self.traj.shape)}")
         if self.spoke_mask is None:
             self.spoke_mask = torch.ones(F_, S, dtype=torch.bool)
-        self.spoke_mask = torch.as_tensor(self.spoke_mask, dtype=torch.bool)
+        self.spoke_mask = as_tensor(self.spoke_mask).to(torch.bool)
         if self.spoke_mask.shape != (F_, S):
             raise ValueError(f"spoke_mask must be {(F_, S)}, got {tuple(self.spoke_mask.shape)}")
         if int(self.matrix) < 8:
@@ -68,6 +90,7 @@ class RadialData:
         valid = self.spoke_mask[:, None, :, None].expand_as(self.kdata)
         if not torch.isfinite(torch.view_as_real(self.kdata[valid])).all():
             raise ValueError("kdata contains NaN or Inf")
+        check_float32_range(self.kdata[valid], "kdata")
         t = self.traj[self.spoke_mask]
         if not torch.isfinite(t).all():
             raise ValueError("trajectory contains NaN or Inf")
@@ -79,11 +102,13 @@ class RadialData:
             raise ValueError(f"trajectory spans less than one k-space sample of the {self.matrix}-pixel grid "
                              f"(max |k| = {k_max:.3g} cycles/pixel): not a radial acquisition")
         if self.noise is not None:
-            self.noise = torch.as_tensor(self.noise).detach().resolve_conj()
+            self.noise = as_tensor(self.noise).detach().resolve_conj()
             if not self.noise.is_complex():
                 raise ValueError(f"noise must be complex samples, got {self.noise.dtype}")
             if self.noise.ndim != 2 or self.noise.shape[0] != C:
                 raise ValueError(f"noise must be (coils={C}, samples), got {tuple(self.noise.shape)}")
+            if bool(torch.isfinite(torch.view_as_real(self.noise)).all()):  # (NaN/Inf: the prewhitener says so)
+                check_float32_range(self.noise, "noise")
 
     def select_frames(self, frames: Sequence[int]) -> "RadialData":
         """The given frames only, e.g. ``range(0, n, r)`` to fit every r-th frame (temporal interpolation)."""
@@ -116,7 +141,7 @@ class RadialData:
         """Build from per-frame (C, S_f, R) k-space and (S_f, R, 2) trajectories, padding unequal S_f."""
         if len(kdata) != len(traj) or not len(kdata):
             raise ValueError("need the same, non-zero number of k-space and trajectory frames")
-        kdata, traj = [torch.as_tensor(k) for k in kdata], [torch.as_tensor(t) for t in traj]
+        kdata, traj = [as_tensor(k) for k in kdata], [as_tensor(t) for t in traj]
         for f, (k, t) in enumerate(zip(kdata, traj)):
             if k.ndim != 3 or not k.is_complex():
                 raise ValueError(f"frame {f}: k-space must be complex (coils, spokes, samples), got {k.dtype} "

@@ -118,8 +118,8 @@ class Problem:
         self.has_holdout = bool(holdout.any())
         if cfg.holdout_spokes > 0 and not self.has_holdout:
             raise ValueError(f"holdout_spokes={cfg.holdout_spokes} leaves no frame with a spoke to fit "
-                             f"(at most {int(spoke_mask.sum(1).max())} spokes per frame): the stopping rule cannot "
-                             "run; hold out fewer, or set holdout_spokes=0 for a fixed budget (max_steps/max_seconds)")
+                             f"(at most {int(spoke_mask.sum(1).max())} spokes per frame): hold out fewer (a DA-INR "
+                             "fit without held-out spokes, holdout_spokes=0, runs a fixed budget: max_steps/max_seconds)")
         self.train_w = (spoke_mask & ~holdout)[:, :, None].expand(Fa, S, R).reshape(Fa, S * R).float()
         self.hold_w = holdout[:, :, None].expand(Fa, S, R).reshape(Fa, S * R).float()
         # gradient weighting (reference: the ramp DCF, normalised to a mean of 1 over the samples), without the
@@ -477,10 +477,15 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
     t_fit = time.perf_counter() - t_fit0
     # failed, not converged: far above an all-zero image's held-out residual, or converged to hardly below it
     zero_res = fitter.zero_image_residual
-    if math.isfinite(best_res) and (best_res > FAILED_RESIDUAL * zero_res
-                                    or (reason == "holdout_converged" and best_res > 0.99 * zero_res)):
+    if math.isfinite(best_res) and best_res > FAILED_RESIDUAL * zero_res:
         raise ValueError(f"the fit failed: its best held-out residual {best_res:.3g} is {best_res / zero_res:.3g} "
                          f"times an all-zero image's ({zero_res:.3g}); lower lr (now {cfg.lr:g})")
+    if math.isfinite(best_res) and reason == "holdout_converged" and best_res > 0.99 * zero_res:
+        # (a rate too high diverges above; here the fit converged, and no rate changes what the data hold)
+        raise ValueError(f"the fit found no image: its held-out residual converged to {best_res / zero_res:.3g} times "
+                         f"an all-zero image's ({zero_res:.3g}): the held-out spokes cannot tell an image from noise "
+                         "(data too noisy or nearly empty); check the data, or fit a fixed budget (holdout_spokes=0 "
+                         "with max_steps or max_seconds)")
     checkpoint = best_state is not None  # else (no held-out spokes, or stopped before an epoch) the last weights
     if not checkpoint:
         best_state, best_step = fitter.weights(), step

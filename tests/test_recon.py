@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dainr import DAINRConfig, RadialData, reconstruct, zero_filled
-from dainr.baselines import cg_sense, cg_sense_holdout_iterations, temporal_tv
+from dainr.baselines import cg_sense, cg_sense_holdout_iterations, temporal_tv, temporal_tv_holdout_lambda
 from dainr.data import frames_from_spokes
 from dainr.memory import estimate_memory
 from dainr.metrics import psnr_ssim
@@ -157,7 +157,7 @@ def test_holdout_residual_is_a_mean_over_frames_not_over_the_epochs_visits(small
     still (a vanishing lr) every epoch must still report the same number, the mean of the frames' residuals."""
     cfg = DAINRConfig(max_steps=55, min_steps=55, lr=1e-12, min_epoch_frames=11, patience=2, max_decays=0, device="cpu")
     history = []
-    with pytest.raises(ValueError, match="the fit failed"):  # (a model held still converges to nothing)
+    with pytest.raises(ValueError, match="the fit found no image"):  # (a model held still converges to nothing)
         reconstruct(small_scan.data, cfg, callback=lambda p: history.append((p.step, p.holdout_residual)))
     res = np.array([h[1] for h in history])
     assert [h[0] for h in history] == [11, 22, 33, 44, 55]
@@ -369,6 +369,13 @@ def test_baselines_take_a_single_frame_and_refuse_bad_arguments(small_scan):
             temporal_tv(one, **kwargs)
     with pytest.raises(ValueError, match="iterations >= 1"):
         cg_sense_holdout_iterations(one, max_iterations=0)
+    # (holdout_spokes=0 gave a TypeError from min() over None residuals, no λ a bare "empty sequence")
+    for pick in (lambda: temporal_tv_holdout_lambda(one, holdout_spokes=0, iterations=3),
+                 lambda: cg_sense_holdout_iterations(one, holdout_spokes=0, max_iterations=3)):
+        with pytest.raises(ValueError, match="choosing by the held-out residual needs holdout_spokes >= 1, got 0"):
+            pick()
+    with pytest.raises(ValueError, match="at least one λ"):
+        temporal_tv_holdout_lambda(one, lambdas=(), iterations=3)
     with pytest.raises(ValueError, match=r"must be frames of the same shape \(F, H, W\)"):
         psnr_ssim(small_scan.ground_truth[0], small_scan.ground_truth[0])  # one image is not 32 one-row frames
 
@@ -421,6 +428,32 @@ def test_bad_input_is_rejected(small_scan, mutate, match):
     k, t = mutate(small_scan.data.kdata, small_scan.data.traj)
     with pytest.raises(ValueError, match=match):
         RadialData(k, t, 32)
+
+
+def test_samples_float32_cannot_hold_are_refused_clearly(small_scan):
+    """complex128 k-space or noise beyond float32's range (finite in float64) became Inf in the fit's cast and a
+    raw _LinAlgError from the coil maps' eigh; a subnormal peak did the same."""
+    d = small_scan.data
+    for k, noise, what in ((d.kdata.to(torch.complex128) * 1e40, None, "kdata"), (d.kdata * 1e-42, None, "kdata"),
+                           (d.kdata, d.noise.to(torch.complex128) * 1e40, "noise")):
+        with pytest.raises(ValueError, match=f"{what}'s largest magnitude .* outside what the fit's float32 "
+                                             "arithmetic holds"):
+            RadialData(k, d.traj, 32, noise=noise)
+    RadialData(d.kdata * 1e-25, d.traj, 32, noise=d.noise * 1e25)  # far from a scanner's units, still held
+
+
+def test_numpy_arrays_torch_cannot_view_are_taken(small_scan):
+    """Reversed (negative-stride) and big-endian arrays (HDF5, MAT loaders) gave torch's raw errors."""
+    d = small_scan.data
+    k, t, noise = d.kdata.numpy(), d.traj.numpy(), d.noise.numpy()
+    cfg = DAINRConfig(device="cpu")
+    ref = zero_filled(RadialData(k, t, 32, noise=noise), cfg)
+    assert torch.equal(zero_filled(RadialData(k.astype(">c8"), t.astype(">f4"), 32, noise=noise.astype(">c8")), cfg),
+                       ref)
+    flipped = RadialData(k[:, :, ::-1], t[:, ::-1], 32, d.spoke_mask.numpy()[:, ::-1], noise[::-1, ::-1])
+    assert torch.equal(flipped.kdata, d.kdata.flip(2)) and torch.equal(flipped.noise, d.noise.flip(0, 1))
+    framed = RadialData.from_frames([f[:, ::-1] for f in k.astype(">c8")], list(t[:, ::-1]), 32)
+    assert torch.equal(framed.kdata, d.kdata.flip(2))
 
 
 def test_spoke_masks_and_frame_lists_that_do_not_fit_are_named(small_scan):
@@ -583,6 +616,34 @@ def test_a_failed_fit_is_a_clear_error_not_its_garbage_checkpoint():
     assert reconstruct(data, cfg).info["holdout_residual"] < 0.5 * zero
 
 
+def test_data_without_an_image_to_find_is_not_blamed_on_the_rate():
+    """Very noisy data converge to the all-zero image's held-out residual at any rate: the error said "lower lr",
+    which changed nothing; a fixed budget still returns an image."""
+    data = simulate(matrix=32, frames=4, spokes=13, coils=3, noise_level=3.0).data
+    with pytest.raises(ValueError, match=r"the fit found no image: .* converged to 0.9\d+ times an all-zero image's"
+                                         r".*\(holdout_spokes=0 with max_steps or max_seconds\)") as err:
+        reconstruct(data, DAINRConfig(max_steps=400, device="cpu"))
+    assert "lower lr" not in str(err.value)
+    assert reconstruct(data, DAINRConfig(max_steps=5, device="cpu", holdout_spokes=0)).images.abs().amax() > 0
+
+
+def test_coil_maps_weak_but_not_zero_outside_the_body_do_not_blow_the_fit_up():
+    """Given maps at 1 % outside a body mask (ESPIRiT's, or maps under a soft mask): the preconditioned backward
+    divided the gradient by Σ|S|² = 1e-4 there, and the images came out ~1e8 times too large (or, with the
+    held-out rule, 'the fit failed ... lower lr', which no rate cured)."""
+    scan = simulate(matrix=32, frames=4, spokes=13, coils=3, seed=0)
+    maps = torch.from_numpy(scan.coil_maps)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+    body = ((xx / 0.92) ** 2 + ((yy - 0.05) / 0.72) ** 2 <= 1).float()
+    hard = reconstruct(scan.data, DAINRConfig(max_steps=100, holdout_spokes=0, device="cpu"), coil_maps=maps * body)
+    soft = reconstruct(scan.data, DAINRConfig(max_steps=100, holdout_spokes=0, device="cpu"),
+                       coil_maps=maps * (body + 1e-2 * (1 - body)))
+    inside = lambda images: psnr_ssim(images.numpy() * body.numpy(), scan.ground_truth * body.numpy())["psnr"]
+    assert float(soft.images.abs().amax()) < 100 * float(np.abs(scan.ground_truth).max())
+    assert inside(soft.images) > inside(hard.images) - 4 and inside(soft.images) > 20
+    reconstruct(scan.data, DAINRConfig(max_steps=150, device="cpu"), coil_maps=maps * (body + 1e-2 * (1 - body)))
+
+
 def test_a_fit_collapsed_to_zero_images_is_a_clear_error(small_scan, monkeypatch):
     """A too large step can switch every ReLU off (lr 0.3–1 did for some seeds): the images came back all zero
     with stop_reason max_steps.  Which seeds collapse moves with float rounding, so the network's output is
@@ -742,6 +803,8 @@ def test_fit_with_unequal_spokes_per_frame(small_scan):
     ("grid_log2_table_size", 80, r"log2_table_size must be in \[1, 30\]"),
     ("grid_log2_table_size", 0, r"log2_table_size must be in \[1, 30\]"),
     ("grid_log2_table_size", 31, r"log2_table_size must be in \[1, 30\]"),
+    ("preview_every", -1, r"preview_every must be >= 0 \(0: no previews\)"),  # accepted: silently no previews
+    ("min_steps", -5, "min_steps must be >= 0"),
 ])
 def test_config_rejects_bad_values(field, value, match):
     with pytest.raises(ValueError, match=match):

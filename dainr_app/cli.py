@@ -87,6 +87,9 @@ def config_from_args(args) -> DAINRConfig:
         value = getattr(args, name, None)
         if value is not None:
             changes[name] = value
+    if args.reference_grid and args.sr_ratio > 1:
+        print(f"dainr {args.command}: warning: --reference-grid with --sr-ratio queries the nearest fitted pixel, as "
+              "the reference does: the image sits about half an output pixel off its header position", file=sys.stderr)
     return DAINRConfig().replace(**changes)
 
 
@@ -177,7 +180,7 @@ def matching_truth(images: np.ndarray, scan, path: str, found: bool) -> Optional
 
 def _recon_slices(scan, output: str, group: str, cfg: DAINRConfig, series: int, output_type: str,
                   truth_images: Optional[np.ndarray], quiet: bool):
-    from .mrd import index_strides, make_images, write_images
+    from .mrd import fit_history, index_strides, interpolated_frames, make_images, write_images
 
     summaries, panels, strides = [], [], index_strides(scan.header)
     for (s, contrast, repetition, set_index), raw_slice in scan.slices.items():
@@ -186,14 +189,17 @@ def _recon_slices(scan, output: str, group: str, cfg: DAINRConfig, series: int, 
         result = reconstruct_shared(data, cfg)  # several `dainr recon` at once share the host
         seconds = time.perf_counter() - t0
         info = result.info
-        history = [f"DA-INR {info['steps']} steps ({info['stop_reason']}), {seconds:.1f} s on {info['device']}"]
+        n_out = len(result.images)
+        history = [fit_history(info, seconds, n_out, result.acquired_frames, raw_slice.data.matrix)]
         images = make_images(result.images.numpy(), series, s, scan.fov_mm, raw_slice.geometry, output_type,
                              history=history, repetition=repetition, contrast=contrast, set_index=set_index,
                              first_phase=raw_slice.first_phase, time_stamps=raw_slice.time_stamps,
-                             measurement_uid=raw_slice.measurement_uid, strides=strides)
+                             measurement_uid=raw_slice.measurement_uid, strides=strides,
+                             interpolated=interpolated_frames(n_out, result.acquired_frames))
         write_images(output, images, group)
         summary = dict(slice=s, contrast=contrast, repetition=repetition, set=set_index, frames=len(images), seconds=round(seconds, 2), steps=info["steps"],
-                       stop_reason=info["stop_reason"], seconds_per_step=round(info["seconds_per_step"], 4),
+                       stop_reason=info["stop_reason"], fit_matrix=info["fit_matrix"],
+                       seconds_per_step=round(info["seconds_per_step"], 4),
                        device=info["device"], nufft=info["nufft_backend"])
         if truth_images is not None:
             gt = truth_images[s]

@@ -166,6 +166,8 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import PYDICOM_ROOT_UID, ExplicitVRLittleEndian, generate_uid
 
+    from .mrd import INTERPOLATED
+
     # numbered in order within the series (other writers' MRD image_index may restart per slice or repetition)
     images = sorted(images, key=lambda im: (im.slice, im.contrast, im.repetition, im.set, im.phase, im.image_index))
     mags = [_magnitude(im) for im in images]
@@ -179,7 +181,8 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str
     series_number = series_base + int(images[0].image_series_index) if images else series_base
     root = uid_prefix or PYDICOM_ROOT_UID
     series_uid = generate_uid(root, entropy_srcs=[study["StudyInstanceUID"], str(series_number), pixels])
-    description = str(_first(_meta(images[0]), "ImageComment", "DA-INR")) if images else "DA-INR"
+    description = str(_first(_meta(images[0]), "ImageComment", "DA-INR")).replace(INTERPOLATED, "") if images \
+        else "DA-INR"
     # the scan's description (the header's) before the series' own: DA-INR series of different scans differ
     series_description = f"{study.get('SeriesDescription', '')} {description}".strip()
     frames = collections.Counter((im.slice, im.contrast, im.repetition, im.set) for im in images)

@@ -656,9 +656,11 @@ def make_images(frames: np.ndarray, series: int, slice_index: int, fov_mm: Seque
                 output: str = "magnitude", comment: str = "DA-INR", history: Sequence[str] = (),
                 repetition: int = 0, contrast: int = 0, set_index: int = 0, first_phase: int = 0,
                 time_stamps: Optional[np.ndarray] = None, measurement_uid: int = 0,
-                strides: Tuple[int, int, int, int] = (1, 1, 1, 1)) -> List["ismrmrd.Image"]:
+                strides: Tuple[int, int, int, int] = (1, 1, 1, 1),
+                interpolated: Sequence[bool] = ()) -> List["ismrmrd.Image"]:
     """One ``ismrmrd.Image`` per frame with series/index/geometry/meta set (both meta key families);
-    ``time_stamps`` (:attr:`RawSlice.time_stamps`, one row per frame) give each image its frame's time stamps.
+    ``time_stamps`` (:attr:`RawSlice.time_stamps`, one row per frame) give each image its frame's time stamps;
+    frames flagged in ``interpolated`` (temporal ×r: not fitted) say so in their ``ImageComment``.
 
     ``image_index`` numbers the series' images as Gadgetron's recon gadgets do (``ImageArraySendMixin``): slice
     fastest, then contrast, frame, set and repetition, with ``strides`` = (slices, contrasts, phases, sets) from
@@ -700,7 +702,7 @@ def make_images(frames: np.ndarray, series: int, slice_index: int, fov_mm: Seque
         meta = ismrmrd.Meta()
         for prefix in ("", "GADGETRON_"):
             meta[prefix + "DataRole"] = "Image"
-            meta[prefix + "ImageComment"] = comment
+            meta[prefix + "ImageComment"] = comment + INTERPOLATED if f < len(interpolated) and interpolated[f] else comment
             meta[prefix + "WindowCenter"] = window["WindowCenter"]
             meta[prefix + "WindowWidth"] = window["WindowWidth"]
             meta[prefix + "ImageProcessingHistory"] = list(history) or ["DA-INR"]
@@ -709,6 +711,25 @@ def make_images(frames: np.ndarray, series: int, slice_index: int, fov_mm: Seque
         im.attribute_string = meta.serialize()
         images.append(im)
     return images
+
+
+INTERPOLATED = " (interpolated frame)"  # an ImageComment's suffix on the frames a temporal ×r fit did not see
+
+
+def fit_history(info: dict, seconds: float, n_frames: int, acquired_frames: Sequence[int], matrix: int) -> str:
+    """The ``ImageProcessingHistory`` entry of a fit's images: steps, stop reason, time and device, and under
+    interpolation the matrix it was fitted at and how many of the frames it saw."""
+    text = f"DA-INR {info['steps']} steps ({info['stop_reason']}), {seconds:.2f} s on {info['device']}"
+    if info["fit_matrix"] != matrix:
+        text += f", fitted at {info['fit_matrix']}² for {matrix}²"
+    if len(acquired_frames) != n_frames:
+        text += f", {len(acquired_frames)} of {n_frames} frames fitted"
+    return text
+
+
+def interpolated_frames(n_frames: int, acquired_frames: Sequence[int]) -> List[bool]:
+    acquired = set(acquired_frames)
+    return [f not in acquired for f in range(n_frames)]
 
 
 def processing_history(image: "ismrmrd.Image") -> str:

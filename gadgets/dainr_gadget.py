@@ -16,6 +16,7 @@ angle step of readouts without ``acq.traj`` where the header gives none, as ``da
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 import xml.etree.ElementTree as ElementTree
@@ -31,7 +32,8 @@ from dainr import DAINRConfig
 from dainr.trajectory import angle_step
 from dainr_app.host_share import reconstruct_shared
 from dainr_app.mrd import RADIAL_TRAJECTORIES, Key, MRDFormatError, ReconParameters, acquisition_key, ends_cine, \
-    is_skipped, make_images, noise_samples, series_index, slice_from_acquisitions, unknown_angles
+    fit_history, interpolated_frames, is_skipped, make_images, noise_samples, series_index, slice_from_acquisitions, \
+    unknown_angles
 from dainr_app.protocol import error_frame
 
 log = logging.getLogger("dainr.gadget")
@@ -83,6 +85,20 @@ XML_DECLARATION = re.compile(rb"^\s*<\?xml[^>]*\?>")
 LEGACY_PYTHON_GADGET = ("python_path", "python_module", "python_class")
 
 
+def integer(value: str) -> int:
+    """An integer property; "2.0" too (configurations written with floats), not "2.5"."""
+    try:
+        return int(value)
+    except ValueError:
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not number.is_integer():
+            raise ValueError("not an integer") from None
+        return int(number)
+
+
 BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -94,9 +110,9 @@ def boolean(value: str) -> bool:
 
 
 # properties that set a DAINRConfig field of another name (property, field, type)
-FIT_PROPERTIES = (("steps", "max_steps", int), ("max_seconds", "max_seconds", float), ("features", "use_features", boolean),
-                  ("check_memory", "check_memory", boolean), ("holdout_spokes", "holdout_spokes", int),
-                  ("cap_grid_ratio", "cap_grid_ratio", float), ("frames_per_step", "frames_per_step", int),
+FIT_PROPERTIES = (("steps", "max_steps", integer), ("max_seconds", "max_seconds", float), ("features", "use_features", boolean),
+                  ("check_memory", "check_memory", boolean), ("holdout_spokes", "holdout_spokes", integer),
+                  ("cap_grid_ratio", "cap_grid_ratio", float), ("frames_per_step", "frames_per_step", integer),
                   ("lr", "lr", float))
 PROPERTIES = ("device", "seed", "sr_ratio", "down_ratio", *(p for p, _, _ in FIT_PROPERTIES), "preview",
               "preview_steps", "image_series_index", "preview_series_index", "output", "max_buffer_mb",
@@ -119,24 +135,24 @@ def options_from_properties(props: Dict[str, str]) -> GadgetOptions:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"property {name}={props[name]!r}: {exc}") from exc
 
-    changes = dict(device=get("device", str, "auto"), seed=get("seed", int, 0),
-                   spatial_ratio=get("sr_ratio", float, 1.0), temporal_ratio=get("down_ratio", int, 1))
+    changes = dict(device=get("device", str, "auto"), seed=get("seed", integer, 0),
+                   spatial_ratio=get("sr_ratio", float, 1.0), temporal_ratio=get("down_ratio", integer, 1))
     for prop, field, cast in FIT_PROPERTIES:
         if prop in props:
             changes[field] = get(prop, cast)
-    preview, preview_steps = get("preview", boolean, False), get("preview_steps", int, 50)
+    preview, preview_steps = get("preview", boolean, False), get("preview_steps", integer, 50)
     if preview_steps < 1:
         raise ValueError(f"property preview_steps={preview_steps}: must be >= 1")
     if preview:
         changes["preview_every"] = preview_steps
-    series = get("image_series_index", lambda v: series_index(int(v)), 1)
+    series = get("image_series_index", lambda v: series_index(integer(v)), 1)
     output = get("output", str, "magnitude")
     if output not in ("magnitude", "complex"):
         raise ValueError(f"property output={output!r}: must be magnitude or complex")
     max_buffer_mb = get("max_buffer_mb", float, 2048.0)
     if not max_buffer_mb > 0:
         raise ValueError(f"property max_buffer_mb={max_buffer_mb}: must be > 0")
-    preview_series = get("preview_series_index", lambda v: series_index(int(v)), series + 100)
+    preview_series = get("preview_series_index", lambda v: series_index(integer(v)), series + 100)
     if preview and preview_series > 0xFFFF:
         raise ValueError(f"property preview_series_index: the default image_series_index + 100 = {preview_series} "
                          "is above 65535; set it")
@@ -144,7 +160,7 @@ def options_from_properties(props: Dict[str, str]) -> GadgetOptions:
         raise ValueError(f"property preview_series_index={preview_series} is the image_series_index: the preview "
                          "and the final images would be one series")
     golden = get("golden_angle", lambda v: angle_step(v) and v)  # "true" or "reference"
-    return GadgetOptions(DAINRConfig().replace(**changes), get("spokes_per_frame", int), series, preview,
+    return GadgetOptions(DAINRConfig().replace(**changes), get("spokes_per_frame", integer), series, preview,
                          preview_series, output, max_buffer_mb, golden)
 
 
@@ -226,12 +242,15 @@ def reconstruct_slice(connection, key: Key, acqs: list, params: ReconParameters,
     data = raw.data.every_rth_frame(opts.cfg.temporal_ratio)  # fit every r-th frame, query all
     sent_preview = []
 
+    # the frames a temporal ×r fit sees: 0, r, 2r, … of the output (every_rth_frame)
+    acquired = range(0, raw.data.n_frames, opts.cfg.temporal_ratio)
+
     def emit(images, series, history):
         for im in make_images(images.numpy(), series, s, params.fov_mm, raw.geometry, opts.output,
                               comment="DA-INR" if series == opts.series else "DA-INR preview", history=history,
                               repetition=rep, contrast=contrast, set_index=set_index, first_phase=raw.first_phase,
                               time_stamps=raw.time_stamps, measurement_uid=raw.measurement_uid,
-                              strides=params.strides):
+                              strides=params.strides, interpolated=interpolated_frames(len(images), acquired)):
             try:
                 connection.send(im)
             except OSError as exc:
@@ -246,8 +265,8 @@ def reconstruct_slice(connection, key: Key, acqs: list, params: ReconParameters,
     # other CPU fits on this host (other slices' gadget processes, other clients) share the cores
     result = reconstruct_shared(data, opts.cfg, callback=on_progress if opts.preview else None)
     info = result.info
-    emit(result.images, opts.series,
-         [f"DA-INR {info['steps']} steps ({info['stop_reason']}), {time.perf_counter() - t0:.2f} s on {info['device']}"])
+    emit(result.images, opts.series, [fit_history(info, time.perf_counter() - t0, len(result.images),
+                                                  result.acquired_frames, raw.data.matrix)])
     log.info("slice %s: %d frames sent %.2f s after the last readout", key, len(result.images), time.perf_counter() - t0)
 
 

@@ -7,6 +7,7 @@ import warnings
 import h5py
 import ismrmrd
 import numpy as np
+import pydicom
 import pytest
 import torch
 
@@ -158,12 +159,16 @@ def test_recon_writes_into_the_group_it_reads(raw2, tmp_path, capsys):
     assert len(os.listdir(tmp_path / "dcm" / "series_001")) == 12
 
 
-def test_recon_options_reach_the_config():
+def test_recon_options_reach_the_config(capsys):
     def cfg(*extra):
         return cli.config_from_args(cli.build_parser().parse_args(["recon", "raw.h5", "-o", "o.h5", *extra]))
 
     c = cfg("--reference-grid", "--features", "--steps", "7", "--sr-ratio", "2")
     assert not c.cap_grid_at_matrix and c.use_features and c.max_steps == 7 and c.spatial_ratio == 2
+    # (the reference's nearest-pixel query: the image half an output pixel off its header position)
+    assert "half an output pixel off its header position" in capsys.readouterr().err
+    cfg("--reference-grid")
+    assert capsys.readouterr().err == ""
     default = cfg()
     assert default.cap_grid_at_matrix and default.use_features is DAINRConfig().use_features
     assert not cfg("--no-features").use_features
@@ -432,7 +437,20 @@ def test_phase_labels_and_temporal_ratio_follow_the_file(raw2, tmp_path, capsys)
     assert cli.main(["recon", path, "-o", out, "--steps", "2", "--down-ratio", "2", "--quiet"]) == 2
     assert "the last 1 would not be reconstructed" in capsys.readouterr().err
     assert cli.main(["recon", path, "-o", out, "--steps", "2", "--down-ratio", "5", "--quiet"]) == 0
-    assert len(read_images(out)[1]) == 12
+    images = read_images(out)[1]
+    assert len(images) == 12
+    # which frames a model that never saw their data made, and what it saw, are in the images (they were not)
+    meta = {(im.slice, im.phase): ismrmrd.Meta.deserialize(im.attribute_string) for im in images}
+    assert {k: m["ImageComment"] for k, m in meta.items()} == {
+        (s, p): "DA-INR" if p in (3, 8) else "DA-INR (interpolated frame)" for s in (0, 1) for p in range(3, 9)}
+    assert all(m["ImageProcessingHistory"].endswith("s on cpu, 2 of 6 frames fitted") for m in meta.values())
+    assert cli.main(["dicom", out, "-o", str(tmp_path / "dcm")]) == 0
+    dcm = [pydicom.dcmread(f) for f in sorted((tmp_path / "dcm" / "series_001").iterdir())]
+    assert {d.SeriesDescription for d in dcm} == {"DA-INR"}
+    assert sum(d.ImageComments == "DA-INR (interpolated frame)" for d in dcm) == 8
+    assert cli.main(["recon", path, "-o", out, "--steps", "2", "--sr-ratio", "2", "--quiet"]) == 0
+    assert ismrmrd.Meta.deserialize(read_images(out)[1][0].attribute_string)["ImageProcessingHistory"].endswith(
+        f"s on cpu, fitted at {images[0].matrix_size[0] // 2}² for {images[0].matrix_size[0]}²")
 
 
 @pytest.mark.parametrize("with_traj", [True, False])

@@ -210,6 +210,16 @@ def test_a_misspelt_property_is_an_error_not_the_default():
             opts.cfg.preview_every, opts.preview_series) == (5, 3.0, "cpu", 9, 7, 9)
 
 
+def test_integer_properties_written_as_floats_are_taken():
+    """down_ratio="2.0" (a configuration written with floats) was an ERROR, though DAINRConfig takes 2.0."""
+    opts = options_from_properties({"down_ratio": "2.0", "steps": "300.0", "seed": "1234567890123456789",
+                                    "image_series_index": "3.0"})
+    assert (opts.cfg.temporal_ratio, opts.cfg.max_steps, opts.cfg.seed, opts.series) == (2, 300, 1234567890123456789, 3)
+    for name, value in (("down_ratio", "2.5"), ("steps", "many"), ("holdout_spokes", "nan"), ("seed", "inf")):
+        with pytest.raises(ValueError, match=f"property {name}={value!r}: not an integer"):
+            options_from_properties({name: value})
+
+
 def test_boolean_properties_and_bad_booleans():
     assert options_from_properties({"features": "true"}).cfg.use_features
     assert not options_from_properties({"features": "no"}).cfg.use_features
@@ -544,6 +554,21 @@ def test_golden_angle_property_reads_a_radial_header_without_its_angle(two_slice
     assert len(run.images) == 6 and [a.scan_counter for a in run.passthrough] == [9999]
     with pytest.raises(ValueError, match="golden_angle"):
         options_from_properties({"golden_angle": "111"})
+
+
+def test_the_frames_a_temporal_fit_did_not_see_say_so(two_slices):
+    """down_ratio: the frames the model interpolated were labelled as the fitted ones (preview series too)."""
+    header, acqs = _load(two_slices[1])
+    run = run_gadget(CONFIG.format(steps=3, extra='<property name="down_ratio" value="5"/><property name="preview" '
+                                                  'value="true"/><property name="preview_steps" value="1"/>'),
+                     header, acqs)
+    assert run.errors == [] and len(run.images) == 24
+    for im in run.images:
+        meta = ismrmrd.Meta.deserialize(im.attribute_string)
+        comment = "DA-INR" if im.image_series_index == 7 else "DA-INR preview"
+        assert meta["ImageComment"] == comment + (" (interpolated frame)" if im.phase not in (0, 5) else "")
+        if im.image_series_index == 7:
+            assert meta["ImageProcessingHistory"].endswith("s on cpu, 2 of 6 frames fitted")
 
 
 def test_complex_output_property(two_slices):

@@ -300,6 +300,12 @@ class Session:
         if self.aborted.is_set():
             stage.abort()
 
+    def end(self, reason: str) -> None:
+        """Stop the session's gadgets, then send ``reason``: an ERROR of a gadget being stopped does not follow it
+        (its late output is dropped: :meth:`Peer._receive`)."""
+        self.abort()
+        self.error(reason)
+
     def abort(self) -> None:
         if self.aborted.is_set():
             return
@@ -361,6 +367,10 @@ class Peer:
             while True:
                 frames = reader.frames()  # one message, or a run of acquisitions
                 frame = frames[0]
+                if self.session.aborted.is_set():  # the session has ended with its reason: late output goes nowhere
+                    log.info("%s: %s: %s after the session was aborted, dropped", self.session.label, self.label,
+                             f"ERROR {frame.text()!r}" if frame.mid == ERROR else f"{len(frames)} {frame.name}")
+                    return
                 if frame.mid == CLOSE:
                     self.closed_cleanly = True
                     _shutdown(self.sock, socket.SHUT_WR)  # it reads no more: a blocked sender must not wait forever
@@ -382,8 +392,7 @@ class Peer:
             if not self.session.aborted.is_set():
                 self.problem = f"{exc}"
         except PipelineError as exc:  # a stage after this one failed (a <distributed> opening a channel)
-            self.session.error(str(exc))
-            self.session.abort()
+            self.session.end(str(exc))
         finally:
             self.queue.drop_all()
 
@@ -631,8 +640,7 @@ def run_session(session: Session, next_frames: Callable[[], List[Frame]], pipeli
     try:
         chain.start(header)
     except PipelineError as exc:
-        session.error(str(exc))
-        session.abort()
+        session.end(str(exc))
         return
     try:
         while True:
@@ -657,8 +665,7 @@ def run_session(session: Session, next_frames: Callable[[], List[Frame]], pipeli
         if isinstance(exc, ConnectionError) or on_disconnect():  # (an idle client is not a gone one)
             session.abort()
     except PipelineError as exc:
-        session.error(str(exc))
-        session.abort()
+        session.end(str(exc))
     if session.aborted.is_set():
         chain.abort()
     else:
@@ -841,8 +848,7 @@ class Server:
                         on_close=watch.start)
         except Exception as exc:  # never let one session take the server down
             log.exception("%s: internal error", label)
-            session.error(f"internal server error: {exc!r}")
-            session.abort()
+            session.end(f"internal server error: {exc!r}")
         finally:
             # recorded before CLOSE goes out, so a client that has its CLOSE also finds its session in the history
             summary = dict(client=label, pipeline=pipeline_name, received=stats.received,
@@ -863,8 +869,7 @@ class Server:
 
 def _end_session(session: Session, reason: str) -> None:
     if not session.aborted.is_set():
-        session.error(reason)
-        session.abort()
+        session.end(reason)
 
 
 def _shutdown(conn: socket.socket, how: int) -> None:
@@ -956,8 +961,7 @@ def run_stream(pipeline: Pipeline, inp, outp, opts: ServerOptions = ServerOption
     except (ProtocolError, StreamEnded) as exc:
         session.error(str(exc))
     except Terminated as exc:
-        session.error(f"terminated by {exc}: the stream's gadgets were stopped")
-        session.abort()
+        session.end(f"terminated by {exc}: the stream's gadgets were stopped")
     finally:
         out.close()
         session.release()

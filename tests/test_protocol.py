@@ -92,16 +92,31 @@ def test_an_error_or_text_that_is_not_utf8_is_shown_not_refused():
         read_frame(io.BytesIO(struct.pack("<HI", CONFIG_TEXT, 2) + b"\xff\xfe").read).text()
 
 
+_SOCKETS: list = []
+
+
+@pytest.fixture(autouse=True)
+def _close_sockets():
+    """The test's socket pairs are closed when it ends (not left to the garbage collector)."""
+    yield
+    while _SOCKETS:
+        _SOCKETS.pop().close()
+
+
 def _socket_reader(data: bytes, pieces: int = 1, size: int = 1 << 20, close: bool = True,
                    limits: Limits = Limits(max_message=1 << 20)):
     """A FrameReader over a socket whose peer sends ``data`` in ``pieces`` random chunks (then closes)."""
     a, b = socket.socketpair()
+    _SOCKETS.extend((a, b))
     b.settimeout(10)  # a reader waiting for bytes that never come fails the test instead of hanging it
     cuts = sorted(random.Random(0).sample(range(1, len(data)), pieces - 1)) if pieces > 1 else []
 
     def send():
-        for lo, hi in zip([0] + cuts, cuts + [len(data)]):
-            a.sendall(data[lo:hi])
+        try:
+            for lo, hi in zip([0] + cuts, cuts + [len(data)]):
+                a.sendall(data[lo:hi])
+        except OSError:  # the test ended (and closed the pair) before every byte was read
+            return
         if close:
             a.close()
     threading.Thread(target=send, daemon=True).start()
@@ -152,6 +167,7 @@ def test_frame_reader_does_not_wait_for_more_than_the_message():
 
 def test_socket_sink_sends_everything_in_order_through_partial_sends():
     a, b = socket.socketpair()
+    _SOCKETS.extend((a, b))
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     a.settimeout(10)  # non-blocking underneath: sendmsg sends part of a large batch
     header, scratch = ismrmrd.AcquisitionHeader(), bytearray(b"before")

@@ -51,6 +51,13 @@ def images(frames):
     return [f.decode() for f in frames if f.mid == IMAGE]
 
 
+def settled_history(server) -> int:
+    """The number of finished sessions once none is running: an earlier test's aborted session is recorded when its
+    thread gets round to it, which a count taken at once (and a check of ``history[-1]``) could race."""
+    assert wait_until(lambda: not server.sessions, 30)
+    return len(server.history)
+
+
 def test_passthrough_returns_every_message_in_order(server, raw):
     header, acqs = load(raw)
     frames = raw_session(server.port, stream(ConfigFile("passthrough"), header, acqs))
@@ -178,7 +185,7 @@ def test_replay_command_writes_images_dicom_and_reports_server_errors(server, ra
     # a timeout that is not a positive number (a session was opened, then a socket error)
     empty = tmp_path / "empty.xml"
     empty.write_text(" \n")
-    sessions = len(server.history)
+    sessions = settled_history(server)
     for args, reason in ((["-c", "relay", "-C", str(pipeline)], "(-c) or a local pipeline XML (-C), not both"),
                          (["-C", str(empty)], "empty.xml: the pipeline XML file is empty")):
         assert cli.main(["replay", raw, "-p", port, *args, "-o", out]) == 2
@@ -314,7 +321,7 @@ def test_a_client_that_leaves_after_its_close_is_noticed_at_the_preview(server, 
     client that closes with the preview unread sends the reset itself (no end of stream first)."""
     header, acqs = load(raw)
     spokes = [a for a in acqs if not a.flags & 1 and a.idx.slice == 0]
-    done = len(server.history)
+    done = settled_history(server)
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(stream(ConfigText(small_pipeline(steps=100000, preview="true", preview_steps=5,
                                                       holdout_spokes=0, max_seconds=60)), header, spokes))
@@ -394,7 +401,7 @@ def test_stream_without_last_in_slice_flag_is_still_reconstructed(server, raw):
 
 def test_client_disconnect_mid_stream_does_not_affect_the_next_client(server, raw):
     header, acqs = load(raw)
-    done = len(server.history)
+    done = settled_history(server)
     raw_session(server.port, stream(ConfigText(small_pipeline(steps=200)), header, acqs, close=False)[:-5000],
                 close="full")
     assert wait_until(lambda: len(server.history) > done, 30)  # the abandoned session (and its gadget) is gone
@@ -1475,3 +1482,27 @@ def test_an_interrupted_replay_writes_the_images_it_received(raw, tmp_path):
     assert "interrupted after 1 images; writing those" in stderr
     with h5py.File(out, "r") as h5:
         assert "image_3" in h5["dataset"] and h5["dataset/image_3/data"].shape[0] == 1
+
+
+def test_a_gadgets_output_after_its_session_was_aborted_goes_nowhere():
+    """A stopped gadget's late ERROR (a partial slice it reconstructed as its input ended) reached the client after
+    the session's own reason ("terminated by SIGTERM: the stream's gadgets were stopped"), and was counted."""
+    import io
+
+    from dainr_app.protocol import FrameWriter
+    from dainr_app.server import Peer, Session
+
+    out = io.BytesIO()
+    session = Session(ServerOptions(port=0), FrameWriter(out), "client x", launcher=None)
+    session.end("terminated by SIGTERM: the stream's gadgets were stopped")
+    sent = out.getvalue()
+    ours, gadget = socket.socketpair()
+    with ours, gadget:
+        emitted = []
+        peer = Peer(session, ours, "<configuration/>", "<header/>", emitted.extend, "gadget g")
+        image = ismrmrd.Image.from_array(np.ones((4, 4), np.float32), transpose=False)
+        gadget.sendall(error_frame("slice 0: 4 spokes for 6 frames").raw + encode(image) + struct.pack("<H", CLOSE))
+        peer.finish()
+        peer.wait()
+    assert session.errors == ["terminated by SIGTERM: the stream's gadgets were stopped"] and emitted == []
+    assert out.getvalue() == sent and session.aborted.is_set()

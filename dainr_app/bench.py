@@ -456,9 +456,12 @@ CASES: Dict[str, Callable[[], dict]] = {
 
 def add_arguments(p) -> None:
     p.add_argument("--case", choices=sorted(CASES), action="append", help="run only these cases (repeatable)")
-    p.add_argument("--out", default="bench-out", help="folder for results.json")
-    p.add_argument("--threads", type=int, default=2, help="torch/finufft threads (the target machine has 2 cores)")
-    p.add_argument("--list", action="store_true")
+    from .cli import _positive_int
+
+    p.add_argument("--out", default="bench-out", help="folder for results.json (default bench-out)")
+    p.add_argument("--threads", type=_positive_int, default=2,
+                   help="torch/finufft threads (default 2: the target machine has 2 cores)")
+    p.add_argument("--list", action="store_true", help="list the cases and what each measures")
     p.add_argument("--inline", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -487,8 +490,8 @@ def main(args) -> int:
     if os.path.exists(path):
         with open(path, encoding="utf-8") as fh:
             results = json.load(fh)
-    for name in names:
-        print(f"[bench] {name} ...", flush=True)
+    for name in names:  # (progress on stderr: stdout is a JSON line per case)
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         cmd = [sys.executable, "-m", "dainr_app.cli", "bench", "--inline", "--threads", str(args.threads), "--case", name]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -499,5 +502,8 @@ def main(args) -> int:
         with open(path, "w") as fh:
             json.dump(results, fh, indent=2, default=float)
         print(json.dumps({name: results[name]}, default=lambda v: round(float(v), 3)), flush=True)
-    print(f"wrote {path}")
-    return 0
+    print(f"wrote {path}", file=sys.stderr)
+    failed = [n for n in names if "error" in results[n]]
+    if failed:
+        print(f"dainr bench: {', '.join(failed)} failed (their errors are in {path})", file=sys.stderr)
+    return 1 if failed else 0

@@ -37,7 +37,9 @@ def _number(cast, ok, what: str, name: str):
 
 
 _positive_int = _number(int, lambda v: v >= 1, ">= 1", "positive integer")
-_nonnegative = _number(float, lambda v: v >= 0, ">= 0", "non-negative number")
+_nonnegative_int = _number(int, lambda v: v >= 0, ">= 0", "non-negative integer")
+_nonnegative = _number(float, lambda v: 0 <= v < float("inf"), ">= 0 and finite", "non-negative number")
+_port = _number(int, lambda v: 0 <= v <= 65535, "a port number, 0..65535", "port")
 _ratio = _number(float, lambda v: v >= 1, ">= 1", "ratio")
 _fraction = _number(float, lambda v: 0 < v <= 1, "in (0, 1]", "fraction")
 _positive = _number(float, lambda v: 0 < v < float("inf"), "> 0 and finite", "positive number")
@@ -66,6 +68,8 @@ def cmd_simulate(args) -> int:
     if args.spokes < 2 or args.frames < 2 or args.coils < 1 or args.slices < 1 or args.matrix < 16:
         raise ValueError("need --matrix >= 16, --frames >= 2, --spokes >= 2 (one is held out by the default "
                          "stopping rule), --coils/--slices >= 1")
+    check_output(args.output)
+    check_output(truth_path(args.output))
     scans = [simulate(args.matrix, args.frames, args.spokes, args.coils, args.noise, args.golden_angle, args.seed + s)
              for s in range(args.slices)]
     noise = scans[0].data.noise  # None without noise: no noise scan
@@ -104,13 +108,14 @@ def run_recon(raw: str, output: str, cfg: DAINRConfig, series: int = 1, preview:
     from .mrd import read_raw, write_header
     from .preview import write_preview
 
-    check_output(output, raw)
+    inputs = (raw, truth) if truth else (raw,)
+    check_output(output, *inputs)
     raw_in_output = raw_groups(output)
     if raw_in_output:  # the whole file is replaced
         raise ValueError(f"{output} holds raw MRD data (group {raw_in_output[0]!r}): it would be replaced by the "
                          "images; choose another output file")
     if preview:
-        check_output(preview, raw)
+        check_output(preview, *inputs)
     scan = read_raw(raw, group, spokes_per_frame, golden_angle)
     if scan.late_noise:
         print(f"dainr recon: warning: {scan.late_noise} noise readouts after the first imaging readout were not used "
@@ -124,7 +129,14 @@ def run_recon(raw: str, output: str, cfg: DAINRConfig, series: int = 1, preview:
               file=sys.stderr)
     for note in (note for raw_slice in scan.slices.values() for note in raw_slice.warnings):
         print(f"dainr recon: warning: {note}", file=sys.stderr)
-    truth_images = matching_truth(load_truth(truth), scan, truth, truth_found) if truth else None
+    truth_images = None
+    if truth:
+        try:
+            truth_images = matching_truth(load_truth(truth), scan, truth, truth_found)
+        except ValueError as exc:
+            if not truth_found:
+                raise
+            print(f"dainr recon: warning: {exc}: the images are not scored", file=sys.stderr)
     partial = f"{output}.partial-{os.getpid()}"  # renamed onto ``output`` once every slice is written
     try:
         summaries, panels = _recon_slices(scan, partial, group, cfg, series, output_type, truth_images, quiet)
@@ -138,6 +150,15 @@ def run_recon(raw: str, output: str, cfg: DAINRConfig, series: int = 1, preview:
     return summaries
 
 
+def check_folder(path: str, what: str) -> None:
+    """A folder to write into: an existing one, or one that can be made in an existing, writable folder."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{what} {path}: it is a file, not a folder")
+    if not os.path.exists(path) and not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
+        raise ValueError(f"{what} {path}: folder {parent} {'is not writable' if os.path.isdir(parent) else 'does not exist'}")
+
+
 def check_output(path: str, *inputs: str) -> None:
     """Before any work: the folder must exist and be writable, and the output must not be one of the inputs."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -147,14 +168,21 @@ def check_output(path: str, *inputs: str) -> None:
         raise ValueError(f"cannot write {path}: folder {folder} {'is not writable' if os.path.isdir(folder) else 'does not exist'}")
     for src in inputs:
         if os.path.exists(path) and os.path.exists(src) and os.path.samefile(path, src):
-            raise ValueError(f"output {path} is the input file {src}: writing it would destroy the raw data")
+            raise ValueError(f"output {path} is the input file {src}: writing it would destroy that input")
 
 
 def load_truth(path: str) -> np.ndarray:
-    with np.load(path) as npz:
-        if "images" not in npz:
-            raise ValueError(f"{path} has no 'images' array (a ground truth written by `dainr simulate` has)")
-        return npz["images"]
+    import zipfile
+
+    try:
+        with np.load(path) as npz:  # (a .npy array is no context manager: TypeError)
+            images = npz["images"] if "images" in npz else None
+    except (OSError, ValueError, EOFError, TypeError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{path} is not a ground truth written by `dainr simulate` (an .npz with an 'images' "
+                         f"array): {exc}") from None
+    if images is None:
+        raise ValueError(f"{path} has no 'images' array (a ground truth written by `dainr simulate` has)")
+    return images
 
 
 def matching_truth(images: np.ndarray, scan, path: str, found: bool) -> Optional[np.ndarray]:
@@ -225,7 +253,7 @@ def cmd_recon(args) -> int:
         truth, found = truth_path(args.raw), True
     run_recon(args.raw, args.output, cfg, args.series, args.preview, args.output_type, truth, args.group,
               args.spokes_per_frame, golden_angle=args.golden_angle, truth_found=found)
-    print(f"wrote {args.output}" + (f" and {args.preview}" if args.preview else ""))
+    print(f"wrote {args.output}" + (f" and {args.preview}" if args.preview else ""), file=sys.stderr)
     return 0
 
 
@@ -243,7 +271,10 @@ def cmd_demo(args) -> int:
     from .replay import file_items, replay, timing_table
     from .server import Server, ServerOptions
 
-    os.makedirs(args.outdir, exist_ok=True)
+    from dainr.utils import resolve_device
+
+    resolve_device(args.device)  # a bad --device now, not after the simulation and the server's start
+    demo_folder(args.outdir)
     server = Server(ServerOptions(port=0))  # loopback, free port; gadget processes start warming up now
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -285,6 +316,26 @@ def cmd_demo(args) -> int:
           f"({summary['dicom_files']} DICOM files), {gif} (truth | zero-filled | DA-INR), "
           f"{os.path.join(args.outdir, 'metrics.json')}")
     return 0
+
+
+DEMO_MARK = ".dainr-demo"  # in a demo's output folder: a later demo may replace what is there
+
+
+def demo_folder(path: str) -> None:
+    """Create ``path``, or take one that is empty or holds an earlier demo's output (marked, or a metrics.json of
+    one), which the demo replaces; any other folder (someone's raw.h5, metrics.json) is refused."""
+    check_folder(path, "demo output")
+    if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, DEMO_MARK)):
+        try:
+            with open(os.path.join(path, "metrics.json"), encoding="utf-8") as fh:
+                earlier = {"psnr", "reconstruction", "replay_seconds"} <= set(json.load(fh))
+        except (OSError, ValueError, TypeError):
+            earlier = False
+        if not earlier:
+            raise ValueError(f"{path} holds files that are not an earlier demo's output (the demo writes raw.h5, "
+                             "images.h5, dicom/, preview.gif and metrics.json there): give a new or empty folder")
+    os.makedirs(path, exist_ok=True)
+    open(os.path.join(path, DEMO_MARK), "w").close()
 
 
 def cmd_dicom(args) -> int:
@@ -355,6 +406,10 @@ def cmd_serve(args) -> int:
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    given = [flag for flag, value in (("-c", args.config), ("-i", args.input), ("-o", args.output)) if value]
+    if given and not args.from_stream:
+        raise ValueError(f"{'/'.join(given)} only go with --from_stream (a TCP server takes its pipeline from each "
+                         "client's CONFIG)")
     opts = server_options(args)
     raise_open_file_limit()
     if args.from_stream:
@@ -387,6 +442,16 @@ def cmd_serve(args) -> int:
 
 
 def cmd_replay(args) -> int:
+    from .replay import ServerUnreachable
+
+    try:
+        return _replay(args)
+    except ServerUnreachable as exc:  # the server's side (exit 1), not the input's (2)
+        print(f"dainr replay: server error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _replay(args) -> int:
     from .protocol import ProtocolError
     from .replay import ReplayResult, file_items, query, replay, timing_table
 
@@ -410,6 +475,8 @@ def cmd_replay(args) -> int:
         raise ValueError("give a raw MRD file to replay (or -Q / --query to only ask the server)")
     check_output(args.output, args.raw)
     check_image_group(args.output, args.out_group)
+    if args.dicom:  # before the session, not after a scan's whole reconstruction
+        check_folder(args.dicom, "--dicom")
     if args.config and args.config_local:
         raise ValueError("give a pipeline name on the server (-c) or a local pipeline XML (-C), not both")
     config_xml = None
@@ -502,13 +569,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "<name>_truth.npz)")
     s.add_argument("--matrix", type=int, default=64, help="image matrix N (N x N; default 64)")
     s.add_argument("--frames", type=int, default=12, help="cine frames (default 12)")
-    s.add_argument("--spokes", type=int, default=13, help="spokes per frame")
+    s.add_argument("--spokes", type=int, default=13, help="spokes per frame (default 13)")
     s.add_argument("--coils", type=int, default=4, help="receive coils (default 4)")
     s.add_argument("--slices", type=int, default=1, help="slices, each its own simulated cine (default 1)")
-    s.add_argument("--noise", type=_nonnegative, default=0.02, help="noise std relative to k-space RMS")
+    s.add_argument("--noise", type=_nonnegative, default=0.02, help="noise std relative to k-space RMS (default 0.02)")
     s.add_argument("--golden-angle", choices=("true", "reference"), default="true",
                    help="true: 111.246° steps (default); reference: the released code's 111.246-radian step")
-    s.add_argument("--seed", type=int, default=0, help="phantom, coil maps and noise (default 0; slice k: seed + k)")
+    s.add_argument("--seed", type=_nonnegative_int, default=0,
+                   help="phantom, coil maps and noise (default 0; slice k: seed + k)")
     s.set_defaults(func=cmd_simulate)
 
     r = sub.add_parser("recon", help="reconstruct an MRD raw file into MRD images")
@@ -517,14 +585,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
     r.add_argument("--steps", dest="max_steps", type=_positive_int,
                    help=f"most optimisation steps (default {DAINRConfig.max_steps}; the held-out rule stops earlier)")
-    r.add_argument("--max-seconds", type=float, help="stop fitting after this many seconds (default: no limit)")
+    r.add_argument("--max-seconds", type=_positive, help="stop fitting after this many seconds (default: no limit)")
     r.add_argument("--frames-per-step", type=_positive_int, help="frames per optimisation step (default "
                    f"{DAINRConfig().batch_frames('cpu')} on the CPU, {DAINRConfig().batch_frames('cuda')} on CUDA)")
     r.add_argument("--lr", type=_positive, help=f"initial learning rate (default {DAINRConfig.lr:g})")
-    r.add_argument("--holdout-spokes", type=int, help=f"spokes per frame held out for the stopping rule (default "
+    r.add_argument("--holdout-spokes", type=_nonnegative_int, help=f"spokes per frame held out for the stopping rule (default "
                                                       f"{DAINRConfig.holdout_spokes}; 0: a fixed budget of --steps)")
-    r.add_argument("--sr-ratio", type=_ratio, default=1.0, help="spatial interpolation: fit at N/ratio, query N")
-    r.add_argument("--down-ratio", type=_positive_int, default=1, help="temporal interpolation: fit every r-th frame")
+    r.add_argument("--sr-ratio", type=_ratio, default=1.0,
+                   help="spatial interpolation: fit at N/ratio, query N (default 1: none)")
+    r.add_argument("--down-ratio", type=_positive_int, default=1,
+                   help="temporal interpolation: fit every r-th frame, query all (default 1: none)")
     r.add_argument("--nufft-backend", choices=NUFFT_BACKENDS,
                    help="default auto: finufft on the CPU when installed, else gather (our gridding)")
     r.add_argument("--golden-angle", choices=("true", "reference"),
@@ -541,27 +611,29 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cap-grid-ratio", type=_fraction,
                    help="the capped grid's finest level as a fraction of the fitting matrix (default 0.75; 1 = the matrix)")
     r.add_argument("--preview", type=_preview_path, help="write a .gif/.png preview")
-    r.add_argument("--series", type=_series, default=1, help="output image_series_index (0..65535)")
+    r.add_argument("--series", type=_series, default=1, help="output image_series_index (0..65535; default 1)")
     r.add_argument("--output-type", choices=("magnitude", "complex"), default="magnitude",
                    help="image type (default magnitude)")
     r.add_argument("--truth", help="ground truth .npz (default: <raw>_truth.npz when present)")
-    r.add_argument("--group", default="dataset", help="the raw file's group; the images go to the same group")
+    r.add_argument("--group", default="dataset",
+                   help="the raw file's group; the images go to the same group (default dataset)")
     r.add_argument("--spokes-per-frame", type=_positive_int,
                    help="frames of N spokes in acquisition order (overrides the header's phase range)")
-    r.add_argument("--seed", type=int, default=0,
+    r.add_argument("--seed", type=_nonnegative_int, default=0,
                    help="the network's initial weights, frame order and held-out spokes (default 0)")
     r.add_argument("--quiet", action="store_true", help="no progress bar (the per-slice JSON lines stay)")
     r.set_defaults(func=cmd_recon)
 
     d = sub.add_parser("demo", help="simulate a small cine, replay it through the embedded server, write MRD "
                                     "images, DICOM, preview and metrics")
-    d.add_argument("-o", "--outdir", default="dainr-demo", help="output folder (default dainr-demo)")
-    d.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    d.add_argument("-o", "--outdir", default="dainr-demo", help="output folder, new, empty or an earlier demo's, "
+                   "whose files it replaces (default dainr-demo)")
+    d.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
     d.add_argument("--max-steps", type=_positive_int, default=300,
                    help="fit budget (default 300, inside the 30 s target on 2 CPU cores; the held-out rule alone "
                         "stops this small cine after about 1000 steps, about 15 s: README, Performance)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--quiet", action="store_true")
+    d.add_argument("--seed", type=_nonnegative_int, default=0, help="the simulated scan's seed (default 0)")
+    d.add_argument("--quiet", action="store_true", help="no per-slice timing table")
     d.set_defaults(func=cmd_demo)
 
     dc = sub.add_parser("dicom", help="convert an MRD image file to DICOM (one folder per series)")
@@ -571,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     dc.set_defaults(func=cmd_dicom)
 
     g = sub.add_parser("gadget-server", help="resident DA-INR gadget for <connect port=.../> pipelines")
-    g.add_argument("-p", "--port", type=int, default=18000, help="port to listen on (0: a free one, logged)")
+    g.add_argument("-p", "--port", type=_port, default=18000, help="port to listen on (0: a free one, logged; default 18000)")
     g.add_argument("--host", default="", help="address to listen on (default: every interface, as gadgetron-python, "
                    "for a Gadgetron on another host; 127.0.0.1: this host only)")
     g.add_argument("--connections", type=_positive_int, help="exit after this many connections, scans or not (one "
@@ -581,27 +653,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_gadget_server)
 
     sv = sub.add_parser("serve", help="Gadgetron-protocol server running the XML pipelines (or --from_stream)")
-    sv.add_argument("-p", "--port", type=int, default=9002, help="port to listen on (0: a free one, printed)")
+    sv.add_argument("-p", "--port", type=_port, default=9002, help="port to listen on (0: a free one, printed; default 9002)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    sv.add_argument("--pipelines", default=PIPELINES_DIR, help="folder CONFIG_FILE names resolve in")
+    sv.add_argument("--pipelines", default=PIPELINES_DIR, help=f"folder CONFIG_FILE names resolve in (default {PIPELINES_DIR})")
     sv.add_argument("--allow-module", action="append", default=[], metavar="MODULE",
                     help="also allow <execute> of this Python package (default: gadgets only)")
     sv.add_argument("--allow-connect", action="append", default=[], metavar="HOST",
                     help="also allow <connect> to this host (default: localhost)")
     sv.add_argument("--max-connections", type=_positive_int, default=8,
                     help="sessions at once (default 8); more get an ERROR 'server busy'")
-    sv.add_argument("--buffer-mb", type=_positive_int, default=512, help="per session, data queued ahead of a gadget")
+    sv.add_argument("--buffer-mb", type=_positive_int, default=512,
+                    help="per session, data queued ahead of a gadget (default 512)")
     sv.add_argument("--local-channels", type=_positive_int, default=8,
-                    help="<distributed> without workers: at most this many local chains; further index values share them")
-    sv.add_argument("--max-message-mb", type=_positive_int, default=256, help="largest accepted data message")
+                    help="<distributed> without workers: at most this many local chains; further index values share "
+                         "them (default 8)")
+    sv.add_argument("--max-message-mb", type=_positive_int, default=256,
+                    help="largest accepted data message (default 256)")
     sv.add_argument("--idle-timeout", type=_positive, default=600.0,
-                    help="seconds a client's next message may take to arrive whole before its session ends")
+                    help="seconds a client's next message may take to arrive whole before its session ends (default 600)")
     sv.add_argument("--config-timeout", type=_positive, default=30.0,
-                    help="seconds a client may take to send its CONFIG and HEADER (it holds a session slot)")
+                    help="seconds a client may take to send its CONFIG and HEADER (it holds a session slot; default 30)")
     sv.add_argument("--max-gadgets", type=_positive_int, default=32,
-                    help="gadget processes and connections one session may open (nested <distributed> blocks)")
+                    help="gadget processes and connections one session may open (nested <distributed> blocks; "
+                         "default 32)")
     sv.add_argument("--launcher", choices=("fork", "spawn"), default="fork",
-                    help="fork: gadgets forked from a warm forkserver; spawn: `python -m gadgetron` per gadget")
+                    help="fork: gadgets forked from a warm forkserver (default); spawn: `python -m gadgetron` per gadget")
     sv.add_argument("--from_stream", "--from-stream", action="store_true",
                     help="MRD stream on stdin (or -i), images on stdout (or -o), like gadgetron --from_stream")
     sv.add_argument("-c", "--config", help="--from_stream: pipeline name or XML file")
@@ -612,7 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("replay", help="stream an MRD raw file through a Gadgetron-protocol server, save the images")
     rp.add_argument("raw", nargs="?", help="MRD raw file (optional with -Q / --query)")
     rp.add_argument("-a", "--address", default="localhost", help="server host (default localhost)")
-    rp.add_argument("-p", "--port", type=int, default=9002, help="server port (default 9002)")
+    rp.add_argument("-p", "--port", type=_port, default=9002, help="server port (default 9002)")
     rp.add_argument("-c", "--config", help="pipeline name on the server, sent as CONFIG_FILE (default dainr: "
                                            "pipelines/dainr.xml on our server)")
     rp.add_argument("-C", "--config-local", help="local pipeline XML sent as CONFIG_TEXT (instead of -c)")

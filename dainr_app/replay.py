@@ -74,11 +74,15 @@ def _image_key(image) -> Key:
     return (int(image.slice), int(image.contrast), int(image.repetition), int(image.set))
 
 
+class ServerUnreachable(ConnectionError):
+    """No connection to the server (refused, unknown host, timed out): the server's side, not the input's."""
+
+
 def _connect(address: Tuple[str, int], timeout: float) -> socket.socket:
     try:
         sock = socket.create_connection(address, timeout=30)
     except OSError as exc:
-        raise ConnectionError(f"cannot connect to {address[0]}:{address[1]}: {exc}") from exc
+        raise ServerUnreachable(f"cannot connect to {address[0]}:{address[1]}: {exc}") from exc
     sock.settimeout(timeout)
     return sock
 

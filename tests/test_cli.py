@@ -130,8 +130,8 @@ def test_a_truth_that_does_not_match_the_frames_is_refused_or_left_out(raw2, tmp
     captured = capsys.readouterr()
     assert captured.err == (f"dainr recon: warning: the ground truth {raw2.replace('.h5', '_truth.npz')} does not "
                             "match the raw data (slice 0 has 9 frames of 32×32, the truth 6 frames of 32×32; frames "
-                            "re-binned by --spokes-per-frame?): the images are not scored\n")
-    lines = [json.loads(line) for line in captured.out.splitlines() if line.startswith("{")]
+                            f"re-binned by --spokes-per-frame?): the images are not scored\nwrote {out}\n")
+    lines = [json.loads(line) for line in captured.out.splitlines()]  # stdout: JSON lines only (`| jq` works)
     assert [line["frames"] for line in lines] == [9, 9] and not any("psnr" in line for line in lines)
     assert [im.physiology_time_stamp[0] for im in read_images(out)[1][:9]] == [6 * f + 3 for f in range(9)]
     truth = np.load(raw2.replace(".h5", "_truth.npz"))["images"]
@@ -1006,3 +1006,102 @@ def test_spokes_per_frame_rebins_a_file_with_a_phase_range(raw2, tmp_path):
     scan = read_raw(raw2, spokes_per_frame=3)
     assert scan.slices[(0, 0, 0, 0)].data.n_frames == 18  # 54 spokes of 6 frames × 9, in acquisition order
     assert read_raw(raw2).slices[(0, 0, 0, 0)].data.n_frames == 6
+
+
+def test_the_ground_truth_is_an_input_and_a_bad_one_is_named(raw2, tmp_path, capsys):
+    """`recon -o <raw>_truth.npz` overwrote the ground truth; an unreadable truth beside the raw file then stopped
+    every recon with numpy's "pickled (object) data" message, naming no file."""
+    truth = raw2.replace(".h5", "_truth.npz")
+    assert cli.main(["recon", raw2, "-o", truth, "--steps", "2", "--quiet"]) == 2
+    assert f"output {truth} is the input file {truth}: writing it would destroy that input" in capsys.readouterr().err
+    assert "images" in np.load(truth)  # untouched
+    junk = tmp_path / "raw.h5"
+    shutil.copy(raw2, junk)
+    (tmp_path / "raw_truth.npz").write_text("junk")
+    out = str(tmp_path / "o.h5")
+    assert cli.main(["recon", str(junk), "-o", out, "--steps", "2", "--quiet"]) == 0  # found, not named: left out
+    err = capsys.readouterr().err
+    assert f"warning: {tmp_path / 'raw_truth.npz'} is not a ground truth written by `dainr simulate`" in err
+    assert cli.main(["recon", str(junk), "-o", out, "--steps", "2", "--quiet", "--truth", raw2]) == 2  # named
+    assert f"error: {raw2} is not a ground truth written by `dainr simulate`" in capsys.readouterr().err
+
+
+def test_the_demo_writes_only_into_a_new_empty_or_earlier_demo_folder(tmp_path):
+    """`demo -o` into a folder holding someone's raw.h5 and metrics.json replaced them without a word."""
+    fresh, empty, theirs, earlier, marked = (tmp_path / n for n in ("fresh", "empty", "theirs", "earlier", "marked"))
+    empty.mkdir()
+    theirs.mkdir()
+    (theirs / "raw.h5").write_text("a scan")
+    (theirs / "metrics.json").write_text('{"psnr": 30}')
+    earlier.mkdir()
+    (earlier / "metrics.json").write_text('{"psnr": 31, "reconstruction": "DA-INR", "replay_seconds": 9}')
+    marked.mkdir()
+    (marked / cli.DEMO_MARK).touch()
+    (marked / "raw.h5").write_text("an earlier demo's")
+    for folder in (fresh, empty, earlier, marked):
+        cli.demo_folder(str(folder))
+        assert (folder / cli.DEMO_MARK).exists()
+    with pytest.raises(ValueError, match="holds files that are not an earlier demo's output"):
+        cli.demo_folder(str(theirs))
+    with pytest.raises(ValueError, match="it is a file, not a folder"):
+        cli.demo_folder(str(theirs / "raw.h5"))
+    assert (theirs / "raw.h5").read_text() == "a scan" and not (theirs / cli.DEMO_MARK).exists()
+    assert cli.main(["demo", "-o", str(theirs), "--device", "gpu"]) == 2  # (the device first, before any work)
+    assert cli.main(["demo", "-o", str(theirs)]) == 2 and (theirs / "raw.h5").read_text() == "a scan"
+
+
+def test_replay_checks_its_dicom_folder_first_and_a_server_it_cannot_reach_is_a_server_error(raw2, tmp_path, capsys):
+    """--dicom onto a file failed only after the whole reconstruction; a refused connection exited 2 (bad input)."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    out = str(tmp_path / "o.h5")
+    assert cli.main(["replay", raw2, "-p", port, "-o", out, "--dicom", raw2]) == 2
+    assert f"--dicom {raw2}: it is a file, not a folder" in capsys.readouterr().err
+    assert cli.main(["replay", raw2, "-p", port, "-o", out, "--dicom", str(tmp_path / "no" / "dcm")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    for extra in ([], ["-Q"]):
+        assert cli.main(["replay", raw2, "-p", port, "-o", out, *extra]) == 1
+        assert f"dainr replay: server error: cannot connect to localhost:{port}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "-p", "99999"], "must be a port number, 0..65535"),
+    (["gadget-server", "-p", "-5"], "must be a port number, 0..65535"),
+    (["replay", "raw.h5", "-p", "70000"], "must be a port number, 0..65535"),
+    (["simulate", "-o", "x.h5", "--noise", "inf"], "must be >= 0 and finite"),
+    (["simulate", "-o", "x.h5", "--seed", "-1"], "--seed: must be >= 0"),
+    (["recon", "raw.h5", "-o", "o.h5", "--max-seconds", "-1"], "--max-seconds: must be > 0"),
+    (["bench", "--threads", "0"], "--threads: must be >= 1"),
+])
+def test_bad_option_values_name_the_option(argv, message, capsys):
+    """A port out of range was a traceback (OverflowError from bind), the others raw library messages."""
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_serve_takes_its_stream_options_only_with_from_stream():
+    """-c/-i/-o without --from_stream were ignored: a TCP server started (in a process: that would not end)."""
+    import subprocess
+    import sys
+
+    from dainr_app.server import child_env
+
+    out = subprocess.run([sys.executable, "-m", "dainr_app.cli", "serve", "-p", "0", "-c", "dainr", "-o", "x.bin"],
+                         env=child_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "-c/-o only go with --from_stream" in out.stderr, out.stderr
+
+
+def test_bench_exits_1_when_a_case_failed_and_keeps_stdout_to_json(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    from dainr_app import bench
+
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "Boom: x\n"))
+    assert cli.main(["bench", "--case", "demo", "--out", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert [json.loads(line) for line in captured.out.splitlines()] == [{"demo": {"error": "Boom: x"}}]
+    assert "demo failed" in captured.err

@@ -60,14 +60,14 @@ def properties(config, raw: bytes = b"") -> Dict[str, str]:
     alone (pugixml saves an empty document so): no properties.  The legacy v1 ``PythonGadget`` form, which
     Gadgetron turns into an ``<external>``, copies its ``python_path``/``python_module``/``python_class`` into the
     properties: those name the gadget itself and are left out."""
-    if config is None:
+    if config is None:  # (e.g. a C string's trailing NUL, which gadgetron-python's parser refuses)
         body = XML_DECLARATION.sub(b"", bytes(raw).rstrip(b"\x00 \t\r\n"), count=1)
-        if body.strip(b"\x00 \t\r\n"):
-            try:
-                ElementTree.fromstring(body)
-            except ElementTree.ParseError as exc:
-                raise ValueError(f"the gadget's <configuration> is not XML ({exc})") from None
-        return {}
+        if not body.strip(b"\x00 \t\r\n"):
+            return {}
+        try:
+            config = ElementTree.fromstring(body)
+        except ElementTree.ParseError as exc:
+            raise ValueError(f"the gadget's <configuration> is not XML ({exc})") from None
     props: Dict[str, str] = {}
     for p in config.iter("property"):
         name = (p.get("name", p.findtext("name")) or "").strip()

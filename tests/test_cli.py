@@ -168,6 +168,7 @@ def test_recon_options_reach_the_config(capsys):
     # (the reference's nearest-pixel query: the image half an output pixel off its header position)
     assert "half an output pixel off its header position" in capsys.readouterr().err
     cfg("--reference-grid")
+    cfg("--sr-ratio", "2")
     assert capsys.readouterr().err == ""
     default = cfg()
     assert default.cap_grid_at_matrix and default.use_features is DAINRConfig().use_features
@@ -448,7 +449,9 @@ def test_phase_labels_and_temporal_ratio_follow_the_file(raw2, tmp_path, capsys)
     dcm = [pydicom.dcmread(f) for f in sorted((tmp_path / "dcm" / "series_001").iterdir())]
     assert {d.SeriesDescription for d in dcm} == {"DA-INR"}
     assert sum(d.ImageComments == "DA-INR (interpolated frame)" for d in dcm) == 8
+    capsys.readouterr()
     assert cli.main(["recon", path, "-o", out, "--steps", "2", "--sr-ratio", "2", "--quiet"]) == 0
+    assert [json.loads(line)["fit_matrix"] for line in capsys.readouterr().out.splitlines()] == [16, 16]
     assert ismrmrd.Meta.deserialize(read_images(out)[1][0].attribute_string)["ImageProcessingHistory"].endswith(
         f"s on cpu, fitted at {images[0].matrix_size[0] // 2}² for {images[0].matrix_size[0]}²")
 
@@ -1105,3 +1108,11 @@ def test_bench_exits_1_when_a_case_failed_and_keeps_stdout_to_json(tmp_path, mon
     captured = capsys.readouterr()
     assert [json.loads(line) for line in captured.out.splitlines()] == [{"demo": {"error": "Boom: x"}}]
     assert "demo failed" in captured.err
+
+
+def test_ctrl_c_ends_a_command_with_one_line_and_130(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "run_recon", interrupted)
+    assert cli.main(["recon", "raw.h5", "-o", "o.h5"]) == 130
+    assert capsys.readouterr().err == "dainr recon: interrupted\n"

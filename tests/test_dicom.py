@@ -370,3 +370,12 @@ def test_the_window_is_at_least_one_stored_value_and_written_only_when_whole(tmp
         im.meta = meta
     ds = pydicom.dcmread(mrd_to_dicom({1: images}, str(tmp_path / "half"))[1][0])
     assert "WindowCenter" not in ds and "WindowWidth" not in ds
+
+
+def test_interpolated_frames_keep_their_comment_and_not_the_series_description(tmp_path):
+    images = make_images(np.ones((3, 8, 8), np.float32), 1, 0, (200.0, 200.0, 8.0), Geometry(),
+                         interpolated=[True, False, True])
+    written = mrd_to_dicom({1: images}, str(tmp_path))
+    dcm = [pydicom.dcmread(p) for p in written[1]]
+    assert {d.SeriesDescription for d in dcm} == {"DA-INR"}  # frame 0 (interpolated) names the series
+    assert [d.ImageComments for d in dcm] == ["DA-INR (interpolated frame)", "DA-INR", "DA-INR (interpolated frame)"]

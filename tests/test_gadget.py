@@ -159,6 +159,26 @@ def test_the_buffer_cap_drops_the_slice_that_stopped_growing_not_the_one_streami
     assert {k[0]: len(v) for k, v in buffers.buffers.items()} == {1: 3, 2: 3} and buffers.dropped == {(0, 0, 0, 0): 3}
 
 
+def test_the_buffer_cap_orders_by_last_growth_evicts_enough_and_only_counts_dropped_slices():
+    from gadgets.dainr_gadget import SliceBuffers, readout_bytes
+
+    size = readout_bytes(_readout(0))
+    buffers = SliceBuffers(max_bytes=4.5 * size)
+    for s in (0, 1, 0, 0):  # slice 0 began first but grew last: slice 1 is the stalest
+        buffers.add(_readout(s))
+    buffers.add(_readout(2))
+    assert buffers.dropped == {(1, 0, 0, 0): 1} and len(buffers.buffers[(0, 0, 0, 0)]) == 3
+    buffers = SliceBuffers(max_bytes=4.5 * size)
+    for s in (0, 1, 2, 2):
+        buffers.add(_readout(s))
+    buffers.add(_readout(3, samples=192))  # a readout that needs two buffers' room
+    assert buffers.used <= buffers.max_bytes and set(buffers.dropped) == {(0, 0, 0, 0), (1, 0, 0, 0)}
+    buffers = SliceBuffers(max_bytes=3.5 * size)
+    for s in (0, 0, 0, 0, 1, 1, 1, 0):  # slice 0 dropped itself; its later readout is counted, not buffered
+        buffers.add(_readout(s))
+    assert len(buffers.buffers[(1, 0, 0, 0)]) == 3 and buffers.dropped == {(0, 0, 0, 0): 5}
+
+
 def test_the_buffer_cap_counts_what_a_buffered_readout_holds():
     """Only the samples were counted: with acq.traj and each readout's header and objects, 2 coils x 64 samples
     took 2.3 times the memory counted (a 2048 MB cap could hold ~2.8 GB of 4-coil readouts)."""
@@ -215,6 +235,10 @@ def test_integer_properties_written_as_floats_are_taken():
     opts = options_from_properties({"down_ratio": "2.0", "steps": "300.0", "seed": "1234567890123456789",
                                     "image_series_index": "3.0"})
     assert (opts.cfg.temporal_ratio, opts.cfg.max_steps, opts.cfg.seed, opts.series) == (2, 300, 1234567890123456789, 3)
+    more = options_from_properties({"spokes_per_frame": "9.0", "frames_per_step": "2.0", "holdout_spokes": "1.0",
+                                    "preview": "true", "preview_steps": "5.0", "preview_series_index": "9.0"})
+    assert (more.spokes_per_frame, more.cfg.frames_per_step, more.cfg.holdout_spokes, more.cfg.preview_every,
+            more.preview_series) == (9, 2, 1, 5, 9)
     for name, value in (("down_ratio", "2.5"), ("steps", "many"), ("holdout_spokes", "nan"), ("seed", "inf")):
         with pytest.raises(ValueError, match=f"property {name}={value!r}: not an integer"):
             options_from_properties({name: value})
@@ -381,6 +405,22 @@ def test_a_gadget_whose_gadgetron_went_away_stops_after_the_slice_it_was_fitting
         log = out.read()
     assert "slice 0's images could not be sent" in log and "later slices are not reconstructed" in log, log[-3000:]
     assert "(1, 0, 0, 0)" not in log and "slice 1" not in log, log[-3000:]  # never fitted
+    # a resident gadget: the same, one line, and back to waiting (no traceback)
+    from .gadget_harness import dial
+
+    resident = _resident("--connections", "1")
+    try:
+        with dial(resident.port) as conn, conn.makefile("wb") as wf:
+            ser = ProtocolSerializer(wf)
+            for item in [ConfigText(CONFIG.format(steps=5, extra="")), header] + _load(two_slices[1])[1]:
+                ser.serialize(item)
+        assert resident.proc.wait(120) == 0
+    finally:
+        if resident.proc.poll() is None:
+            resident.proc.kill()
+    log = resident.log()
+    assert "could not be sent" in log and "ended without CLOSE" in log and "Traceback" not in log, log[-3000:]
+    assert "(1, 0, 0, 0)" not in log
 
 
 def test_a_connection_that_sends_nothing_does_not_block_the_resident_process(two_slices):
@@ -571,6 +611,19 @@ def test_the_frames_a_temporal_fit_did_not_see_say_so(two_slices):
             assert meta["ImageProcessingHistory"].endswith("s on cpu, 2 of 6 frames fitted")
 
 
+def test_a_spatial_fit_names_the_matrix_it_was_fitted_at(two_slices):
+    from dainr_app.mrd import fit_history
+
+    info = dict(steps=5, stop_reason="max_steps", device="cpu", fit_matrix=16)
+    assert fit_history(info, 1.0, 8, range(8), 32) == "DA-INR 5 steps (max_steps), 1.00 s on cpu, fitted at 16² for 32²"
+    assert fit_history(dict(info, fit_matrix=32), 1.0, 8, range(8), 32) == "DA-INR 5 steps (max_steps), 1.00 s on cpu"
+    header, acqs = _load(two_slices[1])
+    run = run_gadget(CONFIG.format(steps=3, extra='<property name="sr_ratio" value="2"/>'), header, acqs)
+    assert run.errors == [] and len(run.images) == 12
+    assert all(ismrmrd.Meta.deserialize(im.attribute_string)["ImageProcessingHistory"].endswith(
+        "fitted at 16² for 32²") for im in run.images)
+
+
 def test_complex_output_property(two_slices):
     header, acqs = _load(two_slices[1])
     run = run_gadget(CONFIG.format(steps=3, extra='<property name="output" value="complex"/>'), header,
@@ -717,6 +770,8 @@ def test_properties_in_gadgetrons_other_form_twice_or_unparsable_are_not_ignored
     assert properties(None, b'<?xml version="1.0"?>\n') == {} == properties(None, b"<?xml version='1.0'?>\x00")
     with pytest.raises(ValueError, match="<configuration> is not XML"):
         properties(None, b'<?xml version="1.0"?>\n<configuration>')
+    # valid XML that gadgetron-python could not parse (a trailing NUL): its properties, not silently the defaults
+    assert properties(None, b'<configuration><property name="steps" value="5"/></configuration>\x00') == {"steps": "5"}
     # Gadgetron's legacy v1 PythonGadget: its own python_* properties are copied into <configuration>
     assert props('<configuration><property name="python_module" value="gadgets.dainr_gadget"/><property '
                  'name="python_class" value="dainr_recon"/><property name="python_path" value="/opt"/>'

@@ -74,6 +74,10 @@ def test_the_gadgetron_distributed_pipeline_survives_gadgetrons_copy_for_its_wor
         (node,) = [n for n in parse_pipeline((root / name).read_text()).nodes if isinstance(n, Distributed)]
         return parse_pipeline(gadgetron_worker_copy(node.worker_config))
 
+    distributed = ET.parse(root / "dainr_distributed_connect.xml").getroot().find("stream/distributed")
+    # what the workers send back (images; readouts passed on) must be read and written on the way
+    assert {r.findtext("classname") for r in distributed.iter("reader")} >= {"ImageReader", "AcquisitionReader"}
+    assert {w.findtext("classname") for w in distributed.iter("writer")} >= {"ImageWriter", "AcquisitionWriter"}
     (ext,) = worker("dainr_distributed_connect.xml").nodes
     assert ext.address == ("localhost", 18000) and ext.module is None
     assert options_from_properties(properties(ET.fromstring(ext.configuration))).cfg.max_steps == 3000

@@ -440,6 +440,20 @@ def test_samples_float32_cannot_hold_are_refused_clearly(small_scan):
                                              "arithmetic holds"):
             RadialData(k, d.traj, 32, noise=noise)
     RadialData(d.kdata * 1e-25, d.traj, 32, noise=d.noise * 1e25)  # far from a scanner's units, still held
+    unit = d.kdata.to(torch.complex128) / d.kdata.abs().amax()
+    for scale in (1e31, 1e35, 1e-31, 1e-35):  # the bounds, both sides
+        with pytest.raises(ValueError, match="kdata's largest magnitude"):
+            RadialData(unit * scale, d.traj, 32)
+    RadialData(unit * 1e29, d.traj, 32)
+    RadialData(unit * 1e-29, d.traj, 32)
+    one = unit.clone()
+    one[-1, -1, -1, -1] = 1e40  # one sample out of range is enough
+    with pytest.raises(ValueError, match="kdata's largest magnitude 1e\\+40"):
+        RadialData(one, d.traj, 32)
+    bad = d.noise.clone()
+    bad[0, 0] = float("inf")  # an Inf noise sample: the prewhitener's own message, not the range's
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        zero_filled(RadialData(d.kdata, d.traj, 32, noise=bad), DAINRConfig(device="cpu"))
 
 
 def test_numpy_arrays_torch_cannot_view_are_taken(small_scan):
@@ -624,6 +638,9 @@ def test_data_without_an_image_to_find_is_not_blamed_on_the_rate():
                                          r".*\(holdout_spokes=0 with max_steps or max_seconds\)") as err:
         reconstruct(data, DAINRConfig(max_steps=400, device="cpu"))
     assert "lower lr" not in str(err.value)
+    # near the zero image's residual but stopped by the budget (not converged): no such error
+    held_still = DAINRConfig(max_steps=12, lr=1e-12, min_epoch_frames=4, patience=2, device="cpu")
+    assert reconstruct(data, held_still).info["stop_reason"] == "max_steps"
     assert reconstruct(data, DAINRConfig(max_steps=5, device="cpu", holdout_spokes=0)).images.abs().amax() > 0
 
 
@@ -804,12 +821,13 @@ def test_fit_with_unequal_spokes_per_frame(small_scan):
     ("grid_log2_table_size", 0, r"log2_table_size must be in \[1, 30\]"),
     ("grid_log2_table_size", 31, r"log2_table_size must be in \[1, 30\]"),
     ("preview_every", -1, r"preview_every must be >= 0 \(0: no previews\)"),  # accepted: silently no previews
-    ("min_steps", -5, "min_steps must be >= 0"),
+    ("min_steps", -5, "min_steps must be >= 0"),  # (0 is valid: below)
 ])
 def test_config_rejects_bad_values(field, value, match):
     with pytest.raises(ValueError, match=match):
         DAINRConfig(**{field: value}) if field == "grid" else DAINRConfig().replace(**{field: value})
-    DAINRConfig(nufft_backend="gather", min_epoch_frames=1, freq_degree_xy=24, freq_degree_t=0)  # valid neighbours
+    DAINRConfig(nufft_backend="gather", min_epoch_frames=1, freq_degree_xy=24, freq_degree_t=0, min_steps=0,
+                preview_every=0)  # valid neighbours
     for size in (1, 30):
         DAINRConfig().replace(grid_log2_table_size=size)
     numpy_scalars = DAINRConfig(max_steps=np.int64(20), lr=np.float32(1e-3), temporal_ratio=2.0)

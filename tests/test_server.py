@@ -483,7 +483,7 @@ def test_a_distributor_after_a_gadget_reports_a_worker_it_cannot_reach(server, r
            "AcquisitionDistributor</classname><property name='parallel_dimension' value='slice'/></distributor>"
            f"<stream>{relay}</stream></distributed></stream></configuration>")
     frames = raw_session(server.port, stream(ConfigText(xml), header, acqs[:40]))
-    assert any("cannot connect" in e for e in errors(frames)), errors(frames)
+    assert len(errors(frames)) == 1 and "cannot connect" in errors(frames)[0], errors(frames)  # (and it ended)
     assert frames[-1].mid == CLOSE
 
 
@@ -1506,3 +1506,36 @@ def test_a_gadgets_output_after_its_session_was_aborted_goes_nowhere():
         peer.wait()
     assert session.errors == ["terminated by SIGTERM: the stream's gadgets were stopped"] and emitted == []
     assert out.getvalue() == sent and session.aborted.is_set()
+
+
+def test_a_session_ends_once_with_its_gadgets_stopped_before_its_reason(monkeypatch):
+    """Session.end: the gadgets are stopped first (a stopped gadget's ERROR must not follow the reason), and a
+    session that has ended takes no second reason."""
+    import io
+
+    from dainr_app.protocol import FrameWriter
+    from dainr_app.server import Session, _end_session
+
+    session = Session(ServerOptions(port=0), FrameWriter(io.BytesIO()), "client x", launcher=None)
+    stopped_first, error = [], session.error
+    monkeypatch.setattr(session, "error", lambda text: (stopped_first.append(session.aborted.is_set()), error(text)))
+    session.end("bye")
+    _end_session(session, "again")
+    assert stopped_first == [True] and session.errors == ["bye"]
+
+
+def test_a_pipeline_that_fails_to_start_ends_its_session():
+    """A chain that cannot start (its <connect> gadget unreachable) reports it and ends the session, reading no
+    input."""
+    import io
+
+    from dainr_app.pipeline import parse_pipeline
+    from dainr_app.protocol import FrameWriter
+    from dainr_app.server import Session, Stats, run_session
+
+    pipeline = parse_pipeline(f'<configuration><version>2</version><stream><external><connect address="127.0.0.1" '
+                              f'port="{_free_port()}"/></external></stream></configuration>')
+    session = Session(ServerOptions(port=0), FrameWriter(io.BytesIO()), "client x", launcher=None)
+    run_session(session, lambda: pytest.fail("input read after the chain failed to start"), pipeline, "<header/>",
+                Stats())
+    assert len(session.errors) == 1 and session.aborted.is_set(), session.errors

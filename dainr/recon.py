@@ -481,11 +481,12 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
         raise ValueError(f"the fit failed: its best held-out residual {best_res:.3g} is {best_res / zero_res:.3g} "
                          f"times an all-zero image's ({zero_res:.3g}); lower lr (now {cfg.lr:g})")
     if math.isfinite(best_res) and reason == "holdout_converged" and best_res > 0.99 * zero_res:
-        # (a rate too high diverges above; here the fit converged, and no rate changes what the data hold)
+        # (a rate too high diverges above; here the fit converged without moving from a zero image's residual)
         raise ValueError(f"the fit found no image: its held-out residual converged to {best_res / zero_res:.3g} times "
                          f"an all-zero image's ({zero_res:.3g}): the held-out spokes cannot tell an image from noise "
-                         "(data too noisy or nearly empty); check the data, or fit a fixed budget (holdout_spokes=0 "
-                         "with max_steps or max_seconds)")
+                         f"(data too noisy or nearly empty), or the rate is too small to move the model (lr "
+                         f"{cfg.lr:g}); check the data and lr, or fit a fixed budget (holdout_spokes=0 with "
+                         "max_steps or max_seconds)")
     checkpoint = best_state is not None  # else (no held-out spokes, or stopped before an epoch) the last weights
     if not checkpoint:
         best_state, best_step = fitter.weights(), step

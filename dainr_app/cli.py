@@ -151,12 +151,15 @@ def run_recon(raw: str, output: str, cfg: DAINRConfig, series: int = 1, preview:
 
 
 def check_folder(path: str, what: str) -> None:
-    """A folder to write into: an existing one, or one that can be made in an existing, writable folder."""
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{what} {path}: it is a file, not a folder")
-    if not os.path.exists(path) and not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
-        raise ValueError(f"{what} {path}: folder {parent} {'is not writable' if os.path.isdir(parent) else 'does not exist'}")
+    """A folder to write into (made with its parents where missing): its nearest existing part must be a writable
+    folder."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{what} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: folder {existing} is not writable")
 
 
 def check_output(path: str, *inputs: str) -> None:
@@ -172,16 +175,15 @@ def check_output(path: str, *inputs: str) -> None:
 
 
 def load_truth(path: str) -> np.ndarray:
-    import zipfile
-
     try:
         with np.load(path) as npz:  # (a .npy array is no context manager: TypeError)
             images = npz["images"] if "images" in npz else None
-    except (OSError, ValueError, EOFError, TypeError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # a damaged file fails in zipfile, zlib, numpy's header parser, ...: all the same here
         raise ValueError(f"{path} is not a ground truth written by `dainr simulate` (an .npz with an 'images' "
                          f"array): {exc}") from None
-    if images is None:
-        raise ValueError(f"{path} has no 'images' array (a ground truth written by `dainr simulate` has)")
+    if images is None or images.ndim != 4:
+        raise ValueError(f"{path} has no 'images' array of (slices, frames, N, N) (a ground truth written by "
+                         "`dainr simulate` has)")
     return images
 
 

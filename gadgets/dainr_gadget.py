@@ -242,8 +242,7 @@ def reconstruct_slice(connection, key: Key, acqs: list, params: ReconParameters,
     data = raw.data.every_rth_frame(opts.cfg.temporal_ratio)  # fit every r-th frame, query all
     sent_preview = []
 
-    # the frames a temporal ×r fit sees: 0, r, 2r, … of the output (every_rth_frame)
-    acquired = range(0, raw.data.n_frames, opts.cfg.temporal_ratio)
+    acquired = opts.cfg.temporal_layout(data.n_frames)[0]  # the output frames the fit sees (all, without ×r)
 
     def emit(images, series, history):
         for im in make_images(images.numpy(), series, s, params.fov_mm, raw.geometry, opts.output,
@@ -265,8 +264,8 @@ def reconstruct_slice(connection, key: Key, acqs: list, params: ReconParameters,
     # other CPU fits on this host (other slices' gadget processes, other clients) share the cores
     result = reconstruct_shared(data, opts.cfg, callback=on_progress if opts.preview else None)
     info = result.info
-    emit(result.images, opts.series, [fit_history(info, time.perf_counter() - t0, len(result.images),
-                                                  result.acquired_frames, raw.data.matrix)])
+    emit(result.images, opts.series, [fit_history(info, time.perf_counter() - t0, len(result.images), acquired,
+                                                  raw.data.matrix)])
     log.info("slice %s: %d frames sent %.2f s after the last readout", key, len(result.images), time.perf_counter() - t0)
 
 

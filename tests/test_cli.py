@@ -1027,6 +1027,17 @@ def test_the_ground_truth_is_an_input_and_a_bad_one_is_named(raw2, tmp_path, cap
     assert f"warning: {tmp_path / 'raw_truth.npz'} is not a ground truth written by `dainr simulate`" in err
     assert cli.main(["recon", str(junk), "-o", out, "--steps", "2", "--quiet", "--truth", raw2]) == 2  # named
     assert f"error: {raw2} is not a ground truth written by `dainr simulate`" in capsys.readouterr().err
+    # a damaged one (zlib's error is neither a ValueError nor an OSError: it was a traceback), one of no image shape
+    good = np.load(truth)["images"]
+    np.savez_compressed(tmp_path / "raw_truth.npz", images=good)
+    data = bytearray((tmp_path / "raw_truth.npz").read_bytes())
+    data[len(data) // 2:len(data) // 2 + 200] = bytes(200)  # inside the compressed array
+    (tmp_path / "raw_truth.npz").write_bytes(bytes(data))
+    for damage in ("damaged", "0-d"):
+        if damage == "0-d":
+            np.savez(tmp_path / "raw_truth.npz", images=np.float64(1.0))
+        assert cli.main(["recon", str(junk), "-o", out, "--steps", "2", "--quiet"]) == 0
+        assert "the images are not scored" in capsys.readouterr().err
 
 
 def test_the_demo_writes_only_into_a_new_empty_or_earlier_demo_folder(tmp_path):
@@ -1046,7 +1057,7 @@ def test_the_demo_writes_only_into_a_new_empty_or_earlier_demo_folder(tmp_path):
         assert (folder / cli.DEMO_MARK).exists()
     with pytest.raises(ValueError, match="holds files that are not an earlier demo's output"):
         cli.demo_folder(str(theirs))
-    with pytest.raises(ValueError, match="it is a file, not a folder"):
+    with pytest.raises(ValueError, match="raw.h5 is a file, not a folder"):
         cli.demo_folder(str(theirs / "raw.h5"))
     assert (theirs / "raw.h5").read_text() == "a scan" and not (theirs / cli.DEMO_MARK).exists()
     assert cli.main(["demo", "-o", str(theirs), "--device", "gpu"]) == 2  # (the device first, before any work)
@@ -1061,10 +1072,10 @@ def test_replay_checks_its_dicom_folder_first_and_a_server_it_cannot_reach_is_a_
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
     out = str(tmp_path / "o.h5")
-    assert cli.main(["replay", raw2, "-p", port, "-o", out, "--dicom", raw2]) == 2
-    assert f"--dicom {raw2}: it is a file, not a folder" in capsys.readouterr().err
-    assert cli.main(["replay", raw2, "-p", port, "-o", out, "--dicom", str(tmp_path / "no" / "dcm")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    for dicom in (raw2, os.path.join(raw2, "dcm")):
+        assert cli.main(["replay", raw2, "-p", port, "-o", out, "--dicom", dicom]) == 2
+        assert f"--dicom {dicom}: {raw2} is a file, not a folder" in capsys.readouterr().err
+    cli.check_folder(str(tmp_path / "no" / "dcm"), "--dicom")  # missing folders are made (as `dainr dicom` does)
     for extra in ([], ["-Q"]):
         assert cli.main(["replay", raw2, "-p", port, "-o", out, *extra]) == 1
         assert f"dainr replay: server error: cannot connect to localhost:{port}" in capsys.readouterr().err

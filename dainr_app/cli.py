@@ -355,10 +355,16 @@ def cmd_dicom(args) -> int:
 
 def cmd_gadget_server(args) -> int:
     import logging
+    import signal
 
     from gadgets.resident import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def stop(signum, _frame):  # `docker stop`, systemd: a logged exit 0 (a scan being fitted is abandoned)
+        logging.getLogger("dainr.gadget").info("DA-INR gadget stopped by %s", signal.Signals(signum).name)
+        raise SystemExit(0)
+    signal.signal(signal.SIGTERM, stop)
     serve(args.port, args.connections, args.start_timeout, args.host)
     return 0
 
@@ -435,8 +441,7 @@ def cmd_serve(args) -> int:
             inp = files.enter_context(open(args.input, "rb")) if args.input else sys.stdin.buffer
             outp = files.enter_context(open(args.output, "wb")) if args.output else sys.stdout.buffer
             return run_stream(pipeline, inp, outp, opts)
-    server = Server(opts)
-    print(f"dainr serve: listening on {opts.host}:{server.port}", file=sys.stderr, flush=True)
+    server = Server(opts)  # (it logs "listening on" once serving, after these handlers are in place)
     for sig in stop_signals:
         signal.signal(sig, lambda *_: server.stopping.set())
     server.serve_forever()

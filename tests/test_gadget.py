@@ -508,6 +508,20 @@ def test_the_resident_process_can_listen_on_this_host_only():
     assert f"waiting for Gadgetron on port {port} (address 127.0.0.1)" in server.log()
 
 
+def test_the_resident_process_stops_on_sigterm_with_a_line_and_exit_0():
+    """`docker stop` / systemd send SIGTERM: the process died with 143 and no word in its log."""
+    import signal
+
+    server = _resident()
+    server.proc.send_signal(signal.SIGTERM)
+    try:
+        assert server.proc.wait(60) == 0
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+    assert "DA-INR gadget stopped by SIGTERM" in server.log()
+
+
 def _imaging(acqs, s):
     return [a for a in acqs if a.idx.slice == s and not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
 

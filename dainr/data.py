@@ -88,9 +88,10 @@ class RadialData:
             self.kdata = self.kdata.masked_fill(pad[:, None, :, None], 0)
             self.traj = self.traj.masked_fill(pad[:, :, None, None], 0)
         valid = self.spoke_mask[:, None, :, None].expand_as(self.kdata)
-        if not torch.isfinite(torch.view_as_real(self.kdata[valid])).all():
+        samples = self.kdata[valid]  # (one copy for both checks)
+        if not torch.isfinite(torch.view_as_real(samples)).all():
             raise ValueError("kdata contains NaN or Inf")
-        check_float32_range(self.kdata[valid], "kdata")
+        check_float32_range(samples, "kdata")
         t = self.traj[self.spoke_mask]
         if not torch.isfinite(t).all():
             raise ValueError("trajectory contains NaN or Inf")

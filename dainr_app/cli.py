@@ -210,7 +210,7 @@ def matching_truth(images: np.ndarray, scan, path: str, found: bool) -> Optional
 
 def _recon_slices(scan, output: str, group: str, cfg: DAINRConfig, series: int, output_type: str,
                   truth_images: Optional[np.ndarray], quiet: bool):
-    from .mrd import fit_history, index_strides, interpolated_frames, make_images, write_images
+    from .mrd import fit_history, index_strides, make_images, write_images
 
     summaries, panels, strides = [], [], index_strides(scan.header)
     for (s, contrast, repetition, set_index), raw_slice in scan.slices.items():
@@ -225,7 +225,7 @@ def _recon_slices(scan, output: str, group: str, cfg: DAINRConfig, series: int, 
                              history=history, repetition=repetition, contrast=contrast, set_index=set_index,
                              first_phase=raw_slice.first_phase, time_stamps=raw_slice.time_stamps,
                              measurement_uid=raw_slice.measurement_uid, strides=strides,
-                             interpolated=interpolated_frames(n_out, result.acquired_frames))
+                             acquired_frames=result.acquired_frames)
         write_images(output, images, group)
         summary = dict(slice=s, contrast=contrast, repetition=repetition, set=set_index, frames=len(images), seconds=round(seconds, 2), steps=info["steps"],
                        stop_reason=info["stop_reason"], fit_matrix=info["fit_matrix"],

@@ -657,10 +657,11 @@ def make_images(frames: np.ndarray, series: int, slice_index: int, fov_mm: Seque
                 repetition: int = 0, contrast: int = 0, set_index: int = 0, first_phase: int = 0,
                 time_stamps: Optional[np.ndarray] = None, measurement_uid: int = 0,
                 strides: Tuple[int, int, int, int] = (1, 1, 1, 1),
-                interpolated: Sequence[bool] = ()) -> List["ismrmrd.Image"]:
+                acquired_frames: Optional[Sequence[int]] = None) -> List["ismrmrd.Image"]:
     """One ``ismrmrd.Image`` per frame with series/index/geometry/meta set (both meta key families);
     ``time_stamps`` (:attr:`RawSlice.time_stamps`, one row per frame) give each image its frame's time stamps;
-    frames flagged in ``interpolated`` (temporal ×r: not fitted) say so in their ``ImageComment``.
+    frames not among ``acquired_frames`` (temporal ×r: not fitted; None: every frame fitted) say so in their
+    ``ImageComment``.
 
     ``image_index`` numbers the series' images as Gadgetron's recon gadgets do (``ImageArraySendMixin``): slice
     fastest, then contrast, frame, set and repetition, with ``strides`` = (slices, contrasts, phases, sets) from
@@ -681,6 +682,7 @@ def make_images(frames: np.ndarray, series: int, slice_index: int, fov_mm: Seque
         raise ValueError(f"{len(time_stamps)} frames of time stamps for {len(arr)} images")
     slices, contrasts, phases, sets = strides
     per_frame = max(phases, len(arr))  # the frames' stride
+    fitted = set(range(len(arr)) if acquired_frames is None else acquired_frames)
     images = []
     for f, img in enumerate(arr):
         im = ismrmrd.Image.from_array(np.ascontiguousarray(img), transpose=False)
@@ -702,7 +704,7 @@ def make_images(frames: np.ndarray, series: int, slice_index: int, fov_mm: Seque
         meta = ismrmrd.Meta()
         for prefix in ("", "GADGETRON_"):
             meta[prefix + "DataRole"] = "Image"
-            meta[prefix + "ImageComment"] = comment + INTERPOLATED if f < len(interpolated) and interpolated[f] else comment
+            meta[prefix + "ImageComment"] = comment + INTERPOLATED if f not in fitted else comment
             meta[prefix + "WindowCenter"] = window["WindowCenter"]
             meta[prefix + "WindowWidth"] = window["WindowWidth"]
             meta[prefix + "ImageProcessingHistory"] = list(history) or ["DA-INR"]
@@ -725,11 +727,6 @@ def fit_history(info: dict, seconds: float, n_frames: int, acquired_frames: Sequ
     if len(acquired_frames) != n_frames:
         text += f", {len(acquired_frames)} of {n_frames} frames fitted"
     return text
-
-
-def interpolated_frames(n_frames: int, acquired_frames: Sequence[int]) -> List[bool]:
-    acquired = set(acquired_frames)
-    return [f not in acquired for f in range(n_frames)]
 
 
 def processing_history(image: "ismrmrd.Image") -> str:

@@ -32,8 +32,7 @@ from dainr import DAINRConfig
 from dainr.trajectory import angle_step
 from dainr_app.host_share import reconstruct_shared
 from dainr_app.mrd import RADIAL_TRAJECTORIES, Key, MRDFormatError, ReconParameters, acquisition_key, ends_cine, \
-    fit_history, interpolated_frames, is_skipped, make_images, noise_samples, series_index, slice_from_acquisitions, \
-    unknown_angles
+    fit_history, is_skipped, make_images, noise_samples, series_index, slice_from_acquisitions, unknown_angles
 from dainr_app.protocol import error_frame
 
 log = logging.getLogger("dainr.gadget")
@@ -249,7 +248,7 @@ def reconstruct_slice(connection, key: Key, acqs: list, params: ReconParameters,
                               comment="DA-INR" if series == opts.series else "DA-INR preview", history=history,
                               repetition=rep, contrast=contrast, set_index=set_index, first_phase=raw.first_phase,
                               time_stamps=raw.time_stamps, measurement_uid=raw.measurement_uid,
-                              strides=params.strides, interpolated=interpolated_frames(len(images), acquired)):
+                              strides=params.strides, acquired_frames=acquired):
             try:
                 connection.send(im)
             except OSError as exc:

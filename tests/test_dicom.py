@@ -374,7 +374,7 @@ def test_the_window_is_at_least_one_stored_value_and_written_only_when_whole(tmp
 
 def test_interpolated_frames_keep_their_comment_and_not_the_series_description(tmp_path):
     images = make_images(np.ones((3, 8, 8), np.float32), 1, 0, (200.0, 200.0, 8.0), Geometry(),
-                         interpolated=[True, False, True])
+                         acquired_frames=[1])
     written = mrd_to_dicom({1: images}, str(tmp_path))
     dcm = [pydicom.dcmread(p) for p in written[1]]
     assert {d.SeriesDescription for d in dcm} == {"DA-INR"}  # frame 0 (interpolated) names the series

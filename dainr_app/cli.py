@@ -590,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("raw", help="ISMRMRD raw data file (.h5)")
     r.add_argument("-o", "--output", required=True, help="MRD image file to write (replaced once every slice is done)")
     r.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
-    r.add_argument("--steps", dest="max_steps", type=_positive_int,
+    r.add_argument("--steps", "--max-steps", dest="max_steps", type=_positive_int,
                    help=f"most optimisation steps (default {DAINRConfig.max_steps}; the held-out rule stops earlier)")
     r.add_argument("--max-seconds", type=_positive, help="stop fitting after this many seconds (default: no limit)")
     r.add_argument("--frames-per-step", type=_positive_int, help="frames per optimisation step (default "
@@ -636,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-o", "--outdir", default="dainr-demo", help="output folder, new, empty or an earlier demo's, "
                    "whose files it replaces (default dainr-demo)")
     d.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
-    d.add_argument("--max-steps", type=_positive_int, default=300,
+    d.add_argument("--max-steps", "--steps", dest="max_steps", type=_positive_int, default=300,
                    help="fit budget (default 300, inside the 30 s target on 2 CPU cores; the held-out rule alone "
                         "stops this small cine after about 1000 steps, about 15 s: README, Performance)")
     d.add_argument("--seed", type=_nonnegative_int, default=0, help="the simulated scan's seed (default 0)")

@@ -173,6 +173,10 @@ def test_recon_options_reach_the_config(capsys):
     default = cfg()
     assert default.cap_grid_at_matrix and default.use_features is DAINRConfig().use_features
     assert not cfg("--no-features").use_features
+    # recon's --steps and demo's --max-steps: each command takes both spellings
+    assert cfg("--max-steps", "9").max_steps == 9
+    demo = cli.build_parser().parse_args(["demo", "--steps", "11"])
+    assert demo.max_steps == 11 and cli.build_parser().parse_args(["demo"]).max_steps == 300
     assert default.check_memory and not cfg("--no-memory-check").check_memory
     assert default.cap_grid_ratio == DAINRConfig().cap_grid_ratio and cfg("--cap-grid-ratio", "1").cap_grid_ratio == 1
     for bad in ("0", "1.5", "nan"):

@@ -640,7 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit budget (default 300, inside the 30 s target on 2 CPU cores; the held-out rule alone "
                         "stops this small cine after about 1000 steps, about 15 s: README, Performance)")
     d.add_argument("--seed", type=_nonnegative_int, default=0, help="the simulated scan's seed (default 0)")
-    d.add_argument("--quiet", action="store_true", help="no per-slice timing table")
+    d.add_argument("--quiet", action="store_true",
+                   help="no per-slice timing table (the gadget's log lines stay on stderr)")
     d.set_defaults(func=cmd_demo)
 
     dc = sub.add_parser("dicom", help="convert an MRD image file to DICOM (one folder per series)")

@@ -27,7 +27,7 @@ def walsh_coil_maps(coil_images: torch.Tensor, kernel: int = 7, budget: int = CO
     """Coil images (C, H, W) complex → maps (C, H, W), unit norm over coils at every pixel.
 
     The phase is referenced to the coil with the most energy, so maps are smooth where that
-    coil has signal.  The (C, C) covariance per pixel is built, smoothed and decomposed in strips
+    coil has signal (one coil: a map of ones).  The (C, C) covariance per pixel is built, smoothed and decomposed in strips
     of rows with ``budget`` entries at most (plus the kernel's halo rows), so memory stays bounded
     (the whole image at once took 5 copies of C² × H × W complex values: 2.7 GB for 256² × 32 coils);
     the maps equal those from the whole image at once (to float rounding).  ``power`` (default: on CUDA above
@@ -38,7 +38,7 @@ def walsh_coil_maps(coil_images: torch.Tensor, kernel: int = 7, budget: int = CO
         raise ValueError(f"coil_images must be complex (C, H, W), got {tuple(coil_images.shape)}")
     C, H, W = coil_images.shape
     if C == 1:
-        return torch.exp(1j * coil_images.angle()).to(coil_images.dtype)
+        return torch.ones_like(coil_images)  # (the reference coil's phase taken out, as below: |map| = 1, phase 0)
     x = coil_images / coil_images.abs().amax().clamp_min(1e-30)
     rows = max(1, budget // (C * C * W))
     if power is None:
@@ -89,7 +89,13 @@ def noise_prewhitener(noise: torch.Tensor) -> torch.Tensor:
     x = noise.to(torch.complex128)
     psi = (x @ x.conj().T) / (n - 1)
     eig = torch.linalg.eigvalsh(psi)
-    if not bool(eig[0] > 1e-8 * eig[-1]):  # dead or duplicated channel
+    var = psi.diagonal().real
+    dead = torch.nonzero(var <= 1e-8 * var.amax()).flatten().tolist()
+    if dead:
+        raise ValueError(f"noise scan: coil(s) {dead} carry (almost) no noise (variance {float(var[dead[0]]):.3g} vs "
+                         f"{float(var.amax()):.3g}): a dead or disconnected channel; leave it out of the data and "
+                         "the noise scan")
+    if not bool(eig[0] > 1e-8 * eig[-1]):  # duplicated channels
         raise ValueError(f"noise covariance is not positive definite (eigenvalues {float(eig[0]):.3g} .. {float(eig[-1]):.3g}); "
                          "check for dead or duplicated channels")
     L = torch.linalg.cholesky(psi)

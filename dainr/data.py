@@ -42,6 +42,11 @@ class RadialData:
     * ``kdata`` — (F, C, S, R) complex: frames × coils × spokes × readout samples.
     * ``traj`` — (F, S, R, 2) float: (kx, ky) in cycles/pixel of the ``matrix`` grid, in [-0.5, 0.5).
     * ``matrix`` — reconstruction matrix N (images are N × N).
+
+    The convention (ISMRMRD's, BART's): a sample at k is Σ image[y, x] · exp(−2πi (kx·(x − N//2) + ky·(y − N//2)))
+    over pixels, x the image's column, y its row, pixel (N//2, N//2) the centre.  Data of the opposite exponent sign
+    come out mirrored through the centre, swapped (ky, kx) transposed: convert first (negate traj; reverse its last
+    axis).  A trajectory in radians/sample (±π, finufft's and torchkbnufft's ω) is traj = ω / 2π.
     * ``spoke_mask`` — (F, S) bool, False for padding when frames have different spoke counts (padding
       k-space and trajectory are ignored: set to 0 in a copy).
     * ``noise`` — optional (C, n) complex noise-only samples for prewhitening.
@@ -59,7 +64,9 @@ class RadialData:
         self.kdata = as_tensor(self.kdata).detach().contiguous()
         self.traj = as_tensor(self.traj).detach().contiguous()
         if not self.kdata.is_complex():
-            raise ValueError(f"kdata must be complex, got {self.kdata.dtype}")
+            pairs = (" (real/imaginary pairs in a last axis of 2: torch.view_as_complex(kdata.contiguous()))"
+                     if self.kdata.is_floating_point() and self.kdata.ndim and self.kdata.shape[-1] == 2 else "")
+            raise ValueError(f"kdata must be complex, got {self.kdata.dtype}{pairs}")
         if not self.traj.is_floating_point():
             raise ValueError(f"traj must be real (kx, ky) in cycles/pixel, got {self.traj.dtype}")
         if isinstance(self.matrix, bool) or not isinstance(self.matrix, numbers.Real) \
@@ -98,7 +105,8 @@ class RadialData:
         k_max = float(t.abs().max())
         if k_max > 0.5 + 1e-3:
             raise ValueError(f"trajectory must be in cycles/pixel of the {self.matrix}-pixel grid, within [-0.5, 0.5]; "
-                             f"max |k| = {k_max:.3f} (a trajectory in units of ±1 or ±N/2 needs rescaling)")
+                             f"max |k| = {k_max:.3f} (a trajectory in units of ±1, ±π (radians: divide by 2π) or ±N/2 "
+                             "needs rescaling)")
         if k_max < 1 / self.matrix:  # e.g. every sample at k = 0 (a FOV of 0 in a header)
             raise ValueError(f"trajectory spans less than one k-space sample of the {self.matrix}-pixel grid "
                              f"(max |k| = {k_max:.3g} cycles/pixel): not a radial acquisition")
@@ -173,7 +181,7 @@ def frames_from_spokes(kdata: torch.Tensor, traj: torch.Tensor, frame_index: Opt
     ``idx.phase``) when given, otherwise consecutive runs of ``spokes_per_frame`` spokes; a
     final partial run becomes a shorter frame, so no received spoke is dropped.
     """
-    kdata, traj = torch.as_tensor(kdata), torch.as_tensor(traj)
+    kdata, traj = as_tensor(kdata), as_tensor(traj)
     if kdata.ndim != 3 or traj.shape != (kdata.shape[0], kdata.shape[-1], 2):
         raise ValueError(f"kdata must be (spokes, coils, samples) and traj (spokes, samples, 2); got "
                          f"{tuple(kdata.shape)} and {tuple(traj.shape)}")

@@ -32,8 +32,14 @@ def psnr_ssim(recon, reference) -> Dict[str, float]:
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
     a, b = minmax(recon), minmax(reference)
-    if a.shape != b.shape or a.ndim != 3:
+    if a.shape != b.shape:
         raise ValueError(f"recon {a.shape} and reference {b.shape} must be frames of the same shape (F, H, W)")
-    psnr = [peak_signal_noise_ratio(r, x, data_range=1.0) for r, x in zip(b, a)]
+    if a.ndim != 3:
+        raise ValueError(f"recon and reference must be frames (F, H, W), got {a.ndim}-d {a.shape}"
+                         + (" (one image: give x[None])" if a.ndim == 2 else ""))
+    if min(a.shape[1:]) < 7:
+        raise ValueError(f"frames of {a.shape[1]} x {a.shape[2]} pixels: SSIM's 7 x 7 window needs at least 7 x 7")
+    with np.errstate(divide="ignore"):  # identical frames: PSNR inf, without a warning per frame
+        psnr = [peak_signal_noise_ratio(r, x, data_range=1.0) for r, x in zip(b, a)]
     ssim = [structural_similarity(r, x, data_range=1.0) for r, x in zip(b, a)]
     return dict(psnr=float(np.mean(psnr)), ssim=float(np.mean(ssim)), psnr_frames=psnr, ssim_frames=ssim)

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
+import numpy as np
 import torch
 
 from .coils import apply_prewhitener, noise_prewhitener, walsh_coil_maps
@@ -149,10 +150,14 @@ class Problem:
             self.scale /= self.map_scale
         self.op = MulticoilNUFFT(coil_maps.to(device, torch.complex64), backend=cfg.nufft_backend)
         # the coil combination's normalisation Σ|S_c|²: 1 for Walsh maps; given maps (and whitened ones) need it
-        self.combine_norm = None
+        self.combine_norm = self.support = None
         if given_maps:
             norm = self.op.sens_norm
             self.combine_norm = norm.clamp_min(1e-3 * float(norm.amax()))
+            # pixels where every given map is zero (ESPIRiT's crop, a body mask) are seen by no sample: the images
+            # are zero there, as the zero-filled ones are (the network alone would fill them with anything)
+            support = self.op.smaps.abs().amax(0) > 0
+            self.support = None if bool(support.all()) else support
 
         zf = self.zero_filled_from(self.train_w + self.hold_w)
         if not bool(torch.isfinite(zf).all()) or not bool(zf.abs().amax() > 0):
@@ -382,7 +387,10 @@ class Fitter:
                     low = self.model.canonical(warped, coords, p.features_for(sl, (n, n)))
                     img = up.antiring(img, low)
             frames.append(img.reshape(B, N, N).cpu())
-        return torch.cat(frames) * p.output_scale
+        images = torch.cat(frames) * p.output_scale
+        if p.support is not None:  # (an output pixel is seen where a fitted pixel it is blended from is)
+            images *= (p.support if up is None else up.bilinear(p.support.float()) > 0).cpu()
+        return images
 
 
 def epoch_steps(n_frames: int, batch: int, cfg: DAINRConfig) -> int:
@@ -402,11 +410,12 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
     """Fit DA-INR to ``data`` and return every output frame.
 
     ``coil_maps`` (C, n, n) at the fitting matrix, in the data's coil space (physical maps; with a noise scan
-    the fit whitens them as it whitens the data); None estimates Walsh maps from all spokes.
+    the fit whitens them as it whitens the data); None estimates Walsh maps from all spokes. Where every given map
+    is zero (ESPIRiT's crop, a body mask) the images are zero, as no sample sees those pixels.
     ``callback(progress)`` is called at the end of every epoch of the stopping rule (with the held-out
     residual when spokes are held out; a fixed-budget fit is called too, so it can be stopped) and every
     ``cfg.preview_every`` steps (``progress.images`` renders the frames on those); returning True stops
-    the fit.
+    the fit (any other return value is ignored).
     """
     cfg = _checked_arguments(data, cfg)
     if callback is not None and not callable(callback):
@@ -460,7 +469,9 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
                 progress = FitProgress(step, elapsed, float(loss_t), res, want_preview,
                                        functools.partial(_render_live, fitter))
                 try:
-                    stop = bool(callback(progress))
+                    # only True stops: a lambda's incidental return (a list, plot handles, a tensor) does not
+                    answer = callback(progress)
+                    stop = answer is True or (isinstance(answer, np.bool_) and bool(answer))
                 finally:
                     progress._render = None  # a later read would render a later step's model
         if stop:
@@ -551,8 +562,10 @@ def _checked_arguments(data: RadialData, cfg: Optional[DAINRConfig]) -> DAINRCon
     cfg = DAINRConfig() if cfg is None else cfg
     if not isinstance(cfg, DAINRConfig):
         raise TypeError(f"cfg must be a DAINRConfig (DAINRConfig(**options)), got {type(cfg).__name__}")
-    cfg.validate()
-    return cfg
+    # a copy made as at construction: fields set since (cfg.seed = np.int64(3), cfg.grid = dict(...)) are
+    # converted and validated as DAINRConfig(...) does, and the caller's object stays as it was
+    grid = dataclasses.replace(cfg.grid) if dataclasses.is_dataclass(cfg.grid) else cfg.grid
+    return dataclasses.replace(cfg, grid=grid)
 
 
 @library_defaults

@@ -26,3 +26,17 @@ def test_psnr_normalises_each_frame_by_its_own_range():
     moved = psnr_ssim(gain * noisy + offset, 10 * truth - 4)
     assert moved["psnr"] == pytest.approx(out["psnr"]) and moved["ssim"] == pytest.approx(out["ssim"])
     assert 0.5 < out["ssim"] < 1
+
+
+def test_metrics_edge_cases_are_clear(recwarn):
+    """Identical frames scored inf with one numpy warning per frame; one 2-D image was refused as if its shape
+    differed ("(32, 32) and (32, 32) must be ... the same shape"); frames under 7 x 7 got skimage's win_size error."""
+    x = np.random.default_rng(0).uniform(size=(3, 16, 16))
+    assert psnr_ssim(x, x)["psnr"] == np.inf and psnr_ssim(x, x)["ssim"] == pytest.approx(1)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    with pytest.raises(ValueError, match=r"got 2-d \(16, 16\) \(one image: give x\[None\]\)"):
+        psnr_ssim(x[0], x[0])
+    with pytest.raises(ValueError, match="frames of 5 x 6 pixels: SSIM's 7 x 7 window"):
+        psnr_ssim(x[:, :5, :6], x[:, :5, :6])
+    with pytest.raises(ValueError, match="must be frames of the same shape"):
+        psnr_ssim(x, x[:2])

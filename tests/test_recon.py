@@ -179,6 +179,30 @@ def test_callback_previews_and_stop(small_scan):
     assert kept[0].images.shape == (8, 32, 32)  # read inside the callback: kept
 
 
+def test_only_true_from_the_callback_stops_the_fit(small_scan):
+    """``stop = bool(callback(progress))`` stopped a fit at its first epoch when a notebook lambda returned what
+    it happened to compute (``log.append(x) or x``, plot handles) and raised torch's "Boolean value of Tensor"
+    for a callback returning the preview."""
+    cfg = DAINRConfig(max_steps=12, preview_every=3, holdout_spokes=0, device="cpu")
+    for answer in (lambda p: [p.step], lambda p: p.loss, lambda p: p.images, lambda p: 1):
+        assert reconstruct(small_scan.data, cfg, callback=answer).info["stop_reason"] == "max_steps"
+    res = reconstruct(small_scan.data, cfg, callback=lambda p: np.bool_(p.step >= 6))
+    assert res.info["stop_reason"] == "callback" and res.info["steps"] == 6
+
+
+def test_config_fields_set_after_construction_are_converted_as_at_construction(small_scan):
+    """``cfg.seed = np.int64(1)`` (a seed sweep over np.arange) reached torch's Generator as a raw TypeError, and
+    ``cfg.grid = dict(...)`` dataclasses' own error; both are taken as DAINRConfig(...) takes them."""
+    cfg = DAINRConfig(max_steps=3, device="cpu")
+    expected = reconstruct(small_scan.data, cfg.replace(seed=1, grid_num_levels=np.int64(8))).images
+    cfg.seed, cfg.grid = np.int64(1), dict(dataclasses.asdict(cfg.grid), num_levels=np.int64(8))
+    assert torch.equal(reconstruct(small_scan.data, cfg).images, expected)
+    assert type(cfg.seed) is np.int64 and isinstance(cfg.grid, dict)  # the caller's object is left as it was
+    cfg.seed = np.float64(0.5)
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        reconstruct(small_scan.data, cfg)
+
+
 def test_a_preview_not_read_in_the_callback_cannot_be_read_later(small_scan):
     """It rendered the live model when first read: after the fit, step 5's preview showed the final images."""
     kept = []
@@ -376,7 +400,7 @@ def test_baselines_take_a_single_frame_and_refuse_bad_arguments(small_scan):
             pick()
     with pytest.raises(ValueError, match="at least one λ"):
         temporal_tv_holdout_lambda(one, lambdas=(), iterations=3)
-    with pytest.raises(ValueError, match=r"must be frames of the same shape \(F, H, W\)"):
+    with pytest.raises(ValueError, match=r"must be frames \(F, H, W\), got 2-d \(32, 32\) \(one image: give x\[None\]\)"):
         psnr_ssim(small_scan.ground_truth[0], small_scan.ground_truth[0])  # one image is not 32 one-row frames
 
 
@@ -423,6 +447,8 @@ def test_frames_from_spokes_groups_and_keeps_partial_frames():
     (lambda k, t: (k[0], t), r"kdata must be \(frames, coils, spokes, samples\), got shape \(4, 9, 64\)"),
     (lambda k, t: (k[..., :1], t[..., :1, :]), r"empty data: shape \(8, 4, 9, 1\)"),
     (lambda k, t: (k, t.clone().index_fill_(2, torch.tensor([5]), float("inf"))), "trajectory contains NaN or Inf"),
+    (lambda k, t: (k, t * 2 * np.pi), r"±π \(radians: divide by 2π\)"),  # finufft's / torchkbnufft's ω
+    (lambda k, t: (torch.view_as_real(k), t), r"complex, got torch.float32 \(real/imaginary pairs.*view_as_complex"),
 ])
 def test_bad_input_is_rejected(small_scan, mutate, match):
     k, t = mutate(small_scan.data.kdata, small_scan.data.traj)
@@ -468,6 +494,9 @@ def test_numpy_arrays_torch_cannot_view_are_taken(small_scan):
     assert torch.equal(flipped.kdata, d.kdata.flip(2)) and torch.equal(flipped.noise, d.noise.flip(0, 1))
     framed = RadialData.from_frames([f[:, ::-1] for f in k.astype(">c8")], list(t[:, ::-1]), 32)
     assert torch.equal(framed.kdata, d.kdata.flip(2))
+    spokes_k, spokes_t = k.transpose(0, 2, 1, 3).reshape(-1, 4, k.shape[-1]), t.reshape(-1, *t.shape[2:])
+    grouped = frames_from_spokes(spokes_k[::-1], spokes_t[::-1].astype(">f4"), None, 32, spokes_per_frame=9)
+    assert torch.equal(grouped.kdata, torch.from_numpy(spokes_k[::-1].copy()).reshape(8, 9, 4, -1).transpose(1, 2))
 
 
 def test_spoke_masks_and_frame_lists_that_do_not_fit_are_named(small_scan):
@@ -591,6 +620,27 @@ def test_given_coil_maps_give_an_unshaded_zero_filled_image_with_a_noise_scan(sm
     with_noise = psnr_ssim(zero_filled(small_scan.data, coil_maps=maps), truth)["psnr"]
     estimated = psnr_ssim(zero_filled(small_scan.data), truth)["psnr"]
     assert abs(with_noise - without) < 0.5 and abs(with_noise - estimated) < 1.0, (with_noise, without, estimated)
+
+
+def test_pixels_no_given_coil_map_sees_are_zero_in_the_images(small_scan):
+    """Maps cropped to a support (ESPIRiT's, a body mask): outside it the network's output was returned as image
+    (mean |x| 0.21 against 0.30 inside, the truth 0.007 there) where no sample constrains it."""
+    yy, xx = np.mgrid[:32, :32]
+    support = (yy - 16) ** 2 / 13 ** 2 + (xx - 16) ** 2 / 11 ** 2 <= 1
+    maps = small_scan.coil_maps * support
+    cfg = DAINRConfig(max_steps=6, device="cpu", preview_every=3)
+    seen = []
+    res = reconstruct(small_scan.data, cfg, coil_maps=maps, callback=lambda p: p.images is not None and seen.append(p.images))
+    assert seen and all(bool((x[:, ~support] == 0).all()) for x in [res.images, res.zero_filled, *seen])
+    assert bool((res.images[:, support].abs() > 0).all())
+    # spatial ×2: an output pixel is kept where a fitted pixel it is blended from is in the support
+    up = reconstruct(small_scan.data, cfg.replace(spatial_ratio=2.0, preview_every=0), coil_maps=maps[:, ::2, ::2])
+    inside = up.lowres_images[0].abs() > 0
+    assert torch.equal(inside, torch.from_numpy(support[::2, ::2]))
+    kept = up.images[0].abs() > 0
+    assert bool(kept[::2, ::2].eq(inside).all()) and 0.25 < float(kept.float().mean()) < 0.9
+    # maps that cover every pixel (Walsh, the default) leave the images untouched
+    assert bool((reconstruct(small_scan.data, cfg).images.abs() > 0).all())
 
 
 def test_given_coil_maps_fit_the_same_model_whatever_units_the_data_and_maps_are_in(small_scan):
@@ -981,6 +1031,30 @@ def test_the_simulated_noise_scan_has_the_simulated_coil_covariance():
     assert np.abs(expected - np.diag(np.diag(expected))).max() > 0.1 * np.abs(expected).max()  # correlated coils
 
 
+@pytest.mark.parametrize("matrix,sup", [(32, 4), (33, 2)])
+def test_a_simulation_without_the_inverse_crime_is_the_same_object_on_a_finer_grid(matrix, sup):
+    """``object_supersample``: the k-space of the phantom on a grid ``sup`` times finer, placed on the N-grid (each
+    fine pixel at its block's position: off by 3/8 of a pixel at sup 4 otherwise, a phase ramp of 0.2 rad at
+    0.1 cycles/pixel). Its low frequencies are those of the N × N phantom (what differs: the smooth fields and coil
+    maps sampled on the finer grid); its high ones differ (that is the point) but not its ground truth."""
+    from dainr.sim import simulate
+
+    kw = dict(matrix=matrix, frames=2, spokes=32, coils=3, noise_level=0.0, n_noise_samples=0)
+    crime, fine = simulate(**kw), simulate(**kw, object_supersample=sup)
+    assert fine.ground_truth.shape == crime.ground_truth.shape and fine.coil_maps.shape == crime.coil_maps.shape
+    truth_diff = np.linalg.norm(fine.ground_truth - crime.ground_truth) / np.linalg.norm(crime.ground_truth)
+    assert truth_diff < 0.02
+    k0, k1 = crime.data.kdata.numpy(), fine.data.kdata.numpy()
+    low = (crime.data.traj.norm(dim=-1) < 0.1).numpy()
+    central = np.abs(k1 - k0).transpose(0, 2, 3, 1)[low].max() / np.abs(k0).max()
+    assert central < 0.03, central
+    assert 0.01 < np.linalg.norm(k1 - k0) / np.linalg.norm(k0) < 0.1
+    with pytest.raises(ValueError, match="object_supersample needs the phantom"):
+        simulate(image=crime.ground_truth, object_supersample=2)
+    with pytest.raises(ValueError, match="object_supersample=0"):
+        simulate(frames=2, object_supersample=0)
+
+
 def test_max_seconds_ends_the_fit(small_scan):
     res = reconstruct(small_scan.data, DAINRConfig(device="cpu", max_steps=100_000, max_seconds=0.5, holdout_spokes=0))
     assert res.info["stop_reason"] == "max_seconds" and 0.5 <= res.info["seconds_fit"] < 5
@@ -1133,7 +1207,10 @@ def test_arguments_of_the_wrong_kind_and_impossible_simulations_are_named(tiny_s
         zero_filled((tiny_scan.data.kdata, tiny_scan.data.traj))
     for kwargs, match in ((dict(coils=0), "coils=0 \\(need an integer >= 1\\)"), (dict(spokes=2.5), "spokes=2.5"),
                           (dict(matrix=4), "matrix=4 \\(need an integer >= 8\\)"),
-                          (dict(coils=True), "coils=True"), (dict(n_noise_samples=-1), "n_noise_samples >= 0"),
+                          (dict(coils=True), "coils=True"), (dict(n_noise_samples=-1), "n_noise_samples=-1 \\(need"),
+                          (dict(n_noise_samples=100.0), "n_noise_samples=100.0"),  # numpy's TypeError
+                          # (a noise scan the prewhitener would refuse at the reconstruction)
+                          (dict(n_noise_samples=7), "n_noise_samples=7: a noise scan needs at least 2 x coils = 8"),
                           (dict(noise_level=-1.0), "noise_level must be finite and >= 0")):  # gave noise_std -8
         with pytest.raises(ValueError, match=match):
             simulate(frames=2, **kwargs)

@@ -460,12 +460,13 @@ def read_raw(path: str, group: str = "dataset", spokes_per_frame: Optional[int] 
     text = open_raw(path, group)[0]
     header = parse_header(text)
     params = ReconParameters.from_header(header, spokes_per_frame, golden_angle)
-    noise, per_key, late_noise, other_encodings, empty = [], {}, 0, {}, 0
+    noise, per_key, late_noise, other_encodings, empty, noise_dwell = [], {}, 0, {}, 0, 0.0
     for acq in iter_acquisitions(path, group):
         if acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
             if per_key:  # the gadget's prewhitener is fixed at the first imaging readout: the same images here
                 late_noise += 1
             else:
+                noise_dwell = noise_dwell or float(acq.sample_time_us)
                 noise.append(acq.data.copy())
         elif acq.number_of_samples == 0 and not is_skipped(acq):  # as the gadget: not used, counted
             empty += 1
@@ -480,7 +481,8 @@ def read_raw(path: str, group: str = "dataset", spokes_per_frame: Optional[int] 
     for key, acqs in per_key.items():
         _check_one_pass(path, key, acqs, params.last_average)
     noise_t = noise_samples(noise)
-    slices = {key: slice_from_acquisitions(acqs, params, noise_t, key[0]) for key, acqs in sorted(per_key.items())}
+    slices = {key: slice_from_acquisitions(acqs, params, noise_t, key[0], noise_dwell)
+              for key, acqs in sorted(per_key.items())}
     return RawScan(params.matrix, params.fov_mm, slices, noise_t, header, text, late_noise, other_encodings, empty)
 
 
@@ -513,6 +515,16 @@ def noise_samples(scans: Sequence[np.ndarray]) -> Optional[torch.Tensor]:
     if not all(np.isfinite(x).all() for x in scans):
         raise MRDFormatError("the noise scan contains NaN/Inf samples")
     return torch.from_numpy(np.concatenate(scans, axis=1))
+
+
+def dwell_matched(noise: Optional[torch.Tensor], noise_dwell_us: float, dwell_us: float) -> Optional[torch.Tensor]:
+    """The noise scan's samples at the readouts' bandwidth: white noise's variance grows with the bandwidth
+    (1 / dwell time), so a noise scan sampled at another dwell time whitens the readouts to a variance of noise
+    dwell / readout dwell instead of 1 (Gadgetron's NoiseAdjustGadget scales its whitener by the same ratio, and
+    by the receiver's noise bandwidth for SNR units, which this does not claim).  As given where either is 0."""
+    if noise is None or not (noise_dwell_us > 0 and dwell_us > 0) or noise_dwell_us == dwell_us:
+        return noise
+    return noise * math.sqrt(noise_dwell_us / dwell_us)
 
 
 def geometry_spread(acqs: List) -> Optional[str]:
@@ -554,8 +566,10 @@ def _check_trajectory_units(acqs: List, params: ReconParameters, n_samples: int,
     notes.append(f"{text}: reconstructed with acq.traj as given")
 
 
-def slice_from_acquisitions(acqs: List, params: ReconParameters, noise: Optional[torch.Tensor], s: int) -> RawSlice:
-    """One slice's imaging readouts (in order) → :class:`RawSlice`; a clear :class:`MRDFormatError` otherwise."""
+def slice_from_acquisitions(acqs: List, params: ReconParameters, noise: Optional[torch.Tensor], s: int,
+                            noise_dwell_us: float = 0.0) -> RawSlice:
+    """One slice's imaging readouts (in order) → :class:`RawSlice`; a clear :class:`MRDFormatError` otherwise.
+    ``noise_dwell_us``: the noise scan's ``sample_time_us`` (0: unknown), see :func:`dwell_matched`."""
     shapes = {a.data.shape for a in acqs}
     if len(shapes) != 1:
         raise MRDFormatError(f"slice {s}: readouts have different (channels, samples): {sorted(shapes)}")
@@ -567,6 +581,7 @@ def slice_from_acquisitions(acqs: List, params: ReconParameters, noise: Optional
         notes.append(f"slice {s}: {C} channels but the noise scan has {noise.shape[0]}: reconstructed without "
                      "prewhitening")
         noise = None
+    noise = dwell_matched(noise, noise_dwell_us, float(acqs[0].sample_time_us))
     moved = geometry_spread(acqs)
     if moved:
         notes.append(f"slice {s}: the readouts' {moved}: the images carry the last readout's geometry")

@@ -193,6 +193,7 @@ class SliceBuffers:
     def __init__(self, max_bytes: float = float("inf"), last_average: int = 0):
         self.last_average = last_average  # averages are one cine: a slice ends with its last average's last readout
         self.noise: List[np.ndarray] = []
+        self.noise_dwell_us = 0.0  # the noise scan's sample_time_us (its first readout's)
         self.buffers: Dict[Key, list] = {}
         self.max_bytes, self.used = max_bytes, 0
         self.dropped: Dict[Key, int] = {}
@@ -204,6 +205,7 @@ class SliceBuffers:
             if self.used + acq.data.nbytes > self.max_bytes:
                 self.noise_dropped += 1
             else:
+                self.noise_dwell_us = self.noise_dwell_us or float(acq.sample_time_us)
                 self.noise.append(acq.data.copy())
                 self.used += acq.data.nbytes
             return None
@@ -231,11 +233,11 @@ class SliceBuffers:
 
 
 def reconstruct_slice(connection, key: Key, acqs: list, params: ReconParameters, opts: GadgetOptions,
-                      noise: Optional[torch.Tensor], report: Callable[[str], None]) -> None:
+                      noise: Optional[torch.Tensor], report: Callable[[str], None], noise_dwell_us: float = 0.0) -> None:
     """Reconstruct one buffered slice and send its frames (and a preview series when enabled)."""
     s, contrast, rep, set_index = key
     t0 = time.perf_counter()
-    raw = slice_from_acquisitions(acqs, params, noise, s)
+    raw = slice_from_acquisitions(acqs, params, noise, s, noise_dwell_us)
     for note in raw.warnings:
         report(f"DA-INR {note}")
     data = raw.data.every_rth_frame(opts.cfg.temporal_ratio)  # fit every r-th frame, query all
@@ -331,7 +333,8 @@ def _reconstruct_stream(connection, report: Callable[[str], None]) -> None:
         if not acqs:
             return
         try:
-            reconstruct_slice(connection, key, acqs, params, opts, noise_samples(buffers.noise), report)
+            reconstruct_slice(connection, key, acqs, params, opts, noise_samples(buffers.noise), report,
+                              buffers.noise_dwell_us)
         except PeerGone as exc:  # the readouts still buffered in the socket are nobody's any more: stop
             log.warning("%s; the scan's later slices are not reconstructed", exc)
             raise

@@ -1131,3 +1131,21 @@ def test_ctrl_c_ends_a_command_with_one_line_and_130(monkeypatch, capsys):
     monkeypatch.setattr(cli, "run_recon", interrupted)
     assert cli.main(["recon", "raw.h5", "-o", "o.h5"]) == 130
     assert capsys.readouterr().err == "dainr recon: interrupted\n"
+
+
+def test_the_file_reader_scales_a_noise_scan_at_another_dwell_time_to_the_readouts(raw2, tmp_path):
+    """As the gadget: noise variance ∝ bandwidth = 1 / dwell time (``sample_time_us``); unscaled where either
+    dwell time is not given (0, as converters that do not fill it in)."""
+    def dwell(noise_us, imaging_us):
+        def set_dwell(acq):
+            noisy = acq.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)
+            acq.sample_time_us = noise_us if noisy else imaging_us
+            return acq
+        out = str(tmp_path / f"dwell_{noise_us}_{imaging_us}.h5")
+        return [s.data.noise for s in read_raw(_rewrite(raw2, out, set_dwell)).slices.values()]
+
+    given = [s.data.noise for s in read_raw(raw2).slices.values()]
+    for noise_us, imaging_us, factor in ((2.5, 5.0, np.sqrt(0.5)), (10.0, 5.0, np.sqrt(2)), (5.0, 5.0, 1.0),
+                                         (0.0, 5.0, 1.0), (2.5, 0.0, 1.0)):
+        for got, ref in zip(dwell(noise_us, imaging_us), given, strict=True):
+            assert torch.allclose(got, ref * factor, rtol=1e-6, atol=0), (noise_us, imaging_us)

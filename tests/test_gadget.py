@@ -857,6 +857,28 @@ def test_a_noise_scan_of_other_channels_leaves_the_data_unwhitened_with_a_warnin
     assert len(run.images) == 12
 
 
+def test_a_noise_scan_at_another_dwell_time_is_scaled_to_the_readouts_bandwidth(two_slices):
+    """Noise variance grows with the bandwidth: a noise scan sampled twice as fast (Siemens' noise adjust scans
+    keep their own bandwidth) whitened the readouts to a variance of 0.5, not 1, so the images came out √2 too
+    small; they are now those of a noise scan at the readouts' dwell time (as Gadgetron's NoiseAdjustGadget)."""
+    header, acqs = _load(two_slices[1])
+    imaging = _imaging(acqs, 0)
+    noise = [a for a in acqs if a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
+    for a in imaging:
+        a.sample_time_us = 5.0
+    for a in noise:
+        a.sample_time_us = 2.5
+    config = CONFIG.format(steps=3, extra="")
+    fast = run_gadget(config, header, noise + imaging)
+    for a in noise:  # the same noise scan at the readouts' dwell time: its samples' variance twice as large
+        a.data[:] = a.data * np.float32(np.sqrt(0.5))
+        a.sample_time_us = 5.0
+    same = run_gadget(config, header, noise + imaging)
+    assert fast.errors == same.errors == [] and len(fast.images) == 6
+    for a, b in zip(fast.images, same.images):
+        assert np.allclose(a.data, b.data, rtol=1e-4, atol=1e-6 * np.abs(b.data).max())
+
+
 def test_averages_are_one_cine_per_slice(two_slices):
     """Averages in the outer loop end each average with ACQ_LAST_IN_SLICE: two cines per slice with the same
     labels, each from half the spokes. Declared in the header they are combined; undeclared, an ERROR says so."""

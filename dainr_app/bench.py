@@ -4,7 +4,8 @@
 case's results as a JSON line and writes ``bench-out/results.json``.  ``dainr bench --case NAME`` runs one case.
 Cases (``--list`` shows them): the 128² × 23 frames × 8 coils cine at 5/13/21 spokes per frame
 (DA-INR, zero-filled, temporal TV and CG-SENSE with λ / the iteration count picked by held-out
-spokes and, as an oracle that favours the baseline, against the truth), the ablations (the full model with
+spokes and, as an oracle that favours the baseline, against the truth; at 13 also with k-space from a 4× finer
+grid, without the inverse crime), the ablations (the full model with
 the features, which are off by default; no features; plain grid INR without deformation; also with the
 reference's uncapped grid, in the paper's acquisition setting, and under the paper's ground-truth checkpoint
 pick), temporal ×2, spatial ×2, the real-anatomy cine from ``../shared/data`` and its ablations (skipped when

@@ -70,8 +70,8 @@ def cmd_simulate(args) -> int:
                          "stopping rule), --coils/--slices >= 1")
     check_output(args.output)
     check_output(truth_path(args.output))
-    scans = [simulate(args.matrix, args.frames, args.spokes, args.coils, args.noise, args.golden_angle, args.seed + s)
-             for s in range(args.slices)]
+    scans = [simulate(args.matrix, args.frames, args.spokes, args.coils, args.noise, args.golden_angle, args.seed + s,
+                      object_supersample=args.object_supersample) for s in range(args.slices)]
     noise = scans[0].data.noise  # None without noise: no noise scan
     write_raw(args.output, [s.data for s in scans], noise=None if noise is None else noise.numpy(),
               golden_angle=args.golden_angle)
@@ -282,7 +282,7 @@ def cmd_demo(args) -> int:
     try:
         raw = os.path.join(args.outdir, "raw.h5")
         cmd_simulate(argparse.Namespace(output=raw, matrix=64, frames=12, spokes=13, coils=4, slices=1, noise=0.02,
-                                        golden_angle="true", seed=args.seed))
+                                        golden_angle="true", seed=args.seed, object_supersample=1))
         xml = pipeline_text("dainr", steps=args.max_steps, device=args.device)
         header, items = file_items(raw)
         # the metrics' scipy/skimage imports (~1.5 s) happen while this process only waits for images
@@ -584,6 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="true: 111.246° steps (default); reference: the released code's 111.246-radian step")
     s.add_argument("--seed", type=_nonnegative_int, default=0,
                    help="phantom, coil maps and noise (default 0; slice k: seed + k)")
+    s.add_argument("--object-supersample", type=_positive_int, default=1, metavar="S",
+                   help="k-space from the phantom on an S times finer grid, the truth its S x S block mean (default 1: "
+                        "the reconstruction's own operator on the N x N phantom, the paper's inverse crime)")
     s.set_defaults(func=cmd_simulate)
 
     r = sub.add_parser("recon", help="reconstruct an MRD raw file into MRD images")

@@ -1149,3 +1149,15 @@ def test_the_file_reader_scales_a_noise_scan_at_another_dwell_time_to_the_readou
                                          (0.0, 5.0, 1.0), (2.5, 0.0, 1.0)):
         for got, ref in zip(dwell(noise_us, imaging_us), given, strict=True):
             assert torch.allclose(got, ref * factor, rtol=1e-6, atol=0), (noise_us, imaging_us)
+
+
+def test_simulate_without_the_inverse_crime(tmp_path):
+    plain, fine = str(tmp_path / "a.h5"), str(tmp_path / "b.h5")
+    assert cli.main(["simulate", "-o", plain, *SIM, "--noise", "0"]) == 0
+    assert cli.main(["simulate", "-o", fine, *SIM, "--noise", "0", "--object-supersample", "4"]) == 0
+    a, b = (np.load(cli.truth_path(p))["images"] for p in (plain, fine))
+    assert a.shape == b.shape and 0 < np.linalg.norm(b - a) / np.linalg.norm(a) < 0.02  # the same object
+    ka, kb = (next(iter(read_raw(p).slices.values())).data.kdata for p in (plain, fine))
+    assert 0.01 < float((kb - ka).norm() / ka.norm()) < 0.1  # its k-space not the operator's image of the truth
+    with pytest.raises(SystemExit):
+        cli.main(["simulate", "-o", fine, "--object-supersample", "0"])

@@ -123,14 +123,30 @@ def estimate_memory(data: RadialData, cfg: DAINRConfig, device: torch.device) ->
 
 def available_memory(device: torch.device) -> Optional[int]:
     """Bytes this process can still allocate on ``device``: CUDA free memory plus what PyTorch holds cached; on
-    the CPU the kernel's ``MemAvailable``, or less where a cgroup (container) limit leaves less.  None if unknown."""
+    the CPU the kernel's ``MemAvailable``, or less where a cgroup (container) limit or an address-space limit
+    (``ulimit -v``) leaves less.  None if unknown."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if device.type != "cpu":
         return None
-    found = [b for b in (proc_bytes("/proc/meminfo", "MemAvailable"), _cgroup_headroom()) if b is not None]
+    found = [b for b in (proc_bytes("/proc/meminfo", "MemAvailable"), _cgroup_headroom(), _address_space_headroom())
+             if b is not None]
     return min(found) if found else None
+
+
+def _address_space_headroom() -> Optional[int]:
+    """The soft address-space limit (``ulimit -v``, RLIMIT_AS) minus this process's ``VmSize``; None without one
+    (allocations past it fail as if the memory were gone)."""
+    try:
+        import resource
+    except ImportError:  # (not POSIX)
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    used = proc_bytes("/proc/self/status", "VmSize")
+    if soft == resource.RLIM_INFINITY or used is None:
+        return None
+    return max(0, soft - used)
 
 
 def proc_bytes(path: str, key: str) -> Optional[int]:

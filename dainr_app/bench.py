@@ -162,6 +162,11 @@ def case_ablation() -> dict:
     return _ablations(_phantom_scan())
 
 
+def case_ablation_fine() -> dict:
+    """The ablation on the phantom without the inverse crime (k-space from a 4× finer grid)."""
+    return _ablations(_phantom_scan(object_supersample=4))
+
+
 def case_ablation_real() -> dict:
     """Full model, no features, plain grid INR on the real-anatomy cine, 13 spokes."""
     return _real_missing() or _ablations(_real_scan())
@@ -453,7 +458,8 @@ def case_memory() -> dict:
 CASES: Dict[str, Callable[[], dict]] = {
     "demo": case_demo, "spokes13": case_spokes13, "spokes13_fine": case_spokes13_fine, "spokes5": case_spokes5,
     "spokes21": case_spokes21,
-    "ablation": case_ablation, "ablation_real": case_ablation_real, "ablation_refgrid": case_ablation_refgrid,
+    "ablation": case_ablation, "ablation_fine": case_ablation_fine, "ablation_real": case_ablation_real,
+    "ablation_refgrid": case_ablation_refgrid,
     "ablation_paper": case_ablation_paper, "ablation_paper_refgrid": case_ablation_paper_refgrid,
     "ablation_oracle": case_ablation_oracle, "ablation_seeds": case_ablation_seeds,
     "temporal2": case_temporal2, "spatial2": case_spatial2, "real": case_real,
@@ -496,9 +502,13 @@ def main(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results.json")
     results = {}
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as fh:
-            results = json.load(fh)
+    if os.path.exists(path):  # earlier cases' results are kept
+        try:
+            with open(path, encoding="utf-8") as fh:
+                results = json.load(fh)
+        except ValueError as exc:
+            raise ValueError(f"{path} is not a results file (JSON: {exc}): move it away or choose another --out") \
+                from None
     for name in names:  # (progress on stderr: stdout is a JSON line per case)
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         cmd = [sys.executable, "-m", "dainr_app.cli", "bench", "--inline", "--threads", str(args.threads), "--case", name]
@@ -508,8 +518,9 @@ def main(args) -> int:
             results[name] = dict(error=proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}")
         else:
             results.update(json.loads(proc.stdout.strip().splitlines()[-1]))
-        with open(path, "w") as fh:
+        with open(path + ".partial", "w") as fh:  # replaced whole: a bench stopped while writing leaves the last one
             json.dump(results, fh, indent=2, default=float)
+        os.replace(path + ".partial", path)
         print(json.dumps({name: results[name]}, default=lambda v: round(float(v), 3)), flush=True)
     print(f"wrote {path}", file=sys.stderr)
     failed = [n for n in names if "error" in results[n]]

@@ -105,7 +105,7 @@ def run_recon(raw: str, output: str, cfg: DAINRConfig, series: int = 1, preview:
     per slice.  ``output`` is replaced only when every slice has been reconstructed.  A ``truth`` whose cines do
     not match the slices is refused before any fit, or, where it was only ``truth_found`` beside the raw file (e.g.
     frames re-binned by ``spokes_per_frame``), left out with a warning."""
-    from .mrd import read_raw, write_header
+    from .mrd import ReconParameters, hdf5_output, read_raw, write_header
     from .preview import write_preview
 
     inputs = (raw, truth) if truth else (raw,)
@@ -130,6 +130,13 @@ def run_recon(raw: str, output: str, cfg: DAINRConfig, series: int = 1, preview:
     for note in (note for raw_slice in scan.slices.values() for note in raw_slice.warnings):
         print(f"dainr recon: warning: {note}", file=sys.stderr)
     truth_images = None
+    if truth and truth_found and spokes_per_frame is not None:
+        own = ReconParameters.from_header(scan.header)  # the frames the file's own binning gives
+        if own.frames_from_phase or own.spokes_per_frame != spokes_per_frame:
+            print(f"dainr recon: warning: frames re-binned by --spokes-per-frame {spokes_per_frame}: the ground "
+                  f"truth {truth} found beside the raw file is of the file's own frames: the images are not scored",
+                  file=sys.stderr)
+            truth = None
     if truth:
         try:
             truth_images = matching_truth(load_truth(truth), scan, truth, truth_found)
@@ -137,14 +144,9 @@ def run_recon(raw: str, output: str, cfg: DAINRConfig, series: int = 1, preview:
             if not truth_found:
                 raise
             print(f"dainr recon: warning: {exc}: the images are not scored", file=sys.stderr)
-    partial = f"{output}.partial-{os.getpid()}"  # renamed onto ``output`` once every slice is written
-    try:
-        summaries, panels = _recon_slices(scan, partial, group, cfg, series, output_type, truth_images, quiet)
-        write_header(partial, scan.header_text, group)  # the patient and study, for `dainr dicom`
-        os.replace(partial, output)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    with hdf5_output(output) as out:  # written onto ``output`` once every slice is reconstructed
+        summaries, panels = _recon_slices(scan, out, group, cfg, series, output_type, truth_images, quiet)
+        write_header(out, scan.header_text, group)  # the patient and study, for `dainr dicom`
     if preview:
         write_preview(preview, panels)
     return summaries
@@ -167,6 +169,9 @@ def check_output(path: str, *inputs: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise ValueError(f"cannot write {path}: it is a folder")
+    if os.path.exists(path) and not os.path.isfile(path):  # a device (/dev/null), a FIFO: it would be replaced
+        raise ValueError(f"cannot write {path}: it is not a regular file (a device or a pipe), which the output "
+                         "would replace")
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise ValueError(f"cannot write {path}: folder {folder} {'is not writable' if os.path.isdir(folder) else 'does not exist'}")
     for src in inputs:
@@ -208,7 +213,7 @@ def matching_truth(images: np.ndarray, scan, path: str, found: bool) -> Optional
     return None
 
 
-def _recon_slices(scan, output: str, group: str, cfg: DAINRConfig, series: int, output_type: str,
+def _recon_slices(scan, output, group: str, cfg: DAINRConfig, series: int, output_type: str,
                   truth_images: Optional[np.ndarray], quiet: bool):
     from .mrd import fit_history, index_strides, make_images, write_images
 
@@ -527,7 +532,13 @@ def _replay(args) -> int:
 
 
 def check_image_group(path: str, group: str) -> None:
-    """``save_images`` replaces ``group`` of ``path``: refuse where that group holds raw acquisitions."""
+    """``save_images`` replaces ``group`` of ``path`` and keeps the file's other groups: refuse where that group holds
+    raw acquisitions, or where ``path`` exists but is not an HDF5 file (found only once the images had come)."""
+    import h5py
+
+    if os.path.isfile(path) and not h5py.is_hdf5(path):
+        raise ValueError(f"{path} exists and is not an HDF5 file: the images are added to an MRD (HDF5) file; "
+                         "remove it or choose another output file")
     if group in raw_groups(path):
         raise ValueError(f"group {group!r} of {path} holds raw MRD data (acquisitions): choose another output "
                          "group (-G) or file; it would be replaced by the images")
@@ -548,17 +559,17 @@ def save_images(images: dict, path: str, group: str, header: Optional[str] = Non
     data's MRD ``header`` (the patient and study, for `dainr dicom`)."""
     import h5py
 
-    from .mrd import write_header, write_images
+    from .mrd import hdf5_output, write_header, write_images
 
     if not images:
         return
     check_image_group(path, group)
-    if os.path.exists(path):
-        with h5py.File(path, "a") as h5:
+    with hdf5_output(path, keep=True) as out:
+        with h5py.File(out, "a") as h5:
             if group in h5:
                 del h5[group]
-    write_images(path, [im for series in sorted(images) for im in images[series]], group)
-    write_header(path, header, group)
+        write_images(out, [im for series in sorted(images) for im in images[series]], group)
+        write_header(out, header, group)
 
 
 def cmd_bench(args) -> int:
@@ -729,6 +740,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         return args.func(args)
     except (ValueError, OSError, MemoryError) as exc:  # bad files and arguments: a clear message, no traceback
         print(f"dainr {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # torch's allocators: out of memory past the preflight's estimate
+        text = str(exc).strip()
+        if not (isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text):
+            raise
+        first = text.splitlines()[0] if text else type(exc).__name__
+        print(f"dainr {args.command}: error: out of memory: {first}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line, the shell's exit status for SIGINT
         print(f"dainr {args.command}: interrupted", file=sys.stderr)

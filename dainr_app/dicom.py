@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import shutil
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -45,6 +46,15 @@ def _meta(image) -> "ismrmrd.Meta":
 def _first(meta, key, default=None):
     value = meta.get(key, meta.get("GADGETRON_" + key, default))
     return value[0] if isinstance(value, list) and value else value
+
+
+def _number(value) -> Optional[float]:
+    """``value`` as a finite float (meta values are text), else None."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _magnitude(image) -> np.ndarray:
@@ -160,6 +170,34 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str
     """Write one series (images sharing ``image_series_index``) into ``folder``; returns the file paths.
     ``study``: :func:`study_attributes`; the series is described by its images' ``ImageComment``;
     ``series_base`` and ``uid_prefix``: :func:`series_numbering`."""
+    # numbered in order within the series (other writers' MRD image_index may restart per slice or repetition)
+    images = sorted(images, key=lambda im: (im.slice, im.contrast, im.repetition, im.set, im.phase, im.image_index))
+    mags = [_magnitude(im) for im in images]
+    os.makedirs(folder, exist_ok=True)
+    # written into a folder beside it first: an earlier export of this series number is replaced (not mixed in)
+    # only once every file is written (a full disk left it deleted and a truncated file in its place)
+    stage = f"{folder.rstrip(os.sep)}.partial-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    os.makedirs(stage)
+    try:
+        staged = _write_files(images, mags, stage, study, series_base, uid_prefix, folder)
+    except OSError as exc:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise OSError(exc.errno, f"cannot write DICOM series {folder}: {exc.strerror or exc}") from None
+    for name in os.listdir(folder):
+        if FILE_NAME.fullmatch(name):
+            os.remove(os.path.join(folder, name))
+    paths = []
+    for path in staged:
+        paths.append(os.path.join(folder, os.path.basename(path)))
+        os.replace(path, paths[-1])
+    os.rmdir(stage)
+    return paths
+
+
+def _write_files(images, mags, folder: str, study: Dict[str, str], series_base: int,
+                 uid_prefix: Optional[str], label: str) -> List[str]:
+    """:func:`write_series`'s files, into ``folder``; ``label``: the series folder, for the log."""
     import hashlib
 
     import pydicom
@@ -168,13 +206,6 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str
 
     from .mrd import INTERPOLATED
 
-    # numbered in order within the series (other writers' MRD image_index may restart per slice or repetition)
-    images = sorted(images, key=lambda im: (im.slice, im.contrast, im.repetition, im.set, im.phase, im.image_index))
-    mags = [_magnitude(im) for im in images]
-    os.makedirs(folder, exist_ok=True)
-    for name in os.listdir(folder):  # an earlier export of this series number: replaced, not mixed in
-        if FILE_NAME.fullmatch(name):
-            os.remove(os.path.join(folder, name))
     # UIDs from the study's, the series number and the pixels: the same images exported again are the same
     # instances (a PACS files them once), other images (another reconstruction) a series of their own
     pixels = hashlib.sha256(b"".join(m.astype("<f4").tobytes() for m in mags)).hexdigest()
@@ -188,7 +219,7 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str
     frames = collections.Counter((im.slice, im.contrast, im.repetition, im.set) for im in images)
     peak = max(float(m.max()) for m in mags) if mags else 1.0
     slope = peak / 65535.0 if peak > 0 else 1.0
-    paths, unset = [], 0
+    paths, unset, unreadable_window = [], 0, 0
     for number, (im, mag) in enumerate(zip(images, mags), start=1):
         ny, nx = mag.shape
         fov = [float(v) for v in im.field_of_view]
@@ -236,16 +267,21 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str
         # LUT, and after one the window of images in data units (≈ 1) would be below DICOM's minimum width 1);
         # the data units stay recoverable through the Real World Value Mapping, which does not change the display
         ds.RealWorldValueMappingSequence = [_real_world_value_mapping(slope)]
-        center, width = _first(meta, "WindowCenter"), _first(meta, "WindowWidth")
+        center, width = (_number(_first(meta, key)) for key in ("WindowCenter", "WindowWidth"))
         if center is not None and width is not None:
-            ds.WindowCenter = f"{float(center) / slope:.0f}"
-            ds.WindowWidth = f"{max(1.0, float(width) / slope):.0f}"
+            ds.WindowCenter = f"{center / slope:.0f}"
+            ds.WindowWidth = f"{max(1.0, width / slope):.0f}"
+        elif _first(meta, "WindowCenter") is not None or _first(meta, "WindowWidth") is not None:
+            unreadable_window += 1
         ds.PixelData = np.round(mag / slope).clip(0, 65535).astype("<u2").tobytes()
         pydicom.dcmwrite(path, ds, enforce_file_format=True)
         paths.append(path)
+    if unreadable_window:
+        log.warning("%s: %d image(s) with a WindowCenter/WindowWidth that is not a pair of finite numbers: written "
+                    "without a window (a viewer picks one)", label, unreadable_window)
     if unset:
         log.warning("%s: %d image(s) without read/phase directions (zeros in the raw data): written as an axial "
-                    "slice, ImageOrientationPatient 1\\0\\0\\0\\1\\0", folder, unset)
+                    "slice, ImageOrientationPatient 1\\0\\0\\0\\1\\0", label, unset)
     return paths
 
 

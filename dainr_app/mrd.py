@@ -8,6 +8,8 @@ cycles/pixel, ``idx.kspace_encode_step_1`` = global spoke counter, ``idx.phase``
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import os
@@ -133,6 +135,29 @@ def build_header(matrix: int, n_samples: int, n_coils: int, n_frames: int, n_spo
         encoding=[encoding])
 
 
+@contextlib.contextmanager
+def hdf5_output(path: str, keep: bool = False) -> Iterator[io.BytesIO]:
+    """An HDF5 file built in memory (what ``h5py.File`` and ``ismrmrd.Dataset`` open) and written to ``path`` whole
+    once the block succeeds, through a temporary file beside it renamed onto it: a failed write (disk full, a file
+    size limit) is an OSError naming ``path``, which is left as it was.  (Written by HDF5 itself, such a file was
+    left truncated under its name and the interpreter crashed at exit: libhdf5's exit handler closing the file
+    whose close had failed, exit 139.)  ``keep``: start from ``path``'s content (a group added to a file)."""
+    buffer = io.BytesIO()
+    if keep and os.path.isfile(path):
+        with open(path, "rb") as fh:
+            buffer.write(fh.read())
+    yield buffer
+    partial = f"{path}.partial-{os.getpid()}"
+    try:
+        with open(partial, "wb") as fh:
+            fh.write(buffer.getbuffer())
+        os.replace(partial, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 def write_raw(path: str, slices: Sequence[RadialData], noise: Optional[np.ndarray] = None, golden_angle: str = "true",
               fov_mm: float = 320.0, slice_thickness_mm: float = 8.0, slice_gap_mm: float = 2.0) -> None:
     """Write slices (equal frames × spokes each) as an MRD raw file with a leading noise scan."""
@@ -141,10 +166,14 @@ def write_raw(path: str, slices: Sequence[RadialData], noise: Optional[np.ndarra
     for d in slices:
         if tuple(d.kdata.shape) != (F_, C, S, R) or not bool(d.spoke_mask.all()):
             raise ValueError("write_raw needs slices of equal shape without padding")
-    if os.path.exists(path):
-        os.remove(path)
     header = build_header(first.matrix, R, C, F_, F_ * S, len(slices), fov_mm, slice_thickness_mm, golden_angle, S)
-    ds = ismrmrd.Dataset(path, "dataset", create_if_needed=True)
+    with hdf5_output(path) as out:
+        _write_acquisitions(out, header, slices, noise, slice_thickness_mm + slice_gap_mm)
+
+
+def _write_acquisitions(out, header, slices: Sequence[RadialData], noise: Optional[np.ndarray], spacing: float):
+    F_, C, S, R = slices[0].kdata.shape
+    ds = ismrmrd.Dataset(out, "dataset", create_if_needed=True)
     try:
         ds.write_xml_header(ismrmrd.xsd.ToXML(header, encoding="utf-8"))  # (its default, ascii, breaks on names)
         counter = 0
@@ -156,7 +185,6 @@ def write_raw(path: str, slices: Sequence[RadialData], noise: Optional[np.ndarra
                 acq.scan_counter = counter
                 counter += 1
                 ds.append_acquisition(acq)
-        spacing = slice_thickness_mm + slice_gap_mm
         for s, d in enumerate(slices):
             k = d.kdata.numpy()
             t = d.traj.numpy()
@@ -751,12 +779,12 @@ def processing_history(image: "ismrmrd.Image") -> str:
     return history[-1] if isinstance(history, list) else history
 
 
-def write_images(path: str, images: Sequence["ismrmrd.Image"], group: str = "dataset") -> None:
-    """Append images to ``path`` under ``<group>/image_<series>``, in the layout of ismrmrd-python's
-    ``append_image`` except where the C library (Gadgetron's, ``ismrmrd_read_image``) could not read it back:
-    the meta as an ASCII-typed string (its UTF-8 bytes: HDF5 converts no UTF-8 string to the ASCII one the C
-    library asks for) and its length in the header's ``attribute_string_len`` (the C library reads that many
-    bytes; ismrmrd-python sets it only on the wire)."""
+def write_images(path, images: Sequence["ismrmrd.Image"], group: str = "dataset") -> None:
+    """Append images to ``path`` (a file name, or :func:`hdf5_output`'s buffer) under ``<group>/image_<series>``,
+    in the layout of ismrmrd-python's ``append_image`` except where the C library (Gadgetron's,
+    ``ismrmrd_read_image``) could not read it back: the meta as an ASCII-typed string (its UTF-8 bytes: HDF5
+    converts no UTF-8 string to the ASCII one the C library asks for) and its length in the header's
+    ``attribute_string_len`` (the C library reads that many bytes; ismrmrd-python sets it only on the wire)."""
     import h5py
     from ismrmrd.hdf5 import get_hdf5type, image_header_dtype
 
@@ -781,7 +809,7 @@ def write_images(path: str, images: Sequence["ismrmrd.Image"], group: str = "dat
                 node[name][start:] = values
 
 
-def write_header(path: str, header: Optional[str], group: str = "dataset") -> None:
+def write_header(path, header: Optional[str], group: str = "dataset") -> None:
     """Store the raw data's MRD header text beside images (``<group>/xml``; nothing for None)."""
     if header is None:
         return

@@ -1,6 +1,8 @@
 """Preview images: an animated GIF (or a PNG montage) of one or more cines side by side."""
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Sequence
 
 import numpy as np
@@ -39,11 +41,19 @@ def side_by_side(panels: Sequence[np.ndarray]) -> np.ndarray:
 
 def write_preview(path: str, panels: Sequence[np.ndarray], fps: float = 12.0) -> None:
     """``.gif`` → animated cine; ``.png`` → montage with one row per frame."""
-    frames = side_by_side(panels)
-    if path.lower().endswith(".gif"):
-        imgs = [Image.fromarray(f, mode="L") for f in frames]
-        imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
-    elif path.lower().endswith(".png"):
-        Image.fromarray(np.concatenate(list(frames), axis=0), mode="L").save(path)
-    else:
+    if not path.lower().endswith((".gif", ".png")):
         raise ValueError(f"preview must end in .gif or .png, got {path!r}")
+    frames = side_by_side(panels)
+    partial = f"{path}.partial-{os.getpid()}"  # renamed onto ``path`` when whole (a full disk left a 0-byte file)
+    try:
+        if path.lower().endswith(".gif"):
+            imgs = [Image.fromarray(f, mode="L") for f in frames]
+            imgs[0].save(partial, format="GIF", save_all=True, append_images=imgs[1:], duration=int(1000 / fps),
+                         loop=0)
+        else:
+            Image.fromarray(np.concatenate(list(frames), axis=0), mode="L").save(partial, format="PNG")
+        os.replace(partial, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None

@@ -455,8 +455,10 @@ class ExternalStage:
             log.warning("gadget %s: exit status unknown (the forkserver that launched it is gone)", self.node.label)
             rc = 0
         if not self.peer.closed_cleanly:
-            self.session.error(f"gadget {self.node.label} ended without CLOSE ({self.peer.problem}; exit code {rc}; "
-                               f"{self.peer.queue.dropped} message(s) not delivered"
+            # (the messages the server could not send; those sent but not read by the gadget are not counted)
+            parts = [self.peer.problem or "no reason"] + ([f"exit code {rc}"] if self.child else []) + \
+                ([f"at least {self.peer.queue.dropped} message(s) not delivered"] if self.peer.queue.dropped else [])
+            self.session.error(f"gadget {self.node.label} ended without CLOSE ({'; '.join(parts)}"
                                + (f": {self.child.last_lines()}" if self.child and self.child.last_lines() else "") + ")")
         elif rc not in (0, None) and not self.peer.remote_error:
             self.session.error(f"gadget {self.node.label} exited with code {rc}"

@@ -58,6 +58,17 @@ class _TooLarge(ValueError):
     pass
 
 
+def _refuse(sock, text: str) -> None:
+    """ERROR and CLOSE to a connection whose gadget never started (Gadgetron shows the ERROR to its client;
+    without it the client saw only a reset connection)."""
+    from dainr_app.protocol import CLOSE, Frame, error_frame
+
+    try:
+        sock.sendall(error_frame(text).raw + Frame.of(CLOSE).raw)
+    except OSError:
+        pass
+
+
 def serve(port: int, connections: Optional[int] = None, start_timeout: float = 60.0, host: str = "") -> None:
     """Accept Gadgetron connections on ``port`` (0: a free one, logged) one after another (``connections``: stop
     after that many); a connection that has not sent its CONFIG and HEADER within ``start_timeout`` seconds is
@@ -97,8 +108,15 @@ def serve(port: int, connections: Optional[int] = None, start_timeout: float = 6
                     sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
             try:
                 with sock:
-                    wrapped = _StartTimeout(sock, start_timeout, START_BYTES)
-                    conn = Connection(wrapped)
+                    try:
+                        wrapped = _StartTimeout(sock, start_timeout, START_BYTES)
+                        conn = Connection(wrapped)
+                    except (OSError, _TooLarge):  # (logged below: nothing to answer, or too much to read)
+                        raise
+                    except Exception as exc:  # its CONFIG or HEADER does not parse
+                        _refuse(sock, f"DA-INR gadget-server: the connection's CONFIG or HEADER cannot be read: "
+                                      f"{type(exc).__name__}: {exc}")
+                        raise
                     wrapped.started()
                     with conn:
                         dainr_recon(conn)

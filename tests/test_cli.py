@@ -124,16 +124,22 @@ def test_recon_round_trip_two_slices(raw2, tmp_path, capsys):
 def test_a_truth_that_does_not_match_the_frames_is_refused_or_left_out(raw2, tmp_path, capsys):
     """`--spokes-per-frame 6` re-bins 54 spokes into 9 frames: the simulated 6-frame truth beside the raw file made
     the finished fit fail ("must be frames of the same shape"), or, with fewer frames, scored them against the
-    wrong frames."""
+    wrong frames; and where the re-binned frames were as many as the truth's (9 spokes per frame re-binned by 10:
+    6 frames, the last of 4 spokes) they were scored against other time windows, with no warning."""
     out = str(tmp_path / "o.h5")
     assert cli.main(["recon", raw2, "-o", out, "--steps", "2", "--spokes-per-frame", "6"]) == 0
     captured = capsys.readouterr()
-    assert captured.err == (f"dainr recon: warning: the ground truth {raw2.replace('.h5', '_truth.npz')} does not "
-                            "match the raw data (slice 0 has 9 frames of 32×32, the truth 6 frames of 32×32; frames "
-                            f"re-binned by --spokes-per-frame?): the images are not scored\nwrote {out}\n")
+    truth_file = raw2.replace('.h5', '_truth.npz')
+    rebinned = (f"dainr recon: warning: frames re-binned by --spokes-per-frame {{}}: the ground truth {truth_file} "
+                "found beside the raw file is of the file's own frames: the images are not scored\n")
+    assert captured.err == rebinned.format(6) + f"wrote {out}\n"
     lines = [json.loads(line) for line in captured.out.splitlines()]  # stdout: JSON lines only (`| jq` works)
     assert [line["frames"] for line in lines] == [9, 9] and not any("psnr" in line for line in lines)
     assert [im.physiology_time_stamp[0] for im in read_images(out)[1][:9]] == [6 * f + 3 for f in range(9)]
+    assert cli.main(["recon", raw2, "-o", out, "--steps", "2", "--spokes-per-frame", "10"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == rebinned.format(10) + f"wrote {out}\n"
+    assert [json.loads(line)["frames"] for line in captured.out.splitlines()] == [6, 6]
     truth = np.load(raw2.replace(".h5", "_truth.npz"))["images"]
     np.savez(tmp_path / "one_slice.npz", images=truth[:1])  # named by the user: refused before the fit
     assert cli.main(["recon", raw2, "-o", str(tmp_path / "new.h5"), "--truth", str(tmp_path / "one_slice.npz"),
@@ -897,6 +903,18 @@ def test_preview_stretches_a_shorter_panel_and_keeps_every_frame(tmp_path):
         assert png.format == "PNG" and np.array_equal(np.asarray(png), np.concatenate(list(out)))
     with pytest.raises(ValueError, match="preview must end in .gif or .png, got 'p.jpg'"):
         write_preview("p.jpg", [frames])
+    real = Image.Image.save
+
+    def full_disk(self, fp, *args, **kwargs):  # a full disk: part written, then ENOSPC
+        open(fp, "wb").write(b"GIF8")
+        raise OSError(28, "No space left on device")
+    Image.Image.save = full_disk
+    try:
+        with pytest.raises(OSError, match=r"cannot write .*p2.gif: No space left on device"):
+            write_preview(str(tmp_path / "p2.gif"), [frames])
+    finally:
+        Image.Image.save = real
+    assert sorted(os.listdir(tmp_path)) == ["p.PNG", "p.gif"]  # nothing half-written under the name
 
 
 def _recon_error(path: str, tmp_path, capsys, *extra) -> str:
@@ -1123,6 +1141,11 @@ def test_bench_exits_1_when_a_case_failed_and_keeps_stdout_to_json(tmp_path, mon
     captured = capsys.readouterr()
     assert [json.loads(line) for line in captured.out.splitlines()] == [{"demo": {"error": "Boom: x"}}]
     assert "demo failed" in captured.err
+    assert json.loads((tmp_path / "results.json").read_text()) == {"demo": {"error": "Boom: x"}}
+    assert os.listdir(tmp_path) == ["results.json"]  # written whole, through a partial file renamed onto it
+    (tmp_path / "results.json").write_text('{"demo": {"psnr": 3')  # a bench killed while writing (before)
+    assert cli.main(["bench", "--case", "demo", "--out", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'results.json'} is not a results file (JSON: " in capsys.readouterr().err
 
 
 def test_ctrl_c_ends_a_command_with_one_line_and_130(monkeypatch, capsys):
@@ -1161,3 +1184,40 @@ def test_simulate_without_the_inverse_crime(tmp_path):
     assert 0.01 < float((kb - ka).norm() / ka.norm()) < 0.1  # its k-space not the operator's image of the truth
     with pytest.raises(SystemExit):
         cli.main(["simulate", "-o", fine, "--object-supersample", "0"])
+
+
+def test_a_full_disk_is_one_clear_error_and_leaves_no_half_written_file(raw2, tmp_path):
+    """Past a file size limit (as on a full disk) HDF5 left a truncated file under the output's name, and the
+    interpreter crashed at exit in libhdf5's exit handler (exit 139, after tracebacks): `simulate`, `recon`,
+    `replay`, `demo`. The files are now built in memory and written whole through a renamed temporary file."""
+    import resource
+    import subprocess
+    import sys
+
+    from dainr_app.server import child_env
+
+    def limited(*args):  # (Python ignores SIGXFSZ: the write fails with EFBIG)
+        return subprocess.run([sys.executable, "-m", "dainr_app.cli", *args], capture_output=True, text=True,
+                              env=child_env(), timeout=120, cwd=tmp_path,
+                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000)))
+
+    out = limited("simulate", "-o", "sim.h5", *SIM)
+    assert out.returncode == 2 and "dainr simulate: error: [Errno 27] cannot write sim.h5: File too large" in out.stderr
+    assert "Traceback" not in out.stderr and os.listdir(tmp_path) == [], out.stderr
+    old = tmp_path / "images.h5"
+    old.write_bytes(b"an earlier output")
+    out = limited("recon", raw2, "-o", "images.h5", "--steps", "1", "--quiet")
+    assert out.returncode == 2 and "cannot write images.h5: File too large" in out.stderr, out.stderr
+    assert old.read_bytes() == b"an earlier output" and sorted(os.listdir(tmp_path)) == ["images.h5"]
+
+
+def test_an_output_that_is_a_device_or_a_pipe_is_refused(raw2, tmp_path, capsys):
+    """`-o /dev/null` (metrics only) replaced the device node with a regular file when run as root; a FIFO
+    was replaced by recon, or failed replay after the whole session ("Illegal seek")."""
+    fifo = str(tmp_path / "out.h5")
+    os.mkfifo(fifo)
+    for argv in (["recon", raw2, "-o", fifo, "--steps", "1"], ["recon", raw2, "-o", os.devnull, "--steps", "1"],
+                 ["replay", raw2, "-p", "1", "-o", fifo]):
+        assert cli.main(argv) == 2
+        assert "it is not a regular file (a device or a pipe)" in capsys.readouterr().err
+    assert os.path.exists(os.devnull) and not os.path.isfile(os.devnull)

@@ -358,7 +358,7 @@ def test_unset_directions_are_written_as_an_axial_slice_with_a_warning(tmp_path,
     assert "2 image(s) without read/phase directions" in caplog.text
 
 
-def test_the_window_is_at_least_one_stored_value_and_written_only_when_whole(tmp_path):
+def test_the_window_is_at_least_one_stored_value_and_written_only_when_whole(tmp_path, caplog):
     frames = np.zeros((2, 32, 32), np.float32)
     frames[:, 3, 4] = 1.0  # one hot pixel: the 99.5th percentile, hence the window, is 0
     images = make_images(frames, 1, 0, (320.0, 320.0, 8.0), Geometry())
@@ -370,6 +370,14 @@ def test_the_window_is_at_least_one_stored_value_and_written_only_when_whole(tmp
         im.meta = meta
     ds = pydicom.dcmread(mrd_to_dicom({1: images}, str(tmp_path / "half"))[1][0])
     assert "WindowCenter" not in ds and "WindowWidth" not in ds
+    for im in images:  # not numbers (another writer's meta): the export failed with float()'s bare message
+        meta = im.meta
+        meta["WindowCenter"], meta["WindowWidth"] = "abc", "nan"
+        im.meta = meta
+    with caplog.at_level("WARNING", logger="dainr.dicom"):
+        ds = pydicom.dcmread(mrd_to_dicom({1: images}, str(tmp_path / "text"))[1][0])
+    assert "WindowCenter" not in ds and "WindowWidth" not in ds
+    assert "2 image(s) with a WindowCenter/WindowWidth that is not a pair of finite numbers" in caplog.text
 
 
 def test_interpolated_frames_keep_their_comment_and_not_the_series_description(tmp_path):
@@ -379,3 +387,26 @@ def test_interpolated_frames_keep_their_comment_and_not_the_series_description(t
     dcm = [pydicom.dcmread(p) for p in written[1]]
     assert {d.SeriesDescription for d in dcm} == {"DA-INR"}  # frame 0 (interpolated) names the series
     assert [d.ImageComments for d in dcm] == ["DA-INR (interpolated frame)", "DA-INR", "DA-INR (interpolated frame)"]
+
+
+def test_a_failed_export_keeps_the_earlier_one(tmp_path, monkeypatch):
+    """On a full disk the earlier export of the series was deleted first, then a truncated file was left in its
+    place with pydicom's message (a traceback inside it)."""
+    earlier = mrd_to_dicom({1: _images(1)[1]}, str(tmp_path))[1]
+    before = {p: open(p, "rb").read() for p in earlier}
+    real, calls = pydicom.dcmwrite, []
+
+    def full_disk(path, ds, **kw):
+        calls.append(path)
+        if len(calls) == 2:
+            open(path, "wb").write(b"trunc")
+            raise OSError(28, "No space left on device")
+        return real(path, ds, **kw)
+    monkeypatch.setattr(pydicom, "dcmwrite", full_disk)
+    with pytest.raises(OSError, match=r"cannot write DICOM series .*series_001: No space left on device"):
+        mrd_to_dicom({1: _images(1, n=4)[1]}, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["series_001"]  # no staging folder left
+    assert {p: open(p, "rb").read() for p in earlier} == before and len(os.listdir(tmp_path / "series_001")) == 3
+    monkeypatch.setattr(pydicom, "dcmwrite", real)
+    assert len(mrd_to_dicom({1: _images(1, n=4)[1]}, str(tmp_path))[1]) == 4  # a good export still replaces it
+    assert len(os.listdir(tmp_path / "series_001")) == 4

@@ -346,6 +346,32 @@ def test_connect_mode_resident_process_serves_two_scans(two_slices):
             proc.kill()
 
 
+def test_a_resident_gadget_answers_a_header_it_cannot_read_with_an_error_and_serves_on(two_slices):
+    """Its gadget never started, and the client (Gadgetron) saw only a reset connection; the reason was in the
+    resident's log alone (a traceback)."""
+    from dainr_app.protocol import CLOSE, ERROR, HEADER, config_text, read_frame, text_frame
+
+    from .gadget_harness import connect_gadget, dial
+
+    header, acqs = _load(two_slices[1])
+    server = _resident("--connections", "2")
+    try:
+        with dial(server.port) as sock, sock.makefile("rb") as rf:
+            sock.sendall(config_text(CONFIG.format(steps=5, extra="")) + text_frame(HEADER, "<ismrmrdHeader><bogus/>"
+                                                                                    "</ismrmrdHeader>").raw)
+            frames = [read_frame(rf.read)]
+            while frames[-1].mid != CLOSE:
+                frames.append(read_frame(rf.read))
+        assert [f.mid for f in frames] == [ERROR, CLOSE]
+        assert frames[0].text().startswith("DA-INR gadget-server: the connection's CONFIG or HEADER cannot be read")
+        run = connect_gadget(server.port, CONFIG.format(steps=3, extra=""), header, _imaging(acqs, 0))
+        assert run.errors == [] and len(run.images) == 6
+        assert server.proc.wait(60) == 0
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+
+
 def test_the_distributed_connect_pipeline_reaches_the_resident_gadget_slice_by_slice(two_slices):
     """pipelines/dainr_distributed_connect.xml (the distributed pipeline for a real Gadgetron, whose workers keep
     <connect port=> only) run by dainr serve without workers: each slice's chain connects to the one resident

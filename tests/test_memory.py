@@ -98,6 +98,40 @@ def test_available_memory_on_this_machine():
     assert 0 < have < 1 << 50
 
 
+def test_an_address_space_limit_counts_as_memory_left(monkeypatch):
+    """Under `ulimit -v` the preflight saw MemAvailable only, and the fit died mid-way in torch's allocator (a
+    RuntimeError traceback from `dainr recon`)."""
+    import resource
+
+    used = memory.proc_bytes("/proc/self/status", "VmSize")
+    if used is None:
+        pytest.skip("no /proc/self/status")
+    real = resource.getrlimit
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (used + (64 << 20), resource.RLIM_INFINITY)
+                        if which == resource.RLIMIT_AS else real(which))
+    assert (64 << 20) - (16 << 20) < memory.available_memory(CPU) <= 64 << 20  # (VmSize moves a little)
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    assert memory._address_space_headroom() is None
+
+
+def test_an_allocator_failure_is_one_line_and_exit_2(monkeypatch, capsys):
+    from dainr_app import cli
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 123 bytes.\nmore")
+    monkeypatch.setattr(cli, "run_recon", fail)
+    assert cli.main(["recon", "raw.h5", "-o", "o.h5"]) == 2
+    assert capsys.readouterr().err == ("dainr recon: error: out of memory: [enforce fail at alloc_cpu.cpp:117] data. "
+                                       "DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes.\n")
+
+    def other(*args, **kwargs):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(cli, "run_recon", other)
+    with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its traceback
+        cli.main(["recon", "raw.h5", "-o", "o.h5"])
+
+
 def _cgroup(tmp_path, self_cgroup: str, files: dict):
     for name, text in files.items():
         path = tmp_path / name

@@ -186,10 +186,14 @@ def test_replay_command_writes_images_dicom_and_reports_server_errors(server, ra
     empty = tmp_path / "empty.xml"
     empty.write_text(" \n")
     sessions = settled_history(server)
+    notes = tmp_path / "notes.txt"  # an existing file that is not HDF5: found only after the whole reconstruction
+    notes.write_text("someone's notes")
     for args, reason in ((["-c", "relay", "-C", str(pipeline)], "(-c) or a local pipeline XML (-C), not both"),
-                         (["-C", str(empty)], "empty.xml: the pipeline XML file is empty")):
-        assert cli.main(["replay", raw, "-p", port, *args, "-o", out]) == 2
+                         (["-C", str(empty)], "empty.xml: the pipeline XML file is empty"),
+                         (["-C", str(pipeline), "-o", str(notes)], "notes.txt exists and is not an HDF5 file")):
+        assert cli.main(["replay", raw, "-p", port, "-o", out, *args]) == 2
         assert reason in capsys.readouterr().err
+    assert notes.read_text() == "someone's notes"
     for bad in ("0", "-1", "nan"):
         with pytest.raises(SystemExit):
             cli.main(["replay", raw, "-p", port, "--timeout", bad, "-o", out])
@@ -518,6 +522,27 @@ def test_the_server_reads_ahead_of_a_busy_gadget(raw):
                 frames.append(read_frame(rf.read))
     listener.close()
     assert len(data) > 16 << 20 and accepted and errors(frames) == []
+
+
+def test_a_connect_peer_that_drops_the_connection_is_one_error_without_made_up_numbers(server, raw):
+    """A <connect> peer gone mid-stream was reported "…; exit code 0; 0 message(s) not delivered)": it has no
+    exit code, and the server cannot count what the peer received but never read."""
+    header, acqs = load(raw)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def peer():  # reads the config, the header and 2 readouts, then drops the connection (a crash)
+        conn, _ = listener.accept()
+        with conn, conn.makefile("rb") as rf:
+            for _ in range(4):
+                read_frame(rf.read)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, as a dead process
+    threading.Thread(target=peer, daemon=True).start()
+    xml = _pipeline_xml(f'<connect address="localhost" port="{listener.getsockname()[1]}"/>')
+    frames = raw_session(server.port, stream(ConfigText(xml), header, acqs[:6]))
+    listener.close()
+    (error,) = errors(frames)
+    assert "ended without CLOSE (" in error and "exit code" not in error and "0 message(s)" not in error, error
+    assert frames[-1].mid == CLOSE
 
 
 def test_a_peer_that_closes_early_and_stops_reading_does_not_hang_the_session(raw):

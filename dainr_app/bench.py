@@ -35,6 +35,7 @@ from dainr.metrics import psnr_ssim
 from dainr.sim import simulate
 
 from .bench_server import case_concurrent, case_ingest, case_overhead
+from .files import replaced_whole
 from .server import ROOT
 
 # beside a source checkout (an installed package cannot know where the checkout is: DAINR_REAL_DATA says)
@@ -518,9 +519,8 @@ def main(args) -> int:
             results[name] = dict(error=proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}")
         else:
             results.update(json.loads(proc.stdout.strip().splitlines()[-1]))
-        with open(path + ".partial", "w") as fh:  # replaced whole: a bench stopped while writing leaves the last one
+        with replaced_whole(path) as partial, open(partial, "w") as fh:  # (a bench stopped meanwhile keeps the last)
             json.dump(results, fh, indent=2, default=float)
-        os.replace(path + ".partial", path)
         print(json.dumps({name: results[name]}, default=lambda v: round(float(v), 3)), flush=True)
     print(f"wrote {path}", file=sys.stderr)
     failed = [n for n in names if "error" in results[n]]

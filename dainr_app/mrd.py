@@ -28,6 +28,8 @@ from dainr.config import GOLDEN_ANGLE_DEG
 from dainr.data import RadialData, frame_groups, frames_from_spokes
 from dainr.trajectory import angle_step, radial_trajectory
 
+from .files import replaced_whole
+
 ANGLE_PARAM = "angle_increment_rad"
 log = logging.getLogger("dainr.mrd")
 Key = Tuple[int, int, int, int]  # (slice, contrast, repetition, set): readouts reconstructed together
@@ -147,15 +149,8 @@ def hdf5_output(path: str, keep: bool = False) -> Iterator[io.BytesIO]:
         with open(path, "rb") as fh:
             buffer.write(fh.read())
     yield buffer
-    partial = f"{path}.partial-{os.getpid()}"
-    try:
-        with open(partial, "wb") as fh:
-            fh.write(buffer.getbuffer())
-        os.replace(partial, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.remove(partial)
-        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
+    with replaced_whole(path) as partial, open(partial, "wb") as fh:
+        fh.write(buffer.getbuffer())
 
 
 def write_raw(path: str, slices: Sequence[RadialData], noise: Optional[np.ndarray] = None, golden_angle: str = "true",

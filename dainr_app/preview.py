@@ -1,12 +1,12 @@
 """Preview images: an animated GIF (or a PNG montage) of one or more cines side by side."""
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
+
+from .files import replaced_whole
 
 
 def _to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -44,16 +44,10 @@ def write_preview(path: str, panels: Sequence[np.ndarray], fps: float = 12.0) ->
     if not path.lower().endswith((".gif", ".png")):
         raise ValueError(f"preview must end in .gif or .png, got {path!r}")
     frames = side_by_side(panels)
-    partial = f"{path}.partial-{os.getpid()}"  # renamed onto ``path`` when whole (a full disk left a 0-byte file)
-    try:
+    with replaced_whole(path) as partial:  # (a full disk left a 0-byte file under the name)
         if path.lower().endswith(".gif"):
             imgs = [Image.fromarray(f, mode="L") for f in frames]
             imgs[0].save(partial, format="GIF", save_all=True, append_images=imgs[1:], duration=int(1000 / fps),
                          loop=0)
         else:
             Image.fromarray(np.concatenate(list(frames), axis=0), mode="L").save(partial, format="PNG")
-        os.replace(partial, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.remove(partial)
-        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None

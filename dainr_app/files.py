@@ -1,0 +1,22 @@
+"""Output files written whole: a temporary name beside the output, renamed onto it once complete."""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def replaced_whole(path: str) -> Iterator[str]:
+    """A temporary name beside ``path`` for the block to write; renamed onto ``path`` when the block succeeds.  A
+    failed write (a full disk, a file size limit) is an OSError naming ``path``, which is left as it was; the
+    temporary file is removed either way."""
+    partial = f"{path}.partial-{os.getpid()}"
+    try:
+        yield partial
+        os.replace(partial, path)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(partial)

@@ -184,6 +184,9 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str
     except OSError as exc:
         shutil.rmtree(stage, ignore_errors=True)
         raise OSError(exc.errno, f"cannot write DICOM series {folder}: {exc.strerror or exc}") from None
+    except BaseException:  # (Ctrl-C, a bug): no staging folder left behind either
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
     for name in os.listdir(folder):
         if FILE_NAME.fullmatch(name):
             os.remove(os.path.join(folder, name))

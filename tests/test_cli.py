@@ -140,6 +140,15 @@ def test_a_truth_that_does_not_match_the_frames_is_refused_or_left_out(raw2, tmp
     captured = capsys.readouterr()
     assert captured.err == rebinned.format(10) + f"wrote {out}\n"
     assert [json.loads(line)["frames"] for line in captured.out.splitlines()] == [6, 6]
+    # a file binned by its own spokes_per_frame (no phase range): the same N is its own frames, scored
+    own = _rewrite(raw2, str(tmp_path / "own.h5"), lambda a: a,
+                   header=lambda xml: re.sub(r"<phase>.*?</phase>", "", xml, flags=re.S))
+    shutil.copy(raw2.replace(".h5", "_truth.npz"), own.replace(".h5", "_truth.npz"))
+    for n, scored in ((9, True), (10, False)):
+        assert cli.main(["recon", own, "-o", out, "--steps", "2", "--spokes-per-frame", str(n), "--quiet"]) == 0
+        captured = capsys.readouterr()
+        assert all(("psnr" in json.loads(line)) is scored for line in captured.out.splitlines()), captured
+        assert ("frames re-binned" in captured.err) is not scored
     truth = np.load(raw2.replace(".h5", "_truth.npz"))["images"]
     np.savez(tmp_path / "one_slice.npz", images=truth[:1])  # named by the user: refused before the fit
     assert cli.main(["recon", raw2, "-o", str(tmp_path / "new.h5"), "--truth", str(tmp_path / "one_slice.npz"),
@@ -1221,3 +1230,23 @@ def test_an_output_that_is_a_device_or_a_pipe_is_refused(raw2, tmp_path, capsys)
         assert cli.main(argv) == 2
         assert "it is not a regular file (a device or a pipe)" in capsys.readouterr().err
     assert os.path.exists(os.devnull) and not os.path.isfile(os.devnull)
+
+
+def test_replay_output_groups_are_added_and_replaced_through_links_keeping_the_mode(tmp_path):
+    """save_images (replay, demo) adds its group to an existing MRD file and replaces that group alone; written
+    whole since the files are built in memory, it must still keep the other groups, follow a symbolic link to
+    the file it names, and keep that file's permissions."""
+    from dainr_app.mrd import Geometry, make_images
+
+    def images(n):
+        return {1: make_images(np.ones((n, 8, 8), np.float32), 1, 0, (320.0, 320.0, 8.0), Geometry())}
+
+    target, link = tmp_path / "shared.h5", tmp_path / "link.h5"
+    cli.save_images(images(3), str(target), "a")
+    os.chmod(target, 0o664)
+    link.symlink_to(target)
+    cli.save_images(images(2), str(link), "b")
+    cli.save_images(images(1), str(link), "a")  # replaced, not appended to
+    assert link.is_symlink() and os.stat(target).st_mode & 0o777 == 0o664
+    assert [len(read_images(str(target), g)[1]) for g in ("a", "b")] == [1, 2]
+    assert sorted(os.listdir(tmp_path)) == ["link.h5", "shared.h5"]

@@ -370,14 +370,16 @@ def test_the_window_is_at_least_one_stored_value_and_written_only_when_whole(tmp
         im.meta = meta
     ds = pydicom.dcmread(mrd_to_dicom({1: images}, str(tmp_path / "half"))[1][0])
     assert "WindowCenter" not in ds and "WindowWidth" not in ds
-    for im in images:  # not numbers (another writer's meta): the export failed with float()'s bare message
-        meta = im.meta
-        meta["WindowCenter"], meta["WindowWidth"] = "abc", "nan"
-        im.meta = meta
-    with caplog.at_level("WARNING", logger="dainr.dicom"):
-        ds = pydicom.dcmread(mrd_to_dicom({1: images}, str(tmp_path / "text"))[1][0])
-    assert "WindowCenter" not in ds and "WindowWidth" not in ds
-    assert "2 image(s) with a WindowCenter/WindowWidth that is not a pair of finite numbers" in caplog.text
+    for centre, width in (("abc", "1"), ("1", "nan")):  # not numbers (another writer's meta): the export failed
+        for im in images:  # with float()'s bare message, or wrote a NaN width as 1
+            meta = im.meta
+            meta["WindowCenter"], meta["WindowWidth"] = centre, width
+            im.meta = meta
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="dainr.dicom"):
+            ds = pydicom.dcmread(mrd_to_dicom({1: images}, str(tmp_path / "text"))[1][0])
+        assert "WindowCenter" not in ds and "WindowWidth" not in ds
+        assert "2 image(s) with a WindowCenter/WindowWidth that is not a pair of finite numbers" in caplog.text
 
 
 def test_interpolated_frames_keep_their_comment_and_not_the_series_description(tmp_path):
@@ -407,6 +409,17 @@ def test_a_failed_export_keeps_the_earlier_one(tmp_path, monkeypatch):
         mrd_to_dicom({1: _images(1, n=4)[1]}, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["series_001"]  # no staging folder left
     assert {p: open(p, "rb").read() for p in earlier} == before and len(os.listdir(tmp_path / "series_001")) == 3
+    calls.clear()
+
+    def interrupted(path, ds, **kw):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(path, ds, **kw)
+    monkeypatch.setattr(pydicom, "dcmwrite", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C (dainr dicom's 130) left the staging folder behind
+        mrd_to_dicom({1: _images(1, n=4)[1]}, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["series_001"]
     monkeypatch.setattr(pydicom, "dcmwrite", real)
     assert len(mrd_to_dicom({1: _images(1, n=4)[1]}, str(tmp_path))[1]) == 4  # a good export still replaces it
-    assert len(os.listdir(tmp_path / "series_001")) == 4
+    assert len(os.listdir(tmp_path / "series_001")) == 4 and sorted(os.listdir(tmp_path)) == ["series_001"]

@@ -125,6 +125,13 @@ def test_an_allocator_failure_is_one_line_and_exit_2(monkeypatch, capsys):
     assert capsys.readouterr().err == ("dainr recon: error: out of memory: [enforce fail at alloc_cpu.cpp:117] data. "
                                        "DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes.\n")
 
+    def cuda(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore")
+    monkeypatch.setattr(cli, "run_recon", cuda)
+    assert cli.main(["recon", "raw.h5", "-o", "o.h5"]) == 2
+    assert capsys.readouterr().err == ("dainr recon: error: out of memory: CUDA out of memory. Tried to allocate "
+                                       "2.00 GiB.\n")
+
     def other(*args, **kwargs):
         raise RuntimeError("a bug")
     monkeypatch.setattr(cli, "run_recon", other)

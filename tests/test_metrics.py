@@ -36,7 +36,8 @@ def test_metrics_edge_cases_are_clear(recwarn):
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
     with pytest.raises(ValueError, match=r"got 2-d \(16, 16\) \(one image: give x\[None\]\)"):
         psnr_ssim(x[0], x[0])
-    with pytest.raises(ValueError, match="frames of 5 x 6 pixels: SSIM's 7 x 7 window"):
-        psnr_ssim(x[:, :5, :6], x[:, :5, :6])
+    for h, w in ((5, 6), (6, 6), (7, 6)):
+        with pytest.raises(ValueError, match=f"frames of {h} x {w} pixels: SSIM's 7 x 7 window"):
+            psnr_ssim(x[:, :h, :w], x[:, :h, :w])
     with pytest.raises(ValueError, match="must be frames of the same shape"):
         psnr_ssim(x, x[:2])

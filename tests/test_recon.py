@@ -639,6 +639,10 @@ def test_pixels_no_given_coil_map_sees_are_zero_in_the_images(small_scan):
     assert torch.equal(inside, torch.from_numpy(support[::2, ::2]))
     kept = up.images[0].abs() > 0
     assert bool(kept[::2, ::2].eq(inside).all()) and 0.25 < float(kept.float().mean()) < 0.9
+    # an odd output row lies halfway between fitted rows i and i + 1 (the last clamped to itself): kept where
+    # either is in the support, not only where both are
+    below = torch.cat([inside[1:], inside[-1:]])
+    assert torch.equal(kept[1::2, ::2], inside | below) and not torch.equal(inside | below, inside & below)
     # maps that cover every pixel (Walsh, the default) leave the images untouched
     assert bool((reconstruct(small_scan.data, cfg).images.abs() > 0).all())
 

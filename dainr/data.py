@@ -42,14 +42,14 @@ class RadialData:
     * ``kdata`` — (F, C, S, R) complex: frames × coils × spokes × readout samples.
     * ``traj`` — (F, S, R, 2) float: (kx, ky) in cycles/pixel of the ``matrix`` grid, in [-0.5, 0.5).
     * ``matrix`` — reconstruction matrix N (images are N × N).
+    * ``spoke_mask`` — (F, S) bool, False for padding when frames have different spoke counts (padding
+      k-space and trajectory are ignored: set to 0 in a copy).
+    * ``noise`` — optional (C, n) complex noise-only samples for prewhitening.
 
     The convention (ISMRMRD's, BART's): a sample at k is Σ image[y, x] · exp(−2πi (kx·(x − N//2) + ky·(y − N//2)))
     over pixels, x the image's column, y its row, pixel (N//2, N//2) the centre.  Data of the opposite exponent sign
     come out mirrored through the centre, swapped (ky, kx) transposed: convert first (negate traj; reverse its last
     axis).  A trajectory in radians/sample (±π, finufft's and torchkbnufft's ω) is traj = ω / 2π.
-    * ``spoke_mask`` — (F, S) bool, False for padding when frames have different spoke counts (padding
-      k-space and trajectory are ignored: set to 0 in a copy).
-    * ``noise`` — optional (C, n) complex noise-only samples for prewhitening.
     """
 
     kdata: torch.Tensor

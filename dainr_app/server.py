@@ -968,5 +968,6 @@ def run_stream(pipeline: Pipeline, inp, outp, opts: ServerOptions = ServerOption
         out.close()
         session.release()
     if out.broken:
-        log.error("--from_stream: the output's reader went away; the stream's gadgets were stopped")
+        log.error("--from_stream: the output failed (%s: its reader went away, or a full disk); the stream's "
+                  "gadgets were stopped", out.broken_reason)
     return 1 if session.errors or out.broken else 0

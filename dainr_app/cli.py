@@ -130,17 +130,15 @@ def run_recon(raw: str, output: str, cfg: DAINRConfig, series: int = 1, preview:
     for note in (note for raw_slice in scan.slices.values() for note in raw_slice.warnings):
         print(f"dainr recon: warning: {note}", file=sys.stderr)
     truth_images = None
-    if truth and truth_found and spokes_per_frame is not None:
-        own = ReconParameters.from_header(scan.header)  # the frames the file's own binning gives
-        if own.frames_from_phase or own.spokes_per_frame != spokes_per_frame:
-            print(f"dainr recon: warning: frames re-binned by --spokes-per-frame {spokes_per_frame}: the ground "
-                  f"truth {truth} found beside the raw file is of the file's own frames: the images are not scored",
-                  file=sys.stderr)
-            truth = None
     if truth:
         try:
-            truth_images = matching_truth(load_truth(truth), scan, truth, truth_found)
-        except ValueError as exc:
+            if truth_found and spokes_per_frame is not None:
+                own = ReconParameters.from_header(scan.header)  # the frames the file's own binning gives
+                if own.frames_from_phase or own.spokes_per_frame != spokes_per_frame:
+                    raise ValueError(f"frames re-binned by --spokes-per-frame {spokes_per_frame}: the ground truth "
+                                     f"{truth} found beside the raw file is of the file's own frames")
+            truth_images = matching_truth(load_truth(truth), scan, truth)
+        except ValueError as exc:  # named by the user: refused before any fit; found beside the raw file: left out
             if not truth_found:
                 raise
             print(f"dainr recon: warning: {exc}: the images are not scored", file=sys.stderr)
@@ -192,9 +190,9 @@ def load_truth(path: str) -> np.ndarray:
     return images
 
 
-def matching_truth(images: np.ndarray, scan, path: str, found: bool) -> Optional[np.ndarray]:
+def matching_truth(images: np.ndarray, scan, path: str) -> np.ndarray:
     """``images`` if it holds a (frames, N, N) cine for every slice of ``scan``, which the images are scored
-    against; else an error, or None and a warning when ``found`` (not named by the user)."""
+    against; else a ValueError saying where it differs."""
     bad = []
     # by key: a slice index can have several cines (repetitions, contrasts), each held against that slice's truth
     for (s, *_), raw_slice in sorted(scan.slices.items(), key=lambda item: item[0]):
@@ -203,14 +201,10 @@ def matching_truth(images: np.ndarray, scan, path: str, found: bool) -> Optional
         if got != want:
             bad.append(f"slice {s} has {want[0]} frames of {want[1]}×{want[2]}, the truth "
                        + (f"{got[0]} frames of {got[1]}×{got[2]}" if got and len(got) == 3 else f"{got or 'none'}"))
-    if not bad:
-        return images
-    problem = f"the ground truth {path} does not match the raw data ({bad[0]}; frames re-binned by " \
-              "--spokes-per-frame?)"
-    if not found:
-        raise ValueError(problem)
-    print(f"dainr recon: warning: {problem}: the images are not scored", file=sys.stderr)
-    return None
+    if bad:
+        raise ValueError(f"the ground truth {path} does not match the raw data ({bad[0]}; frames re-binned by "
+                         "--spokes-per-frame?)")
+    return images
 
 
 def _recon_slices(scan, output, group: str, cfg: DAINRConfig, series: int, output_type: str,

@@ -25,7 +25,8 @@ class GridConfig:
 
     ``backend``: ``torch`` is the reference's encoding on any device; ``tcnn`` (tiny-cuda-nn, CUDA only) is a
     different function of the same size (hashed fine levels, its own initialisation: see
-    :class:`~dainr.encodings.TcnnGridEncoding`); ``auto`` picks ``tcnn`` on CUDA where it imports."""
+    :class:`~dainr.encodings.TcnnGridEncoding`); ``auto`` picks ``tcnn`` on CUDA where it imports.
+    ``init_std`` (torch-ngp's name) is a bound, not a standard deviation: the table starts U(−init_std, init_std)."""
 
     num_levels: int = 16
     features_per_level: int = 2
@@ -261,6 +262,9 @@ class DAINRConfig:
                 value = getattr(owner, f.name)
                 if "int" in f.type and isinstance(value, numbers.Integral) and not isinstance(value, bool):
                     setattr(owner, f.name, int(value))
+                elif (f.name == "temporal_ratio" and isinstance(value, numbers.Real) and not isinstance(value, bool)
+                      and math.isfinite(value) and int(value) == value):  # 2.0 (a ratio written as a float) is 2
+                    setattr(owner, f.name, int(value))
                 elif "float" in f.type and isinstance(value, numbers.Real) and not isinstance(value, bool):
                     setattr(owner, f.name, float(value))
         self.validate()
@@ -275,17 +279,14 @@ class DAINRConfig:
                 value = getattr(owner, f.name)
                 if f.type == "bool":
                     need(isinstance(value, bool), f"{f.name} must be True or False, got {value!r}")
-                if f.type == "int" and f.name == "temporal_ratio":  # 2.0 is taken too
-                    need(isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-                         and int(value) == value, f"{f.name} must be an integer, got {value!r}")
-                elif f.type in ("int", "Optional[int]") and value is not None:
+                if f.type == "int" or (f.type == "Optional[int]" and value is not None):
                     need(isinstance(value, numbers.Integral) and not isinstance(value, bool),
                          f"{f.name} must be an integer, got {value!r}")
-                if f.type in ("float", "Optional[float]") and value is not None:
+                if f.type == "float" or (f.type == "Optional[float]" and value is not None):
                     need(isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value),
                          f"{f.name} must be a finite number, got {value!r}")
-        need(0 <= self.seed < 2 ** 63 - 1 and 0 <= self.feature_seed < 2 ** 63,
-             "seed and feature_seed must be in [0, 2**63 - 1)")
+        need(0 <= self.seed < 2 ** 63 - 1, "seed must be in [0, 2**63 - 1) (seed + 1 seeds the held-out spokes)")
+        need(0 <= self.feature_seed < 2 ** 63, "feature_seed must be in [0, 2**63)")
         need(min(self.deform_width, self.canonical_width, self.feature_channels, self.grid.features_per_level) >= 1,
              "network widths, feature_channels and grid features_per_level must be >= 1")
         need(0 <= min(self.freq_degree_xy, self.freq_degree_t) and max(self.freq_degree_xy, self.freq_degree_t) <= 24,
@@ -323,7 +324,13 @@ class DAINRConfig:
     def replace(self, **changes) -> "DAINRConfig":
         """A copy with ``changes`` applied; nested grid fields as ``grid_<name>=...``."""
         grid_changes = {k[5:]: changes.pop(k) for k in list(changes) if k.startswith("grid_")}
-        grid = dataclasses.replace(self.grid, **grid_changes)
+        grid = changes.pop("grid", self.grid)
+        if isinstance(grid, dict):
+            grid = GridConfig(**grid)
+        if grid_changes:
+            if not isinstance(grid, GridConfig):
+                raise ValueError(f"invalid DAINRConfig: grid must be a GridConfig or a dict, got {grid!r}")
+            grid = dataclasses.replace(grid, **grid_changes)
         return dataclasses.replace(self, grid=grid, **changes)
 
     def to_dict(self) -> dict:
@@ -344,12 +351,12 @@ class DAINRConfig:
     def temporal_layout(self, n_acquired: int) -> Tuple[List[int], int]:
         """The acquired frames' positions among the output frames (``temporal_offset + i·temporal_ratio``) and the
         number of output frames (``temporal_frames``, default through the last acquired one)."""
-        acquired = [self.temporal_offset + i * int(self.temporal_ratio) for i in range(n_acquired)]
+        acquired = [self.temporal_offset + i * self.temporal_ratio for i in range(n_acquired)]
         n_out = self.temporal_frames or acquired[-1] + 1
         if n_out <= acquired[-1]:
             raise ValueError(f"temporal_frames {n_out} ends before the last acquired frame (output frame "
                              f"{acquired[-1]}: offset {self.temporal_offset} + ({n_acquired} − 1) × "
-                             f"{int(self.temporal_ratio)})")
+                             f"{self.temporal_ratio})")
         return acquired, n_out
 
     def max_t_freq(self, n_acquired: int) -> Optional[float]:
@@ -358,7 +365,7 @@ class DAINRConfig:
         n_out = self.temporal_layout(n_acquired)[1]
         if not self.temporal_bandlimit or n_out == n_acquired or n_acquired < 2:
             return None
-        return math.pi * (n_out - 1) / int(self.temporal_ratio)
+        return math.pi * (n_out - 1) / self.temporal_ratio
 
     def model_config(self, fit_matrix: int) -> "DAINRConfig":
         """The configuration the network is built with for a fit at ``fit_matrix``: ``cap_grid_at_matrix`` caps the

@@ -1,6 +1,7 @@
 """The radial multi-coil input container, validated once at the library boundary."""
 from __future__ import annotations
 
+import functools
 import numbers
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
@@ -40,7 +41,7 @@ class RadialData:
     """Golden-angle radial multi-coil k-space of one slice, grouped into frames.
 
     * ``kdata`` — (F, C, S, R) complex: frames × coils × spokes × readout samples.
-    * ``traj`` — (F, S, R, 2) float: (kx, ky) in cycles/pixel of the ``matrix`` grid, in [-0.5, 0.5).
+    * ``traj`` — (F, S, R, 2) float: (kx, ky) in cycles/pixel of the ``matrix`` grid, within [-0.5, 0.5].
     * ``matrix`` — reconstruction matrix N (images are N × N).
     * ``spoke_mask`` — (F, S) bool, False for padding when frames have different spoke counts (padding
       k-space and trajectory are ignored: set to 0 in a copy).
@@ -158,8 +159,11 @@ class RadialData:
         C, _, R = kdata[0].shape
         S = max(k.shape[1] for k in kdata)
         F_ = len(kdata)
-        k_out = torch.zeros(F_, C, S, R, dtype=torch.complex64)
-        t_out = torch.zeros(F_, S, R, 2, dtype=torch.float32)
+        # the inputs' own precision (a cast to complex64 here turned complex128 values beyond float32 into inf, and
+        # RadialData's range check into "contains NaN or Inf")
+        k_out = torch.zeros(F_, C, S, R, dtype=functools.reduce(torch.promote_types, (k.dtype for k in kdata)))
+        t_out = torch.zeros(F_, S, R, 2, dtype=functools.reduce(torch.promote_types, (t.dtype for t in traj),
+                                                                 torch.float32))
         mask = torch.zeros(F_, S, dtype=torch.bool)
         for f, (k, t) in enumerate(zip(kdata, traj)):
             if k.shape[0] != C or k.shape[2] != R:

@@ -7,7 +7,7 @@ reference's ``minmaxnorm`` divides by ``max + 1e-6`` instead of ``max − min`` 
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Any, Dict
 
 import numpy as np
 import torch
@@ -27,8 +27,9 @@ def minmax(frames) -> np.ndarray:
     return (mag - lo) / np.maximum(hi - lo, 1e-12)
 
 
-def psnr_ssim(recon, reference) -> Dict[str, float]:
-    """Mean PSNR (dB) and SSIM over frames (F, H, W), plus per-frame lists."""
+def psnr_ssim(recon, reference) -> Dict[str, Any]:
+    """Mean PSNR (dB) and SSIM over frames (F, H, W) (``psnr``, ``ssim``: floats), plus per-frame lists
+    (``psnr_frames``, ``ssim_frames``)."""
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
     a, b = minmax(recon), minmax(reference)

@@ -40,6 +40,8 @@ class FitProgress:
     ``preview`` is True every ``cfg.preview_every`` steps; ``images`` then renders every output frame
     (once, on first access, so a callback that does not look costs nothing) and is None otherwise. It renders
     the live model, so it can be read only until the callback returns (keep the tensor, not the progress).
+    ``holdout_residual`` is the stopping rule's number (the held-out spokes' mean L1 k-space residual, in the fit's
+    scaled data units) at the end of an epoch, and None on a preview-only call or without held-out spokes.
     """
 
     step: int
@@ -580,15 +582,20 @@ def acquired_problem(data: RadialData, cfg: Optional[DAINRConfig], coil_maps: Op
 
 @library_defaults
 def zero_filled(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Zero-filled (DCF gridding, coil-combined) images (F, N, N) in data units, no fitting."""
+    """Zero-filled (DCF gridding, coil-combined) images (F, N, N) in data units, no fitting.  Always at the
+    acquired matrix N (``cfg``'s spatial and temporal ratios are ignored), so ``coil_maps`` are (C, N, N) here, not
+    a spatial ×s fit's (C, n, n)."""
     p = acquired_problem(data, cfg, coil_maps)
     return (p.zero_filled * p.output_scale).cpu()
 
 
 @library_defaults
 def upsample_bilinear(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear upsampling of complex frames (F, n, n) → (F, size, size) of the same FOV (the spatial baseline),
-    on the FFT-grid geometry of :class:`~dainr.model.GridUpsampling`."""
+    """Bilinear upsampling of real or complex frames (..., n, n) → (..., size, size) of the same FOV (the spatial
+    baseline), on the FFT-grid geometry of :class:`~dainr.model.GridUpsampling`; numpy arrays are taken.  A ``size``
+    below n samples the frames at the coarser grid's points, with no anti-aliasing."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.ascontiguousarray(images))
     if not isinstance(images, torch.Tensor) or images.ndim < 2 or images.shape[-1] != images.shape[-2]:
         raise ValueError(f"images must be a tensor of square frames (..., n, n), got "
                          f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")

@@ -30,6 +30,10 @@ def test_grid_cap_stops_the_finest_level_below_the_fitting_matrix():
         cfg.replace(cap_grid_ratio=0)
     assert cfg.replace(cap_grid_at_matrix=False).model_config(128).grid.finest_resolution == 2048  # the reference
     assert cfg.replace(grid_finest_resolution=64).model_config(128).grid.finest_resolution == 64
+    from dainr.config import GridConfig  # a whole grid, as DAINRConfig(grid=...) takes it (raised a TypeError)
+    assert cfg.replace(grid=GridConfig(num_levels=8)).grid.num_levels == 8
+    assert cfg.replace(grid=dict(num_levels=8), grid_base_resolution=8).grid == GridConfig(num_levels=8,
+                                                                                           base_resolution=8)
     capped, ref = (sum(p.numel() for p in DAINR(c.model_config(128)).grid.parameters())
                    for c in (cfg, cfg.replace(cap_grid_at_matrix=False)))
     assert capped < 200_000 < 5_000_000 < ref

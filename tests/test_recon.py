@@ -308,11 +308,11 @@ def test_spatial_upsampling_geometry_is_the_fft_grid_of_the_cropped_k_space():
         row = upsample_bilinear(ramp, N)[0, 0]
         assert row[0] == 0 and row[-1] == 14 and bool((row.diff() >= 0).all())  # it read the far edge (7.0)
     # (a non-square frame would be read as its top square only; a fractional size rounded)
-    for frames, size in ((torch.zeros(1, 8, 4, dtype=torch.complex64), 16), (x, 16.5), (x, 0), (x, -3), (x[0, 0], 8),
-                         (x.numpy(), 32)):
+    for frames, size in ((torch.zeros(1, 8, 4, dtype=torch.complex64), 16), (x, 16.5), (x, 0), (x, -3), (x[0, 0], 8)):
         with pytest.raises(ValueError, match="square frames|integer >= 1"):
             upsample_bilinear(frames, size)
     assert torch.equal(upsample_bilinear(x[0], 32), up.bilinear(x)[0])  # one frame (n, n)
+    assert torch.equal(upsample_bilinear(x.numpy(), 32), up.bilinear(x))  # numpy frames (were refused)
 
     scan = simulate(matrix=32, frames=2, spokes=48, coils=4, noise_level=0.0, n_noise_samples=0)
     scan.data.noise = None
@@ -466,6 +466,10 @@ def test_samples_float32_cannot_hold_are_refused_clearly(small_scan):
                                              "arithmetic holds"):
             RadialData(k, d.traj, 32, noise=noise)
     RadialData(d.kdata * 1e-25, d.traj, 32, noise=d.noise * 1e25)  # far from a scanner's units, still held
+    with pytest.raises(ValueError, match="kdata's largest magnitude"):  # was "contains NaN or Inf" (cast first)
+        RadialData.from_frames(list(d.kdata.to(torch.complex128) * 1e40), list(d.traj.double()), 32)
+    framed = RadialData.from_frames(list(d.kdata.to(torch.complex128)), list(d.traj.double()), 32)
+    assert framed.kdata.dtype == torch.complex128 and framed.traj.dtype == torch.float64
     unit = d.kdata.to(torch.complex128) / d.kdata.abs().amax()
     for scale in (1e31, 1e35, 1e-31, 1e-35):  # the bounds, both sides
         with pytest.raises(ValueError, match="kdata's largest magnitude"):
@@ -860,13 +864,17 @@ def test_fit_with_unequal_spokes_per_frame(small_scan):
     ("grid_init_std", float("nan"), "init_std must be a finite number"),
     ("grid_init_std", 0.0, "init_std must be > 0"),
     ("max_seconds", float("inf"), "max_seconds must be a finite number"),
+    ("lr", None, "lr must be a finite number, got None"),  # None was a TypeError from the comparison
+    ("spatial_ratio", None, "spatial_ratio must be a finite number, got None"),
     ("use_features", "no", "use_features must be True or False, got 'no'"),  # a string ran with the features on
     ("cap_grid_at_matrix", None, "cap_grid_at_matrix must be True or False"),  # None ran the uncapped grid
     ("temporal_ratio", None, "temporal_ratio must be an integer, got None"),  # was int()'s TypeError
     ("temporal_ratio", float("inf"), "temporal_ratio must be an integer, got inf"),
     ("temporal_ratio", True, "temporal_ratio must be an integer, got True"),
-    ("seed", 2 ** 64, "seed and feature_seed must be in"),
-    ("seed", -1, "seed and feature_seed must be in"),
+    ("seed", 2 ** 64, r"seed must be in \[0, 2\*\*63 - 1\)"),
+    ("seed", 2 ** 63 - 1, r"seed must be in \[0, 2\*\*63 - 1\)"),  # seed + 1 seeds the held-out spokes
+    ("seed", -1, r"seed must be in \[0, 2\*\*63 - 1\)"),
+    ("feature_seed", 2 ** 63, r"feature_seed must be in \[0, 2\*\*63\)"),
     ("grid", None, "grid must be a GridConfig or a dict, got None"),
     ("freq_degree_xy", 129, r"degrees must be in \[0, 24\]"),  # 2^128 is inf in float32: "the fit diverged"
     ("freq_degree_t", 25, r"degrees must be in \[0, 24\]"),
@@ -886,6 +894,12 @@ def test_config_rejects_bad_values(field, value, match):
         DAINRConfig().replace(grid_log2_table_size=size)
     numpy_scalars = DAINRConfig(max_steps=np.int64(20), lr=np.float32(1e-3), temporal_ratio=2.0)
     assert type(numpy_scalars.max_steps) is int and type(numpy_scalars.lr) is float  # were refused
+    assert type(numpy_scalars.temporal_ratio) is int  # 2.0 stayed a float, which every_rth_frame refused
+    traj = torch.stack([torch.linspace(-0.5, 0.375, 8), torch.zeros(8)], -1).expand(5, 2, 8, 2)
+    RadialData(torch.ones(5, 1, 2, 8, dtype=torch.complex64), traj, 8).every_rth_frame(numpy_scalars.temporal_ratio)
+    assert DAINRConfig(feature_seed=2 ** 63 - 1).feature_seed == 2 ** 63 - 1
+    with pytest.raises(ValueError, match="temporal_ratio must be an integer, got 2.5"):
+        DAINRConfig(temporal_ratio=2.5)
     with pytest.raises(ValueError, match="fits a 16² scan at 2², below the smallest matrix"):
         DAINRConfig(spatial_ratio=9).fit_matrix(16)
 

@@ -9,6 +9,8 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
+from .utils import library_defaults
+
 # the largest magnitude of k-space or noise samples the fit takes: it computes in float32 (complex64) after dividing
 # by a power of two near the peak, and the calibration's sums of squares need headroom on both sides
 FLOAT32_PEAK_RANGE = (1e-30, 1e30)
@@ -59,6 +61,7 @@ class RadialData:
     spoke_mask: Optional[torch.Tensor] = None
     noise: Optional[torch.Tensor] = None
 
+    @library_defaults
     def __post_init__(self) -> None:
         # measured data, not parameters: detached, so a caller's autograd graph never reaches the fit
         # (contiguous: the same values in another memory layout gave other float rounding in the DCF)
@@ -120,6 +123,7 @@ class RadialData:
             if bool(torch.isfinite(torch.view_as_real(self.noise)).all()):  # (NaN/Inf: the prewhitener says so)
                 check_float32_range(self.noise, "noise")
 
+    @library_defaults
     def select_frames(self, frames: Sequence[int]) -> "RadialData":
         """The given frames only, e.g. ``range(0, n, r)`` to fit every r-th frame (temporal interpolation)."""
         idx = list(frames)
@@ -146,6 +150,7 @@ class RadialData:
         return self.kdata.shape[1]
 
     @classmethod
+    @library_defaults
     def from_frames(cls, kdata: Sequence[torch.Tensor], traj: Sequence[torch.Tensor], matrix: int,
                     noise: Optional[torch.Tensor] = None) -> "RadialData":
         """Build from per-frame (C, S_f, R) k-space and (S_f, R, 2) trajectories, padding unequal S_f."""
@@ -177,6 +182,7 @@ class RadialData:
         return cls(k_out, t_out, matrix, mask, noise)
 
 
+@library_defaults
 def frames_from_spokes(kdata: torch.Tensor, traj: torch.Tensor, frame_index: Optional[torch.Tensor], matrix: int,
                        spokes_per_frame: Optional[int] = None, noise: Optional[torch.Tensor] = None) -> RadialData:
     """Group a slice's spokes, in acquisition order, into frames.
@@ -195,6 +201,7 @@ def frames_from_spokes(kdata: torch.Tensor, traj: torch.Tensor, frame_index: Opt
     return RadialData.from_frames([kdata[g].transpose(0, 1) for g in groups], [traj[g] for g in groups], matrix, noise)
 
 
+@library_defaults
 def frame_groups(n_spokes: int, frame_index: Optional[torch.Tensor] = None,
                  spokes_per_frame: Optional[int] = None) -> List[torch.Tensor]:
     """Each frame's spokes (indices in acquisition order), frames in ascending order of ``frame_index`` (S,), or

@@ -16,7 +16,10 @@ def drawn_layer(cls, generator: Optional[torch.Generator], *args, **kwargs) -> n
     PyTorch's ``reset_parameters`` draws them (the same numbers as ``torch.manual_seed(s)`` then ``cls(...)`` for a
     generator seeded with ``s``), without touching torch's global generator (None: from it, as PyTorch does):
     the weights depend on the seed alone, whatever other threads draw meanwhile."""
-    layer = nn.utils.skip_init(cls, *args, dtype=torch.float32, **kwargs)
+    with torch.device("meta"):  # no draws (nn.utils.skip_init does the same, but imports sympy: ~1 s, 487 modules)
+        layer = cls(*args, dtype=torch.float32, **kwargs)
+    for name, p in list(layer.named_parameters(recurse=False)):
+        setattr(layer, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="cpu")))
     nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
     if layer.bias is not None:
         bound = 1 / math.sqrt(layer.weight[0].numel())  # 1 / sqrt(fan in)

@@ -20,10 +20,12 @@ the tests); ω in radians, ``(B, 2, M)``, ordered (rows=y, cols=x).
 """
 from __future__ import annotations
 
+import collections
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -32,23 +34,48 @@ from .config import NUFFT_BACKENDS
 from .utils import finufft_available
 
 
-_POOLS: Dict[int, ThreadPoolExecutor] = {}
-os.register_at_fork(after_in_child=_POOLS.clear)  # a forked child has none of the parent's threads
 _SERIAL_BELOW = 16384  # samples × coils × frames: below this one thread is faster than two (measured, 2 cores)
+_pool: Optional[ThreadPoolExecutor] = None  # one for the process, grown to the largest thread count asked for (one
+_pool_size = 0                              # per count piled up threads as host_share changed the count)
+_pool_lock = threading.Lock()
+
+
+def _forget_pool() -> None:  # a forked child has none of the parent's threads (and maybe a held lock)
+    global _pool, _pool_size, _pool_lock
+    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _finufft_calls(run: Callable[[int, slice], None], B: int, C: int, work: int) -> None:
     """``run(b, coils)`` for every frame ``b`` and a split of the coils into groups, each call on one thread: in
-    turn for small work, else side by side on torch's thread count."""
+    turn for small work, else side by side on torch's thread count (that many workers drain the calls)."""
+    global _pool, _pool_size
     threads = torch.get_num_threads()
     if threads == 1 or work < _SERIAL_BELOW:
         for b in range(B):
             run(b, slice(0, C))
         return
     groups = min(C, threads)
-    calls = [(b, slice(g * C // groups, (g + 1) * C // groups)) for b in range(B) for g in range(groups)]
-    pool = _POOLS.get(threads) or _POOLS.setdefault(threads, ThreadPoolExecutor(threads, "finufft"))
-    for future in [pool.submit(run, *call) for call in calls]:
+    todo = collections.deque((b, slice(g * C // groups, (g + 1) * C // groups))
+                             for b in range(B) for g in range(groups))
+
+    def drain() -> None:
+        while True:
+            try:
+                call = todo.popleft()  # (a deque's pops are thread-safe)
+            except IndexError:
+                return
+            run(*call)
+
+    with _pool_lock:  # submitted under the lock: a pool is shut down only once no one can submit to it
+        if _pool_size < threads:
+            if _pool is not None:
+                _pool.shutdown(wait=False)  # its queued work still runs
+            _pool, _pool_size = ThreadPoolExecutor(threads, "finufft"), threads
+        futures = [_pool.submit(drain) for _ in range(min(threads, len(todo)))]
+    for future in futures:
         future.result()
 
 

@@ -435,58 +435,58 @@ def reconstruct(data: RadialData, cfg: Optional[DAINRConfig] = None, coil_maps: 
     epoch = epoch_steps(problem.n_acq, fitter.batch, cfg)
     best_res, best_step, best_state, bad_epochs, decays = math.inf, 0, None, 0, 0
     history, reason, step, loss_t = [], "max_steps", 0, torch.tensor(math.nan)
-    bar = _progress_bar(cfg)
-    t_fit0 = time.perf_counter()
-    for step in range(1, cfg.max_steps + 1):
-        loss_t = fitter.step()
-        elapsed = time.perf_counter() - t_fit0
-        res = None
-        if step % epoch == 0:  # the only per-epoch device syncs
-            res = fitter.heldout_residual() if problem.has_holdout else None
-            loss = float(loss_t)
-            improved = res is not None and res < best_res * (1 - cfg.min_improvement)
-            state = fitter.weights() if improved else None
-            if not (math.isfinite(loss) and (res is None or math.isfinite(res)) and _finite(state)):
-                if best_state is None:
-                    raise _diverged(step, cfg)
-                reason = "diverged"  # keep the last good checkpoint
+    # (closed on an exception too: a bar left open drew the next fit's a line down)
+    with _progress_bar(cfg) or contextlib.nullcontext() as bar:
+        t_fit0 = time.perf_counter()
+        for step in range(1, cfg.max_steps + 1):
+            loss_t = fitter.step()
+            elapsed = time.perf_counter() - t_fit0
+            res = None
+            if step % epoch == 0:  # the only per-epoch device syncs
+                res = fitter.heldout_residual() if problem.has_holdout else None
+                loss = float(loss_t)
+                improved = res is not None and res < best_res * (1 - cfg.min_improvement)
+                state = fitter.weights() if improved else None
+                if not (math.isfinite(loss) and (res is None or math.isfinite(res)) and _finite(state)):
+                    if best_state is None:
+                        raise _diverged(step, cfg)
+                    reason = "diverged"  # keep the last good checkpoint
+                    break
+            if res is not None:
+                history.append((step, loss, res))
+                if improved:
+                    best_res, best_step, bad_epochs, best_state = res, step, 0, state
+                else:
+                    bad_epochs += 1
+                    if bad_epochs >= cfg.patience and decays < cfg.max_decays:
+                        fitter.decay_lr(cfg.lr_decay)
+                        decays, bad_epochs = decays + 1, 0
+            if bar is not None:
+                bar.update(1)
+                if step % epoch == 0:  # where the loss was read (a read per step would wait for the device each step)
+                    bar.set_postfix(loss=f"{loss:.4g}", holdout=f"{best_res:.4g}")
+            stop = False
+            if callback is not None:
+                want_preview = cfg.preview_every > 0 and step % cfg.preview_every == 0
+                if want_preview or step % epoch == 0:
+                    progress = FitProgress(step, elapsed, float(loss_t), res, want_preview,
+                                           functools.partial(_render_live, fitter))
+                    try:
+                        # only True stops: a lambda's incidental return (a list, plot handles, a tensor) does not
+                        answer = callback(progress)
+                        stop = answer is True or (isinstance(answer, np.bool_) and bool(answer))
+                    finally:
+                        progress._render = None  # a later read would render a later step's model
+            if stop:
+                reason = "callback"
                 break
-        if res is not None:
-            history.append((step, loss, res))
-            if improved:
-                best_res, best_step, bad_epochs, best_state = res, step, 0, state
-            else:
-                bad_epochs += 1
-                if bad_epochs >= cfg.patience and decays < cfg.max_decays:
-                    fitter.decay_lr(cfg.lr_decay)
-                    decays, bad_epochs = decays + 1, 0
-        if bar is not None:
-            bar.update(1)
-            if step % epoch == 0:  # where the loss was read (a read every step would wait for the device every step)
-                bar.set_postfix(loss=f"{loss:.4g}", holdout=f"{best_res:.4g}")
-        stop = False
-        if callback is not None:
-            want_preview = cfg.preview_every > 0 and step % cfg.preview_every == 0
-            if want_preview or step % epoch == 0:
-                progress = FitProgress(step, elapsed, float(loss_t), res, want_preview,
-                                       functools.partial(_render_live, fitter))
-                try:
-                    # only True stops: a lambda's incidental return (a list, plot handles, a tensor) does not
-                    answer = callback(progress)
-                    stop = answer is True or (isinstance(answer, np.bool_) and bool(answer))
-                finally:
-                    progress._render = None  # a later read would render a later step's model
-        if stop:
-            reason = "callback"
-            break
-        if cfg.max_seconds is not None and elapsed >= cfg.max_seconds:
-            reason = "max_seconds"
-            break
-        if problem.has_holdout and step >= cfg.min_steps and bad_epochs >= cfg.patience and decays >= cfg.max_decays:
-            reason = "holdout_converged"
-            break
-    if bar is not None:
-        bar.close()
+            if cfg.max_seconds is not None and elapsed >= cfg.max_seconds:
+                reason = "max_seconds"
+                break
+            if (problem.has_holdout and step >= cfg.min_steps and bad_epochs >= cfg.patience
+                    and decays >= cfg.max_decays):
+                reason = "holdout_converged"
+                break
     t_fit = time.perf_counter() - t_fit0
     # failed, not converged: far above an all-zero image's held-out residual, or converged to hardly below it
     zero_res = fitter.zero_image_residual

@@ -32,7 +32,8 @@ import time
 
 import numpy as np
 import torch
-from ismrmrd.serialization import ProtocolDeserializer
+
+from ._ismrmrd import ismrmrd
 
 from dainr.data import RadialData
 from dainr.sim import simulate
@@ -154,7 +155,7 @@ def _deserializer_alone(acqs) -> dict:
 
     def rate(stream) -> float:
         t0 = time.perf_counter()
-        n = sum(1 for _ in ProtocolDeserializer(stream).deserialize())  # stops at CLOSE
+        n = sum(1 for _ in ismrmrd.serialization.ProtocolDeserializer(stream).deserialize())  # stops at CLOSE
         return n / (time.perf_counter() - t0)
 
     from_memory = rate(io.BytesIO(data))

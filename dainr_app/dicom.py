@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-import ismrmrd
+from ._ismrmrd import ismrmrd
 
 log = logging.getLogger("dainr.dicom")
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"

@@ -20,7 +20,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-import ismrmrd
+from ._ismrmrd import ismrmrd
 import ismrmrd.xsd as xsd
 from xsdata.exceptions import ConverterWarning
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
-import ismrmrd
+from ._ismrmrd import ismrmrd
 import numpy as np
 from ismrmrd.serialization import ConfigText, ISMRMRDMessageID, ProtocolDeserializer, ProtocolSerializer
 

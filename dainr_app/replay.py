@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-import ismrmrd
+from ._ismrmrd import ismrmrd
 from ismrmrd.serialization import ConfigFile, ConfigText, ProtocolSerializer
 
 from .mrd import Key, acquisition_key, iter_acquisitions, open_raw

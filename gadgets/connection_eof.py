@@ -6,6 +6,7 @@ the socket (``recv`` returns ``b""`` at end of stream): a gadget whose Gadgetron
 from __future__ import annotations
 
 import socket
+import warnings
 
 
 def _read(self, nbytes: int) -> bytes:
@@ -21,7 +22,8 @@ def _read(self, nbytes: int) -> bytes:
 def raise_on_eof() -> None:
     """Patch gadgetron-python's socket reader (idempotent); a no-op without gadgetron-python."""
     try:
-        from gadgetron.external.connection import Connection
+        with warnings.catch_warnings():  # gadgetron imports ismrmrd, which resets the filters (dainr_app._ismrmrd)
+            from gadgetron.external.connection import Connection
     except ImportError:
         return
     Connection.SocketWrapper.read = _read

@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-import ismrmrd
+from dainr_app._ismrmrd import ismrmrd
 
 from dainr import DAINRConfig
 from dainr.trajectory import angle_step

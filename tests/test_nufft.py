@@ -1,4 +1,6 @@
 import math
+import threading
+import time
 
 import pytest
 import torch
@@ -90,13 +92,19 @@ def test_finufft_results_do_not_depend_on_the_run_or_the_thread_count():
     threads = torch.get_num_threads()
     try:
         results = {}
-        for n in (1, 2, 1, 2):
+        for n in (1, 2, 1, 2, 3, 4):
             torch.set_num_threads(n)
             results.setdefault(n, []).append((op.coil_adjoint(y, omega), op.forward(x, omega)))
     finally:
         torch.set_num_threads(threads)
-    runs = results[1] + results[2]
+    runs = [run for n in results for run in results[n]]
     assert all(torch.equal(a, runs[0][0]) and torch.equal(f, runs[0][1]) for a, f in runs[1:])
+    # one worker pool, grown to the largest count: a pool per count left 2 + 3 + 4 idle threads (host_share changes
+    # the count as fits start and end, so a long-lived gadget collected pools)
+    deadline = time.monotonic() + 10
+    while sum(t.name.startswith("finufft") for t in threading.enumerate()) > 4 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the replaced pools' threads end once idle
+    assert sum(t.name.startswith("finufft") for t in threading.enumerate()) <= 4
 
 
 def test_bad_backend_and_maps():

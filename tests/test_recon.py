@@ -88,10 +88,15 @@ def test_a_callers_default_device_does_not_move_the_fit(small_scan):
         assert acquired_problem(data, cfg).zero_filled.device.type == "cpu"
         others = [zero_filled(data), temporal_tv(data, iterations=2)["images"], cg_sense(data, iterations=2)["images"],
                   simulate(matrix=16, frames=2, spokes=4, coils=2).data.kdata]
+        d = small_scan.data  # the data constructors too (the README's first line failed)
+        spokes = d.kdata[:2].permute(0, 2, 1, 3).reshape(-1, d.n_coils, d.kdata.shape[-1])
+        built = [RadialData(d.kdata.numpy(), d.traj.numpy(), 32).spoke_mask, d.select_frames([0, 1]).kdata,
+                 d.every_rth_frame(7).kdata, RadialData.from_frames(list(d.kdata), list(d.traj), 32).spoke_mask,
+                 frames_from_spokes(spokes, d.traj[:2].reshape(-1, *d.traj.shape[2:]), None, 32, 9).spoke_mask]
         assert torch.get_default_device().type == "meta"  # the caller's setting stays
     finally:
         torch.set_default_device(None)
-    assert torch.equal(images, expected) and all(t.device.type == "cpu" for t in others)
+    assert torch.equal(images, expected) and all(t.device.type == "cpu" for t in others + built)
 
 
 def test_a_batch_spanning_two_passes_takes_no_frame_twice(small_scan):
@@ -974,6 +979,21 @@ def test_the_progress_bar_reads_the_loss_once_per_epoch(small_scan, monkeypatch)
     without = len(reads)
     reconstruct(small_scan.data, cfg.replace(progress=True))
     assert len(reads) - without <= without + 1, (without, len(reads) - without)  # (it was 19 vs 79)
+
+
+def test_a_fit_that_raises_closes_its_progress_bar(small_scan, monkeypatch):
+    """A bar left open (the traceback kept, as a notebook keeps it) drew the next fit's bar a line down."""
+    import io
+
+    from tqdm import tqdm
+    bars = []  # (shown: pytest's stderr is no terminal, where the bar's disable=None hides it)
+    monkeypatch.setattr("dainr.recon._progress_bar", lambda cfg: bars.append(tqdm(total=9, file=io.StringIO())) or bars[-1])
+
+    def fail(progress):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt) as raised:
+        reconstruct(small_scan.data, DAINRConfig(max_steps=20, device="cpu", progress=True), callback=fail)
+    assert raised.value.__traceback__ is not None and len(bars) == 1 and not list(tqdm._instances)
 
 
 # --- found by a second mutation review: each of these could be broken without a test failing ---------------------

@@ -80,7 +80,8 @@ def normalise_for_extractor(images: torch.Tensor) -> torch.Tensor:
     divides by max."""
     mag = images.abs()
     lo, hi = mag.amin((-2, -1), keepdim=True), mag.amax((-2, -1), keepdim=True)
-    return (mag - lo) / (hi - lo).clamp_min(1e-12) * 2.0 - 1.0
+    span = hi - lo
+    return (mag - lo) / torch.where(span > 0, span, torch.ones_like(span)) * 2.0 - 1.0  # (any units: no floor)
 
 
 def sample_features(features: torch.Tensor, out_hw: Sequence[int], pixel_centred: bool = True) -> torch.Tensor:

@@ -80,17 +80,20 @@ class Problem:
         self.cfg = cfg
         self.device = device
         self.out_matrix = data.matrix
-        kdata, traj = data.kdata.to(device, torch.complex64), data.traj.to(device, torch.float32)
-        spoke_mask = data.spoke_mask.to(device)
+        traj, spoke_mask = data.traj.to(device, torch.float32), data.spoke_mask.to(device)
         self.whitener = None  # W: the fit runs in whitened coil space (data W·y, coil maps W·S)
-        if data.noise is not None:  # (its covariance is computed in float64)
+        if data.noise is None:
+            kdata = data.kdata.to(device, torch.complex64)
+        else:  # (its covariance is computed in float64)
             self.whitener = noise_prewhitener(data.noise.to(device, torch.complex64))
-            kdata = apply_prewhitener(kdata, self.whitener)
+            # in complex128 until the scaling below: data and a noise scan in far apart units (each within
+            # float32's range) whiten to values float32 does not hold
+            kdata = apply_prewhitener(data.kdata.to(device, torch.complex128), self.whitener.to(torch.complex128))
         # divided by a power of two near the peak |k|: exact in float32, so results do not change, but the
         # calibration's sums of squares hold for data at any scale float32 holds
         peak = float(kdata.abs().amax())
         self.scale = 2.0 ** round(math.log2(peak)) if 0 < peak < math.inf else 1.0  # network units → data units
-        kdata = kdata / self.scale
+        kdata = (kdata / self.scale).to(torch.complex64)
         self.matrix = data.matrix
         if cfg.spatial_ratio > 1:
             self.matrix = cfg.fit_matrix(data.matrix)
@@ -147,7 +150,9 @@ class Problem:
             # divided by a power of two near their peak root-sum-of-squares (exact): the fit's gradients (∝ 1/|S|
             # through the SENSE-normalised backward) and clamps then see unit-scale maps whatever units the maps
             # and the noise scan come in (whitened maps scale as 1/σ); the image is map_scale × smaller
-            self.map_scale = 2.0 ** round(0.5 * math.log2(float((coil_maps.abs() ** 2).sum(0).amax())))
+            peak = float(coil_maps.abs().amax())  # (|S|² itself overflows float64 beyond 1e154)
+            self.map_scale = 2.0 ** round(math.log2(peak) + 0.5 * math.log2(float(
+                ((coil_maps / peak).abs() ** 2).sum(0).amax())))
             coil_maps = coil_maps / self.map_scale
             self.scale /= self.map_scale
         self.op = MulticoilNUFFT(coil_maps.to(device, torch.complex64), backend=cfg.nufft_backend)
@@ -176,6 +181,7 @@ class Problem:
         # outputs in the data units of the output grid: a pixel of the fitting grid covers (N/n)² output pixels,
         # so its value is (N/n)² times theirs (spatial ×s: the k-space was cropped, not rescaled)
         self.output_scale = self.scale * (self.matrix / self.out_matrix) ** 2
+        self._check_output_range(given_maps)
 
         self.feature_maps = None
         if cfg.use_features:
@@ -184,6 +190,22 @@ class Problem:
             extractor = FrozenFeatureExtractor(cfg.feature_channels, cfg.feature_seed).to(device)
             self.feature_maps = torch.cat([extractor(x) for x in normalise_for_extractor(self.zero_filled).split(8)])
             self.neighbours = neighbour_frames(self.acquired, range(self.n_out)).to(device)
+
+    def _check_output_range(self, given_maps: bool) -> None:
+        """Refuse outputs float32 cannot hold (they came out inf or 0, without an error): each input is within its
+        range, but given coil maps or a noise scan in units far from the data's put the images beyond it."""
+        peak = float(self.zero_filled.abs().amax()) * self.output_scale
+        if 1e-37 <= peak <= 1e37:  # float32's normal range, with room for the network's overshoot
+            return
+        causes = []
+        if given_maps:
+            causes.append(f"the coil maps' scale (root-sum-of-squares peak {self.map_scale:.3g}) is far from the "
+                          "data's: rescale the maps")
+        if self.whitener is not None:
+            causes.append("the data's scale is far from the noise scan's σ (whitened samples are in units of σ): "
+                          "check the noise scan's units")
+        raise ValueError(f"the images in {'whitened ' if self.whitener is not None else ''}data units would peak near "
+                         f"{peak:.3g}, beyond what float32 holds; {'; or '.join(causes) or 'rescale the data'}")
 
     def coil_maps_in_data_space(self) -> torch.Tensor:
         """The coil maps in the data's (unwhitened) coil space, as ``coil_maps`` arguments take them."""

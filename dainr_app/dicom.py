@@ -276,7 +276,8 @@ def _write_files(images, mags, folder: str, study: Dict[str, str], series_base: 
             ds.WindowWidth = f"{max(1.0, width / slope):.0f}"
         elif _first(meta, "WindowCenter") is not None or _first(meta, "WindowWidth") is not None:
             unreadable_window += 1
-        ds.PixelData = np.round(mag / slope).clip(0, 65535).astype("<u2").tobytes()
+        # (float64: a float32 image's division by a slope below float32's range gave inf, a white series)
+        ds.PixelData = np.round(mag.astype(np.float64) / slope).clip(0, 65535).astype("<u2").tobytes()
         pydicom.dcmwrite(path, ds, enforce_file_format=True)
         paths.append(path)
     if unreadable_window:

@@ -11,8 +11,9 @@ from .files import replaced_whole
 
 def _to_uint8(frames: np.ndarray) -> np.ndarray:
     mag = np.abs(np.asarray(frames)).astype(np.float64)
-    hi = np.percentile(mag, 99.5) if mag.size else 1.0
-    return (np.clip(mag / max(hi, 1e-12), 0, 1) * 255).astype(np.uint8)
+    hi = np.percentile(mag, 99.5) if mag.size else 0.0
+    hi = hi if hi > 0 else (mag.max() if mag.size else 0.0)  # (a floor such as 1e-12 blacked out small units)
+    return (np.clip(mag / hi, 0, 1) * 255).astype(np.uint8) if hi > 0 else np.zeros(mag.shape, np.uint8)
 
 
 def _nearest(n: int, N: int) -> np.ndarray:

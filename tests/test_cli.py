@@ -877,6 +877,9 @@ def test_preview_panels_of_any_size_ratio_line_up():
     out = side_by_side([big, small, np.ones((2, 16, 16))])
     assert out.shape == (2, 32, 96) and out.dtype == np.uint8
     assert (out[:, :, 32:] == 255).all()  # the constant panels stay constant after resizing
+    for scale in (1e-15, 1e-300):  # a floor of 1e-12 blacked out images in small units
+        assert np.array_equal(side_by_side([big * scale]), side_by_side([big]))
+    assert not side_by_side([np.zeros((2, 8, 8))]).any()
     from dainr.model import GridUpsampling
     from dainr_app.preview import _nearest
 

@@ -382,6 +382,19 @@ def test_the_window_is_at_least_one_stored_value_and_written_only_when_whole(tmp
         assert "2 image(s) with a WindowCenter/WindowWidth that is not a pair of finite numbers" in caplog.text
 
 
+def test_images_in_tiny_units_keep_their_stored_values(tmp_path):
+    """A float32 image divided by a slope below float32's range gave inf: at 1e-44 the series was all white, at
+    1e-40 its values 20 % high (MRD images from another tool; ours stay above 1e-37)."""
+    frames = np.random.default_rng(0).uniform(0.1, 1, (2, 16, 16)).astype(np.float32)
+    stored = {}
+    for scale in (1.0, 1e-40, 1e-44):
+        images = make_images(frames * np.float32(scale), 1, 0, (320.0, 320.0, 8.0), Geometry())
+        ds = pydicom.dcmread(mrd_to_dicom({1: images}, str(tmp_path / f"s{scale:g}"))[1][0])
+        stored[scale] = ds.pixel_array.astype(int)
+    assert np.abs(stored[1e-40] - stored[1.0]).max() <= 2  # (1e-40 is a float32 denormal: 5 digits)
+    assert stored[1e-44].max() == 65535 and stored[1e-44].min() < 30000  # (1e-44: 7 steps of 1.4e-45)
+
+
 def test_interpolated_frames_keep_their_comment_and_not_the_series_description(tmp_path):
     images = make_images(np.ones((3, 8, 8), np.float32), 1, 0, (200.0, 200.0, 8.0), Geometry(),
                          acquired_frames=[1])

@@ -41,3 +41,6 @@ def test_metrics_edge_cases_are_clear(recwarn):
             psnr_ssim(x[:, :h, :w], x[:, :h, :w])
     with pytest.raises(ValueError, match="must be frames of the same shape"):
         psnr_ssim(x, x[:2])
+    for scale in (1e-13, 1e-200):  # a floor of 1e-12 on the range flattened them: 12 dB against themselves
+        assert psnr_ssim(x * scale, x)["psnr"] > 100 and psnr_ssim(x * scale, x)["ssim"] == pytest.approx(1)
+    assert psnr_ssim(np.zeros_like(x), x)["psnr"] < 10  # a constant frame is all 0

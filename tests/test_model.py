@@ -103,6 +103,8 @@ def test_extractor_input_normalisation_is_per_frame():
     n = normalise_for_extractor(z)
     assert torch.equal(n.amin((1, 2)), -torch.ones(3)) and torch.equal(n.amax((1, 2)), torch.ones(3))
     assert torch.allclose(n[1], normalise_for_extractor(z[1:2] * 2)[0])  # a frame's scale does not matter
+    assert torch.allclose(n[1], normalise_for_extractor(z[1:2] * 1e-15)[0], atol=1e-5)  # (a 1e-12 floor flattened it)
+    assert torch.equal(normalise_for_extractor(torch.ones(1, 4, 4, dtype=torch.complex64)), -torch.ones(1, 4, 4))
 
 
 def test_extractor_weights_are_drawn_in_mdsrs_order():

@@ -491,6 +491,27 @@ def test_samples_float32_cannot_hold_are_refused_clearly(small_scan):
         zero_filled(RadialData(d.kdata, d.traj, 32, noise=bad), DAINRConfig(device="cpu"))
 
 
+def test_maps_and_noise_scans_in_units_far_from_the_datas(small_scan):
+    """Each input within float32's range, together beyond it: maps at 1e155 overflowed |S|² (OverflowError), maps at
+    1e-40 gave all-inf images without an error, and data 1e36 times the noise scan's σ failed Walsh's eigh
+    (LinAlgError) or read "the k-space is all zero"."""
+    d = small_scan.data
+    cfg = DAINRConfig(device="cpu")
+    maps = acquired_problem(d, cfg).coil_maps_in_data_space().to(torch.complex128)
+    ref = zero_filled(d, cfg, maps)
+    for scale in (2.0 ** 100, 2.0 ** -100):  # far, still representable: the same images, scaled
+        assert torch.allclose(zero_filled(d, cfg, maps * scale) * scale, ref, rtol=1e-4, atol=1e-4 * ref.abs().max())
+    for scale in (1e155, 1e-170, 1e-40):
+        with pytest.raises(ValueError, match=r"beyond what float32 holds; the coil maps' scale .* rescale the maps"):
+            zero_filled(d, cfg, maps * scale)
+    white = zero_filled(d, cfg)
+    far = zero_filled(RadialData(d.kdata * 1e18, d.traj, 32, noise=d.noise * 1e-18), cfg)  # whitened in float64
+    assert torch.allclose(far / 1e36, white, rtol=1e-3, atol=1e-3 * white.abs().max())
+    for k, n in ((1e25, 1e-14), (1e-28, 1e16), (1e-29, 1e20)):
+        with pytest.raises(ValueError, match=r"whitened data units .* far from the noise scan's σ"):
+            zero_filled(RadialData(d.kdata * k, d.traj, 32, noise=d.noise * n), cfg)
+
+
 def test_numpy_arrays_torch_cannot_view_are_taken(small_scan):
     """Reversed (negative-stride) and big-endian arrays (HDF5, MAT loaders) gave torch's raw errors."""
     d = small_scan.data

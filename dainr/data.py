@@ -23,9 +23,11 @@ def is_count(value, least: int = 1) -> bool:
 
 def as_tensor(x) -> torch.Tensor:
     """``torch.as_tensor``, also for numpy arrays torch cannot view: negative strides (``a[..., ::-1]``) and a
-    non-native byte order (big-endian arrays from HDF5 or MAT files)."""
-    if isinstance(x, np.ndarray) and (any(s < 0 for s in x.strides) or not x.dtype.isnative):
-        x = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))
+    non-native byte order (big-endian arrays from HDF5 or MAT files), and read-only ones (``np.load(mmap_mode="r")``,
+    ``np.frombuffer``: torch warned of undefined behaviour on writes, which the package never makes) as a copy."""
+    if isinstance(x, np.ndarray) and (any(s < 0 for s in x.strides) or not x.dtype.isnative
+                                      or not x.flags.writeable):
+        x = np.array(x, dtype=x.dtype.newbyteorder("="), order="C")  # (a copy)
     return torch.as_tensor(x)
 
 

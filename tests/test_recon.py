@@ -1,4 +1,5 @@
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -522,6 +523,12 @@ def test_numpy_arrays_torch_cannot_view_are_taken(small_scan):
                        ref)
     flipped = RadialData(k[:, :, ::-1], t[:, ::-1], 32, d.spoke_mask.numpy()[:, ::-1], noise[::-1, ::-1])
     assert torch.equal(flipped.kdata, d.kdata.flip(2)) and torch.equal(flipped.noise, d.noise.flip(0, 1))
+    read_only = [a.copy() for a in (k, t, noise)]
+    for a in read_only:
+        a.flags.writeable = False  # (np.load(mmap_mode="r"), np.frombuffer): torch's "not writable" warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(zero_filled(RadialData(*read_only[:2], 32, noise=read_only[2]), cfg), ref)
     framed = RadialData.from_frames([f[:, ::-1] for f in k.astype(">c8")], list(t[:, ::-1]), 32)
     assert torch.equal(framed.kdata, d.kdata.flip(2))
     spokes_k, spokes_t = k.transpose(0, 2, 1, 3).reshape(-1, 4, k.shape[-1]), t.reshape(-1, *t.shape[2:])

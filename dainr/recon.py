@@ -81,19 +81,21 @@ class Problem:
         self.device = device
         self.out_matrix = data.matrix
         traj, spoke_mask = data.traj.to(device, torch.float32), data.spoke_mask.to(device)
+        kdata = data.kdata.to(device, torch.complex64)
+        self.scale = 1.0  # network units → (whitened) data units
         self.whitener = None  # W: the fit runs in whitened coil space (data W·y, coil maps W·S)
-        if data.noise is None:
-            kdata = data.kdata.to(device, torch.complex64)
-        else:  # (its covariance is computed in float64)
+        if data.noise is not None:  # (its covariance is computed in float64)
             self.whitener = noise_prewhitener(data.noise.to(device, torch.complex64))
-            # in complex128 until the scaling below: data and a noise scan in far apart units (each within
-            # float32's range) whiten to values float32 does not hold
-            kdata = apply_prewhitener(data.kdata.to(device, torch.complex128), self.whitener.to(torch.complex128))
+            # data and a noise scan in far apart units (each within float32's range) whiten to values float32
+            # does not hold: both divided by a power of two near their peaks first (exact, so no result changes)
+            k_scale, w_scale = _power_of_two(kdata), _power_of_two(self.whitener)
+            kdata = apply_prewhitener(kdata / k_scale, self.whitener / w_scale)
+            self.scale = k_scale * w_scale
         # divided by a power of two near the peak |k|: exact in float32, so results do not change, but the
         # calibration's sums of squares hold for data at any scale float32 holds
-        peak = float(kdata.abs().amax())
-        self.scale = 2.0 ** round(math.log2(peak)) if 0 < peak < math.inf else 1.0  # network units → data units
-        kdata = (kdata / self.scale).to(torch.complex64)
+        p2 = _power_of_two(kdata)
+        self.scale *= p2
+        kdata = kdata / p2
         self.matrix = data.matrix
         if cfg.spatial_ratio > 1:
             self.matrix = cfg.fit_matrix(data.matrix)
@@ -569,6 +571,12 @@ def _diverged(step: int, cfg: DAINRConfig) -> ValueError:
 def _render_live(fitter: Fitter) -> torch.Tensor:
     with fitter.swapped_ema():
         return fitter.render()
+
+
+def _power_of_two(x: torch.Tensor) -> float:
+    """A power of two near the peak |x| (1 for all-zero or non-finite ``x``): dividing by it is exact."""
+    peak = float(x.abs().amax())
+    return 2.0 ** round(math.log2(peak)) if 0 < peak < math.inf else 1.0
 
 
 def _progress_bar(cfg: DAINRConfig):

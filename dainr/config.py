@@ -327,10 +327,10 @@ class DAINRConfig:
         grid = changes.pop("grid", self.grid)
         if isinstance(grid, dict):
             grid = GridConfig(**grid)
-        if grid_changes:
-            if not isinstance(grid, GridConfig):
-                raise ValueError(f"invalid DAINRConfig: grid must be a GridConfig or a dict, got {grid!r}")
-            grid = dataclasses.replace(grid, **grid_changes)
+        if isinstance(grid, GridConfig):
+            grid = dataclasses.replace(grid, **grid_changes)  # a copy: the copy's grid is its own
+        elif grid_changes:
+            raise ValueError(f"invalid DAINRConfig: grid must be a GridConfig or a dict, got {grid!r}")
         return dataclasses.replace(self, grid=grid, **changes)
 
     def to_dict(self) -> dict:

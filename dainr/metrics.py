@@ -25,7 +25,7 @@ def minmax(frames) -> np.ndarray:
     lo = mag.min(axis=(-2, -1), keepdims=True)
     hi = mag.max(axis=(-2, -1), keepdims=True)
     span = hi - lo  # (a floor such as 1e-12 flattened images in small units: 1e-13 scored 12 dB against itself)
-    return np.divide(mag - lo, span, out=np.zeros_like(mag), where=span > 0)
+    return np.divide(mag - lo, span, out=np.zeros_like(mag), where=span != 0)  # (a NaN frame stays NaN)
 
 
 def psnr_ssim(recon, reference) -> Dict[str, Any]:

@@ -89,7 +89,8 @@ class Problem:
             # data and a noise scan in far apart units (each within float32's range) whiten to values float32
             # does not hold: both divided by a power of two near their peaks first (exact, so no result changes)
             k_scale, w_scale = _power_of_two(kdata), _power_of_two(self.whitener)
-            kdata = apply_prewhitener(kdata / k_scale, self.whitener / w_scale)
+            kdata = kdata / k_scale  # (its own line: the device copy of the input goes before the product is made)
+            kdata = apply_prewhitener(kdata, self.whitener / w_scale)
             self.scale = k_scale * w_scale
         # divided by a power of two near the peak |k|: exact in float32, so results do not change, but the
         # calibration's sums of squares hold for data at any scale float32 holds

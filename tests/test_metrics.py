@@ -44,3 +44,6 @@ def test_metrics_edge_cases_are_clear(recwarn):
     for scale in (1e-13, 1e-200):  # a floor of 1e-12 on the range flattened them: 12 dB against themselves
         assert psnr_ssim(x * scale, x)["psnr"] > 100 and psnr_ssim(x * scale, x)["ssim"] == pytest.approx(1)
     assert psnr_ssim(np.zeros_like(x), x)["psnr"] < 10  # a constant frame is all 0
+    broken = x.copy()
+    broken[1, 3, 3] = np.nan  # a frame with a NaN scores NaN, not as a black frame
+    assert np.isnan(psnr_ssim(broken, x)["psnr_frames"][1]) and not np.isnan(psnr_ssim(broken, x)["psnr_frames"][0])

@@ -34,6 +34,10 @@ def test_grid_cap_stops_the_finest_level_below_the_fitting_matrix():
     assert cfg.replace(grid=GridConfig(num_levels=8)).grid.num_levels == 8
     assert cfg.replace(grid=dict(num_levels=8), grid_base_resolution=8).grid == GridConfig(num_levels=8,
                                                                                            base_resolution=8)
+    given = GridConfig()
+    assert cfg.replace(lr=0.1).grid is not cfg.grid and cfg.replace(grid=given).grid is not given  # copies
+    with pytest.raises(ValueError, match="grid must be a GridConfig or a dict, got None"):
+        cfg.replace(grid=None, grid_num_levels=4)
     capped, ref = (sum(p.numel() for p in DAINR(c.model_config(128)).grid.parameters())
                    for c in (cfg, cfg.replace(cap_grid_at_matrix=False)))
     assert capped < 200_000 < 5_000_000 < ref

@@ -1,4 +1,5 @@
 import math
+import os
 import threading
 import time
 
@@ -105,6 +106,39 @@ def test_finufft_results_do_not_depend_on_the_run_or_the_thread_count():
     while sum(t.name.startswith("finufft") for t in threading.enumerate()) > 4 and time.monotonic() < deadline:
         time.sleep(0.05)  # the replaced pools' threads end once idle
     assert sum(t.name.startswith("finufft") for t in threading.enumerate()) <= 4
+
+
+@pytest.mark.skipif(not finufft_available(), reason="finufft not installed")
+def test_finufft_calls_run_side_by_side_and_in_a_forked_child():
+    """The calls are drained by as many workers as threads; a forked child (the gadget server forks per scan) gets
+    a pool of its own: the parent's, inherited without its threads, hung the child's first call forever."""
+    import subprocess
+    import sys
+
+    from dainr.nufft import _finufft_calls
+
+    threads, names = torch.get_num_threads(), set()
+    torch.set_num_threads(2)
+    try:
+        _finufft_calls(lambda b, coils: (names.add(threading.current_thread().name), time.sleep(0.05)), 2, 7, 10 ** 6)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(names) == 2
+    probe = ("import os, signal, time, torch\n"
+             "from dainr.nufft import _finufft_calls\n"
+             "torch.set_num_threads(2)\n"
+             "done = []\n"
+             "call = lambda b, c: (done.append(b), time.sleep(0.05))  # slow enough that both workers start\n"
+             "_finufft_calls(call, 2, 7, 10 ** 6)\n"
+             "pid = os.fork()\n"
+             "if pid == 0:\n"
+             "    signal.alarm(30)  # a hung child ends too\n"
+             "    _finufft_calls(call, 2, 7, 10 ** 6)\n"
+             "    os._exit(0 if len(done) == 8 else 3)\n"
+             "assert os.waitpid(pid, 0)[1] == 0\n")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def test_bad_backend_and_maps():

@@ -1,4 +1,5 @@
 import dataclasses
+import math
 import warnings
 
 import numpy as np
@@ -7,7 +8,7 @@ import torch
 
 from dainr import DAINRConfig, RadialData, reconstruct, zero_filled
 from dainr.baselines import cg_sense, cg_sense_holdout_iterations, temporal_tv, temporal_tv_holdout_lambda
-from dainr.data import frames_from_spokes
+from dainr.data import frame_groups, frames_from_spokes
 from dainr.memory import estimate_memory
 from dainr.metrics import psnr_ssim
 from dainr.recon import Problem, acquired_problem, epoch_steps
@@ -93,7 +94,8 @@ def test_a_callers_default_device_does_not_move_the_fit(small_scan):
         spokes = d.kdata[:2].permute(0, 2, 1, 3).reshape(-1, d.n_coils, d.kdata.shape[-1])
         built = [RadialData(d.kdata.numpy(), d.traj.numpy(), 32).spoke_mask, d.select_frames([0, 1]).kdata,
                  d.every_rth_frame(7).kdata, RadialData.from_frames(list(d.kdata), list(d.traj), 32).spoke_mask,
-                 frames_from_spokes(spokes, d.traj[:2].reshape(-1, *d.traj.shape[2:]), None, 32, 9).spoke_mask]
+                 frames_from_spokes(spokes, d.traj[:2].reshape(-1, *d.traj.shape[2:]), None, 32, 9).spoke_mask,
+                 *frame_groups(10, None, 3)]  # (the MRD reader calls it directly)
         assert torch.get_default_device().type == "meta"  # the caller's setting stays
     finally:
         torch.set_default_device(None)
@@ -490,6 +492,15 @@ def test_samples_float32_cannot_hold_are_refused_clearly(small_scan):
     bad[0, 0] = float("inf")  # an Inf noise sample: the prewhitener's own message, not the range's
     with pytest.raises(ValueError, match="NaN or Inf"):
         zero_filled(RadialData(d.kdata, d.traj, 32, noise=bad), DAINRConfig(device="cpu"))
+
+
+def test_data_are_scaled_by_exact_powers_of_two():
+    from dainr.recon import _power_of_two
+
+    for peak in (3e-20, 1.0, 0.7, 5e25):
+        p2 = _power_of_two(torch.tensor([peak / 2, -peak]))
+        assert math.frexp(p2)[0] == 0.5 and 0.7 < peak / p2 < 1.5
+    assert _power_of_two(torch.zeros(3)) == 1.0 and _power_of_two(torch.tensor([float("inf")])) == 1.0
 
 
 def test_maps_and_noise_scans_in_units_far_from_the_datas(small_scan):

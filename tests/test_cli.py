@@ -822,6 +822,26 @@ def test_bench_seeded_ablations_pair_the_models_by_seed(monkeypatch):
     assert set(out["ssim"]) == set(psnr)
 
 
+def test_bench_temporal2_scores_the_frames_between_fitted_ones_against_their_neighbours_mean(monkeypatch):
+    from dainr import reconstruct
+    from dainr.metrics import psnr_ssim
+    from dainr.sim import simulate
+    from dainr_app import bench
+
+    scan = simulate(16, 23, 4, 2, noise_level=0.02)
+    monkeypatch.setattr(bench, "_phantom_scan", lambda spokes: scan)
+    fits = []
+    monkeypatch.setattr(bench, "reconstruct", lambda data, cfg: fits.append(reconstruct(
+        data, cfg.replace(max_steps=3, device="cpu"))) or fits[-1])
+    out = bench.case_temporal2()
+    images, between = fits[0].images, list(range(1, 22, 2))  # ours: fitted 0, 2, …, 22
+    blend = (images[[i - 1 for i in between]] + images[[i + 1 for i in between]]) / 2
+    assert out["ours"]["neighbour_mean_psnr"] == pytest.approx(psnr_ssim(blend, scan.ground_truth[between])["psnr"])
+    assert out["ours"]["interpolated_psnr"] == pytest.approx(
+        psnr_ssim(images[between], scan.ground_truth[between])["psnr"])
+    assert "extrapolated_psnr" in out["reference"] and "extrapolated_psnr" not in out["ours"]
+
+
 def test_bench_sweep_reaches_the_fit():
     from dainr.sim import simulate
     from dainr_app import bench

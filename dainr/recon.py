@@ -23,7 +23,7 @@ import torch
 
 from .coils import apply_prewhitener, noise_prewhitener, walsh_coil_maps
 from .config import DAINRConfig
-from .data import RadialData, is_count
+from .data import RadialData, as_tensor, is_count
 from .features import FrozenFeatureExtractor, neighbour_frames, normalise_for_extractor, sample_features
 from .memory import check_memory, render_batch
 from .model import DAINR, GridUpsampling, pixel_grid
@@ -626,7 +626,7 @@ def upsample_bilinear(images: torch.Tensor, size: int) -> torch.Tensor:
     baseline), on the FFT-grid geometry of :class:`~dainr.model.GridUpsampling`; numpy arrays are taken.  A ``size``
     below n samples the frames at the coarser grid's points, with no anti-aliasing."""
     if isinstance(images, np.ndarray):
-        images = torch.from_numpy(np.ascontiguousarray(images))
+        images = as_tensor(images)
     if not isinstance(images, torch.Tensor) or images.ndim < 2 or images.shape[-1] != images.shape[-2]:
         raise ValueError(f"images must be a tensor of square frames (..., n, n), got "
                          f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")

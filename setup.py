@@ -22,9 +22,9 @@ setup(
         "scikit-image>=0.24",
         "h5py>=3.11",
         "ismrmrd>=1.15",
-        "defusedxml>=0.7",
-        "gadgetron>=1.4",  # the external-gadget runtime (python -m gadgetron PORT MODULE TARGET)
-        "pillow>=9.0",
+        "defusedxml>=0.7.1",  # 0.7.0 raised its own ParseError, not ElementTree's: malformed XML reached clients raw
+        "gadgetron>=1.4.1",  # the external-gadget runtime (python -m gadgetron PORT MODULE TARGET)
+        "pillow>=9.1",  # scikit-image 0.24 needs it
         "pydicom>=3.0.1",  # dcmwrite(enforce_file_format=); 3.0.0 fetches example files over the network at import
         "tqdm>=4.60",
     ],

@@ -125,7 +125,6 @@ class RadialData:
             if bool(torch.isfinite(torch.view_as_real(self.noise)).all()):  # (NaN/Inf: the prewhitener says so)
                 check_float32_range(self.noise, "noise")
 
-    @library_defaults
     def select_frames(self, frames: Sequence[int]) -> "RadialData":
         """The given frames only, e.g. ``range(0, n, r)`` to fit every r-th frame (temporal interpolation)."""
         idx = list(frames)

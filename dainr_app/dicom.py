@@ -181,11 +181,10 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str
     os.makedirs(stage)
     try:
         staged = _write_files(images, mags, stage, study, series_base, uid_prefix, folder)
-    except OSError as exc:
+    except BaseException as exc:  # (a full disk, Ctrl-C, a bug): no staging folder left behind
         shutil.rmtree(stage, ignore_errors=True)
-        raise OSError(exc.errno, f"cannot write DICOM series {folder}: {exc.strerror or exc}") from None
-    except BaseException:  # (Ctrl-C, a bug): no staging folder left behind either
-        shutil.rmtree(stage, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise OSError(exc.errno, f"cannot write DICOM series {folder}: {exc.strerror or exc}") from None
         raise
     for name in os.listdir(folder):
         if FILE_NAME.fullmatch(name):

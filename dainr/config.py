@@ -334,7 +334,17 @@ class DAINRConfig:
         return dataclasses.replace(self, grid=grid, **changes)
 
     def to_dict(self) -> dict:
+        """Every field (the grid's as a nested dict): ``DAINRConfig(**cfg.to_dict()) == cfg``."""
         return dataclasses.asdict(self)
+
+    def changes(self) -> dict:
+        """The fields that differ from the defaults, the grid's as ``grid_<name>``:
+        ``DAINRConfig().replace(**cfg.changes()) == cfg``."""
+        default = DAINRConfig()
+        out = {f"grid_{k}": v for k, v in dataclasses.asdict(self.grid).items() if getattr(default.grid, k) != v}
+        out.update((f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
+                   if f.name != "grid" and getattr(self, f.name) != getattr(default, f.name))
+        return out
 
     def fit_matrix(self, matrix: int) -> int:
         """The matrix the network is fitted at: ``matrix``, or for spatial ×s ``int(matrix / s)`` rounded up to even

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -28,7 +30,7 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 
-from dainr import DAINRConfig, reconstruct, upsample_bilinear
+from dainr import DAINRConfig, __version__, reconstruct, upsample_bilinear
 from dainr.baselines import cg_sense, temporal_tv, temporal_tv_holdout_lambda
 from dainr.memory import proc_bytes
 from dainr.metrics import psnr_ssim
@@ -491,7 +493,17 @@ def _run_inline(name: str, threads: int) -> dict:
     result = CASES[name]()
     result["case_seconds"] = time.perf_counter() - t0
     result["peak_rss_mb"] = peak_rss_bytes() / 2**20
+    result["environment"] = environment(threads)
     return result
+
+
+def environment(threads: int) -> dict:
+    """Where and when a case ran: results.json keeps the cases of several runs side by side."""
+    cuda = torch.cuda.is_available()
+    return dict(finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                dainr=__version__, torch=torch.__version__, numpy=np.__version__, python=platform.python_version(),
+                device=torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
+                threads=threads)
 
 
 def main(args) -> int:

@@ -11,7 +11,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from dainr import DAINRConfig
+from dainr import DAINRConfig, __version__
 from dainr.config import NUFFT_BACKENDS
 from dainr.metrics import psnr_ssim
 
@@ -143,7 +143,8 @@ def run_recon(raw: str, output: str, cfg: DAINRConfig, series: int = 1, preview:
                 raise
             print(f"dainr recon: warning: {exc}: the images are not scored", file=sys.stderr)
     with hdf5_output(output) as out:  # written onto ``output`` once every slice is reconstructed
-        summaries, panels = _recon_slices(scan, out, group, cfg, series, output_type, truth_images, quiet)
+        summaries, panels = _recon_slices(scan, out, group, cfg, series, output_type, truth_images, quiet,
+                                          dict(spokes_per_frame=spokes_per_frame, golden_angle=golden_angle))
         write_header(out, scan.header_text, group)  # the patient and study, for `dainr dicom`
     if preview:
         write_preview(preview, panels)
@@ -208,8 +209,8 @@ def matching_truth(images: np.ndarray, scan, path: str) -> np.ndarray:
 
 
 def _recon_slices(scan, output, group: str, cfg: DAINRConfig, series: int, output_type: str,
-                  truth_images: Optional[np.ndarray], quiet: bool):
-    from .mrd import fit_history, index_strides, make_images, write_images
+                  truth_images: Optional[np.ndarray], quiet: bool, read_options: dict):
+    from .mrd import changed_settings, fit_history, fit_provenance, index_strides, make_images, write_images
 
     summaries, panels, strides = [], [], index_strides(scan.header)
     for (s, contrast, repetition, set_index), raw_slice in scan.slices.items():
@@ -224,12 +225,14 @@ def _recon_slices(scan, output, group: str, cfg: DAINRConfig, series: int, outpu
                              history=history, repetition=repetition, contrast=contrast, set_index=set_index,
                              first_phase=raw_slice.first_phase, time_stamps=raw_slice.time_stamps,
                              measurement_uid=raw_slice.measurement_uid, strides=strides,
-                             acquired_frames=result.acquired_frames)
+                             acquired_frames=result.acquired_frames,
+                             provenance=fit_provenance(cfg, info, **read_options))
         write_images(output, images, group)
         summary = dict(slice=s, contrast=contrast, repetition=repetition, set=set_index, frames=len(images), seconds=round(seconds, 2), steps=info["steps"],
                        stop_reason=info["stop_reason"], fit_matrix=info["fit_matrix"],
                        seconds_per_step=round(info["seconds_per_step"], 4),
-                       device=info["device"], nufft=info["nufft_backend"])
+                       device=info["device"], nufft=info["nufft_backend"], dainr=__version__,
+                       config=changed_settings(cfg))
         if truth_images is not None:
             gt = truth_images[s]
             m = psnr_ssim(result.images, gt)
@@ -267,7 +270,7 @@ def cmd_demo(args) -> int:
     from dainr import zero_filled
 
     from .dicom import mrd_to_dicom
-    from .mrd import processing_history, read_raw
+    from .mrd import changed_settings, processing_history, provenance, read_raw
     from .preview import write_preview
     from .replay import file_items, replay, timing_table
     from .server import Server, ServerOptions
@@ -301,9 +304,10 @@ def cmd_demo(args) -> int:
     zf = zero_filled(next(iter(read_raw(raw).slices.values())).data).numpy()
     write_preview(gif, [truth, zf, frames])
     ours, base = psnr_ssim(frames, truth), psnr_ssim(zf, truth)
-    history = processing_history(res.images[1][0])
+    history, made_by = processing_history(res.images[1][0]), provenance(res.images[1][0])
     summary = dict(psnr=round(ours["psnr"], 2), ssim=round(ours["ssim"], 4), zero_filled_psnr=round(base["psnr"], 2),
                    zero_filled_ssim=round(base["ssim"], 4), reconstruction=history,
+                   software=made_by["software"], config=changed_settings(made_by["config"]),
                    replay_seconds=round(res.total_seconds, 2), images=res.n_images,
                    dicom_files=sum(len(v) for v in written.values()))
     with open(os.path.join(args.outdir, "metrics.json"), "w") as fh:

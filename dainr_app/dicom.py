@@ -13,6 +13,7 @@ does.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ log = logging.getLogger("dainr.dicom")
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 TICK_MS = 2.5  # the MRD time stamps' unit, as scanners (Siemens) and Gadgetron count them
 FILE_NAME = re.compile(r"IM_\d{5}_s\d{3}\.dcm")  # what write_series names its files
+FIT_SECONDS = re.compile(r", [0-9.]+ s on [^,]+")  # in the history entry of mrd.fit_history: time and device
 UID_ROOT = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")  # the components of a DICOM UID
 # the value representations' maximum lengths (characters) of the text attributes taken from the MRD header
 MAX_LENGTH = dict(PatientName=64, PatientID=64, StudyID=16, AccessionNumber=16, ReferringPhysicianName=64,
@@ -269,6 +271,7 @@ def _write_files(images, mags, folder: str, study: Dict[str, str], series_base: 
         # LUT, and after one the window of images in data units (≈ 1) would be below DICOM's minimum width 1);
         # the data units stay recoverable through the Real World Value Mapping, which does not change the display
         ds.RealWorldValueMappingSequence = [_real_world_value_mapping(slope)]
+        _derivation(ds, im)
         center, width = (_number(_first(meta, key)) for key in ("WindowCenter", "WindowWidth"))
         if center is not None and width is not None:
             ds.WindowCenter = f"{center / slope:.0f}"
@@ -286,6 +289,40 @@ def _write_files(images, mags, folder: str, study: Dict[str, str], series_base: 
         log.warning("%s: %d image(s) without read/phase directions (zeros in the raw data): written as an axial "
                     "slice, ImageOrientationPatient 1\\0\\0\\0\\1\\0", label, unset)
     return paths
+
+
+def _derivation(ds, image) -> None:
+    """What produced the image, from its meta (:func:`~dainr_app.mrd.fit_provenance`): ``DerivationDescription``
+    (the fit's processing history and the settings that differ from the defaults), and for DA-INR's images
+    ``SoftwareVersions`` and a ``ContributingEquipmentSequence`` item naming DA-INR as the processing equipment
+    (the General Equipment attributes stay the scanner's, from the raw header)."""
+    from pydicom.dataset import Dataset
+
+    from .mrd import changed_settings, processing_history, provenance
+
+    try:
+        history, made_by = processing_history(image), provenance(image)
+    except (ValueError, TypeError):  # meta another program wrote, malformed: the image is exported without them
+        return
+    # without the fit's wall time: a re-run's identical pixels are the same instances (their UIDs), with the same
+    # attributes
+    history = FIT_SECONDS.sub("", history)
+    settings, options = made_by.get("config"), made_by.get("read_options")
+    description = history + (f"; settings: {json.dumps(changed_settings(settings))}" if settings else "") \
+        + (f"; read options: {json.dumps(options)}" if options else "")
+    if description:
+        ds.DerivationDescription = description[:1024]  # (ST)
+    if "software" not in made_by:
+        return
+    versions = [v[:64] for v in made_by["software"]]  # (LO)
+    purpose = Dataset()
+    purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = "109102", "DCM", "Processing Equipment"
+    equipment = Dataset()
+    equipment.Manufacturer, equipment.SoftwareVersions = "DA-INR (dainr)", versions
+    equipment.PurposeOfReferenceCodeSequence = [purpose]
+    if history:
+        equipment.ContributionDescription = history[:1024]  # (ST)
+    ds.SoftwareVersions, ds.ContributingEquipmentSequence = versions, [equipment]
 
 
 def _real_world_value_mapping(slope: float):

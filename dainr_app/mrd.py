@@ -9,7 +9,9 @@ cycles/pixel, ``idx.kspace_encode_step_1`` = global spoke counter, ``idx.phase``
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import io
+import json
 import logging
 import math
 import os
@@ -24,7 +26,8 @@ from ._ismrmrd import ismrmrd
 import ismrmrd.xsd as xsd
 from xsdata.exceptions import ConverterWarning
 
-from dainr.config import GOLDEN_ANGLE_DEG
+from dainr import __version__
+from dainr.config import GOLDEN_ANGLE_DEG, DAINRConfig
 from dainr.data import RadialData, frame_groups, frames_from_spokes
 from dainr.trajectory import angle_step, radial_trajectory
 
@@ -695,11 +698,12 @@ def make_images(frames: np.ndarray, series: int, slice_index: int, fov_mm: Seque
                 repetition: int = 0, contrast: int = 0, set_index: int = 0, first_phase: int = 0,
                 time_stamps: Optional[np.ndarray] = None, measurement_uid: int = 0,
                 strides: Tuple[int, int, int, int] = (1, 1, 1, 1),
-                acquired_frames: Optional[Sequence[int]] = None) -> List["ismrmrd.Image"]:
+                acquired_frames: Optional[Sequence[int]] = None,
+                provenance: Optional[Dict[str, object]] = None) -> List["ismrmrd.Image"]:
     """One ``ismrmrd.Image`` per frame with series/index/geometry/meta set (both meta key families);
     ``time_stamps`` (:attr:`RawSlice.time_stamps`, one row per frame) give each image its frame's time stamps;
     frames not among ``acquired_frames`` (temporal ×r: not fitted; None: every frame fitted) say so in their
-    ``ImageComment``.
+    ``ImageComment``; ``provenance`` (:func:`fit_provenance`) is added to every image's meta.
 
     ``image_index`` numbers the series' images as Gadgetron's recon gadgets do (``ImageArraySendMixin``): slice
     fastest, then contrast, frame, set and repetition, with ``strides`` = (slices, contrasts, phases, sets) from
@@ -748,6 +752,8 @@ def make_images(frames: np.ndarray, series: int, slice_index: int, fov_mm: Seque
             meta[prefix + "ImageProcessingHistory"] = list(history) or ["DA-INR"]
         meta["ImageRowDir"] = [f"{v:.6f}" for v in geometry.read_dir]
         meta["ImageColumnDir"] = [f"{v:.6f}" for v in geometry.phase_dir]
+        for key, value in (provenance or {}).items():
+            meta[key] = value
         im.attribute_string = meta.serialize()
         images.append(im)
     return images
@@ -765,6 +771,49 @@ def fit_history(info: dict, seconds: float, n_frames: int, acquired_frames: Sequ
     if len(acquired_frames) != n_frames:
         text += f", {len(acquired_frames)} of {n_frames} frames fitted"
     return text
+
+
+def fit_provenance(cfg: DAINRConfig, info: dict, spokes_per_frame: Optional[int] = None,
+                   golden_angle: Optional[str] = None) -> Dict[str, object]:
+    """The meta entries saying what produced a fit's images: ``DAINR_Software`` (dainr, torch, numpy and the
+    NUFFT library the fit ran on; DICOM SoftwareVersions), ``DAINR_Config`` (every configuration field as JSON,
+    ``device`` and ``nufft_backend`` as the fit resolved them: ``DAINRConfig(**json.loads(value))`` gives the
+    bit-identical fit of the same data on the same device and software) and, where given, ``DAINR_ReadOptions``
+    (``spokes_per_frame``, ``golden_angle``: how the readouts were binned and placed, where that overrode the
+    header)."""
+    software = [f"dainr {__version__}", f"torch {torch.__version__}", f"numpy {np.__version__}"]
+    if info["nufft_backend"] in ("finufft", "torchkbnufft"):
+        software.append(f"{info['nufft_backend']} {importlib.metadata.version(info['nufft_backend'])}")
+    meta: Dict[str, object] = {
+        "DAINR_Software": software,
+        "DAINR_Config": json.dumps(cfg.replace(device=info["device"], nufft_backend=info["nufft_backend"]).to_dict(),
+                                   separators=(",", ":")),
+    }
+    options = {k: v for k, v in (("spokes_per_frame", spokes_per_frame), ("golden_angle", golden_angle)) if v}
+    if options:
+        meta["DAINR_ReadOptions"] = json.dumps(options, separators=(",", ":"))
+    return meta
+
+
+def changed_settings(cfg: DAINRConfig) -> dict:
+    """The configuration fields that differ from the defaults (:meth:`DAINRConfig.changes`), for a summary: without
+    ``progress``, which changes only what is printed."""
+    return {k: v for k, v in cfg.changes().items() if k != "progress"}
+
+
+def provenance(image: "ismrmrd.Image") -> Dict[str, object]:
+    """An image's :func:`fit_provenance` entries, decoded: ``software`` (list), ``config`` (a
+    :class:`DAINRConfig`) and ``read_options`` (dict); those the image lacks are left out."""
+    meta = ismrmrd.Meta.deserialize(image.attribute_string) if image.attribute_string else {}
+    out: Dict[str, object] = {}
+    if "DAINR_Software" in meta:
+        software = meta["DAINR_Software"]
+        out["software"] = software if isinstance(software, list) else [software]
+    if "DAINR_Config" in meta:
+        out["config"] = DAINRConfig(**json.loads(meta["DAINR_Config"]))
+    if "DAINR_ReadOptions" in meta:
+        out["read_options"] = json.loads(meta["DAINR_ReadOptions"])
+    return out
 
 
 def processing_history(image: "ismrmrd.Image") -> str:

@@ -32,7 +32,8 @@ from dainr import DAINRConfig
 from dainr.trajectory import angle_step
 from dainr_app.host_share import reconstruct_shared
 from dainr_app.mrd import RADIAL_TRAJECTORIES, Key, MRDFormatError, ReconParameters, acquisition_key, ends_cine, \
-    fit_history, is_skipped, make_images, noise_samples, series_index, slice_from_acquisitions, unknown_angles
+    fit_history, fit_provenance, is_skipped, make_images, noise_samples, series_index, slice_from_acquisitions, \
+    unknown_angles
 from dainr_app.protocol import error_frame
 
 log = logging.getLogger("dainr.gadget")
@@ -245,12 +246,12 @@ def reconstruct_slice(connection, key: Key, acqs: list, params: ReconParameters,
 
     acquired = opts.cfg.temporal_layout(data.n_frames)[0]  # the output frames the fit sees (all, without ×r)
 
-    def emit(images, series, history):
+    def emit(images, series, history, provenance=None):
         for im in make_images(images.numpy(), series, s, params.fov_mm, raw.geometry, opts.output,
                               comment="DA-INR" if series == opts.series else "DA-INR preview", history=history,
                               repetition=rep, contrast=contrast, set_index=set_index, first_phase=raw.first_phase,
                               time_stamps=raw.time_stamps, measurement_uid=raw.measurement_uid,
-                              strides=params.strides, acquired_frames=acquired):
+                              strides=params.strides, acquired_frames=acquired, provenance=provenance):
             try:
                 connection.send(im)
             except OSError as exc:
@@ -266,7 +267,8 @@ def reconstruct_slice(connection, key: Key, acqs: list, params: ReconParameters,
     result = reconstruct_shared(data, opts.cfg, callback=on_progress if opts.preview else None)
     info = result.info
     emit(result.images, opts.series, [fit_history(info, time.perf_counter() - t0, len(result.images), acquired,
-                                                  raw.data.matrix)])
+                                                  raw.data.matrix)],
+         fit_provenance(opts.cfg, info, opts.spokes_per_frame, opts.golden_angle))
     log.info("slice %s: %d frames sent %.2f s after the last readout", key, len(result.images), time.perf_counter() - t0)
 
 

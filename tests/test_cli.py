@@ -121,6 +121,26 @@ def test_recon_round_trip_two_slices(raw2, tmp_path, capsys):
     assert os.path.getsize(gif) > 0
 
 
+def test_the_images_say_what_made_them_and_the_recorded_settings_refit_them_bit_for_bit(raw2, tmp_path, capsys):
+    import dainr
+    from dainr import reconstruct
+    from dainr_app.mrd import provenance
+
+    out = str(tmp_path / "img.h5")
+    assert cli.main(["recon", raw2, "-o", out, "--steps", "6", "--seed", "3", "--lr", "2e-3",
+                     "--spokes-per-frame", "9", "--quiet"]) == 0
+    line = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert line["dainr"] == dainr.__version__ and line["config"] == {"lr": 2e-3, "max_steps": 6, "seed": 3}
+    images = [im for im in read_images(out)[1] if im.slice == 0]
+    made_by = provenance(images[0])
+    assert made_by["software"][:2] == [f"dainr {dainr.__version__}", f"torch {torch.__version__}"]
+    assert made_by["read_options"] == {"spokes_per_frame": 9}
+    cfg = made_by["config"]
+    assert (cfg.seed, cfg.lr, cfg.max_steps, cfg.device) == (3, 2e-3, 6, "cpu") and cfg.nufft_backend != "auto"
+    refit = reconstruct(read_raw(raw2, spokes_per_frame=9).slices[(0, 0, 0, 0)].data, cfg)
+    assert np.array_equal(np.stack([im.data[0, 0] for im in images]), np.abs(refit.images.numpy()))
+
+
 def test_a_truth_that_does_not_match_the_frames_is_refused_or_left_out(raw2, tmp_path, capsys):
     """`--spokes-per-frame 6` re-bins 54 spokes into 9 frames: the simulated 6-frame truth beside the raw file made
     the finished fit fail ("must be frames of the same shape"), or, with fewer frames, scored them against the
@@ -362,6 +382,7 @@ def test_demo_command(tmp_path, capsys):
     assert "DA-INR" in text and "zero-filled" in text
     m = json.load(open(os.path.join(out, "metrics.json")))
     assert m["psnr"] > m["zero_filled_psnr"]
+    assert m["software"][0].startswith("dainr ") and m["config"]["max_steps"] == 150  # (from the gadget's images)
     for name in ("raw.h5", "images.h5", "preview.gif"):
         assert os.path.getsize(os.path.join(out, name)) > 0
     assert m["images"] == 24 and m["dicom_files"] == 24  # final + preview series, via the embedded server
@@ -1178,6 +1199,24 @@ def test_bench_exits_1_when_a_case_failed_and_keeps_stdout_to_json(tmp_path, mon
     (tmp_path / "results.json").write_text('{"demo": {"psnr": 3')  # a bench killed while writing (before)
     assert cli.main(["bench", "--case", "demo", "--out", str(tmp_path)]) == 2
     assert f"{tmp_path / 'results.json'} is not a results file (JSON: " in capsys.readouterr().err
+
+
+def test_bench_results_say_where_and_when_each_case_ran(monkeypatch):
+    import datetime
+
+    import dainr
+    from dainr_app import bench
+
+    monkeypatch.setitem(bench.CASES, "tiny", lambda: {"psnr": 1.0})
+    threads = torch.get_num_threads()
+    try:
+        out = bench._run_inline("tiny", 1)
+    finally:
+        torch.set_num_threads(threads)
+    env = out["environment"]
+    assert (env["dainr"], env["torch"], env["threads"]) == (dainr.__version__, torch.__version__, 1)
+    finished = datetime.datetime.fromisoformat(env["finished"])
+    assert abs(datetime.datetime.now(datetime.timezone.utc) - finished) < datetime.timedelta(minutes=1)
 
 
 def test_ctrl_c_ends_a_command_with_one_line_and_130(monkeypatch, capsys):

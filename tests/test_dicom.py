@@ -436,3 +436,26 @@ def test_a_failed_export_keeps_the_earlier_one(tmp_path, monkeypatch):
     monkeypatch.setattr(pydicom, "dcmwrite", real)
     assert len(mrd_to_dicom({1: _images(1, n=4)[1]}, str(tmp_path))[1]) == 4  # a good export still replaces it
     assert len(os.listdir(tmp_path / "series_001")) == 4 and sorted(os.listdir(tmp_path)) == ["series_001"]
+
+
+def test_the_series_names_da_inr_as_processing_equipment_with_its_settings(tmp_path):
+    from dainr import DAINRConfig
+    from dainr_app.mrd import fit_history, fit_provenance
+
+    frames = np.ones((2, 8, 8), np.float32)
+    info = dict(steps=5, stop_reason="converged", device="cpu", fit_matrix=8, nufft_backend="finufft")
+    made_by = fit_provenance(DAINRConfig(seed=4), info, spokes_per_frame=9)
+    ours = make_images(frames, 1, 0, (200.0, 200.0, 8.0), Geometry(), history=[fit_history(info, 3.2, 2, range(2), 8)],
+                       provenance=made_by)
+    ds = pydicom.dcmread(mrd_to_dicom({1: ours}, str(tmp_path / "a"))[1][0])
+    assert list(ds.SoftwareVersions) == made_by["DAINR_Software"] and ds.SoftwareVersions[0].startswith("dainr ")
+    # the fit's wall time is left out: a re-run's identical pixels are the same instances with the same attributes
+    assert ds.DerivationDescription == ('DA-INR 5 steps (converged); settings: {"seed": 4, "nufft_backend": '
+                                        '"finufft", "device": "cpu"}; read options: {"spokes_per_frame": 9}')
+    equipment = ds.ContributingEquipmentSequence[0]
+    assert equipment.Manufacturer == "DA-INR (dainr)" and list(equipment.SoftwareVersions) == list(ds.SoftwareVersions)
+    assert equipment.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+    # images another program made (no DA-INR meta) claim no DA-INR software
+    theirs = pydicom.dcmread(mrd_to_dicom({1: make_images(frames, 1, 0, (200.0, 200.0, 8.0), Geometry())},
+                                          str(tmp_path / "b"))[1][0])
+    assert "SoftwareVersions" not in theirs and "ContributingEquipmentSequence" not in theirs

@@ -10,7 +10,7 @@ import pytest
 from dainr import DAINRConfig
 from dainr.metrics import psnr_ssim
 from dainr.sim import simulate
-from dainr_app.mrd import write_raw
+from dainr_app.mrd import provenance, write_raw
 from gadgets.dainr_gadget import options_from_properties
 
 from .gadget_harness import run_gadget
@@ -649,6 +649,11 @@ def test_the_frames_a_temporal_fit_did_not_see_say_so(two_slices):
         assert meta["ImageComment"] == comment + (" (interpolated frame)" if im.phase not in (0, 5) else "")
         if im.image_series_index == 7:
             assert meta["ImageProcessingHistory"].endswith("s on cpu, 2 of 6 frames fitted")
+    # the final series carries the configuration it was fitted with (the preview, drawn mid-fit, does not)
+    made_by = [provenance(im) for im in run.images]
+    assert {(im.image_series_index, "config" in p) for im, p in zip(run.images, made_by)} == {(7, True), (107, False)}
+    cfg = next(p["config"] for p in made_by if p)
+    assert (cfg.temporal_ratio, cfg.max_steps, cfg.device, cfg.nufft_backend) == (5, 3, "cpu", "finufft")
 
 
 def test_a_spatial_fit_names_the_matrix_it_was_fitted_at(two_slices):

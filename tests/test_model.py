@@ -38,6 +38,9 @@ def test_grid_cap_stops_the_finest_level_below_the_fitting_matrix():
     assert cfg.replace(lr=0.1).grid is not cfg.grid and cfg.replace(grid=given).grid is not given  # copies
     with pytest.raises(ValueError, match="grid must be a GridConfig or a dict, got None"):
         cfg.replace(grid=None, grid_num_levels=4)
+    changed = cfg.replace(seed=3, lr=2e-3, grid_finest_resolution=512)  # what the images record, and back
+    assert changed.changes() == {"grid_finest_resolution": 512, "lr": 2e-3, "seed": 3} and cfg.changes() == {}
+    assert DAINRConfig().replace(**changed.changes()) == changed == DAINRConfig(**changed.to_dict())
     capped, ref = (sum(p.numel() for p in DAINR(c.model_config(128)).grid.parameters())
                    for c in (cfg, cfg.replace(cap_grid_at_matrix=False)))
     assert capped < 200_000 < 5_000_000 < ref

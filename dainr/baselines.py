@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -51,16 +51,23 @@ def _holdout_residual(p: Problem, pred: torch.Tensor) -> Optional[float]:
 
 @library_defaults
 def temporal_tv(data: RadialData, lam: float = 0.02, iterations: int = 100, cfg: Optional[DAINRConfig] = None,
-                coil_maps: Optional[torch.Tensor] = None, power_iterations: int = 15, holdout_spokes: int = 0) -> dict:
-    """Temporal-TV SENSE reconstruction.  Returns ``dict(images, seconds, iterations, lam, holdout_residual)``.
+                coil_maps: Optional[torch.Tensor] = None, power_iterations: int = 15, holdout_spokes: int = 0,
+                checkpoints: Sequence[int] = ()) -> dict:
+    """Temporal-TV SENSE reconstruction.  Returns ``dict(images, seconds, iterations, lam, holdout_residual,
+    iterates, holdout_residuals)``.
 
     Images are in data units.  With ``holdout_spokes`` > 0 those spokes per frame (the same
     choice DA-INR's stopping rule makes) are left out and their mean L1 k-space residual is
     returned, so λ can be chosen without ground truth (:func:`temporal_tv_holdout_lambda`).
+    ``checkpoints``: iteration counts (≤ ``iterations``) whose images (``iterates``) and held-out residuals
+    (``holdout_residuals``) are kept, keyed by the count: one run gives every shorter run's result.
     """
     if not (lam >= 0 and math.isfinite(lam)) or iterations < 0 or power_iterations < 1:
         raise ValueError(f"temporal_tv needs a finite lam >= 0, iterations >= 0 and power_iterations >= 1 (got {lam!r}, "
                          f"{iterations!r}, {power_iterations!r})")
+    if not all(is_count(n) and n <= iterations for n in checkpoints):
+        raise ValueError(f"temporal_tv's checkpoints must be iteration counts from 1 to iterations ({iterations}), "
+                         f"got {list(checkpoints)!r}")
     t0 = time.perf_counter()
     p = acquired_problem(data, cfg, coil_maps, holdout_spokes)
     sqrt_w = (p.dcf * p.train_w).sqrt()[:, None, :]  # zero on padding and held-out spokes
@@ -88,7 +95,8 @@ def temporal_tv(data: RadialData, lam: float = 0.02, iterations: int = 100, cfg:
         x_bar = x.clone()
         dual_k = torch.zeros_like(y)
         dual_t = torch.zeros_like(x[1:])
-        for _ in range(iterations):
+        iterates, residuals = {}, {}
+        for n in range(1, iterations + 1):
             dual_k = (dual_k + sigma * (A(x_bar) - y)) / (1 + sigma)
             dual_t = dual_t + sigma * _time_diff(x_bar)
             # projection onto the ball |·| <= λ (λ = 0: the point 0, no regulariser; 0/0 elsewhere)
@@ -96,8 +104,12 @@ def temporal_tv(data: RadialData, lam: float = 0.02, iterations: int = 100, cfg:
             x_new = x - tau * (AH(dual_k) + _time_diff_adjoint(dual_t))
             x_bar = 2 * x_new - x
             x = x_new
+            if n in checkpoints:
+                iterates[n] = (x * p.scale).cpu()
+                residuals[n] = _holdout_residual(p, _forward(p, x))
     return dict(images=(x * p.scale).cpu(), seconds=time.perf_counter() - t0, iterations=iterations, lam=lam,
-                holdout_residual=_holdout_residual(p, _forward(p, x)) if p.has_holdout else None)
+                holdout_residual=_holdout_residual(p, _forward(p, x)) if p.has_holdout else None,
+                iterates=iterates, holdout_residuals=residuals)
 
 
 def _need_holdout(holdout_spokes) -> None:
@@ -106,15 +118,23 @@ def _need_holdout(holdout_spokes) -> None:
 
 
 def temporal_tv_holdout_lambda(data: RadialData, lambdas=(0.001, 0.002, 0.005, 0.01, 0.02), holdout_spokes: int = 1,
-                               **kwargs) -> dict:
-    """Pick λ by the held-out-spoke residual (no ground truth), then reconstruct from all spokes with it."""
+                               iterations: Union[int, Sequence[int]] = 100, **kwargs) -> dict:
+    """Pick λ, and the iteration count where ``iterations`` offers several, by the held-out-spoke residual (no
+    ground truth), then reconstruct from all spokes with them.  ``holdout_scores``: the residual per
+    ``(λ, iterations)``."""
     _need_holdout(holdout_spokes)
     if not len(lambdas):
         raise ValueError("give at least one λ to choose from")
-    scores = {lam: temporal_tv(data, lam=lam, holdout_spokes=holdout_spokes, **kwargs)["holdout_residual"]
-              for lam in lambdas}
-    best = min(scores, key=scores.get)
-    out = temporal_tv(data, lam=best, **kwargs)
+    counts = sorted(set([iterations] if is_count(iterations) else iterations))
+    if not counts or not all(is_count(n) for n in counts):
+        raise ValueError(f"iterations must be a count >= 1 or several, got {iterations!r}")
+    scores = {}
+    for lam in lambdas:
+        run = temporal_tv(data, lam=lam, iterations=counts[-1], checkpoints=counts, holdout_spokes=holdout_spokes,
+                          **kwargs)
+        scores.update(((lam, n), residual) for n, residual in run["holdout_residuals"].items())
+    lam, n = min(scores, key=scores.get)
+    out = temporal_tv(data, lam=lam, iterations=n, **kwargs)
     out["holdout_scores"] = scores
     return out
 

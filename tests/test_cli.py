@@ -897,8 +897,10 @@ def test_bench_baseline_oracles_pick_each_metric_on_its_own(monkeypatch):
     from dainr_app import bench
 
     scan = simulate(24, 4, 9, 2, noise_level=0.02)
+    monkeypatch.setattr(bench, "TV_ITERATIONS", (3, 9))
     out = bench._tv(scan, None) | bench._cg(scan, None)
     sweep = out["temporal_tv_oracle"]["sweep"]
+    assert sorted(sweep) == sorted(f"{lam}@{n}" for lam in bench.TV_LAMBDAS for n in (3, 9))  # every (λ, iterations)
     assert out["temporal_tv_oracle"]["psnr"] == pytest.approx(max(p for p, _ in sweep.values()), abs=0.005)
     assert out["temporal_tv_oracle"]["ssim"] == pytest.approx(max(q for _, q in sweep.values()), abs=0.0005)
     assert out["temporal_tv_holdout"]["seconds_with_search"] > out["temporal_tv_holdout"]["seconds"]

@@ -388,6 +388,27 @@ def test_temporal_tv_improves_on_zero_filled(small_scan):
     assert tv > zf + 2
 
 
+def test_temporal_tv_checkpoints_are_the_shorter_runs_and_the_held_out_pick_chooses_the_iteration_count_too(
+        small_scan):
+    """The TV baseline stopped at 100 iterations, unconverged: the picks choose the iteration count as well."""
+    data = small_scan.data.select_frames([0, 1, 2])
+    long = temporal_tv(data, lam=0.01, iterations=12, checkpoints=(4, 12), holdout_spokes=1)
+    assert sorted(long["iterates"]) == sorted(long["holdout_residuals"]) == [4, 12]
+    short = temporal_tv(data, lam=0.01, iterations=4, holdout_spokes=1)
+    assert torch.equal(long["iterates"][4], short["images"]) and torch.equal(long["iterates"][12], long["images"])
+    assert long["holdout_residuals"][4] == short["holdout_residual"]
+    picked = temporal_tv_holdout_lambda(data, lambdas=(0.001, 0.05), iterations=(2, 8))
+    assert sorted(picked["holdout_scores"]) == [(0.001, 2), (0.001, 8), (0.05, 2), (0.05, 8)]
+    lam, n = min(picked["holdout_scores"], key=picked["holdout_scores"].get)
+    assert (picked["lam"], picked["iterations"]) == (lam, n)
+    assert torch.equal(picked["images"], temporal_tv(data, lam=lam, iterations=n)["images"])
+    for bad in ((0,), (13,), (2.5,)):
+        with pytest.raises(ValueError, match="checkpoints must be iteration counts from 1 to iterations"):
+            temporal_tv(data, iterations=12, checkpoints=bad)
+    with pytest.raises(ValueError, match="iterations must be a count >= 1 or several"):
+        temporal_tv_holdout_lambda(data, iterations=())
+
+
 def test_baselines_take_a_single_frame_and_refuse_bad_arguments(small_scan):
     one = small_scan.data.select_frames([0])
     assert temporal_tv(one, iterations=3)["images"].shape == (1, 32, 32)  # (the time difference of 1 frame is empty)

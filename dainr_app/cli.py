@@ -16,7 +16,7 @@ from dainr.config import NUFFT_BACKENDS
 from dainr.metrics import psnr_ssim
 
 from .host_share import reconstruct_shared
-from .pipeline import PIPELINES_DIR, pipeline_text
+from .pipeline import PIPELINES_DIR, pipeline_text, read_xml_file
 
 
 def truth_path(raw_path: str) -> str:
@@ -116,6 +116,8 @@ def run_recon(raw: str, output: str, cfg: DAINRConfig, series: int = 1, preview:
                          "images; choose another output file")
     if preview:
         check_output(preview, *inputs)
+        if os.path.realpath(preview) == os.path.realpath(output):
+            raise ValueError(f"--preview {preview} is the output file {output}: the preview would replace the images")
     scan = read_raw(raw, group, spokes_per_frame, golden_angle)
     if scan.late_noise:
         print(f"dainr recon: warning: {scan.late_noise} noise readouts after the first imaging readout were not used "
@@ -164,8 +166,9 @@ def check_folder(path: str, what: str) -> None:
 
 
 def check_output(path: str, *inputs: str) -> None:
-    """Before any work: the folder must exist and be writable, and the output must not be one of the inputs."""
-    folder = os.path.dirname(os.path.abspath(path))
+    """Before any work: the folder must exist and be writable (the folder of the file a link names: that file is
+    replaced), an existing output must not be write-protected, and the output must not be one of the inputs."""
+    folder = os.path.dirname(os.path.realpath(path))
     if os.path.isdir(path):
         raise ValueError(f"cannot write {path}: it is a folder")
     if os.path.exists(path) and not os.path.isfile(path):  # a device (/dev/null), a FIFO: it would be replaced
@@ -173,8 +176,12 @@ def check_output(path: str, *inputs: str) -> None:
                          "would replace")
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise ValueError(f"cannot write {path}: folder {folder} {'is not writable' if os.path.isdir(folder) else 'does not exist'}")
+    # (no write bit at all: refused for root too, who may write anything, as `chmod a-w` says "keep this")
+    if os.path.isfile(path) and not (os.access(path, os.W_OK) and os.stat(path).st_mode & 0o222):
+        raise ValueError(f"cannot write {path}: it is write-protected (make it writable, or choose another output)")
     for src in inputs:
-        if os.path.exists(path) and os.path.exists(src) and os.path.samefile(path, src):
+        if os.path.realpath(path) == os.path.realpath(src) or \
+                os.path.exists(path) and os.path.exists(src) and os.path.samefile(path, src):
             raise ValueError(f"output {path} is the input file {src}: writing it would destroy that input")
 
 
@@ -347,6 +354,7 @@ def cmd_dicom(args) -> int:
     from .dicom import mrd_to_dicom
     from .mrd import read_header_text, read_images
 
+    check_folder(args.outdir, "DICOM output")  # (a read-only file system: a raw OSError after reading the images)
     images = read_images(args.images, args.group)
     if not images:
         raise ValueError(f"{args.images} has no image_<series> groups in {args.group!r}")
@@ -428,8 +436,7 @@ def cmd_serve(args) -> int:
             raise ValueError("--from_stream needs -c PIPELINE (a name in the pipelines folder or an XML file)")
         try:
             if os.path.isfile(args.config):
-                with open(args.config, encoding="utf-8") as fh:
-                    pipeline = parse_pipeline(fh.read(), opts.policy, args.config)
+                pipeline = parse_pipeline(read_xml_file(args.config), opts.policy, args.config)
             else:
                 pipeline = load_named(args.config, opts.policy, opts.pipelines)
         except PipelineError as exc:
@@ -440,6 +447,12 @@ def cmd_serve(args) -> int:
 
         for sig in stop_signals:
             signal.signal(sig, terminate)
+        for given_file, stream, name, flag in ((args.input, sys.stdin, "input", "-i"),
+                                               (args.output, sys.stdout, "output", "-o")):
+            if not given_file and stream is None:
+                raise ValueError(f"standard {name} is closed: give {flag} FILE")
+        if args.output:
+            check_output(args.output, *[args.input] * bool(args.input))
         with contextlib.ExitStack() as files:
             inp = files.enter_context(open(args.input, "rb")) if args.input else sys.stdin.buffer
             outp = files.enter_context(open(args.output, "wb")) if args.output else sys.stdout.buffer
@@ -491,8 +504,7 @@ def _replay(args) -> int:
         raise ValueError("give a pipeline name on the server (-c) or a local pipeline XML (-C), not both")
     config_xml = None
     if args.config_local:
-        with open(args.config_local, encoding="utf-8") as fh:
-            config_xml = fh.read()
+        config_xml = read_xml_file(args.config_local)  # (a PipelineError is a ValueError)
         if not config_xml.strip():
             raise ValueError(f"{args.config_local}: the pipeline XML file is empty")
     header, items = file_items(args.raw, args.in_group)
@@ -731,9 +743,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Stdout:
+    """Standard output for a command whose work is its files: a reader that went away (``dainr recon … | head
+    -n1``) stops the printing, not the command (the rest goes to /dev/null), and a character the terminal's
+    encoding lacks (a file name under ``PYTHONIOENCODING=ascii``) is printed escaped."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            try:
+                return self._stream.write(text)
+            except UnicodeEncodeError:
+                encoding = self._stream.encoding or "ascii"
+                return self._stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
+        except BrokenPipeError:
+            self._reader_gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())  # (what is still buffered is flushed there)
+        os.close(devnull)
+        self._stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    stdout = sys.stdout
+    if stdout is not None:
+        sys.stdout = _Stdout(stdout)
     try:
         return args.func(args)
     except (ValueError, OSError, MemoryError) as exc:  # bad files and arguments: a clear message, no traceback
@@ -749,6 +799,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: one line, the shell's exit status for SIGINT
         print(f"dainr {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if stdout is not None:
+            sys.stdout.flush()
+            sys.stdout = stdout
 
 
 if __name__ == "__main__":

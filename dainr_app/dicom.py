@@ -19,6 +19,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -176,11 +177,10 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str
     images = sorted(images, key=lambda im: (im.slice, im.contrast, im.repetition, im.set, im.phase, im.image_index))
     mags = [_magnitude(im) for im in images]
     os.makedirs(folder, exist_ok=True)
-    # written into a folder beside it first: an earlier export of this series number is replaced (not mixed in)
-    # only once every file is written (a full disk left it deleted and a truncated file in its place)
-    stage = f"{folder.rstrip(os.sep)}.partial-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    os.makedirs(stage)
+    # written into a hidden folder inside it first (the same file system, wherever the folder is mounted or
+    # linked): an earlier export of this series number is replaced (not mixed in) only once every file is written
+    # (a full disk left it deleted and a truncated file in its place)
+    stage = tempfile.mkdtemp(prefix=".partial-", dir=folder)
     try:
         staged = _write_files(images, mags, stage, study, series_base, uid_prefix, folder)
     except BaseException as exc:  # (a full disk, Ctrl-C, a bug): no staging folder left behind

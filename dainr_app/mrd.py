@@ -31,7 +31,7 @@ from dainr.config import GOLDEN_ANGLE_DEG, DAINRConfig
 from dainr.data import RadialData, frame_groups, frames_from_spokes
 from dainr.trajectory import angle_step, radial_trajectory
 
-from .files import replaced_whole
+from .files import folder_lock, replaced_whole
 
 ANGLE_PARAM = "angle_increment_rad"
 log = logging.getLogger("dainr.mrd")
@@ -146,14 +146,16 @@ def hdf5_output(path: str, keep: bool = False) -> Iterator[io.BytesIO]:
     once the block succeeds, through a temporary file beside it renamed onto it: a failed write (disk full, a file
     size limit) is an OSError naming ``path``, which is left as it was.  (Written by HDF5 itself, such a file was
     left truncated under its name and the interpreter crashed at exit: libhdf5's exit handler closing the file
-    whose close had failed, exit 139.)  ``keep``: start from ``path``'s content (a group added to a file)."""
+    whose close had failed, exit 139.)  ``keep``: start from ``path``'s content (a group added to a file), under a
+    lock on its folder, so that processes adding groups to one file at once each keep the others'."""
     buffer = io.BytesIO()
-    if keep and os.path.isfile(path):
-        with open(path, "rb") as fh:
-            buffer.write(fh.read())
-    yield buffer
-    with replaced_whole(path) as partial, open(partial, "wb") as fh:
-        fh.write(buffer.getbuffer())
+    with folder_lock(path) if keep else contextlib.nullcontext():
+        if keep and os.path.isfile(path):
+            with open(path, "rb") as fh:
+                buffer.write(fh.read())
+        yield buffer
+        with replaced_whole(path) as partial, open(partial, "wb") as fh:
+            fh.write(buffer.getbuffer())
 
 
 def write_raw(path: str, slices: Sequence[RadialData], noise: Optional[np.ndarray] = None, golden_angle: str = "true",

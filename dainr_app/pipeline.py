@@ -231,8 +231,7 @@ def available(folder: str = PIPELINES_DIR) -> Sequence[str]:
 def pipeline_text(name: str, folder: str = PIPELINES_DIR, **properties) -> str:
     """The XML of a pipeline in ``folder`` with the values of some ``<property name=... value=.../>`` replaced
     (the demo and benchmarks send it as CONFIG_TEXT); a property the file does not set is an error."""
-    with open(resolve_name(name, folder), encoding="utf-8") as fh:
-        xml = fh.read()
+    xml = read_xml_file(resolve_name(name, folder))
     for key, value in properties.items():
         xml, n = re.subn(rf'(<property\s+name="{re.escape(key)}"\s+value=")[^"]*', rf"\g<1>{value}", xml)
         if not n:
@@ -240,9 +239,24 @@ def pipeline_text(name: str, folder: str = PIPELINES_DIR, **properties) -> str:
     return xml
 
 
+XML_ENCODING = re.compile(rb"""^\s*<\?xml[^>]*?\sencoding\s*=\s*["']([A-Za-z0-9._-]+)["']""")
+
+
+def read_xml_file(path: str) -> str:
+    """A pipeline XML file's text: UTF-8, or the encoding its XML declaration names (ISO-8859-1, ...), as an XML
+    parser reads it; anything else is a PipelineError naming the file."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    declared = XML_ENCODING.match(data)
+    encoding = declared.group(1).decode() if declared else "utf-8"
+    try:
+        return data.decode(encoding)
+    except (LookupError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path} is not {encoding} text as XML needs it ({exc})") from None
+
+
 def load_named(name: str, policy: Policy = Policy(), folder: str = PIPELINES_DIR, max_bytes: int = 1 << 20) -> Pipeline:
     path = resolve_name(name, folder)
     if os.path.getsize(path) > max_bytes:
         raise PipelineError(f"pipeline {name!r} is over {max_bytes} bytes")
-    with open(path, encoding="utf-8") as fh:
-        return parse_pipeline(fh.read(), policy, os.path.basename(path))
+    return parse_pipeline(read_xml_file(path), policy, os.path.basename(path))

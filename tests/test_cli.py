@@ -2,6 +2,8 @@ import json
 import os
 import re
 import shutil
+import time
+import sys
 import warnings
 
 import h5py
@@ -464,6 +466,23 @@ def test_outputs_that_would_destroy_data_or_waste_a_fit_are_refused_first(raw2, 
     np.savez(tmp_path / "t.npz", other=np.zeros(3))
     assert cli.main(["recon", raw, "-o", kept, "--truth", str(tmp_path / "t.npz"), "--quiet"]) == 2
     assert "no 'images' array" in capsys.readouterr().err
+    # a preview onto the images (exit 0, the images lost), a link to a missing folder (refused after the fit), a
+    # write-protected file (replaced, exit 0): refused before any work
+    assert cli.main(["recon", raw, "-o", str(tmp_path / "same.gif"), "--preview",
+                     os.path.join(str(tmp_path), ".", "same.gif"), "--steps", "2", "--quiet"]) == 2
+    assert "the preview would replace the images" in capsys.readouterr().err
+    os.symlink(tmp_path / "nodir" / "x.h5", tmp_path / "dangling.h5")
+    assert cli.main(["recon", raw, "-o", str(tmp_path / "dangling.h5"), "--steps", "2", "--quiet"]) == 2
+    assert f"folder {tmp_path / 'nodir'} does not exist" in capsys.readouterr().err
+    os.chmod(kept, 0o444)
+    for argv in (["recon", raw, "-o", kept, "--steps", "2", "--quiet"], ["simulate", "-o", kept]):
+        assert cli.main(argv) == 2
+        assert f"cannot write {kept}: it is write-protected" in capsys.readouterr().err
+    assert os.path.getsize(kept) == size
+    stream = str(tmp_path / "stream.bin")
+    open(stream, "wb").write(b"not empty")
+    assert cli.main(["serve", "--from_stream", "-c", "passthrough", "-i", stream, "-o", stream]) == 2
+    assert "is the input file" in capsys.readouterr().err and open(stream, "rb").read() == b"not empty"
 
 
 def test_phase_labels_and_temporal_ratio_follow_the_file(raw2, tmp_path, capsys):
@@ -1221,6 +1240,34 @@ def test_bench_results_say_where_and_when_each_case_ran(monkeypatch):
     assert abs(datetime.datetime.now(datetime.timezone.utc) - finished) < datetime.timedelta(minutes=1)
 
 
+def test_a_reader_that_goes_away_or_an_encoding_without_the_names_characters_stops_no_command(tmp_path):
+    """`dainr recon … | head -n1` under PYTHONUNBUFFERED=1 failed with "Broken pipe" before writing its images (at
+    exit otherwise: exit 120); a name stdout's encoding lacks failed the command after its files were written."""
+    import subprocess
+    import sys
+
+    from dainr_app.server import child_env
+
+    command = [sys.executable, "-m", "dainr_app.cli", "simulate", "--matrix", "16", "--frames", "3", "--spokes", "4",
+               "--coils", "2", "-o"]
+    for env in (dict(PYTHONUNBUFFERED="1"), {}):
+        proc = subprocess.Popen(command + [str(tmp_path / "gone.h5")], env=dict(child_env(), **env),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.close()  # the reader went away before the command printed
+        assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()
+        assert (tmp_path / "gone.h5").is_file() and (tmp_path / "gone_truth.npz").is_file()
+        (tmp_path / "gone.h5").unlink()
+    out = subprocess.run(command + [str(tmp_path / "rép.h5")], env=dict(child_env(), PYTHONIOENCODING="ascii"),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "r\\xe9p.h5" in out.stdout, out.stderr
+
+
+def test_a_closed_standard_stream_is_named_by_serve_from_stream(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", None)  # (`dainr serve --from_stream <&-`: an AttributeError traceback)
+    assert cli.main(["serve", "--from_stream", "-c", "passthrough"]) == 2
+    assert "standard input is closed: give -i FILE" in capsys.readouterr().err
+
+
 def test_ctrl_c_ends_a_command_with_one_line_and_130(monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -1314,3 +1361,42 @@ def test_replay_output_groups_are_added_and_replaced_through_links_keeping_the_m
     assert link.is_symlink() and os.stat(target).st_mode & 0o777 == 0o664
     assert [len(read_images(str(target), g)[1]) for g in ("a", "b")] == [1, 2]
     assert sorted(os.listdir(tmp_path)) == ["link.h5", "shared.h5"]
+
+
+def test_groups_added_at_once_are_all_kept_and_a_replaced_file_keeps_its_group(tmp_path, monkeypatch):
+    """Two `dainr replay -o` into one file at once each kept only their own group (both exit 0); a replaced
+    file took the writer's group (root:users 0640 became root:root: the group lost its access)."""
+    import threading
+
+    from dainr_app import mrd
+    from dainr_app.mrd import Geometry, make_images
+
+    images = {1: make_images(np.ones((2, 8, 8), np.float32), 1, 0, (320.0, 320.0, 8.0), Geometry())}
+    target = str(tmp_path / "shared.h5")
+    real = mrd.write_images
+
+    def slow(*args, **kwargs):  # both read the file before either writes it back
+        time.sleep(0.3)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(mrd, "write_images", slow)
+    threads = [threading.Thread(target=cli.save_images, args=(images, target, g)) for g in ("a", "b", "c")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [len(read_images(target, g)[1]) for g in ("a", "b", "c")] == [2, 2, 2]
+    assert os.listdir(tmp_path) == ["shared.h5"]
+    other = next((g for g in ([os.getgid() + 1] if os.geteuid() == 0 else os.getgroups()) if g != os.getgid()), None)
+    if other is not None:
+        os.chown(target, -1, other)
+        cli.save_images(images, target, "d")
+        assert os.stat(target).st_gid == other
+
+
+def test_an_output_name_as_long_as_the_file_system_takes_is_written(tmp_path):
+    """The temporary name was the output's with ".partial-<pid>" added: past 255 bytes for a long name, an error
+    after the fit."""
+    name = "心臓" * 40 + "abcde.h5"  # 248 bytes: its ground truth's name is 255
+    out = str(tmp_path / name)
+    assert cli.main(["simulate", "-o", out, "--matrix", "16", "--frames", "3", "--spokes", "4", "--coils", "2"]) == 0
+    assert sorted(os.listdir(tmp_path)) == sorted([name, name[:-3] + "_truth.npz"])

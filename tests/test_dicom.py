@@ -113,6 +113,9 @@ def test_dicom_command_converts_an_mrd_file(tmp_path, capsys):
     assert cli.main(["dicom", path, "-o", out]) == 0
     assert sorted(os.listdir(os.path.join(out, "series_004"))) == [f"IM_0000{i}_s002.dcm" for i in (1, 2, 3)]
     assert cli.main(["dicom", str(tmp_path / "missing.h5"), "-o", out]) == 2
+    capsys.readouterr()
+    assert cli.main(["dicom", path, "-o", os.path.join(path, "dcm")]) == 2  # checked before the images are read
+    assert f"DICOM output {os.path.join(path, 'dcm')}: {path} is a file, not a folder" in capsys.readouterr().err
 
 
 def test_images_of_several_slices_and_repetitions_get_their_own_files_and_numbers(tmp_path):
@@ -459,3 +462,22 @@ def test_the_series_names_da_inr_as_processing_equipment_with_its_settings(tmp_p
     theirs = pydicom.dcmread(mrd_to_dicom({1: make_images(frames, 1, 0, (200.0, 200.0, 8.0), Geometry())},
                                           str(tmp_path / "b"))[1][0])
     assert "SoftwareVersions" not in theirs and "ContributingEquipmentSequence" not in theirs
+
+
+def test_a_series_folder_on_another_file_system_is_replaced_whole(tmp_path):
+    """The series was staged beside its folder: with the folder a link onto another file system (a mount), the
+    move failed (EXDEV) after the earlier export had been deleted, and the new files were left in the stage."""
+    import shutil
+    import tempfile
+
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on a file system of its own")
+    elsewhere = tempfile.mkdtemp(dir="/dev/shm")
+    try:
+        os.symlink(elsewhere, tmp_path / "series_001")
+        mrd_to_dicom({1: _images(1)[1]}, str(tmp_path))
+        paths = mrd_to_dicom({1: _images(1, n=4)[1]}, str(tmp_path))[1]
+        assert sorted(os.listdir(elsewhere)) == sorted(os.path.basename(p) for p in paths) and len(paths) == 4
+        assert sorted(os.listdir(tmp_path)) == ["series_001"]
+    finally:
+        shutil.rmtree(elsewhere)

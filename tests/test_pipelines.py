@@ -87,3 +87,18 @@ def test_the_gadgetron_distributed_pipeline_survives_gadgetrons_copy_for_its_wor
     installed = re.search(r"cp (.*) \"\$\{CONDA_PREFIX\}/share/gadgetron/config/\"", dockerfile).group(1).split()
     assert "/opt/dainr/pipelines/dainr_distributed_connect.xml" in installed
     assert not any(p.endswith(("*.xml", "/dainr_distributed.xml")) for p in installed), installed
+
+
+def test_pipeline_files_are_read_in_the_encoding_their_declaration_names(tmp_path):
+    """A pipeline declared ISO-8859-1 (a "ü" in a comment) was refused with only "'utf-8' codec can't decode"."""
+    from dainr_app.pipeline import PipelineError, load_named, read_xml_file
+
+    text = (pathlib.Path(__file__).parent.parent / "pipelines" / "passthrough.xml").read_text(encoding="utf-8")
+    latin = text.replace('encoding="UTF-8"', 'encoding="ISO-8859-1"').replace("<configuration>",
+                                                                              "<!-- Grüße --><configuration>", 1)
+    (tmp_path / "latin.xml").write_bytes(latin.encode("iso-8859-1"))
+    assert read_xml_file(str(tmp_path / "latin.xml")) == latin
+    assert load_named("latin", folder=str(tmp_path)).nodes
+    (tmp_path / "bad.xml").write_bytes(latin.replace('encoding="ISO-8859-1"', "").encode("iso-8859-1"))
+    with pytest.raises(PipelineError, match=r"bad\.xml is not utf-8 text as XML needs it"):
+        read_xml_file(str(tmp_path / "bad.xml"))

@@ -65,9 +65,11 @@ def temporal_tv(data: RadialData, lam: float = 0.02, iterations: int = 100, cfg:
     if not (lam >= 0 and math.isfinite(lam)) or iterations < 0 or power_iterations < 1:
         raise ValueError(f"temporal_tv needs a finite lam >= 0, iterations >= 0 and power_iterations >= 1 (got {lam!r}, "
                          f"{iterations!r}, {power_iterations!r})")
+    checkpoints = list(checkpoints)  # (a generator: read once)
     if not all(is_count(n) and n <= iterations for n in checkpoints):
         raise ValueError(f"temporal_tv's checkpoints must be iteration counts from 1 to iterations ({iterations}), "
-                         f"got {list(checkpoints)!r}")
+                         f"got {checkpoints!r}")
+    checkpoints = frozenset(checkpoints)
     t0 = time.perf_counter()
     p = acquired_problem(data, cfg, coil_maps, holdout_spokes)
     sqrt_w = (p.dcf * p.train_w).sqrt()[:, None, :]  # zero on padding and held-out spokes
@@ -106,7 +108,8 @@ def temporal_tv(data: RadialData, lam: float = 0.02, iterations: int = 100, cfg:
             x = x_new
             if n in checkpoints:
                 iterates[n] = (x * p.scale).cpu()
-                residuals[n] = _holdout_residual(p, _forward(p, x))
+                if p.has_holdout:
+                    residuals[n] = _holdout_residual(p, _forward(p, x))
     return dict(images=(x * p.scale).cpu(), seconds=time.perf_counter() - t0, iterations=iterations, lam=lam,
                 holdout_residual=_holdout_residual(p, _forward(p, x)) if p.has_holdout else None,
                 iterates=iterates, holdout_residuals=residuals)
@@ -125,9 +128,10 @@ def temporal_tv_holdout_lambda(data: RadialData, lambdas=(0.001, 0.002, 0.005, 0
     _need_holdout(holdout_spokes)
     if not len(lambdas):
         raise ValueError("give at least one λ to choose from")
-    counts = sorted(set([iterations] if is_count(iterations) else iterations))
+    counts = list(iterations) if isinstance(iterations, (list, tuple, range)) else [iterations]
     if not counts or not all(is_count(n) for n in counts):
         raise ValueError(f"iterations must be a count >= 1 or several, got {iterations!r}")
+    counts = sorted(set(counts))
     scores = {}
     for lam in lambdas:
         run = temporal_tv(data, lam=lam, iterations=counts[-1], checkpoints=counts, holdout_spokes=holdout_spokes,

@@ -340,11 +340,7 @@ class DAINRConfig:
     def changes(self) -> dict:
         """The fields that differ from the defaults, the grid's as ``grid_<name>``:
         ``DAINRConfig().replace(**cfg.changes()) == cfg``."""
-        default = DAINRConfig()
-        out = {f"grid_{k}": v for k, v in dataclasses.asdict(self.grid).items() if getattr(default.grid, k) != v}
-        out.update((f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
-                   if f.name != "grid" and getattr(self, f.name) != getattr(default, f.name))
-        return out
+        return changed_fields(self.to_dict())
 
     def fit_matrix(self, matrix: int) -> int:
         """The matrix the network is fitted at: ``matrix``, or for spatial ×s ``int(matrix / s)`` rounded up to even
@@ -390,3 +386,15 @@ class DAINRConfig:
         if self.frames_per_step is not None:
             return self.frames_per_step
         return 4 if device_type == "cuda" else 1
+
+
+def changed_fields(fields: dict) -> dict:
+    """The entries of a :meth:`DAINRConfig.to_dict` (also one of another version, with fields this one lacks: they
+    are kept) that differ from the defaults, the grid's as ``grid_<name>``."""
+    def flat(d: dict) -> dict:
+        grid = d.get("grid")
+        return {**{f"grid_{k}": v for k, v in (grid.items() if isinstance(grid, dict) else ())},
+                **{k: v for k, v in d.items() if k != "grid"}}
+
+    default, missing = flat(DAINRConfig().to_dict()), object()
+    return {k: v for k, v in flat(fields).items() if default.get(k, missing) != v}

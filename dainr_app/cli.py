@@ -179,9 +179,12 @@ def check_output(path: str, *inputs: str) -> None:
     # (no write bit at all: refused for root too, who may write anything, as `chmod a-w` says "keep this")
     if os.path.isfile(path) and not (os.access(path, os.W_OK) and os.stat(path).st_mode & 0o222):
         raise ValueError(f"cannot write {path}: it is write-protected (make it writable, or choose another output)")
+    check_not_input(path, *inputs)
+
+
+def check_not_input(path: str, *inputs: str) -> None:
     for src in inputs:
-        if os.path.realpath(path) == os.path.realpath(src) or \
-                os.path.exists(path) and os.path.exists(src) and os.path.samefile(path, src):
+        if os.path.exists(path) and os.path.exists(src) and os.path.samefile(path, src):
             raise ValueError(f"output {path} is the input file {src}: writing it would destroy that input")
 
 
@@ -239,7 +242,7 @@ def _recon_slices(scan, output, group: str, cfg: DAINRConfig, series: int, outpu
                        stop_reason=info["stop_reason"], fit_matrix=info["fit_matrix"],
                        seconds_per_step=round(info["seconds_per_step"], 4),
                        device=info["device"], nufft=info["nufft_backend"], dainr=__version__,
-                       config=changed_settings(cfg))
+                       config=changed_settings(cfg.to_dict()))
         if truth_images is not None:
             gt = truth_images[s]
             m = psnr_ssim(result.images, gt)
@@ -314,7 +317,7 @@ def cmd_demo(args) -> int:
     history, made_by = processing_history(res.images[1][0]), provenance(res.images[1][0])
     summary = dict(psnr=round(ours["psnr"], 2), ssim=round(ours["ssim"], 4), zero_filled_psnr=round(base["psnr"], 2),
                    zero_filled_ssim=round(base["ssim"], 4), reconstruction=history,
-                   software=made_by["software"], config=changed_settings(made_by["config"]),
+                   software=made_by["software"], config=changed_settings(made_by["config_fields"]),
                    replay_seconds=round(res.total_seconds, 2), images=res.n_images,
                    dicom_files=sum(len(v) for v in written.values()))
     with open(os.path.join(args.outdir, "metrics.json"), "w") as fh:
@@ -451,8 +454,8 @@ def cmd_serve(args) -> int:
                                                (args.output, sys.stdout, "output", "-o")):
             if not given_file and stream is None:
                 raise ValueError(f"standard {name} is closed: give {flag} FILE")
-        if args.output:
-            check_output(args.output, *[args.input] * bool(args.input))
+        if args.output:  # (a FIFO or /dev/stdout is fine: the stream is written into it, not replaced)
+            check_not_input(args.output, *[args.input] * bool(args.input))
         with contextlib.ExitStack() as files:
             inp = files.enter_context(open(args.input, "rb")) if args.input else sys.stdin.buffer
             outp = files.enter_context(open(args.output, "wb")) if args.output else sys.stdout.buffer

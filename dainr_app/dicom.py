@@ -25,11 +25,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ._ismrmrd import ismrmrd
+from .files import folder_lock
 
 log = logging.getLogger("dainr.dicom")
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 TICK_MS = 2.5  # the MRD time stamps' unit, as scanners (Siemens) and Gadgetron count them
 FILE_NAME = re.compile(r"IM_\d{5}_s\d{3}\.dcm")  # what write_series names its files
+STAGE_PREFIX = ".partial-"  # write_series' staging folder inside the series folder
 FIT_SECONDS = re.compile(r", [0-9.]+ s on [^,]+")  # in the history entry of mrd.fit_history: time and device
 UID_ROOT = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")  # the components of a DICOM UID
 # the value representations' maximum lengths (characters) of the text attributes taken from the MRD header
@@ -179,23 +181,28 @@ def write_series(images: Sequence["ismrmrd.Image"], folder: str, study: Dict[str
     os.makedirs(folder, exist_ok=True)
     # written into a hidden folder inside it first (the same file system, wherever the folder is mounted or
     # linked): an earlier export of this series number is replaced (not mixed in) only once every file is written
-    # (a full disk left it deleted and a truncated file in its place)
-    stage = tempfile.mkdtemp(prefix=".partial-", dir=folder)
-    try:
-        staged = _write_files(images, mags, stage, study, series_base, uid_prefix, folder)
-    except BaseException as exc:  # (a full disk, Ctrl-C, a bug): no staging folder left behind
-        shutil.rmtree(stage, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise OSError(exc.errno, f"cannot write DICOM series {folder}: {exc.strerror or exc}") from None
-        raise
-    for name in os.listdir(folder):
-        if FILE_NAME.fullmatch(name):
-            os.remove(os.path.join(folder, name))
-    paths = []
-    for path in staged:
-        paths.append(os.path.join(folder, os.path.basename(path)))
-        os.replace(path, paths[-1])
-    os.rmdir(stage)
+    # (a full disk left it deleted and a truncated file in its place); exports into one folder take turns, so
+    # the stages a killed export left behind (DICOM files a recursive PACS import would send) can go
+    with folder_lock(folder):
+        for name in os.listdir(folder):
+            if name.startswith(STAGE_PREFIX):
+                shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+        stage = tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=folder)
+        try:
+            staged = _write_files(images, mags, stage, study, series_base, uid_prefix, folder)
+        except BaseException as exc:  # (a full disk, Ctrl-C, a bug): no staging folder left behind
+            shutil.rmtree(stage, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise OSError(exc.errno, f"cannot write DICOM series {folder}: {exc.strerror or exc}") from None
+            raise
+        for name in os.listdir(folder):
+            if FILE_NAME.fullmatch(name):
+                os.remove(os.path.join(folder, name))
+        paths = []
+        for path in staged:
+            paths.append(os.path.join(folder, os.path.basename(path)))
+            os.replace(path, paths[-1])
+        os.rmdir(stage)
     return paths
 
 
@@ -271,7 +278,7 @@ def _write_files(images, mags, folder: str, study: Dict[str, str], series_base: 
         # LUT, and after one the window of images in data units (≈ 1) would be below DICOM's minimum width 1);
         # the data units stay recoverable through the Real World Value Mapping, which does not change the display
         ds.RealWorldValueMappingSequence = [_real_world_value_mapping(slope)]
-        _derivation(ds, im)
+        _derivation(ds, im, meta)
         center, width = (_number(_first(meta, key)) for key in ("WindowCenter", "WindowWidth"))
         if center is not None and width is not None:
             ds.WindowCenter = f"{center / slope:.0f}"
@@ -291,38 +298,36 @@ def _write_files(images, mags, folder: str, study: Dict[str, str], series_base: 
     return paths
 
 
-def _derivation(ds, image) -> None:
-    """What produced the image, from its meta (:func:`~dainr_app.mrd.fit_provenance`): ``DerivationDescription``
-    (the fit's processing history and the settings that differ from the defaults), and for DA-INR's images
-    ``SoftwareVersions`` and a ``ContributingEquipmentSequence`` item naming DA-INR as the processing equipment
+def _derivation(ds, image, meta) -> None:
+    """What produced the image, from its ``meta`` (:func:`~dainr_app.mrd.fit_provenance`): ``DerivationDescription``
+    (the fit's processing history and the settings that differ from the defaults), and for DA-INR's images a
+    ``ContributingEquipmentSequence`` item naming DA-INR, with its software versions, as the processing equipment
     (the General Equipment attributes stay the scanner's, from the raw header)."""
     from pydicom.dataset import Dataset
 
-    from .mrd import changed_settings, processing_history, provenance
+    from .mrd import changed_settings, provenance
 
-    try:
-        history, made_by = processing_history(image), provenance(image)
-    except (ValueError, TypeError):  # meta another program wrote, malformed: the image is exported without them
-        return
-    # without the fit's wall time: a re-run's identical pixels are the same instances (their UIDs), with the same
-    # attributes
-    history = FIT_SECONDS.sub("", history)
-    settings, options = made_by.get("config"), made_by.get("read_options")
+    history = meta.get("ImageProcessingHistory", meta.get("GADGETRON_ImageProcessingHistory", ""))
+    # the last entry, without the fit's wall time: a re-run's identical pixels are the same instances (their
+    # UIDs), with the same attributes
+    history = FIT_SECONDS.sub("", str(history[-1] if isinstance(history, list) and history else history or ""))
+    made_by = provenance(image)
+    settings, options = made_by.get("config_fields"), made_by.get("read_options")
     description = history + (f"; settings: {json.dumps(changed_settings(settings))}" if settings else "") \
         + (f"; read options: {json.dumps(options)}" if options else "")
     if description:
         ds.DerivationDescription = description[:1024]  # (ST)
     if "software" not in made_by:
         return
-    versions = [v[:64] for v in made_by["software"]]  # (LO)
     purpose = Dataset()
     purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = "109102", "DCM", "Processing Equipment"
     equipment = Dataset()
-    equipment.Manufacturer, equipment.SoftwareVersions = "DA-INR (dainr)", versions
+    equipment.Manufacturer = "DA-INR (dainr)"
+    equipment.SoftwareVersions = [str(v)[:64] for v in made_by["software"]]  # (LO)
     equipment.PurposeOfReferenceCodeSequence = [purpose]
     if history:
         equipment.ContributionDescription = history[:1024]  # (ST)
-    ds.SoftwareVersions, ds.ContributingEquipmentSequence = versions, [equipment]
+    ds.ContributingEquipmentSequence = [equipment]
 
 
 def _real_world_value_mapping(slope: float):

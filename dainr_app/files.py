@@ -6,14 +6,14 @@ import fcntl
 import os
 import secrets
 import shutil
-from typing import Iterator
+from typing import Iterator, Optional
 
 
 def partial_name(target: str) -> str:
     """A hidden temporary name beside ``target`` of its own (random: processes in other PID namespaces writing
     into one folder do not meet), short enough for any name the file system takes as ``target``."""
     folder, name = os.path.split(target)
-    stem = name.encode()[:160].decode(errors="ignore")
+    stem = os.fsdecode(os.fsencode(name)[:160])  # (bytes: a name need not be UTF-8; a character cut is kept escaped)
     return os.path.join(folder, f".{stem}.{secrets.token_hex(6)}.partial")
 
 
@@ -41,13 +41,20 @@ def replaced_whole(path: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def folder_lock(path: str) -> Iterator[None]:
-    """An exclusive lock on the folder ``path`` is in (``flock``, released when the block ends): processes that
-    read a file there, change it and replace it whole, hold it so that none replaces the file with a copy taken
-    before another's change (two `dainr replay -o` into one file each kept only their own group)."""
-    fd = os.open(os.path.dirname(os.path.realpath(path)) or ".", os.O_RDONLY)
+def folder_lock(folder: str) -> Iterator[None]:
+    """An exclusive lock on ``folder`` (``flock``, released when the block ends): processes that read a file there,
+    change it and replace it whole, hold it so that none replaces the file with a copy taken before another's
+    change (two `dainr replay -o` into one file each kept only their own group).  Where the folder cannot be
+    locked (no read permission, a file system without ``flock`` on folders) the block runs unlocked, as before."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fd: Optional[int] = os.open(folder, os.O_RDONLY)
+    except OSError:
+        fd = None
+    try:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)

@@ -27,7 +27,7 @@ import ismrmrd.xsd as xsd
 from xsdata.exceptions import ConverterWarning
 
 from dainr import __version__
-from dainr.config import GOLDEN_ANGLE_DEG, DAINRConfig
+from dainr.config import GOLDEN_ANGLE_DEG, DAINRConfig, changed_fields
 from dainr.data import RadialData, frame_groups, frames_from_spokes
 from dainr.trajectory import angle_step, radial_trajectory
 
@@ -149,7 +149,7 @@ def hdf5_output(path: str, keep: bool = False) -> Iterator[io.BytesIO]:
     whose close had failed, exit 139.)  ``keep``: start from ``path``'s content (a group added to a file), under a
     lock on its folder, so that processes adding groups to one file at once each keep the others'."""
     buffer = io.BytesIO()
-    with folder_lock(path) if keep else contextlib.nullcontext():
+    with folder_lock(os.path.dirname(os.path.realpath(path))) if keep else contextlib.nullcontext():
         if keep and os.path.isfile(path):
             with open(path, "rb") as fh:
                 buffer.write(fh.read())
@@ -778,17 +778,22 @@ def fit_history(info: dict, seconds: float, n_frames: int, acquired_frames: Sequ
 def fit_provenance(cfg: DAINRConfig, info: dict, spokes_per_frame: Optional[int] = None,
                    golden_angle: Optional[str] = None) -> Dict[str, object]:
     """The meta entries saying what produced a fit's images: ``DAINR_Software`` (dainr, torch, numpy and the
-    NUFFT library the fit ran on; DICOM SoftwareVersions), ``DAINR_Config`` (every configuration field as JSON,
-    ``device`` and ``nufft_backend`` as the fit resolved them: ``DAINRConfig(**json.loads(value))`` gives the
-    bit-identical fit of the same data on the same device and software) and, where given, ``DAINR_ReadOptions``
+    NUFFT library the fit ran on), ``DAINR_Config`` (every configuration field as JSON, ``device`` and
+    ``nufft_backend`` as the fit resolved them: ``DAINRConfig(**json.loads(value))`` gives the bit-identical fit
+    of the same data on the same device and software) and, where given, ``DAINR_ReadOptions``
     (``spokes_per_frame``, ``golden_angle``: how the readouts were binned and placed, where that overrode the
     header)."""
     software = [f"dainr {__version__}", f"torch {torch.__version__}", f"numpy {np.__version__}"]
-    if info["nufft_backend"] in ("finufft", "torchkbnufft"):
-        software.append(f"{info['nufft_backend']} {importlib.metadata.version(info['nufft_backend'])}")
+    library = info["nufft_backend"]
+    if library in ("finufft", "torchkbnufft"):
+        try:
+            version = importlib.metadata.version(library)
+        except importlib.metadata.PackageNotFoundError:  # (built from source onto the path: no package metadata)
+            version = str(getattr(importlib.import_module(library), "__version__", "unknown"))
+        software.append(f"{library} {version}")
     meta: Dict[str, object] = {
         "DAINR_Software": software,
-        "DAINR_Config": json.dumps(cfg.replace(device=info["device"], nufft_backend=info["nufft_backend"]).to_dict(),
+        "DAINR_Config": json.dumps(cfg.replace(device=info["device"], nufft_backend=library).to_dict(),
                                    separators=(",", ":")),
     }
     options = {k: v for k, v in (("spokes_per_frame", spokes_per_frame), ("golden_angle", golden_angle)) if v}
@@ -797,24 +802,32 @@ def fit_provenance(cfg: DAINRConfig, info: dict, spokes_per_frame: Optional[int]
     return meta
 
 
-def changed_settings(cfg: DAINRConfig) -> dict:
-    """The configuration fields that differ from the defaults (:meth:`DAINRConfig.changes`), for a summary: without
-    ``progress``, which changes only what is printed."""
-    return {k: v for k, v in cfg.changes().items() if k != "progress"}
+def changed_settings(fields: dict) -> dict:
+    """The configuration fields (a :meth:`DAINRConfig.to_dict`) that differ from the defaults, for a summary:
+    without ``progress``, which changes only what is printed."""
+    return {k: v for k, v in changed_fields(fields).items() if k != "progress"}
 
 
 def provenance(image: "ismrmrd.Image") -> Dict[str, object]:
-    """An image's :func:`fit_provenance` entries, decoded: ``software`` (list), ``config`` (a
-    :class:`DAINRConfig`) and ``read_options`` (dict); those the image lacks are left out."""
-    meta = ismrmrd.Meta.deserialize(image.attribute_string) if image.attribute_string else {}
+    """An image's :func:`fit_provenance` entries, decoded each on its own (one that is malformed is left out):
+    ``software`` (list), ``config_fields`` (the configuration's fields, a dict; a later version's too),
+    ``config`` (a :class:`DAINRConfig`, where this version knows every field) and ``read_options`` (dict)."""
+    try:
+        meta = ismrmrd.Meta.deserialize(image.attribute_string) if image.attribute_string else {}
+    except Exception:  # malformed meta XML (another program's)
+        return {}
     out: Dict[str, object] = {}
     if "DAINR_Software" in meta:
         software = meta["DAINR_Software"]
         out["software"] = software if isinstance(software, list) else [software]
-    if "DAINR_Config" in meta:
-        out["config"] = DAINRConfig(**json.loads(meta["DAINR_Config"]))
-    if "DAINR_ReadOptions" in meta:
-        out["read_options"] = json.loads(meta["DAINR_ReadOptions"])
+    for key, name in (("DAINR_Config", "config_fields"), ("DAINR_ReadOptions", "read_options")):
+        with contextlib.suppress(ValueError, TypeError):
+            value = json.loads(meta[key]) if key in meta else None
+            if isinstance(value, dict):
+                out[name] = value
+    if "config_fields" in out:
+        with contextlib.suppress(ValueError, TypeError):
+            out["config"] = DAINRConfig(**out["config_fields"])
     return out
 
 

@@ -7,6 +7,7 @@ XML is parsed by defusedxml with DTDs and entities forbidden.
 """
 from __future__ import annotations
 
+import codecs
 import os
 import re
 import sys
@@ -243,12 +244,14 @@ XML_ENCODING = re.compile(rb"""^\s*<\?xml[^>]*?\sencoding\s*=\s*["']([A-Za-z0-9.
 
 
 def read_xml_file(path: str) -> str:
-    """A pipeline XML file's text: UTF-8, or the encoding its XML declaration names (ISO-8859-1, ...), as an XML
-    parser reads it; anything else is a PipelineError naming the file."""
+    """A pipeline XML file's text: in the encoding its byte order mark (UTF-8, UTF-16) or else its XML declaration
+    names (ISO-8859-1, ...), UTF-8 without either; anything else is a PipelineError naming the file."""
     with open(path, "rb") as fh:
         data = fh.read()
+    boms = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
     declared = XML_ENCODING.match(data)
-    encoding = declared.group(1).decode() if declared else "utf-8"
+    encoding = next((name for bom, name in boms if data.startswith(bom)), None) or \
+        (declared.group(1).decode() if declared else "utf-8")
     try:
         return data.decode(encoding)
     except (LookupError, UnicodeDecodeError) as exc:

@@ -130,15 +130,19 @@ def test_the_images_say_what_made_them_and_the_recorded_settings_refit_them_bit_
 
     out = str(tmp_path / "img.h5")
     assert cli.main(["recon", raw2, "-o", out, "--steps", "6", "--seed", "3", "--lr", "2e-3",
-                     "--spokes-per-frame", "9", "--quiet"]) == 0
-    line = json.loads(capsys.readouterr().out.splitlines()[0])
+                     "--spokes-per-frame", "9", "--golden-angle", "true"]) == 0
+    line = json.loads(capsys.readouterr().out.splitlines()[0])  # (progress, shown, changes no result: left out)
     assert line["dainr"] == dainr.__version__ and line["config"] == {"lr": 2e-3, "max_steps": 6, "seed": 3}
     images = [im for im in read_images(out)[1] if im.slice == 0]
     made_by = provenance(images[0])
     assert made_by["software"][:2] == [f"dainr {dainr.__version__}", f"torch {torch.__version__}"]
-    assert made_by["read_options"] == {"spokes_per_frame": 9}
+    assert made_by["read_options"] == {"spokes_per_frame": 9, "golden_angle": "true"}
     cfg = made_by["config"]
     assert (cfg.seed, cfg.lr, cfg.max_steps, cfg.device) == (3, 2e-3, 6, "cpu") and cfg.nufft_backend != "auto"
+    if cfg.nufft_backend in ("finufft", "torchkbnufft"):  # the NUFFT library the fit ran on, with its version
+        import importlib.metadata
+
+        assert made_by["software"][-1] == f"{cfg.nufft_backend} {importlib.metadata.version(cfg.nufft_backend)}"
     refit = reconstruct(read_raw(raw2, spokes_per_frame=9).slices[(0, 0, 0, 0)].data, cfg)
     assert np.array_equal(np.stack([im.data[0, 0] for im in images]), np.abs(refit.images.numpy()))
 
@@ -920,6 +924,10 @@ def test_bench_baseline_oracles_pick_each_metric_on_its_own(monkeypatch):
     out = bench._tv(scan, None) | bench._cg(scan, None)
     sweep = out["temporal_tv_oracle"]["sweep"]
     assert sorted(sweep) == sorted(f"{lam}@{n}" for lam in bench.TV_LAMBDAS for n in (3, 9))  # every (λ, iterations)
+    oracle, held = out["temporal_tv_oracle"], out["temporal_tv_holdout"]
+    assert sweep[f"{oracle['lam']}@{oracle['iterations']}"][0] == round(oracle["psnr"], 2)
+    assert sweep[f"{oracle['ssim_lam']}@{oracle['ssim_iterations']}"][1] == round(oracle["ssim"], 3)
+    assert held["iterations"] in (3, 9) and held["lam"] in bench.TV_LAMBDAS
     assert out["temporal_tv_oracle"]["psnr"] == pytest.approx(max(p for p, _ in sweep.values()), abs=0.005)
     assert out["temporal_tv_oracle"]["ssim"] == pytest.approx(max(q for _, q in sweep.values()), abs=0.0005)
     assert out["temporal_tv_holdout"]["seconds_with_search"] > out["temporal_tv_holdout"]["seconds"]
@@ -1250,16 +1258,50 @@ def test_a_reader_that_goes_away_or_an_encoding_without_the_names_characters_sto
 
     command = [sys.executable, "-m", "dainr_app.cli", "simulate", "--matrix", "16", "--frames", "3", "--spokes", "4",
                "--coils", "2", "-o"]
-    for env in (dict(PYTHONUNBUFFERED="1"), {}):
-        proc = subprocess.Popen(command + [str(tmp_path / "gone.h5")], env=dict(child_env(), **env),
+    buffered = {k: v for k, v in child_env().items() if k != "PYTHONUNBUFFERED"}
+    for env in (dict(buffered, PYTHONUNBUFFERED="1"), buffered):
+        proc = subprocess.Popen(command + [str(tmp_path / "gone.h5")], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         proc.stdout.close()  # the reader went away before the command printed
-        assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 0 and b"Exception ignored" not in proc.stderr.read()
         assert (tmp_path / "gone.h5").is_file() and (tmp_path / "gone_truth.npz").is_file()
         (tmp_path / "gone.h5").unlink()
+    from dainr_app.mrd import Geometry, make_images, write_images
+
+    write_images(str(tmp_path / "img.h5"), make_images(np.ones((2, 8, 8), np.float32), 1, 0, (200.0,) * 3, Geometry()))
+    proc = subprocess.Popen([sys.executable, "-m", "dainr_app.cli", "dicom", str(tmp_path / "img.h5"), "-o",
+                             str(tmp_path / "dcm")], env=buffered, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # (a command that prints without flushing: the last flush is at its end)
+    assert proc.wait(timeout=120) == 0 and b"Exception ignored" not in proc.stderr.read()
     out = subprocess.run(command + [str(tmp_path / "rép.h5")], env=dict(child_env(), PYTHONIOENCODING="ascii"),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "r\\xe9p.h5" in out.stdout, out.stderr
+
+
+def test_pipeline_files_in_their_declared_encoding_reach_serve_and_replay(raw2, tmp_path, capsys):
+    """`serve --from_stream -c latin.xml` and `replay -C latin.xml` refused an ISO-8859-1 pipeline ("'utf-8' codec
+    can't decode"); a FIFO or /dev/stdout as --from_stream's output is written into, not refused."""
+    import pathlib
+    import threading
+
+    text = (pathlib.Path(cli.PIPELINES_DIR) / "passthrough.xml").read_text(encoding="utf-8")
+    latin = str(tmp_path / "latin.xml")
+    with open(latin, "wb") as fh:
+        fh.write(text.replace('encoding="UTF-8"', 'encoding="ISO-8859-1"').replace(
+            "<configuration>", "<!-- Grüße --><configuration>", 1).encode("iso-8859-1"))
+    assert cli.main(["replay", raw2, "-C", latin, "-p", "1"]) == 1  # read, then no server there
+    assert "server error" in capsys.readouterr().err
+    empty, fifo = str(tmp_path / "empty.bin"), str(tmp_path / "out.fifo")
+    open(empty, "wb").close()
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(open(fifo, "rb").read()), daemon=True)
+    reader.start()
+    rc = cli.main(["serve", "--from_stream", "-c", latin, "-i", empty, "-o", fifo])
+    reader.join(timeout=60)
+    err = capsys.readouterr().err
+    assert "codec" not in err and "not a regular file" not in err and rc in (0, 1), err
+    assert received and not reader.is_alive()
 
 
 def test_a_closed_standard_stream_is_named_by_serve_from_stream(monkeypatch, capsys):
@@ -1391,12 +1433,28 @@ def test_groups_added_at_once_are_all_kept_and_a_replaced_file_keeps_its_group(t
         os.chown(target, -1, other)
         cli.save_images(images, target, "d")
         assert os.stat(target).st_gid == other
+    if os.geteuid() == 0:  # root replacing a user's file leaves it the user's
+        os.chown(target, 65534, -1)
+        cli.save_images(images, target, "e")
+        assert os.stat(target).st_uid == 65534
+    # a folder that cannot be locked (no read permission, as a drop box; some network file systems): unlocked, as
+    # before, rather than failing after the whole session
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda path, *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied"))
+                        if os.path.isdir(path) else real_open(path, *a, **k))
+    cli.save_images(images, target, "f")
+    monkeypatch.undo()
+    expected = ["a", "b", "c"] + ["d"] * (other is not None) + ["e"] * (os.geteuid() == 0) + ["f"]
+    assert [g for g in expected if len(read_images(target, g)[1]) == 2] == expected
 
 
 def test_an_output_name_as_long_as_the_file_system_takes_is_written(tmp_path):
     """The temporary name was the output's with ".partial-<pid>" added: past 255 bytes for a long name, an error
     after the fit."""
     name = "心臓" * 40 + "abcde.h5"  # 248 bytes: its ground truth's name is 255
-    out = str(tmp_path / name)
-    assert cli.main(["simulate", "-o", out, "--matrix", "16", "--frames", "3", "--spokes", "4", "--coils", "2"]) == 0
-    assert sorted(os.listdir(tmp_path)) == sorted([name, name[:-3] + "_truth.npz"])
+    undecodable = os.fsdecode(b"scan\xff.h5")  # (a name that is not UTF-8)
+    for n in (name, undecodable):
+        out = str(tmp_path / n)
+        assert cli.main(["simulate", "-o", out, "--matrix", "16", "--frames", "3", "--spokes", "4", "--coils", "2"]) == 0
+    assert sorted(os.listdir(tmp_path)) == sorted([name, name[:-3] + "_truth.npz", undecodable,
+                                                   undecodable[:-3] + "_truth.npz"])

@@ -442,26 +442,57 @@ def test_a_failed_export_keeps_the_earlier_one(tmp_path, monkeypatch):
 
 
 def test_the_series_names_da_inr_as_processing_equipment_with_its_settings(tmp_path):
+    import json
+
     from dainr import DAINRConfig
     from dainr_app.mrd import fit_history, fit_provenance
 
     frames = np.ones((2, 8, 8), np.float32)
     info = dict(steps=5, stop_reason="converged", device="cpu", fit_matrix=8, nufft_backend="finufft")
+    history = [fit_history(info, 3.2, 2, range(2), 8)]
     made_by = fit_provenance(DAINRConfig(seed=4), info, spokes_per_frame=9)
-    ours = make_images(frames, 1, 0, (200.0, 200.0, 8.0), Geometry(), history=[fit_history(info, 3.2, 2, range(2), 8)],
-                       provenance=made_by)
-    ds = pydicom.dcmread(mrd_to_dicom({1: ours}, str(tmp_path / "a"))[1][0])
-    assert list(ds.SoftwareVersions) == made_by["DAINR_Software"] and ds.SoftwareVersions[0].startswith("dainr ")
+
+    def export(provenance, name):
+        images = make_images(frames, 1, 0, (200.0, 200.0, 8.0), Geometry(), history=history, provenance=provenance)
+        return pydicom.dcmread(mrd_to_dicom({1: images}, str(tmp_path / name))[1][0])
+
+    ds = export(made_by, "a")
     # the fit's wall time is left out: a re-run's identical pixels are the same instances with the same attributes
     assert ds.DerivationDescription == ('DA-INR 5 steps (converged); settings: {"seed": 4, "nufft_backend": '
                                         '"finufft", "device": "cpu"}; read options: {"spokes_per_frame": 9}')
     equipment = ds.ContributingEquipmentSequence[0]
-    assert equipment.Manufacturer == "DA-INR (dainr)" and list(equipment.SoftwareVersions) == list(ds.SoftwareVersions)
+    assert equipment.Manufacturer == "DA-INR (dainr)" and list(equipment.SoftwareVersions) == made_by["DAINR_Software"]
+    assert equipment.SoftwareVersions[0].startswith("dainr ") and equipment.SoftwareVersions[-1].startswith("finufft ")
+    assert equipment.ContributionDescription == "DA-INR 5 steps (converged)"
     assert equipment.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
-    # images another program made (no DA-INR meta) claim no DA-INR software
+    assert "SoftwareVersions" not in ds  # (General Equipment: the scanner's, from the raw header)
+    # one software entry, one over LO's 64 characters; a configuration of a later version (a field this one lacks);
+    # a malformed one: what can be read is still written
+    later = dict(json.loads(made_by["DAINR_Config"]), field_of_a_later_version=1)
+    ds = export(dict(made_by, DAINR_Software=["x" * 80], DAINR_Config=json.dumps(later)), "b")
+    assert ds.ContributingEquipmentSequence[0].SoftwareVersions == "x" * 64  # (one value: a string)
+    assert '"field_of_a_later_version": 1' in ds.DerivationDescription and '"seed": 4' in ds.DerivationDescription
+    ds = export(dict(made_by, DAINR_Config="{bad"), "c")
+    assert "settings" not in ds.DerivationDescription and "ContributingEquipmentSequence" in ds
+    # images another program made (no DA-INR meta) name no DA-INR equipment
     theirs = pydicom.dcmread(mrd_to_dicom({1: make_images(frames, 1, 0, (200.0, 200.0, 8.0), Geometry())},
-                                          str(tmp_path / "b"))[1][0])
-    assert "SoftwareVersions" not in theirs and "ContributingEquipmentSequence" not in theirs
+                                          str(tmp_path / "d"))[1][0])
+    assert "ContributingEquipmentSequence" not in theirs
+
+
+def test_the_nufft_library_version_without_package_metadata(monkeypatch):
+    import importlib.metadata
+
+    import finufft
+
+    from dainr import DAINRConfig
+    from dainr_app.mrd import fit_provenance
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(importlib.metadata, "version", missing)  # (built from source onto the path)
+    software = fit_provenance(DAINRConfig(), dict(device="cpu", nufft_backend="finufft"))["DAINR_Software"]
+    assert software[-1] == f"finufft {getattr(finufft, '__version__', 'unknown')}"
 
 
 def test_a_series_folder_on_another_file_system_is_replaced_whole(tmp_path):
@@ -481,3 +512,12 @@ def test_a_series_folder_on_another_file_system_is_replaced_whole(tmp_path):
         assert sorted(os.listdir(tmp_path)) == ["series_001"]
     finally:
         shutil.rmtree(elsewhere)
+
+
+def test_an_export_killed_midway_leaves_no_files_for_a_recursive_import(tmp_path):
+    """A killed export left its staging folder, DICOM files inside, within the series folder for good."""
+    stale = tmp_path / "series_001" / ".partial-killed"
+    stale.mkdir(parents=True)
+    (stale / "IM_00001_s000.dcm").write_bytes(b"stale")
+    paths = mrd_to_dicom({1: _images(1)[1]}, str(tmp_path))[1]
+    assert sorted(os.listdir(tmp_path / "series_001")) == sorted(os.path.basename(p) for p in paths)

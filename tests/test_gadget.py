@@ -623,6 +623,7 @@ def test_golden_angle_property_reads_a_radial_header_without_its_angle(two_slice
     assert capped.errors[1].endswith(f"and {n_noise} noise readouts not used (the error above)")  # kept or dropped
     run = run_gadget(CONFIG.format(steps=5, extra='<property name="golden_angle" value="true"/>'), hdr, items)
     assert run.errors == [] and len(run.images) == 12
+    assert provenance(run.images[0])["read_options"] == {"golden_angle": "true"}  # the images say how they were read
     # readouts with acq.traj under that header need no angle step; a first dummy readout without samples (or traj)
     # is ignored, not taken for the stream's layout (it refused the whole stream)
     with_traj = [a for a in acqs if a.idx.slice == 0]

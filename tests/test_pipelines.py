@@ -91,7 +91,7 @@ def test_the_gadgetron_distributed_pipeline_survives_gadgetrons_copy_for_its_wor
 
 def test_pipeline_files_are_read_in_the_encoding_their_declaration_names(tmp_path):
     """A pipeline declared ISO-8859-1 (a "ü" in a comment) was refused with only "'utf-8' codec can't decode"."""
-    from dainr_app.pipeline import PipelineError, load_named, read_xml_file
+    from dainr_app.pipeline import PipelineError, load_named, pipeline_text, read_xml_file
 
     text = (pathlib.Path(__file__).parent.parent / "pipelines" / "passthrough.xml").read_text(encoding="utf-8")
     latin = text.replace('encoding="UTF-8"', 'encoding="ISO-8859-1"').replace("<configuration>",
@@ -99,6 +99,12 @@ def test_pipeline_files_are_read_in_the_encoding_their_declaration_names(tmp_pat
     (tmp_path / "latin.xml").write_bytes(latin.encode("iso-8859-1"))
     assert read_xml_file(str(tmp_path / "latin.xml")) == latin
     assert load_named("latin", folder=str(tmp_path)).nodes
+    assert "Grüße" in pipeline_text("latin", str(tmp_path))  # (the demo's and benchmarks' CONFIG_TEXT)
+    (tmp_path / "utf16.xml").write_bytes(latin.replace("ISO-8859-1", "UTF-16").encode("utf-16"))  # (with its BOM)
+    assert read_xml_file(str(tmp_path / "utf16.xml")) == latin.replace("ISO-8859-1", "UTF-16")
     (tmp_path / "bad.xml").write_bytes(latin.replace('encoding="ISO-8859-1"', "").encode("iso-8859-1"))
     with pytest.raises(PipelineError, match=r"bad\.xml is not utf-8 text as XML needs it"):
         read_xml_file(str(tmp_path / "bad.xml"))
+    (tmp_path / "unknown.xml").write_bytes(latin.replace("ISO-8859-1", "x-unknown").encode("iso-8859-1"))
+    with pytest.raises(PipelineError, match=r"unknown\.xml is not x-unknown text as XML needs it"):
+        read_xml_file(str(tmp_path / "unknown.xml"))

@@ -402,11 +402,26 @@ def test_temporal_tv_checkpoints_are_the_shorter_runs_and_the_held_out_pick_choo
     lam, n = min(picked["holdout_scores"], key=picked["holdout_scores"].get)
     assert (picked["lam"], picked["iterations"]) == (lam, n)
     assert torch.equal(picked["images"], temporal_tv(data, lam=lam, iterations=n)["images"])
+    assert sorted(temporal_tv(data, iterations=4, checkpoints=(n for n in (2, 4)))["iterates"]) == [2, 4]
     for bad in ((0,), (13,), (2.5,)):
         with pytest.raises(ValueError, match="checkpoints must be iteration counts from 1 to iterations"):
             temporal_tv(data, iterations=12, checkpoints=bad)
-    with pytest.raises(ValueError, match="iterations must be a count >= 1 or several"):
-        temporal_tv_holdout_lambda(data, iterations=())
+    for bad in ((), 0, 2.0, None):
+        with pytest.raises(ValueError, match="iterations must be a count >= 1 or several"):
+            temporal_tv_holdout_lambda(data, iterations=bad)
+
+
+def test_the_held_out_pick_reconstructs_with_the_iteration_count_it_chose(small_scan, monkeypatch):
+    from dainr import baselines
+
+    calls = []
+
+    def fake(data, lam, iterations, checkpoints=(), holdout_spokes=0, **kwargs):
+        calls.append((lam, iterations, holdout_spokes))
+        return dict(holdout_residuals={n: float(n == 8) + lam for n in checkpoints}, images=None)
+    monkeypatch.setattr(baselines, "temporal_tv", fake)
+    baselines.temporal_tv_holdout_lambda(small_scan.data, lambdas=(0.01, 0.1), iterations=(8, 2))
+    assert calls == [(0.01, 8, 1), (0.1, 8, 1), (0.01, 2, 0)]  # the shorter run won: the final run stops there
 
 
 def test_baselines_take_a_single_frame_and_refuse_bad_arguments(small_scan):

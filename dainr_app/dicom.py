@@ -26,6 +26,7 @@ import numpy as np
 
 from ._ismrmrd import ismrmrd
 from .files import folder_lock
+from .mrd import INTERPOLATED, changed_settings, image_meta, parse_header, processing_history, provenance
 
 log = logging.getLogger("dainr.dicom")
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -39,13 +40,6 @@ MAX_LENGTH = dict(PatientName=64, PatientID=64, StudyID=16, AccessionNumber=16, 
                   StudyDescription=64, SeriesDescription=64, PatientPosition=16, Manufacturer=64,
                   ManufacturerModelName=64, InstitutionName=64, StationName=16, DeviceSerialNumber=64,
                   SequenceName=16, ProtocolName=64)
-
-
-def _meta(image) -> "ismrmrd.Meta":
-    try:
-        return ismrmrd.Meta.deserialize(image.attribute_string) if image.attribute_string else ismrmrd.Meta()
-    except Exception:  # malformed attribute XML: export without it
-        return ismrmrd.Meta()
 
 
 def _first(meta, key, default=None):
@@ -114,7 +108,6 @@ def study_attributes(header: Optional[str]) -> Dict[str, str]:
     the same scan again files it in the same study (without a header: new ones)."""
     from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 
-    from .mrd import parse_header
 
     def uid(obj, name: str) -> str:
         given = text(obj, name)
@@ -161,7 +154,6 @@ def series_numbering(header: Optional[str]) -> Tuple[int, Optional[str]]:
     ``initialSeriesNumber`` × 100 + ``image_series_index`` (so a study's scans keep their own numbers), and the
     prefix of new series UIDs (the first 20 characters of ``seriesInstanceUIDRoot``, where they form a UID root;
     None: pydicom's)."""
-    from .mrd import parse_header
 
     measurement = getattr(parse_header(header), "measurementInformation", None) if header else None
     initial = getattr(measurement, "initialSeriesNumber", None) or 0
@@ -215,7 +207,6 @@ def _write_files(images, mags, folder: str, study: Dict[str, str], series_base: 
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import PYDICOM_ROOT_UID, ExplicitVRLittleEndian, generate_uid
 
-    from .mrd import INTERPOLATED
 
     # UIDs from the study's, the series number and the pixels: the same images exported again are the same
     # instances (a PACS files them once), other images (another reconstruction) a series of their own
@@ -223,7 +214,7 @@ def _write_files(images, mags, folder: str, study: Dict[str, str], series_base: 
     series_number = series_base + int(images[0].image_series_index) if images else series_base
     root = uid_prefix or PYDICOM_ROOT_UID
     series_uid = generate_uid(root, entropy_srcs=[study["StudyInstanceUID"], str(series_number), pixels])
-    description = str(_first(_meta(images[0]), "ImageComment", "DA-INR")).replace(INTERPOLATED, "") if images \
+    description = str(_first(image_meta(images[0]), "ImageComment", "DA-INR")).replace(INTERPOLATED, "") if images \
         else "DA-INR"
     # the scan's description (the header's) before the series' own: DA-INR series of different scans differ
     series_description = f"{study.get('SeriesDescription', '')} {description}".strip()
@@ -254,7 +245,7 @@ def _write_files(images, mags, folder: str, study: Dict[str, str], series_base: 
         ds.SeriesNumber, ds.InstanceNumber = series_number, number
         ds.EchoNumbers, ds.AcquisitionNumber = int(im.contrast) + 1, int(im.repetition) + 1  # (they tell them apart)
         ds.SeriesDescription = series_description[:MAX_LENGTH["SeriesDescription"]]
-        meta = _meta(im)
+        meta = image_meta(im)
         ds.ImageComments = str(_first(meta, "ImageComment", description))
         ds.ScanningSequence, ds.SequenceVariant = "GR", "NONE"  # type 1 in MR Image; radial gradient echo
         ds.ScanOptions, ds.MRAcquisitionType, ds.EchoTrainLength = "", "2D", "1"  # type 2 (one echo per readout)
@@ -278,7 +269,7 @@ def _write_files(images, mags, folder: str, study: Dict[str, str], series_base: 
         # LUT, and after one the window of images in data units (≈ 1) would be below DICOM's minimum width 1);
         # the data units stay recoverable through the Real World Value Mapping, which does not change the display
         ds.RealWorldValueMappingSequence = [_real_world_value_mapping(slope)]
-        _derivation(ds, im, meta)
+        _derivation(ds, im)
         center, width = (_number(_first(meta, key)) for key in ("WindowCenter", "WindowWidth"))
         if center is not None and width is not None:
             ds.WindowCenter = f"{center / slope:.0f}"
@@ -298,19 +289,17 @@ def _write_files(images, mags, folder: str, study: Dict[str, str], series_base: 
     return paths
 
 
-def _derivation(ds, image, meta) -> None:
-    """What produced the image, from its ``meta`` (:func:`~dainr_app.mrd.fit_provenance`): ``DerivationDescription``
+def _derivation(ds, image) -> None:
+    """What produced the image, from its meta (:func:`~dainr_app.mrd.fit_provenance`): ``DerivationDescription``
     (the fit's processing history and the settings that differ from the defaults), and for DA-INR's images a
     ``ContributingEquipmentSequence`` item naming DA-INR, with its software versions, as the processing equipment
     (the General Equipment attributes stay the scanner's, from the raw header)."""
     from pydicom.dataset import Dataset
 
-    from .mrd import changed_settings, provenance
 
-    history = meta.get("ImageProcessingHistory", meta.get("GADGETRON_ImageProcessingHistory", ""))
-    # the last entry, without the fit's wall time: a re-run's identical pixels are the same instances (their
-    # UIDs), with the same attributes
-    history = FIT_SECONDS.sub("", str(history[-1] if isinstance(history, list) and history else history or ""))
+    # without the fit's wall time: a re-run's identical pixels are the same instances (their UIDs), with the same
+    # attributes
+    history = FIT_SECONDS.sub("", processing_history(image))
     made_by = provenance(image)
     settings, options = made_by.get("config_fields"), made_by.get("read_options")
     description = history + (f"; settings: {json.dumps(changed_settings(settings))}" if settings else "") \

@@ -808,14 +808,19 @@ def changed_settings(fields: dict) -> dict:
     return {k: v for k, v in changed_fields(fields).items() if k != "progress"}
 
 
+def image_meta(image: "ismrmrd.Image") -> "ismrmrd.Meta":
+    """An image's meta (empty where it has none, or where its XML is malformed: another program's)."""
+    try:
+        return ismrmrd.Meta.deserialize(image.attribute_string) if image.attribute_string else ismrmrd.Meta()
+    except Exception:
+        return ismrmrd.Meta()
+
+
 def provenance(image: "ismrmrd.Image") -> Dict[str, object]:
     """An image's :func:`fit_provenance` entries, decoded each on its own (one that is malformed is left out):
     ``software`` (list), ``config_fields`` (the configuration's fields, a dict; a later version's too),
     ``config`` (a :class:`DAINRConfig`, where this version knows every field) and ``read_options`` (dict)."""
-    try:
-        meta = ismrmrd.Meta.deserialize(image.attribute_string) if image.attribute_string else {}
-    except Exception:  # malformed meta XML (another program's)
-        return {}
+    meta = image_meta(image)
     out: Dict[str, object] = {}
     if "DAINR_Software" in meta:
         software = meta["DAINR_Software"]
@@ -832,10 +837,10 @@ def provenance(image: "ismrmrd.Image") -> Dict[str, object]:
 
 
 def processing_history(image: "ismrmrd.Image") -> str:
-    """The last ``ImageProcessingHistory`` entry of an image's meta ('' when absent)."""
-    history = ismrmrd.Meta.deserialize(image.attribute_string).get("ImageProcessingHistory", "") \
-        if image.attribute_string else ""
-    return history[-1] if isinstance(history, list) else history
+    """The last ``ImageProcessingHistory`` (or ``GADGETRON_…``) entry of an image's meta ('' when absent)."""
+    meta = image_meta(image)
+    history = meta.get("ImageProcessingHistory", meta.get("GADGETRON_ImageProcessingHistory", ""))
+    return str(history[-1] if isinstance(history, list) and history else history or "")
 
 
 def write_images(path, images: Sequence["ismrmrd.Image"], group: str = "dataset") -> None:
